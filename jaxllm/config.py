@@ -1,0 +1,334 @@
+"""Typed configuration: dataclasses, loaded from YAML, then dotted ``section.key=value`` overrides.
+
+Every key has a default and a one-line meaning (``python train.py --help`` prints them all).
+Validation that needs no devices happens in :func:`validate`, before anything compiles or writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from jaxllm.errors import ConfigError
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    dir: str = _f("runs/tiny", "run directory: config, metrics, plots, checkpoints (resumes if present)")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(1000, "optimizer steps")
+    batch_size: int = _f(16, "sequences per micro-batch, global over all devices and hosts")
+    seq_len: int = _f(128, "tokens per training sequence (the context length)")
+    seed: int = _f(0, "seed of initialisation, data order and dropout")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _f("gpt2", "gpt2 (LayerNorm, GELU, learned positions, biases) | llama (RMSNorm, SwiGLU, RoPE, GQA)")
+    n_layer: int = _f(4, "transformer blocks")
+    d_model: int = _f(128, "width of the residual stream")
+    n_head: int = _f(4, "attention (query) heads")
+    n_kv_head: int = _f(0, "key/value heads for grouped-query attention; 0 = n_head")
+    d_ff: int = _f(0, "MLP hidden width; 0 = 4*d_model (gpt2) or 8/3*d_model rounded to 64 (llama)")
+    vocab_size: int = _f(0, "embedding rows; 0 = the tokenizer's size; larger pads (e.g. to divide by mesh.tensor)")
+    max_seq_len: int = _f(0, "longest sequence the model accepts (learned positions, RoPE tables); 0 = train.seq_len")
+    residual: bool = _f(True, "keep the skip connections; false is the no-residual ablation")
+    norm_position: str = _f("pre", "pre (pre-LN, modern) | post (post-LN, the original transformer)")
+    dropout: float = _f(0.0, "dropout rate on attention and MLP outputs and embeddings")
+    dtype: str = _f("float32", "compute dtype: float32 | bfloat16 (parameters stay float32)")
+    remat: bool = _f(False, "recompute each block's activations in the backward pass (saves memory)")
+    tie_embeddings: bool = _f(True, "share the token embedding with the output projection")
+    rope_theta: float = _f(10000.0, "RoPE base frequency (llama)")
+    norm_eps: float = _f(1e-5, "epsilon of LayerNorm / RMSNorm")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("stdlib", "stdlib | a text file, folder or glob | a .jsonl with a 'text' field | synthetic:markov:...")
+    tokenizer: str = _f("byte", "byte | char | bpe (trained on the corpus) | path to a tokenizer.json")
+    bpe_vocab_size: int = _f(4096, "vocabulary size when data.tokenizer=bpe")
+    val_fraction: float = _f(0.02, "share held out for validation: whole files, or the tail of a single file")
+    cache_dir: str = _f("", "where tokenized corpora are cached; '' = ~/.cache/jaxllm")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-3, "peak learning rate")
+    min_lr: float = _f(1e-4, "learning rate at the end of the decay")
+    warmup_steps: int = _f(100, "linear warmup steps from 0 to optim.lr")
+    schedule: str = _f("cosine", "cosine | wsd (warmup-stable-decay) | linear | constant")
+    decay_fraction: float = _f(0.2, "wsd: share of steps spent decaying at the end")
+    weight_decay: float = _f(0.1, "AdamW decoupled weight decay, applied to weight matrices only")
+    b1: float = _f(0.9, "Adam beta1")
+    b2: float = _f(0.95, "Adam beta2")
+    eps: float = _f(1e-8, "Adam epsilon")
+    clip_norm: float = _f(1.0, "clip the global gradient norm to this; 0 = no clipping")
+    shard_state: bool = _f(False, "ZeRO-1: shard the optimizer state over the data axes")
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(200, "evaluate every N steps (and at the end)")
+    batches: int = _f(20, "validation batches per evaluation")
+    sample_tokens: int = _f(200, "tokens generated as a sample at each evaluation; 0 = none")
+    sample_prompt: str = _f("", "prompt of the sample; '' = the start of the validation text")
+    temperature: float = _f(0.8, "sampling temperature of the sample")
+    top_k: int = _f(0, "sample only from the k most likely tokens; 0 = all")
+
+
+@dataclass
+class LogConfig:
+    every: int = _f(10, "log metrics every N steps")
+    peak_flops: float = _f(0.0, "peak FLOP/s of one device for MFU; 0 = built-in table by device kind")
+    tensorboard: bool = _f(True, "write TensorBoard events into run.dir/tb")
+    progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(500, "save every N steps (and at the end, and on SIGTERM/SIGINT)")
+    keep: int = _f(2, "checkpoints kept")
+
+
+@dataclass
+class MeshConfig:
+    data: int = _f(1, "data-parallel ways (-1 = the remaining devices)")
+    fsdp: int = _f(1, "FSDP / ZeRO-3 ways: parameters and optimizer state sharded")
+    tensor: int = _f(1, "tensor-parallel ways: heads, MLP hidden and vocabulary split")
+    pipe: int = _f(1, "pipeline stages")
+    sequence_parallel: bool = _f(False, "shard activations along seq over the tensor axis outside attention/MLP")
+    rules: dict = _f(None, "overrides of the logical-axis rules, e.g. {embed: null, mlp: [tensor, fsdp]}")
+
+
+@dataclass
+class DistConfig:
+    coordinator: str = _f("", "host:port of process 0 for multi-host runs; '' = single process (or auto-detected)")
+    num_processes: int = _f(1, "processes in a multi-host run")
+    process_id: int = _f(0, "this process's index")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Converts a YAML or command-line value to the dataclass field's type, or says why not."""
+    if typ in ("dict", dict) or typ == "dict | None":
+        if value is None or isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key} must be a mapping, got {value!r}")
+    if isinstance(value, str) and typ is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{key}: cannot parse {value!r}") from None
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return "" if value is None else str(value)
+    return value
+
+
+def _fields(obj: Any) -> dict[str, tuple[Any, str]]:
+    hints = get_type_hints(type(obj))
+    return {f.name: (hints[f.name], f.metadata.get("help", "")) for f in dataclasses.fields(obj)}
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, options, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(options))}"
+
+
+def set_key(cfg: Any, dotted: str, value: Any) -> None:
+    """Sets ``section.key`` (any depth) on a config tree, converting and checking the type."""
+    *path, leaf = dotted.split(".")
+    node, walked = cfg, []
+    for part in path:
+        if not dataclasses.is_dataclass(node) or part not in _fields(node):
+            options = list(_fields(node)) if dataclasses.is_dataclass(node) else []
+            where = ".".join(walked) or "config"
+            raise ConfigError(f"unknown config section {'.'.join(walked + [part])!r} in {where}{_suggest(part, options)}")
+        node, walked = getattr(node, part), walked + [part]
+    fields_ = _fields(node) if dataclasses.is_dataclass(node) else {}
+    if leaf not in fields_ or dataclasses.is_dataclass(getattr(node, leaf)):
+        raise ConfigError(f"unknown config key {dotted!r}{_suggest(leaf, list(fields_))}")
+    typ, _ = fields_[leaf]
+    setattr(node, leaf, _coerce(value, typ, dotted))
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not key.endswith("mesh.rules"):
+            out += _flatten(v, key + ".")
+        else:
+            out.append((key, v))
+    return out
+
+
+def load_config(path: str | None, overrides: list[str] = (), cls: type = Config, default: str | None = None) -> Any:
+    """Builds a config from an optional YAML file (else ``default``) and ``key=value`` overrides."""
+    cfg = cls()
+    path = path or default
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path!r} not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of sections")
+        for key, value in _flatten(tree):
+            set_key(cfg, key, value)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        set_key(cfg, key.strip(), value)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(tree: dict, cls: type = Config) -> Any:
+    """Rebuilds a config saved with :func:`save_config` (unknown keys are an error)."""
+    cfg = cls()
+    for key, value in _flatten(tree):
+        set_key(cfg, key, value)
+    return cfg
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def help_text(cls: type = Config) -> str:
+    """Every key with its default and meaning, one per line, grouped by section."""
+    lines = []
+    for section in dataclasses.fields(cls):
+        obj = section.default_factory()
+        lines.append(f"{section.name}:")
+        for name, (_, help_) in _fields(obj).items():
+            value = getattr(obj, name)
+            lines.append(f"  {section.name}.{name} = {value!r:<12}  {help_}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- validation
+
+ARCHS = ("gpt2", "llama")
+SCHEDULES = ("cosine", "wsd", "linear", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_model(m: ModelConfig, vocab_size: int, seq_len: int) -> ModelConfig:
+    """Fills the model's derived sizes (0 = automatic) from the tokenizer and sequence length."""
+    m = dataclasses.replace(m)
+    if m.n_kv_head == 0:
+        m.n_kv_head = m.n_head
+    if m.d_ff == 0:
+        m.d_ff = 4 * m.d_model if m.arch == "gpt2" else 64 * -(-(8 * m.d_model // 3) // 64)
+    if m.vocab_size == 0:
+        m.vocab_size = vocab_size
+    elif m.vocab_size < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "
+            f"set model.vocab_size=0 or at least {vocab_size}"
+        )
+    if m.max_seq_len == 0:
+        m.max_seq_len = seq_len
+    elif m.max_seq_len < seq_len:
+        raise ConfigError(f"model.max_seq_len={m.max_seq_len} is shorter than train.seq_len={seq_len}")
+    return m
+
+
+def validate_model(m: ModelConfig) -> None:
+    if m.arch not in ARCHS:
+        raise ConfigError(f"model.arch={m.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
+    if m.norm_position not in ("pre", "post"):
+        raise ConfigError(f"model.norm_position={m.norm_position!r} must be pre or post")
+    if m.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={m.dtype!r} must be one of {', '.join(DTYPES)}")
+    for key in ("n_layer", "d_model", "n_head"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"model.{key} must be positive, got {getattr(m, key)}")
+    if m.d_model % m.n_head:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")
+    if m.n_kv_head < 0 or (m.n_kv_head and m.n_head % m.n_kv_head):
+        raise ConfigError(f"model.n_head={m.n_head} is not divisible by model.n_kv_head={m.n_kv_head}")
+    if m.arch == "llama" and (m.d_model // m.n_head) % 2:
+        raise ConfigError(f"RoPE needs an even head size; d_model/n_head = {m.d_model // m.n_head}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks everything that can be checked without devices or data."""
+    validate_model(cfg.model)
+    t, o = cfg.train, cfg.optim
+    for key in ("steps", "batch_size", "seq_len", "grad_accum"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {o.lr}")
+    if o.min_lr < 0 or o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr must be in [0, optim.lr={o.lr}], got {o.min_lr}")
+    if o.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={o.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    if not 0.0 < o.decay_fraction <= 1.0:
+        raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    for key in ("every", "batches"):
+        if getattr(cfg.eval, key) <= 0:
+            raise ConfigError(f"eval.{key} must be positive, got {getattr(cfg.eval, key)}")
+    if cfg.log.every <= 0 or cfg.checkpoint.every <= 0 or cfg.checkpoint.keep <= 0:
+        raise ConfigError("log.every, checkpoint.every and checkpoint.keep must be positive")

@@ -1,0 +1,34 @@
+"""Errors meant for people, and the one place scripts turn them into exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """Bad input from the user: the message names the problem and the fix, on one line."""
+
+
+class ConfigError(UserError):
+    """A configuration that cannot work, detected before anything compiles or writes."""
+
+
+class DataError(UserError):
+    """A corpus or data file that cannot be read or is empty."""
+
+
+def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int]:
+    """Wraps a script's ``main``: a :class:`UserError` prints ``error: ...`` on stderr, exit 2."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs) or 0
+        except UserError as e:
+            msg = " ".join(str(e).split())
+            print(f"error: {msg}", file=sys.stderr)
+            return 2
+
+    return wrapped

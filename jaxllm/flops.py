@@ -1,0 +1,82 @@
+"""Counting parameters and FLOPs, and model FLOPs utilisation (MFU).
+
+Training FLOPs per token follow PaLM (appendix B): 6 N + 12 L H Q T, where N counts the weights that
+multiply activations (every matrix, including the output projection, excluding embedding lookups),
+L layers, H heads, Q head size, T context length. The 6 is 2 (multiply-add) x 3 (forward + two
+backward matmuls); 12 L H Q T is the attention score and value products, which N does not see.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jaxllm.config import ModelConfig
+
+# Dense peak FLOP/s per device, by a substring of ``device.device_kind`` (lower-case), for 16-bit
+# inputs; float32 matmuls on GPUs run on TF32 tensor cores at half that. CPUs have no meaningful
+# vendor figure: 2.5e11 is XLA's float32 matmul peak measured on a 2-core x86 machine.
+PEAK_FLOPS = {
+    "h200": 989e12,
+    "h100": 989e12,
+    "a100": 312e12,
+    "l4": 121e12,
+    "a10": 125e12,
+    "v100": 125e12,
+    "tpu v6": 918e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 197e12,  # v5e / v5 lite
+    "tpu v4": 275e12,
+    "tpu v3": 123e12,
+    "cpu": 2.5e11,
+}
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts by hand (tested against the real parameter tree).
+
+    ``total``: every parameter. ``non_embedding``: Kaplan's N, without token and position embeddings
+    (an untied output projection counts). ``matmul``: N of the FLOP formula, the non-embedding weights
+    plus the output projection (tied or not), without norm scales and biases.
+    """
+    D, L, V, F = cfg.d_model, cfg.n_layer, cfg.vocab_size, cfg.d_ff
+    head = D // cfg.n_head
+    q_o = 2 * D * cfg.n_head * head
+    k_v = 2 * D * cfg.n_kv_head * head
+    mlp = (2 if cfg.arch == "gpt2" else 3) * D * F
+    matmul_block = q_o + k_v + mlp
+    if cfg.arch == "gpt2":
+        biases = cfg.n_head * head + 2 * cfg.n_kv_head * head + D + F + D
+        norms = 2 * 2 * D
+    else:
+        biases, norms = 0, 2 * D
+    final_norm = 0 if cfg.norm_position == "post" else (2 * D if cfg.arch == "gpt2" else D)
+    lm_head = 0 if cfg.tie_embeddings else V * D
+    non_embedding = L * (matmul_block + biases + norms) + final_norm + lm_head
+    embedding = V * D + (cfg.max_seq_len * D if cfg.arch == "gpt2" else 0)
+    return {
+        "total": non_embedding + embedding,
+        "non_embedding": non_embedding,
+        "matmul": L * matmul_block + V * D,
+    }
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM's 6 N + 12 L H Q T."""
+    head = cfg.d_model // cfg.n_head
+    return 6 * param_counts(cfg)["matmul"] + 12 * cfg.n_layer * cfg.n_head * head * seq_len
+
+
+def peak_flops(device: jax.Device, override: float = 0.0) -> float:
+    """Peak FLOP/s of one device: the override if set, else the table above (0 if unknown)."""
+    if override > 0:
+        return override
+    kind = device.device_kind.lower() if device.platform != "cpu" else "cpu"
+    for key, value in PEAK_FLOPS.items():
+        if key in kind:
+            return value
+    return 0.0
+
+
+def mfu(tokens_per_sec: float, cfg: ModelConfig, seq_len: int, total_peak: float) -> float:
+    """Model FLOPs utilisation: achieved training FLOP/s over the peak of all devices used."""
+    return tokens_per_sec * flops_per_token(cfg, seq_len) / total_peak if total_peak > 0 else 0.0

@@ -1,0 +1,271 @@
+"""The decoder-only transformer, in two flavours, as a pure Flax linen module.
+
+    tokens_BxT -> embed (+ learned positions, gpt2) -> L x Block -> final norm -> logits_BxTxV
+    Block (pre-LN):  x = x + attn(norm1(x));  x = x + mlp(norm2(x))
+    Block (post-LN): x = norm1(x + attn(x));  x = norm2(x + mlp(x))
+    no residual:     the "x +" terms are dropped (the ablation of the course's first lesson).
+
+gpt2: LayerNorm, GELU MLP, learned positions, biases. llama: RMSNorm, SwiGLU, RoPE, grouped-query
+attention (n_kv_head < n_head), no biases. Init as GPT-2: normal(0.02) everywhere, the two output
+projections that write into the residual stream scaled by 1/sqrt(2 n_layer) so the stream's variance
+does not grow with depth.
+
+The blocks are one ``nn.scan``: every block parameter has a leading ``layers`` axis, so pipeline
+stages can slice the stack and compile time does not grow with depth. Every parameter and the key
+activations carry logical axis names (batch, seq, embed, heads, kv_heads, head_dim, mlp, vocab,
+layers); the model knows nothing of meshes, ``jaxllm.sharding`` maps the names to mesh axes.
+Shape letters: B batch, T query positions, S key positions, D d_model, N query heads, K key/value
+heads, H head size, F MLP width, V vocabulary, L layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import ModelConfig
+
+Array = jax.Array
+constrain = nn.with_logical_constraint
+
+
+def _init(std: float, axes: tuple[str | None, ...]) -> Any:
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _zeros(axes: tuple[str | None, ...]) -> Any:
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _ones(axes: tuple[str | None, ...]) -> Any:
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def compute_dtype(cfg: ModelConfig) -> Any:
+    return jnp.dtype(cfg.dtype)
+
+
+def residual_std(cfg: ModelConfig) -> float:
+    """Init std of projections that write into the residual stream (GPT-2's 1/sqrt(2L) scaling)."""
+    return 0.02 / math.sqrt(2 * cfg.n_layer)
+
+
+def rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float) -> Array:
+    """Rotary position embedding, in the half-split layout of Hugging Face's LLaMA (for weight parity)."""
+    half = x_BxTxNxH.shape[-1] // 2
+    inv_freq_h = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BxTxh = positions_BxT[..., None].astype(jnp.float32) * inv_freq_h
+    sin, cos = jnp.sin(angle_BxTxh)[:, :, None, :], jnp.cos(angle_BxTxh)[:, :, None, :]
+    x1, x2 = x_BxTxNxH[..., :half].astype(jnp.float32), x_BxTxNxH[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxH.dtype)
+
+
+def attention_mask(segment_ids_BxT: Array | None) -> Array | None:
+    """Packed sequences: a token attends only within its own segment (causality is added separately)."""
+    if segment_ids_BxT is None:
+        return None
+    return segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]  # B x 1 x T x S
+
+
+class Norm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array) -> Array:
+        c = self.cfg
+        if c.arch == "gpt2":
+            norm = nn.LayerNorm(
+                epsilon=c.norm_eps, dtype=compute_dtype(c), scale_init=_ones(("embed",)), bias_init=_zeros(("embed",))
+            )
+        else:
+            norm = nn.RMSNorm(epsilon=c.norm_eps, dtype=compute_dtype(c), scale_init=_ones(("embed",)))
+        return norm(x_BxTxD)
+
+
+class Linear(nn.Module):
+    """``y[..., out] = x[..., in] @ kernel[in, out] + bias[out]`` where ``in`` and ``out`` may span several
+    axes (e.g. ``embed -> heads x head_dim``); the kernel is created in its final shape, with its names."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    axes: tuple[str | None, ...]  # logical names of kernel = in_shape + out_shape
+    std: float
+    use_bias: bool
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n_in = len(self.in_shape)
+        kernel = self.param("kernel", _init(self.std, self.axes), self.in_shape + self.out_shape)
+        y = jax.lax.dot_general(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
+        )
+        if self.use_bias:
+            y = y + self.param("bias", _zeros(self.axes[n_in:]), self.out_shape).astype(self.dtype)
+        return y
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array | None) -> Array:
+        c = self.cfg
+        head = c.d_model // c.n_head
+        bias = c.arch == "gpt2"
+
+        def proj(n_heads: int, heads_axis: str, name: str) -> Array:
+            axes = ("embed", heads_axis, "head_dim")
+            return Linear((c.d_model,), (n_heads, head), axes, 0.02, bias, compute_dtype(c), name=name)(x_BxTxD)
+
+        q_BxTxNxH = proj(c.n_head, "heads", "q")
+        k_BxSxKxH = proj(c.n_kv_head, "kv_heads", "k")
+        v_BxSxKxH = proj(c.n_kv_head, "kv_heads", "v")
+        if c.arch == "llama":
+            q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, c.rope_theta)
+            k_BxSxKxH = rope(k_BxSxKxH, positions_BxT, c.rope_theta)
+        q_BxTxNxH = constrain(q_BxTxNxH, ("batch", None, "heads", "head_dim"))
+        k_BxSxKxH = constrain(k_BxSxKxH, ("batch", None, "kv_heads", "head_dim"))
+        v_BxSxKxH = constrain(v_BxSxKxH, ("batch", None, "kv_heads", "head_dim"))
+        # Softmax runs in float32 inside; on GPUs this dispatches to cuDNN's fused kernel.
+        out_BxTxNxH = jax.nn.dot_product_attention(
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=attention_mask(segment_ids_BxT), is_causal=True
+        )
+        out_BxTxNxH = constrain(out_BxTxNxH, ("batch", None, "heads", "head_dim"))
+        out_BxTxD = Linear(
+            (c.n_head, head), (c.d_model,), ("heads", "head_dim", "embed"), residual_std(c), bias, compute_dtype(c), name="o"
+        )(out_BxTxNxH)
+        return nn.Dropout(c.dropout)(out_BxTxD, deterministic=self.deterministic)
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array) -> Array:
+        c = self.cfg
+        bias = c.arch == "gpt2"
+
+        def dense(features: int, axes: tuple[str, str], std: float, name: str) -> Linear:
+            in_dim = c.d_model if axes[0] == "embed" else c.d_ff
+            return Linear((in_dim,), (features,), axes, std, bias, compute_dtype(c), name=name)
+
+        if c.arch == "gpt2":
+            h_BxTxF = jax.nn.gelu(dense(c.d_ff, ("embed", "mlp"), 0.02, "up")(x_BxTxD), approximate=True)
+        else:
+            gate_BxTxF = dense(c.d_ff, ("embed", "mlp"), 0.02, "gate")(x_BxTxD)
+            h_BxTxF = jax.nn.silu(gate_BxTxF) * dense(c.d_ff, ("embed", "mlp"), 0.02, "up")(x_BxTxD)
+        h_BxTxF = constrain(h_BxTxF, ("batch", None, "mlp"))
+        out_BxTxD = dense(c.d_model, ("mlp", "embed"), residual_std(c), "down")(h_BxTxF)
+        return nn.Dropout(c.dropout)(out_BxTxD, deterministic=self.deterministic)
+
+
+class Block(nn.Module):
+    """One residual block; shaped ``(carry, _) -> (carry, None)`` for ``nn.scan``."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array | None):
+        c = self.cfg
+        attn = Attention(c, self.deterministic, name="attn")
+        mlp = MLP(c, self.deterministic, name="mlp")
+        norm1, norm2 = Norm(c, name="norm1"), Norm(c, name="norm2")
+
+        def add(x: Array, h: Array) -> Array:
+            return x + h if c.residual else h
+
+        if c.norm_position == "pre":
+            x_BxTxD = add(x_BxTxD, attn(norm1(x_BxTxD), positions_BxT, segment_ids_BxT))
+            x_BxTxD = add(x_BxTxD, mlp(norm2(x_BxTxD)))
+        else:
+            x_BxTxD = norm1(add(x_BxTxD, attn(x_BxTxD, positions_BxT, segment_ids_BxT)))
+            x_BxTxD = norm2(add(x_BxTxD, mlp(x_BxTxD)))
+        return constrain(x_BxTxD, ("batch", "seq", "embed")), None
+
+
+def block_stack(cfg: ModelConfig, deterministic: bool, name: str = "blocks") -> nn.Module:
+    """All n_layer blocks as one scanned module; parameters gain a leading ``layers`` axis."""
+    block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+    scanned = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=cfg.n_layer,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scanned(cfg, deterministic, name=name)
+
+
+class Transformer(nn.Module):
+    """``apply(params, tokens_BxT) -> logits_BxTxV``; also ``embed``, ``blocks``, ``head`` as methods."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    def setup(self):
+        c = self.cfg
+        self.wte = nn.Embed(
+            c.vocab_size, c.d_model, dtype=compute_dtype(c), embedding_init=_init(0.02, ("vocab", "embed"))
+        )
+        if c.arch == "gpt2":
+            self.wpe = nn.Embed(
+                c.max_seq_len, c.d_model, dtype=compute_dtype(c), embedding_init=_init(0.02, (None, "embed"))
+            )
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = block_stack(c, self.deterministic)
+        if c.norm_position == "pre":
+            self.norm_f = Norm(c)
+        if not c.tie_embeddings:
+            self.lm_head = Linear((c.d_model,), (c.vocab_size,), ("embed", "vocab"), 0.02, False, compute_dtype(c))
+
+    def embed(self, tokens_BxT: Array, positions_BxT: Array) -> Array:
+        x_BxTxD = self.wte(tokens_BxT)
+        if self.cfg.arch == "gpt2":
+            x_BxTxD = x_BxTxD + self.wpe(positions_BxT)
+        x_BxTxD = self.drop(x_BxTxD, deterministic=self.deterministic)
+        return constrain(x_BxTxD, ("batch", "seq", "embed"))
+
+    def head(self, x_BxTxD: Array) -> Array:
+        if self.cfg.norm_position == "pre":  # post-LN blocks already end in a norm
+            x_BxTxD = self.norm_f(x_BxTxD)
+        logits_BxTxV = self.wte.attend(x_BxTxD) if self.cfg.tie_embeddings else self.lm_head(x_BxTxD)
+        return constrain(logits_BxTxV, ("batch", "seq", "vocab"))
+
+    def __call__(
+        self, tokens_BxT: Array, positions_BxT: Array | None = None, segment_ids_BxT: Array | None = None
+    ) -> Array:
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+        x_BxTxD = self.embed(tokens_BxT, positions_BxT)
+        x_BxTxD, _ = self.blocks(x_BxTxD, positions_BxT, segment_ids_BxT)
+        return self.head(x_BxTxD)
+
+
+def cross_entropy(logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array | None = None) -> tuple[Array, Array]:
+    """Mean next-token cross-entropy in nats over weighted tokens, computed in float32.
+
+    Returns ``(mean_loss, token_count)``; ``weights`` masks padding or prompt tokens.
+    """
+    logits = logits_BxTxV.astype(jnp.float32)
+    logz_BxT = jax.nn.logsumexp(logits, axis=-1)
+    # A one-hot product rather than a gather: with the vocabulary sharded over `tensor` each device
+    # reduces its own slice and the full logits are never gathered.
+    onehot_BxTxV = jax.nn.one_hot(targets_BxT, logits.shape[-1], dtype=logits.dtype)
+    target_logit_BxT = jnp.sum(logits * onehot_BxTxV, axis=-1)
+    nll_BxT = logz_BxT - target_logit_BxT
+    if weights_BxT is None:
+        weights_BxT = jnp.ones_like(nll_BxT)
+    count = jnp.sum(weights_BxT)
+    return jnp.sum(nll_BxT * weights_BxT) / jnp.maximum(count, 1.0), count

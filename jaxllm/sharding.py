@@ -1,0 +1,162 @@
+"""How the model is spread over devices: one mesh, one table of logical-axis rules.
+
+The model names its axes (``batch``, ``seq``, ``embed``, ``heads``, ``kv_heads``, ``head_dim``, ``mlp``,
+``vocab``, ``layers``); :func:`rules` maps each name to mesh axes (``data``, ``fsdp``, ``tensor``,
+``pipe``). A rule is skipped when its mesh axis is already used by an earlier name of the same array,
+so ``embed -> fsdp`` shards weights (FSDP / ZeRO-3) but not activations, whose ``batch`` already
+took ``fsdp``. Changing the parallel plan is editing :data:`DEFAULT_RULES` or ``mesh.rules``.
+
+Mesh axes are ``Auto``: the model is written once, with logical constraints as hints, and XLA's
+SPMD partitioner inserts the collectives. (``Explicit`` axes would make every intermediate's
+sharding part of its type and force the model to spell out resharding, i.e. to know the mesh.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jaxllm.config import MeshConfig, ModelConfig
+from jaxllm.errors import ConfigError
+
+AXES = ("data", "fsdp", "tensor", "pipe")
+BATCH_AXES = ("data", "fsdp")
+
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("seq", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+def rules(cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:
+    """The logical-axis rules for this mesh config: defaults, sequence parallelism, then overrides."""
+    table = dict(DEFAULT_RULES)
+    if cfg.sequence_parallel:
+        table["seq"] = "tensor"
+    for name, axes in (cfg.rules or {}).items():
+        if name not in table:
+            raise ConfigError(f"mesh.rules: unknown logical axis {name!r}; known: {', '.join(table)}")
+        flat = [axes] if isinstance(axes, str) or axes is None else list(axes)
+        bad = [a for a in flat if a is not None and a not in AXES]
+        if bad:
+            raise ConfigError(f"mesh.rules.{name}: unknown mesh axis {bad[0]!r}; mesh axes are {', '.join(AXES)}")
+        table[name] = axes if axes is None or isinstance(axes, str) else tuple(axes)
+    return tuple(table.items())
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
+    """Axis sizes with one ``-1`` resolved to the remaining devices; checks the product."""
+    sizes = {a: getattr(cfg, a) for a in AXES}
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
+        raise ConfigError("mesh sizes must be positive, with at most one -1 (= the remaining devices)")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if n_devices % known:
+            raise ConfigError(f"mesh: {n_devices} devices cannot be split into {known} x -1")
+        sizes[free[0]] = n_devices // known
+    product = math.prod(sizes.values())
+    if product != n_devices:
+        plan = "*".join(f"{a}={sizes[a]}" for a in AXES)
+        raise ConfigError(
+            f"mesh {plan} = {product} devices but {n_devices} are visible; make the product {n_devices} "
+            "(one axis may be -1)"
+        )
+    return sizes
+
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    sizes = mesh_shape(cfg, len(devices))
+    return jax.make_mesh(
+        tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices
+    )
+
+
+def check_divisible(model: ModelConfig, mesh: Mesh, batch_size: int, process_count: int = 1) -> None:
+    """Errors for sizes the mesh cannot split, raised before anything compiles."""
+    t, f = mesh.shape["tensor"], mesh.shape["fsdp"]
+    for key, value in (("n_head", model.n_head), ("n_kv_head", model.n_kv_head), ("d_ff", model.d_ff)):
+        if value % t:
+            raise ConfigError(f"model.{key}={value} is not divisible by mesh.tensor={t}")
+    if model.vocab_size % t:
+        padded = -(-model.vocab_size // t) * t
+        raise ConfigError(
+            f"vocabulary {model.vocab_size} is not divisible by mesh.tensor={t}; pad it with model.vocab_size={padded}"
+        )
+    if model.d_model % f:
+        raise ConfigError(f"model.d_model={model.d_model} is not divisible by mesh.fsdp={f}")
+    ways = mesh.shape["data"] * f
+    if batch_size % ways:
+        raise ConfigError(f"train.batch_size={batch_size} is not divisible by the data axes data*fsdp={ways}")
+    if batch_size % process_count:
+        raise ConfigError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes")
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rule_table) -> Any:
+    """NamedShardings for a tree of ``nn.Partitioned`` (boxed) leaves, from their logical names."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rule_table)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, leading: int = 1) -> NamedSharding:
+    """Token batches ``[accum?, batch, seq]``: batch over the data axes, the rest replicated."""
+    return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES, None))
+
+
+def _zero1(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+    """Adds the data axes to the first dimension that can take them (ZeRO-1 optimizer state)."""
+    mesh, spec = sharding.mesh, list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    used = {a for s in spec if s for a in ((s,) if isinstance(s, str) else s)}
+    extra = tuple(a for a in BATCH_AXES if a not in used and mesh.shape[a] > 1)
+    if not extra:
+        return sharding
+    for i, (dim, s) in enumerate(zip(shape, spec)):
+        current = () if s is None else ((s,) if isinstance(s, str) else tuple(s))
+        ways = math.prod(mesh.shape[a] for a in current + extra)
+        if dim % ways == 0:
+            spec[i] = current + extra
+            return NamedSharding(mesh, P(*spec))
+    return sharding
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, param_shardings, mesh: Mesh, zero1: bool):
+    """Shardings of the optimizer state: each param-shaped leaf like its parameter (or ZeRO-1)."""
+
+    def like_param(leaf, sharding):
+        return _zero1(sharding, leaf.shape) if zero1 else sharding
+
+    return optax.tree_map_params(
+        tx,
+        like_param,
+        abstract_opt_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated(mesh),
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes each device holds of a tree of sharded arrays (the largest shard per leaf)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape)
+        total += int(np.prod(shard)) * x.dtype.itemsize
+    return total
