@@ -269,8 +269,10 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
     tmp.replace(out)
 
 
-def prepare_run(cfg: Config) -> tuple[data_lib.TokenData, ModelConfig, jax.sharding.Mesh]:
-    """All checks that can refuse the run, done before anything is written to ``run.dir``."""
+def prepare_run(cfg: Config, devices: list | None = None) -> tuple[data_lib.TokenData, ModelConfig, jax.sharding.Mesh]:
+    """All checks that can refuse the run, done before anything is written to ``run.dir``.
+
+    ``devices``: the devices of the mesh (default: all visible ones)."""
     validate(cfg)
     init_distributed(cfg)
     tokens = data_lib.prepare(
@@ -279,7 +281,7 @@ def prepare_run(cfg: Config) -> tuple[data_lib.TokenData, ModelConfig, jax.shard
     data_lib.check_length(tokens.train, cfg.train.seq_len, "train")
     data_lib.check_length(tokens.val, cfg.train.seq_len, "validation")
     model_cfg = resolve_model(cfg.model, tokens.tokenizer.vocab_size, cfg.train.seq_len)
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_divisible(model_cfg, mesh, cfg.train.batch_size, jax.process_count())
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
@@ -294,9 +296,9 @@ def prepare_run(cfg: Config) -> tuple[data_lib.TokenData, ModelConfig, jax.shard
     return tokens, model_cfg, mesh
 
 
-def train(cfg: Config) -> dict:
-    """Runs (or resumes) ``cfg`` and returns a summary: final losses, steps, timings."""
-    tokens, model_cfg, mesh = prepare_run(cfg)
+def train(cfg: Config, devices: list | None = None) -> dict:
+    """Runs (or resumes) ``cfg`` on ``devices`` (default: all) and returns a summary."""
+    tokens, model_cfg, mesh = prepare_run(cfg, devices)
     run_dir = Path(cfg.run.dir)
     is_main = jax.process_index() == 0
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -316,8 +318,8 @@ def train(cfg: Config) -> dict:
     last_saved = start if restored else None
 
     counts = flops.param_counts(model_cfg)
-    n_devices = jax.device_count()
-    device = jax.devices()[0]
+    n_devices = mesh.devices.size
+    device = mesh.devices.flat[0]
     per_device_peak = flops.peak_flops(device, cfg.log.peak_flops)
     # Faked CPU devices share the host's cores: the peak is per process there, per device elsewhere.
     total_peak = per_device_peak * (jax.process_count() if device.platform == "cpu" else n_devices)

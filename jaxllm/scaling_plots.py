@@ -1,0 +1,140 @@
+"""PNG figures of scaling-law fits: IsoFLOP profiles, loss against N, D and C, and N_opt, D_opt against C.
+
+Each figure is a matplotlib ``Figure`` saved through the Agg canvas: no display and no pyplot state,
+so plotting from a script, a test or a headless machine behaves the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FormatStrFormatter
+
+from jaxllm.scaling_laws import ChinchillaLaw, Runs, ScalingFit, lower_envelope
+
+# Published exponents of N_opt ~ C^a, drawn as slopes for comparison (D_opt ~ C^(1-a)).
+KAPLAN_A = 0.73
+CHINCHILLA_A = 0.5
+DPI = 130
+
+
+def plot_all(runs: Runs, fit: ScalingFit, out_dir: Path) -> list[Path]:
+    """Draw every figure into ``out_dir``; returns the PNG paths."""
+    paths = [out_dir / "isoflop_profiles.png", out_dir / "loss_fits.png", out_dir / "compute_optimal.png"]
+    plot_isoflop(runs, fit, paths[0])
+    plot_loss_fits(runs, fit, paths[1])
+    plot_compute_optimal(runs, fit, paths[2])
+    return paths
+
+
+def plot_isoflop(runs: Runs, fit: ScalingFit, path: Path) -> None:
+    """Loss against N at each compute budget, the parabola through each profile and its minimum."""
+    fig = Figure(figsize=(9, 6), layout="constrained")
+    ax = fig.add_subplot()
+    norm = LogNorm(vmin=runs.C.min(), vmax=runs.C.max())
+    cmap = colormaps["viridis"]
+    in_profile = np.zeros(len(runs), dtype=bool)
+    for p in fit.profiles:
+        in_profile[p.runs] = True
+        color = cmap(norm(p.C))
+        N = runs.N[p.runs]
+        ax.scatter(N, runs.loss[p.runs], color=color, s=16, zorder=2)
+        grid = np.geomspace(N.min(), N.max(), 200)
+        ax.plot(grid, p.loss_at(grid), color=color, lw=1.5, ls="-" if p.skipped is None else ":")
+        if p.skipped is None:
+            ax.plot(p.N_opt, p.loss_min, marker="*", ms=14, color=color, mec="black", zorder=3)
+    ax.scatter(runs.N[~in_profile], runs.loss[~in_profile], color="0.8", s=10, zorder=1)
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="compute budget C (FLOPs)")
+    handles = [
+        Line2D([], [], ls="", marker="o", color="0.3", label="run (colour: its budget)"),
+        Line2D([], [], color="0.3", label="parabola in log N through one budget"),
+        Line2D([], [], color="0.3", ls=":", label="parabola not used (not convex, or minimum outside sizes run)"),
+        Line2D([], [], ls="", marker="*", ms=12, color="0.3", mec="black", label="its minimum: N_opt for that budget"),
+        Line2D([], [], ls="", marker="o", color="0.8", label="run in no profile (too few model sizes at its budget)"),
+    ]
+    ax.legend(handles=handles, loc="upper right", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("model size N (parameters)")
+    ax.set_ylabel("final loss (nats/token)")
+    used = sum(p.skipped is None for p in fit.profiles)
+    ax.set_title(f"IsoFLOP profiles (Chinchilla approach 2): {used} of {len(fit.profiles)} budgets used")
+    ax.grid(True, which="major", alpha=0.3)
+    fig.savefig(path, dpi=DPI)
+
+
+def plot_loss_fits(runs: Runs, fit: ScalingFit, path: Path) -> None:
+    """Three panels, loss against N, D and C in log-log, with Kaplan's fit through each envelope."""
+    fig = Figure(figsize=(15, 5), layout="constrained")
+    panels = (("N", runs.N, "model size N (parameters)"), ("D", runs.D, "training tokens D"), ("C", runs.C, "training compute C (FLOPs)"))
+    for ax, (name, x, label) in zip(fig.subplots(1, 3), panels):
+        law = fit.kaplan[name]
+        ax.scatter(x, runs.loss, color="0.75", s=10, label="run")
+        on = lower_envelope(x, runs.loss)
+        ax.scatter(x[on], runs.loss[on], color="black", s=14, label=f"envelope: best loss at <= {name} ({law.points} runs)")
+        grid = np.geomspace(x.min(), x.max(), 200)
+        ax.plot(grid, law(grid), color="tab:red", lw=2, label=f"Kaplan L = ({name}_c/{name})^α: α = {law.alpha:.3f}, {name}_c = {law.X_c:.3g}")
+        if name == "C":
+            ax.plot(grid, _optimal_loss(fit.approach3, grid), color="tab:blue", lw=2, ls="--", label="approach 3 at compute-optimal N, D")
+        _log_loss_axes(ax)
+        ax.set_xlabel(label)
+        ax.set_title(f"L({name})")
+        ax.legend(fontsize=8, loc="upper right")
+    fig.suptitle("Loss against parameters, data and compute, with Kaplan power-law fits")
+    fig.savefig(path, dpi=DPI)
+
+
+def plot_compute_optimal(runs: Runs, fit: ScalingFit, path: Path) -> None:
+    """N_opt and D_opt against C: approaches 1-3, with Kaplan's and Chinchilla's slopes for reference."""
+    fig = Figure(figsize=(13, 5.5), layout="constrained")
+    C = np.geomspace(runs.C.min() / 3, runs.C.max() * 3, 200)
+    # The reference lines carry only a published slope; pin them to approach 3 mid-range to compare.
+    C_mid = float(np.exp(np.mean(np.log(runs.C))))
+    law = fit.approach3
+    panels = (
+        ("N", "compute-optimal model size N_opt (parameters)", law.optimal_N, law.a, KAPLAN_A, CHINCHILLA_A),
+        ("D", "compute-optimal training tokens D_opt", law.optimal_D, law.b, 1 - KAPLAN_A, 1 - CHINCHILLA_A),
+    )
+    for ax, (name, label, optimal, exponent, kaplan, chinchilla) in zip(fig.subplots(1, 2), panels):
+        for alloc, marker, color, title in ((fit.approach1, "s", "tab:orange", "approach 1 (best run per budget)"),
+                                            (fit.approach2, "o", "tab:green", "approach 2 (IsoFLOP minima)")):
+            if alloc is None:
+                continue
+            points = alloc.N if name == "N" else alloc.D
+            power = alloc.N_opt if name == "N" else alloc.D_opt
+            ax.scatter(alloc.C, points, marker=marker, color=color, s=30, zorder=3, label=title)
+            ax.plot(C, power(C), color=color, lw=1.5, label=f"  fit: {name}_opt ~ C^{power.exponent:.3f}")
+        ax.plot(C, optimal(C), color="tab:blue", lw=2, label=f"approach 3 (parametric law): {name}_opt ~ C^{exponent:.3f}")
+        anchor = optimal(C_mid)
+        ax.plot(C, anchor * (C / C_mid) ** kaplan, color="0.4", ls=":", lw=1.5, label=f"Kaplan et al. 2020 slope: {name} ~ C^{kaplan:.2f}")
+        ax.plot(C, anchor * (C / C_mid) ** chinchilla, color="0.4", ls="-.", lw=1.5, label=f"Chinchilla slope: {name} ~ C^{chinchilla:.2f}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training compute C (FLOPs)")
+        ax.set_ylabel(label)
+        ax.set_title(f"Compute-optimal {'model size' if name == 'N' else 'training tokens'} against budget")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle("How to split a FLOP budget C = 6ND (reference slopes pinned to approach 3 at the data's mid budget)")
+    fig.savefig(path, dpi=DPI)
+
+
+def _optimal_loss(law: ChinchillaLaw, C: np.ndarray) -> np.ndarray:
+    """Loss of the law at its compute-optimal N and D for each budget in C [K]."""
+    return law.loss(law.optimal_N(C), law.optimal_D(C))
+
+
+def _log_loss_axes(ax: Axes) -> None:
+    """Log-log axes whose loss ticks read as plain numbers (a loss spans well under a decade)."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
+    ax.set_ylabel("final loss (nats/token)")
+    ax.grid(True, which="both", alpha=0.3)

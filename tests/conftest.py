@@ -1,0 +1,72 @@
+"""Test set-up: 8 faked CPU devices for every in-process test (sharding tests need them; single-device
+tests build their mesh from ``jax.devices()[:1]``), tiny configs, a tiny corpus, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import pytest  # noqa: E402
+
+from jaxllm.config import Config, load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+TINY = [
+    "model.n_layer=2",
+    "model.d_model=32",
+    "model.n_head=4",
+    "train.seq_len=16",
+    "train.batch_size=8",
+    "train.steps=4",
+    "optim.warmup_steps=1",
+    "eval.every=1000",
+    "eval.batches=2",
+    "eval.sample_tokens=0",
+    "log.every=1",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "checkpoint.every=1000",
+]
+
+
+def corpus_text() -> str:
+    """~40 kB of varied, deterministic text: enough for train/val splits at seq_len 16."""
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "class", "self", "(x)", "import"]
+    lines = []
+    for i in range(2000):
+        lines.append(" ".join(words[(i * k + k * k) % len(words)] for k in range(1, 5)) + f" {i % 97}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(corpus_text())
+    return path
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, corpus):
+    """A factory: ``tiny_cfg(*overrides) -> Config`` on the tiny corpus, its run dir under tmp_path."""
+
+    def make(*overrides: str) -> Config:
+        base = TINY + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}"]
+        return load_config(None, base + list(overrides))
+
+    return make
+
+
+def run_cli(script: str, *args: str, devices: int = 1, cwd: Path = ROOT, timeout: int = 300, env_extra=None):
+    """Runs ``python SCRIPT ARGS`` in a subprocess with ``devices`` faked CPU devices."""
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
