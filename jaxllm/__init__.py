@@ -1,5 +1,14 @@
 """jaxllm: a transformer language model from raw text to an instruction follower, in JAX."""
 
-from jaxllm.api import LoadedModel, load
+from __future__ import annotations
 
 __all__ = ["LoadedModel", "load"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that `import jaxllm.config` (argument parsing, error exits) does not start JAX.
+    if name in __all__:
+        from jaxllm import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'jaxllm' has no attribute {name!r}")

@@ -54,7 +54,7 @@ class Checkpointer:
             try:
                 meta = self.read_meta(step)
             except Exception as e:  # orbax raises many types for a damaged directory
-                print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}); trying the previous one", file=sys.stderr)
+                self._set_aside(step, e)
                 continue
             check_same_model(meta.get("model", {}), model, self.directory)
             try:
@@ -62,10 +62,23 @@ class Checkpointer:
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
                 )
             except Exception as e:
-                print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}); trying the previous one", file=sys.stderr)
+                self._set_aside(step, e)
                 continue
             return restored["state"], meta
         return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        """Renames an unreadable checkpoint to ``corrupt-<step>`` (kept for inspection, out of the way
+        of the step that will be saved again under its number)."""
+        target = self.directory / f"corrupt-{step}"
+        print(
+            f"warning: checkpoint {step} is unreadable ({type(error).__name__}); moved to {target}, "
+            "using the previous one",
+            file=sys.stderr,
+        )
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(target)
+        self.manager.reload()
 
     def restore_single_device(self, step: int) -> Any:
         """The saved state tree onto one device, whatever mesh wrote it (for inference)."""

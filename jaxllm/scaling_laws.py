@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import csv
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import scipy.optimize
+from threadpoolctl import threadpool_limits
 
 from jaxllm.errors import ConfigError, DataError
 
@@ -31,8 +33,8 @@ HUBER_DELTA = 1e-3
 ISOFLOP_TOLERANCE_DEX = 0.05
 # A parabola through 3 model sizes fits exactly whatever their noise; 5 leave two to average it out.
 MIN_PROFILE_SIZES = 5
-MIN_BUDGETS = 2  # a power law N_opt ~ C^a has two
-MIN_ENVELOPE_POINTS = 2  # a Kaplan law has two
+MIN_BUDGETS = 2  # a power law N_opt ~ C^a has two parameters
+MIN_ENVELOPE_POINTS = 2  # and so has a Kaplan law
 MIN_LAW_RUNS = 6  # approach 3 has five parameters; it needs more runs than that
 
 
@@ -124,7 +126,7 @@ def load_runs(
             reader = csv.DictReader(f, skipinitialspace=True)
             header = [h.strip() for h in reader.fieldnames or []]
             if not header:
-                raise DataError(f"{path} is empty: expected a CSV header with columns {params_column}, {loss_column}, ...")
+                raise DataError(f"{path} is empty: expected a header with columns {params_column}, {loss_column}, ...")
             reader.fieldnames = header
             wanted = _choose_columns(path, header, params_column, tokens_column, flops_column, loss_column)
             columns: dict[str, list[float]] = {role: [] for role in wanted}
@@ -133,7 +135,7 @@ def load_runs(
                     columns[role].append(_parse_positive(row.get(name), name, reader.line_num, path))
     except FileNotFoundError:
         raise DataError(f"no such file: {path}") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError, csv.Error) as e:
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read {path} as CSV: {e}") from None
     if not columns["loss"]:
         raise DataError(f"{path} has a header but no rows")
@@ -382,7 +384,8 @@ class ChinchillaLaw:
 
     def loss(self, N: np.ndarray | float, D: np.ndarray | float) -> np.ndarray:
         """Predicted loss, nats per token, broadcasting N and D."""
-        return self.E + self.A / np.asarray(N, np.float64) ** self.alpha + self.B / np.asarray(D, np.float64) ** self.beta
+        N, D = np.asarray(N, np.float64), np.asarray(D, np.float64)
+        return self.E + self.A / N**self.alpha + self.B / D**self.beta
 
     @property
     def a(self) -> float:
@@ -427,11 +430,13 @@ def huber_objective(
     value = np.where(small, 0.5 * residual**2, delta * (np.abs(residual) - 0.5 * delta)).sum()
     # d log L_pred / d term_k is the softmax weight of term k.
     dterm = np.clip(residual, -delta, delta) * weights / total  # [3, P]
-    grad = np.array([dterm[0].sum(), dterm[1].sum(), dterm[2].sum(), -(dterm[0] * log_N).sum(), -(dterm[1] * log_D).sum()])
+    grad = np.array([*dterm.sum(axis=1), -(dterm[0] * log_N).sum(), -(dterm[1] * log_D).sum()])
     return float(value), grad
 
 
-def fit_chinchilla(runs: Runs, starts: np.ndarray = PAPER_STARTS, delta: float = HUBER_DELTA) -> tuple[ChinchillaLaw, float]:
+def fit_chinchilla(
+    runs: Runs, starts: np.ndarray = PAPER_STARTS, delta: float = HUBER_DELTA
+) -> tuple[ChinchillaLaw, float]:
     """Approach 3: L-BFGS from each of ``starts`` [S, 5], keep the lowest Huber objective.
 
     Returns the law and its objective. Tolerances are tight because the objective is tiny (residuals
@@ -441,15 +446,20 @@ def fit_chinchilla(runs: Runs, starts: np.ndarray = PAPER_STARTS, delta: float =
         raise ConfigError(f"approach 3 fits 5 parameters and needs at least {MIN_LAW_RUNS} runs, got {len(runs)}")
     data = (np.log(runs.N), np.log(runs.D), np.log(runs.loss), delta)
     best_value, best_theta = np.inf, None
-    for start in starts:
-        result = scipy.optimize.minimize(
-            huber_objective, start, args=data, jac=True, method="L-BFGS-B",
-            options={"maxiter": 1000, "ftol": 1e-15, "gtol": 1e-10},
-        )
-        if np.isfinite(result.fun) and result.fun < best_value:
-            best_value, best_theta = result.fun, result.x
-    a, b, e, alpha, beta = best_theta
-    return ChinchillaLaw(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha), beta=float(beta)), float(best_value)
+    # L-BFGS-B calls BLAS on vectors of 5: threads only add synchronisation, which on a busy
+    # 2-core machine made each fit 25x slower.
+    with threadpool_limits(limits=1, user_api="blas"):
+        for start in starts:
+            result = scipy.optimize.minimize(
+                huber_objective, start, args=data, jac=True, method="L-BFGS-B",
+                options={"maxiter": 1000, "ftol": 1e-15, "gtol": 1e-10},
+            )
+            if np.isfinite(result.fun) and result.fun < best_value:
+                best_value, best_theta = result.fun, result.x
+    if best_theta is None:
+        raise ConfigError(f"approach 3 found no finite fit from {len(starts)} starting points")
+    a, b, e, alpha, beta = (float(v) for v in best_theta)
+    return ChinchillaLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta), float(best_value)
 
 
 # --- Bootstrap ---------------------------------------------------------------------------------------
@@ -525,7 +535,7 @@ def fit_all(runs: Runs, starts: np.ndarray = PAPER_STARTS) -> ScalingFit:
     sweep, such as an N x D grid, still get Kaplan's laws and approach 3.
     """
     approach3, objective = fit_chinchilla(runs, starts)
-    kaplan = {name: fit_kaplan(x, runs.loss, f"L({name})") for name, x in (("N", runs.N), ("D", runs.D), ("C", runs.C))}
+    kaplan = {name: fit_kaplan(x, runs.loss, f"L({name})") for name, x in zip("NDC", (runs.N, runs.D, runs.C))}
     profiles = fit_profiles(runs)
     skipped = {}
     approach1 = approach2 = None

@@ -15,7 +15,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FormatStrFormatter
+from matplotlib.ticker import FormatStrFormatter, MaxNLocator, NullLocator
 
 from jaxllm.scaling_laws import ChinchillaLaw, Runs, ScalingFit, lower_envelope
 
@@ -59,7 +59,7 @@ def plot_isoflop(runs: Runs, fit: ScalingFit, path: Path) -> None:
         Line2D([], [], ls="", marker="*", ms=12, color="0.3", mec="black", label="its minimum: N_opt for that budget"),
         Line2D([], [], ls="", marker="o", color="0.8", label="run in no profile (too few model sizes at its budget)"),
     ]
-    ax.legend(handles=handles, loc="upper right", fontsize=8)
+    ax.legend(handles=handles, loc="lower left", fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("model size N (parameters)")
     ax.set_ylabel("final loss (nats/token)")
@@ -72,16 +72,23 @@ def plot_isoflop(runs: Runs, fit: ScalingFit, path: Path) -> None:
 def plot_loss_fits(runs: Runs, fit: ScalingFit, path: Path) -> None:
     """Three panels, loss against N, D and C in log-log, with Kaplan's fit through each envelope."""
     fig = Figure(figsize=(15, 5), layout="constrained")
-    panels = (("N", runs.N, "model size N (parameters)"), ("D", runs.D, "training tokens D"), ("C", runs.C, "training compute C (FLOPs)"))
+    panels = (
+        ("N", runs.N, "model size N (parameters)"),
+        ("D", runs.D, "training tokens D"),
+        ("C", runs.C, "training compute C (FLOPs)"),
+    )
     for ax, (name, x, label) in zip(fig.subplots(1, 3), panels):
         law = fit.kaplan[name]
         ax.scatter(x, runs.loss, color="0.75", s=10, label="run")
         on = lower_envelope(x, runs.loss)
-        ax.scatter(x[on], runs.loss[on], color="black", s=14, label=f"envelope: best loss at <= {name} ({law.points} runs)")
+        envelope = f"envelope: best loss at <= {name} ({law.points} runs)"
+        ax.scatter(x[on], runs.loss[on], color="black", s=14, label=envelope)
         grid = np.geomspace(x.min(), x.max(), 200)
-        ax.plot(grid, law(grid), color="tab:red", lw=2, label=f"Kaplan L = ({name}_c/{name})^α: α = {law.alpha:.3f}, {name}_c = {law.X_c:.3g}")
+        kaplan = f"Kaplan L = ({name}_c/{name})^α: α = {law.alpha:.3f}, {name}_c = {law.X_c:.3g}"
+        ax.plot(grid, law(grid), color="tab:red", lw=2, label=kaplan)
         if name == "C":
-            ax.plot(grid, _optimal_loss(fit.approach3, grid), color="tab:blue", lw=2, ls="--", label="approach 3 at compute-optimal N, D")
+            label3 = "approach 3 at compute-optimal N, D"
+            ax.plot(grid, _optimal_loss(fit.approach3, grid), color="tab:blue", lw=2, ls="--", label=label3)
         _log_loss_axes(ax)
         ax.set_xlabel(label)
         ax.set_title(f"L({name})")
@@ -94,35 +101,42 @@ def plot_compute_optimal(runs: Runs, fit: ScalingFit, path: Path) -> None:
     """N_opt and D_opt against C: approaches 1-3, with Kaplan's and Chinchilla's slopes for reference."""
     fig = Figure(figsize=(13, 5.5), layout="constrained")
     C = np.geomspace(runs.C.min() / 3, runs.C.max() * 3, 200)
-    # The reference lines carry only a published slope; pin them to approach 3 mid-range to compare.
     C_mid = float(np.exp(np.mean(np.log(runs.C))))
-    law = fit.approach3
-    panels = (
-        ("N", "compute-optimal model size N_opt (parameters)", law.optimal_N, law.a, KAPLAN_A, CHINCHILLA_A),
-        ("D", "compute-optimal training tokens D_opt", law.optimal_D, law.b, 1 - KAPLAN_A, 1 - CHINCHILLA_A),
-    )
-    for ax, (name, label, optimal, exponent, kaplan, chinchilla) in zip(fig.subplots(1, 2), panels):
-        for alloc, marker, color, title in ((fit.approach1, "s", "tab:orange", "approach 1 (best run per budget)"),
-                                            (fit.approach2, "o", "tab:green", "approach 2 (IsoFLOP minima)")):
-            if alloc is None:
-                continue
-            points = alloc.N if name == "N" else alloc.D
-            power = alloc.N_opt if name == "N" else alloc.D_opt
-            ax.scatter(alloc.C, points, marker=marker, color=color, s=30, zorder=3, label=title)
-            ax.plot(C, power(C), color=color, lw=1.5, label=f"  fit: {name}_opt ~ C^{power.exponent:.3f}")
-        ax.plot(C, optimal(C), color="tab:blue", lw=2, label=f"approach 3 (parametric law): {name}_opt ~ C^{exponent:.3f}")
-        anchor = optimal(C_mid)
-        ax.plot(C, anchor * (C / C_mid) ** kaplan, color="0.4", ls=":", lw=1.5, label=f"Kaplan et al. 2020 slope: {name} ~ C^{kaplan:.2f}")
-        ax.plot(C, anchor * (C / C_mid) ** chinchilla, color="0.4", ls="-.", lw=1.5, label=f"Chinchilla slope: {name} ~ C^{chinchilla:.2f}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("training compute C (FLOPs)")
-        ax.set_ylabel(label)
-        ax.set_title(f"Compute-optimal {'model size' if name == 'N' else 'training tokens'} against budget")
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left")
+    ax_N, ax_D = fig.subplots(1, 2)
+    _allocation_panel(ax_N, "N", "model size N_opt (parameters)", fit, C, C_mid, KAPLAN_A, CHINCHILLA_A)
+    _allocation_panel(ax_D, "D", "training tokens D_opt (tokens)", fit, C, C_mid, 1 - KAPLAN_A, 1 - CHINCHILLA_A)
     fig.suptitle("How to split a FLOP budget C = 6ND (reference slopes pinned to approach 3 at the data's mid budget)")
     fig.savefig(path, dpi=DPI)
+
+
+def _allocation_panel(
+    ax: Axes, name: str, label: str, fit: ScalingFit, C: np.ndarray, C_mid: float, kaplan: float, chinchilla: float
+) -> None:
+    """N_opt (``name`` "N") or D_opt ("D") against budgets C [K] on one axes."""
+    for alloc, marker, color, title in (
+        (fit.approach1, "s", "tab:orange", "approach 1 (best run per budget)"),
+        (fit.approach2, "o", "tab:green", "approach 2 (IsoFLOP minima)"),
+    ):
+        if alloc is None:
+            continue
+        points, power = (alloc.N, alloc.N_opt) if name == "N" else (alloc.D, alloc.D_opt)
+        ax.scatter(alloc.C, points, marker=marker, color=color, s=30, zorder=3, label=title)
+        ax.plot(C, power(C), color=color, lw=1.5, label=f"  fit: {name}_opt ~ C^{power.exponent:.3f}")
+    law = fit.approach3
+    optimal, exponent = (law.optimal_N, law.a) if name == "N" else (law.optimal_D, law.b)
+    ax.plot(C, optimal(C), color="tab:blue", lw=2, label=f"approach 3 (parametric law): {name}_opt ~ C^{exponent:.3f}")
+    # A published exponent is only a slope; pinning it to approach 3 mid-range makes slopes comparable.
+    anchor = optimal(C_mid)
+    for slope, ls, who in ((kaplan, ":", "Kaplan et al. 2020"), (chinchilla, "-.", "Chinchilla")):
+        reference = anchor * (C / C_mid) ** slope
+        ax.plot(C, reference, color="0.4", ls=ls, lw=1.5, label=f"{who} slope: {name} ~ C^{slope:.2f}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_ylabel(f"compute-optimal {label}")
+    ax.set_title(f"Compute-optimal {'model size' if name == 'N' else 'training tokens'} against budget")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
 
 
 def _optimal_loss(law: ChinchillaLaw, C: np.ndarray) -> np.ndarray:
@@ -131,10 +145,12 @@ def _optimal_loss(law: ChinchillaLaw, C: np.ndarray) -> np.ndarray:
 
 
 def _log_loss_axes(ax: Axes) -> None:
-    """Log-log axes whose loss ticks read as plain numbers (a loss spans well under a decade)."""
+    """Log-log axes with evenly spaced, plainly labelled loss ticks: losses span well under a decade,
+    where a log axis would label only one or two values."""
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=8, steps=[1, 2, 5, 10]))  # 0.1, 0.2 or 0.5 apart: "%.1f" is exact
+    ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
     ax.set_ylabel("final loss (nats/token)")
     ax.grid(True, which="both", alpha=0.3)

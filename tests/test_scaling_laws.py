@@ -1,0 +1,149 @@
+"""Scaling-law fits recover the laws that generated their data; the CLI turns bad input into one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SHARED_DATA, run_cli
+
+from jaxllm import scaling_laws as sl
+
+CHINCHILLA_CSV = SHARED_DATA / "chinchilla_epoch_svg_extracted.csv"
+CHINCHILLA_COLUMNS = ["--params-column", "Model Size", "--flops-column", "Training FLOP"]
+# The Chinchilla paper's fit (approach 3), used as the law to recover.
+PAPER_LAW = sl.ChinchillaLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+
+
+def isoflop_sweep(law: sl.ChinchillaLaw, seed: int, noise: float) -> sl.Runs:
+    """10 budgets from 1e18 to 1e22 FLOPs, 12 model sizes each from N_opt/10 to 10 N_opt, lognormal noise."""
+    rng = np.random.default_rng(seed)
+    C = np.repeat(np.logspace(18, 22, 10), 12)
+    N = law.optimal_N(C) * np.tile(np.logspace(-1, 1, 12), 10)
+    D = C / (6 * N)
+    return sl.make_runs(N=N, D=D, loss=law.loss(N, D) * np.exp(rng.normal(0, noise, len(N))))
+
+
+def scaling(*args: str) -> subprocess.CompletedProcess:
+    return run_cli("scaling.py", *args, timeout=120)
+
+
+def write_csv(path: Path, rows: list[str]) -> Path:
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_approach3_recovers_known_law_parameters_within_5_percent():
+    # 0.1% noise: A and B move ~20x as much as alpha and beta (d ln A ~ ln N d alpha), so noise
+    # much larger than this leaves them undetermined by 120 runs, by any fit.
+    runs = isoflop_sweep(PAPER_LAW, seed=0, noise=0.001)
+    law, _ = sl.fit_chinchilla(runs, sl.BOOTSTRAP_STARTS)
+    for name in ("E", "A", "B", "alpha", "beta"):
+        assert getattr(law, name) == pytest.approx(getattr(PAPER_LAW, name), rel=0.05), name
+
+
+def test_approach3_optimal_N_minimises_the_law_at_fixed_compute():
+    C = 1e21
+    N = np.geomspace(1e8, 1e11, 20001)
+    brute_force = N[np.argmin(PAPER_LAW.loss(N, C / (6 * N)))]
+    assert PAPER_LAW.optimal_N(C) == pytest.approx(brute_force, rel=1e-3)
+    assert PAPER_LAW.a == pytest.approx(0.28 / 0.62)
+
+
+def test_approach2_recovers_known_exponents_from_isoflop_parabolas():
+    a_true, k = 0.46, 0.08  # N_opt = k C^a, so D_opt = C / (6 k C^a) ~ C^(1-a)
+    rng = np.random.default_rng(1)
+    budgets = np.logspace(18, 21, 7)
+    C = np.repeat(budgets, 9) * 10 ** rng.uniform(-0.02, 0.02, 63)  # published budgets are not exact
+    N_opt = k * np.repeat(budgets, 9) ** a_true
+    N = N_opt * np.tile(np.logspace(-0.8, 0.9, 9), 7)
+    loss = 2 + 30 * np.repeat(budgets, 9) ** -0.05 + 0.05 * np.log(N / N_opt) ** 2 + rng.normal(0, 0.002, 63)
+    alloc = sl.fit_approach2(sl.fit_profiles(sl.make_runs(N=N, C=C, loss=loss)))
+    assert len(alloc.C) == len(budgets)
+    assert alloc.a == pytest.approx(a_true, abs=0.01)
+    assert alloc.b == pytest.approx(1 - a_true, abs=0.01)
+
+
+def test_kaplan_fit_recovers_known_exponent():
+    rng = np.random.default_rng(2)
+    N = np.logspace(6, 10, 20)
+    loss = (8.8e13 / N) ** 0.076 * np.exp(rng.normal(0, 0.002, 20))
+    law = sl.fit_kaplan(N, loss, "L(N)")
+    assert law.alpha == pytest.approx(0.076, rel=0.05)
+
+
+def test_loader_reads_shared_chinchilla_csv_deriving_tokens_from_flops():
+    runs = sl.load_runs(CHINCHILLA_CSV, "Model Size", flops_column="Training FLOP")
+    assert len(runs) == 245
+    np.testing.assert_allclose(runs.D, runs.C / (6 * runs.N))
+    trimmed = sl.load_runs(CHINCHILLA_CSV, "Model Size", flops_column="Training FLOP", drop_highest=5)
+    assert len(trimmed) == 240
+    assert trimmed.loss.max() == np.sort(runs.loss)[-6]
+
+
+def test_cli_missing_column_exits_2_with_one_line(tmp_path):
+    csv = write_csv(tmp_path / "r.csv", ["N,D,los", "1e8,1e9,3.0"])
+    result = scaling("fit", str(csv))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error:") and "'loss'" in result.stderr
+
+
+def test_cli_too_few_points_exits_2_saying_how_many_are_needed(tmp_path):
+    csv = write_csv(tmp_path / "r.csv", ["N,D,loss", "1e8,1e9,3.0", "2e8,1e9,2.9", "4e8,1e9,2.8"])
+    result = scaling("fit", str(csv))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error:") and f"at least {sl.MIN_LAW_RUNS}" in result.stderr
+
+
+def test_cli_non_positive_value_exits_2_with_one_line(tmp_path):
+    csv = write_csv(tmp_path / "r.csv", ["N,D,loss", "1e8,1e9,3.0", "2e8,0,2.9"])
+    result = scaling("fit", str(csv))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error:") and "line 3" in result.stderr and "> 0" in result.stderr
+
+
+def test_cli_missing_file_exits_2_with_one_line(tmp_path):
+    result = scaling("fit", str(tmp_path / "absent.csv"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: no such file: {tmp_path / 'absent.csv'}"
+
+
+@pytest.fixture(scope="module")
+def chinchilla_fit(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fit")
+    result = scaling("fit", str(CHINCHILLA_CSV), "--out", str(out), *CHINCHILLA_COLUMNS,
+                     "--drop-highest-loss", "5", "--bootstrap", "3", "--starts", "coarse")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_fit_on_chinchilla_csv_writes_fit_json_and_plots(chinchilla_fit):
+    report = json.loads((chinchilla_fit / "fit.json").read_text())
+    for approach in ("approach1", "approach2", "approach3"):
+        assert {"a", "b"} <= report[approach].keys()
+        assert report[approach]["a"]["ci95"] is not None
+    assert 0.3 < report["approach3"]["alpha"]["value"] < 0.4  # published data: about 0.35
+    for png in ("isoflop_profiles.png", "loss_fits.png", "compute_optimal.png"):
+        assert (chinchilla_fit / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_prints_compute_optimal_json(chinchilla_fit):
+    result = scaling("predict", "--fit", str(chinchilla_fit / "fit.json"), "--compute", "5.76e23")
+    assert result.returncode == 0, result.stderr
+    prediction = json.loads(result.stdout)
+    assert {"N_opt", "D_opt", "loss"} <= prediction.keys()
+    assert prediction["N_opt"] * prediction["D_opt"] * 6 == pytest.approx(5.76e23)
+    assert 1e10 < prediction["N_opt"] < 2e11  # Chinchilla itself: 70B parameters at this budget
+    assert {"N_opt", "D_opt"} <= prediction["approach2"].keys()
+
+
+def test_no_arguments_prints_help_and_exits_2():
+    result = scaling()
+    assert result.returncode == 2
+    assert "fit" in result.stderr and "predict" in result.stderr
