@@ -154,11 +154,13 @@ def run_sweep(args: argparse.Namespace) -> int:
     if not args.fit:
         return 0
     known = [] if H is None else ["--entropy-rate", repr(H)]
-    return run_fit(build_parser().parse_args(["fit", str(csv_path), "--out", str(args.out), *known]))
+    # 30 resamples, not fit's 100: on 2 CPU cores the bootstrap would otherwise rival the sweep itself.
+    fit_argv = ["fit", str(csv_path), "--out", str(args.out), "--bootstrap", "30", *known]
+    return run_fit(build_parser().parse_args(fit_argv))
 
 
 def run_depth(args: argparse.Namespace) -> int:
-    from jaxllm import depth
+    from jaxllm import depth, sweep
 
     if args.keys:
         print(help_text(depth.DepthConfig))
@@ -168,7 +170,7 @@ def run_depth(args: argparse.Namespace) -> int:
     print(f"depth study: {len(specs)} runs into {args.out}", file=sys.stderr)
     try:
         rows = depth.run_study(cfg, specs, args.out, _bar("depth"))
-    except depth.Interrupted as e:
+    except sweep.Interrupted as e:
         print(f"{e}; run the same command again to resume", file=sys.stderr)
         return 130
     print(depth.format_table(rows))
@@ -200,7 +202,7 @@ def run_fit(args: argparse.Namespace) -> int:
     # Imported only to draw: matplotlib is slow to import, and predict and bad-input exits never draw.
     from jaxllm.scaling_plots import plot_all
 
-    paths = plot_all(runs, fit, out_dir)
+    paths = plot_all(runs, fit, out_dir, args.entropy_rate)
     print(f"\nwrote {out_dir / 'fit.json'}")
     for path in paths:
         print(f"wrote {path}")
@@ -220,12 +222,13 @@ def fit_report(
         return max((iv.samples for name, iv in intervals.items() if name.startswith(prefix)), default=0)
 
     params = fit.parameters()
-    kaplan = {
-        f"L({x})": {"law": f"L = ({x}_c / {x})^alpha", "alpha": entry(f"kaplan_{x}.alpha", law.alpha),
-                    "X_c": entry(f"kaplan_{x}.X_c", law.X_c), "envelope_runs": law.points,
-                    "bootstrap_fits": samples(f"kaplan_{x}.")}
-        for x, law in fit.kaplan.items()
-    }
+    kaplan = {}
+    for x in "NDC":
+        law = fit.kaplan.get(x)
+        kaplan[f"L({x})"] = {"skipped": fit.skipped[f"kaplan_{x}"]} if law is None else {
+            "law": f"L = ({x}_c / {x})^alpha", "alpha": entry(f"kaplan_{x}.alpha", law.alpha),
+            "X_c": entry(f"kaplan_{x}.X_c", law.X_c), "envelope_runs": law.points,
+            "bootstrap_fits": samples(f"kaplan_{x}.")}
     report: dict[str, Any] = {
         "data": {"csv": str(args.csv), "runs": len(runs), "dropped_highest_loss": args.drop_highest_loss,
                  "columns": {"params": args.params_column, "tokens": args.tokens_column,
@@ -278,6 +281,9 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{fit:<14}{name:<11}{_num(entry['value']):>12}   {interval}")
 
     for name, law in report["kaplan"].items():
+        if "skipped" in law:
+            lines.append(f"{'Kaplan ' + name:<14}skipped: {law['skipped']}")
+            continue
         row(f"Kaplan {name}", "alpha", law["alpha"])
         row("", f"{name[2]}_c", law["X_c"])
     for name in ("approach1", "approach2"):

@@ -1,4 +1,7 @@
-"""``jaxllm.load(run_dir)``: a trained model for people, with its config, params and tokenizer."""
+"""``jaxllm.load(run_dir)``: a trained model for people, with its config, params and tokenizer.
+
+``jaxllm.load`` also reads a Hugging Face GPT-2 / LLaMA directory (config.json, *.safetensors,
+tokenizer.json), and ``model.save_hf(out_dir)`` writes one back (:mod:`jaxllm.hf`)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import yaml
 
 from jaxllm import checkpoint as ckpt
 from jaxllm import generate as gen
+from jaxllm import hf
+from jaxllm import quantize as quant
 from jaxllm import tokenizer as tokenizers
 from jaxllm.config import Config, from_dict
 from jaxllm.errors import ConfigError
@@ -29,6 +34,7 @@ class LoadedModel:
     def __post_init__(self):
         self.module = Transformer(self.config.model, deterministic=True)
         self._apply = jax.jit(lambda p, t: self.module.apply({"params": p}, t))
+        self.decoder = gen.Decoder(self.config.model)
 
     def logits(self, tokens_BxT) -> jax.Array:
         """float32 ``[B, T, V]`` next-token logits for integer tokens ``[B, T]``."""
@@ -36,39 +42,63 @@ class LoadedModel:
 
     def generate(
         self,
-        prompt: str,
+        prompt: str | list[str],
         max_new_tokens: int = 100,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int = 0,
-    ) -> str:
-        """The text that follows ``prompt`` (temperature 0 = greedy)."""
-        ids = gen.generate_tokens(
-            self._apply_unjitted,
+        on_token=None,
+    ) -> str | list[str]:
+        """The text that follows ``prompt`` (or each of a list of prompts, decoded as one batch), by
+        cached decoding; temperature 0 = greedy; stops at the tokenizer's end-of-sequence token if it
+        has one. ``on_token(i, tokens_B)`` sees each step's tokens as they are chosen."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        ids = self.decoder(
             self.params,
-            self.tokenizer.encode(prompt),
+            [self.tokenizer.encode(p) for p in prompts],
             max_new_tokens,
-            self.config.model.max_seq_len,
-            temperature,
-            top_k,
-            top_p,
-            seed,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=gen.eos_id(self.tokenizer),
+            seed=seed,
+            on_token=on_token,
         )
-        return self.tokenizer.decode(ids)
+        texts = [self.tokenizer.decode(row) for row in ids]
+        return texts[0] if isinstance(prompt, str) else texts
 
-    def _apply_unjitted(self, params, tokens_BxT):
-        return self.module.apply({"params": params}, tokens_BxT)
+    def save_hf(self, out_dir: str | Path) -> None:
+        """A Hugging Face directory that ``transformers`` loads (``GPT2LMHeadModel`` / ``LlamaForCausalLM``),
+        with this model's ``tokenizer.json`` (jaxllm's own format for byte and char tokenizers)."""
+        hf.write(self.config.model, self.params, out_dir)
+        self.tokenizer.save(Path(out_dir))
 
-    def __hash__(self) -> int:  # the sampler caches its compiled loop per apply function
-        return id(self)
 
+def load(path: str | Path, quantize: str | None = None, group_size: int = 64) -> LoadedModel:
+    """Loads the latest checkpoint of a jaxllm run directory, or a Hugging Face GPT-2 / LLaMA directory
+    (safetensors only), onto the default device.
 
-def load(path: str | Path) -> LoadedModel:
-    """Loads the latest checkpoint of a jaxllm run directory (onto the default device)."""
+    ``quantize``: ``"int8"`` (per output channel) or ``"int4"`` (per ``group_size`` input rows) stores
+    every matmul weight as integers, dequantized inside the matmul (:mod:`jaxllm.quantize`)."""
+    if quantize is not None:
+        quant.check_mode(quantize)
     run_dir = Path(path)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{str(run_dir)!r} is not a jaxllm run directory (no config.yaml)")
+    if (run_dir / "config.yaml").is_file():
+        cfg, params = _read_run(run_dir)
+    elif hf.is_hf_dir(run_dir):
+        model_cfg, weights = hf.read(run_dir)
+        cfg, params = Config(model=model_cfg), jax.device_put(weights)
+    else:
+        raise ConfigError(
+            f"{str(run_dir)!r} is neither a jaxllm run directory (config.yaml) nor a Hugging Face model directory (config.json)"
+        )
+    if quantize is not None:
+        params = quant.quantize_params(Transformer(cfg.model), params, quantize, group_size)
+    return LoadedModel(cfg, params, tokenizers.load(run_dir))
+
+
+def _read_run(run_dir: Path) -> tuple[Config, Any]:
     cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     checkpointer = ckpt.Checkpointer(run_dir, keep=cfg.checkpoint.keep)
     steps = checkpointer.steps()
@@ -76,4 +106,4 @@ def load(path: str | Path) -> LoadedModel:
         raise ConfigError(f"{str(run_dir)!r} has no checkpoint yet")
     state = checkpointer.restore_single_device(steps[-1])
     checkpointer.close()
-    return LoadedModel(cfg, state["params"], tokenizers.load(run_dir))
+    return cfg, state["params"]

@@ -52,6 +52,7 @@ class ModelConfig:
     tie_embeddings: bool = _f(True, "share the token embedding with the output projection")
     rope_theta: float = _f(10000.0, "RoPE base frequency (llama)")
     norm_eps: float = _f(1e-5, "epsilon of LayerNorm / RMSNorm")
+    adapter_dim: int = _f(0, "bottleneck adapter width after attention and MLP (fine-tuning, sft.method=adapter); 0 = none")
 
 
 @dataclass
@@ -104,7 +105,7 @@ class CheckpointConfig:
 
 @dataclass
 class MeshConfig:
-    data: int = _f(1, "data-parallel ways (-1 = the remaining devices)")
+    data: int = _f(-1, "data-parallel ways; -1 = the devices the other axes leave (yields to another axis's -1)")
     fsdp: int = _f(1, "FSDP / ZeRO-3 ways: parameters and optimizer state sharded")
     tensor: int = _f(1, "tensor-parallel ways: heads, MLP hidden and vocabulary split")
     pipe: int = _f(1, "pipeline stages")
@@ -113,10 +114,24 @@ class MeshConfig:
 
 
 @dataclass
+class PipelineConfig:
+    microbatches: int = _f(0, "micro-batches each batch is split into when mesh.pipe > 1; 0 = mesh.pipe")
+    schedule: str = _f("gpipe", "gpipe (all forwards, then all backwards) | circular (layers go round the pipe)")
+    repeats: int = _f(1, "circular: rounds through the pipe, i.e. non-adjacent layer chunks per stage")
+
+
+@dataclass
 class DistConfig:
-    coordinator: str = _f("", "host:port of process 0 for multi-host runs; '' = single process (or auto-detected)")
+    coordinator: str = _f("", "host:port of process 0 (multi-host); auto = from SLURM / Open MPI / TPU pod; '' = one process")
     num_processes: int = _f(1, "processes in a multi-host run")
     process_id: int = _f(0, "this process's index")
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = _f("", "run directory of a trained teacher to distil from (frozen); '' = no distillation")
+    temperature: float = _f(2.0, "softmax temperature of teacher and student in the KL term")
+    alpha: float = _f(0.5, "loss = (1 - alpha) next-token loss + alpha temperature^2 KL(teacher || student)")
 
 
 @dataclass
@@ -130,7 +145,63 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+# --------------------------------------------------------------------------- fine-tuning (sft.py)
+
+
+class InitConfig:
+    """Where fine-tuning starts. The key is ``init.from``; ``from`` is a Python keyword, so the field is
+    declared by name below and the dataclass gets no generated ``__init__``/``__repr__`` (which would
+    spell ``self.from``)."""
+
+
+InitConfig.__annotations__ = {"from": str}
+setattr(InitConfig, "from", _f("runs/tiny", "a jaxllm run directory, or a Hugging Face model directory (config.json + *.safetensors)"))
+InitConfig = dataclass(init=False, repr=False, eq=False)(InitConfig)
+
+
+@dataclass
+class SFTSection:
+    method: str = _f("full", "full | lora | prompt (prompt tuning) | adapter (bottleneck adapters)")
+    data: str = _f("tasks", "tasks (the built-in instruction tasks) | a .jsonl of Alpaca or chat records")
+    n_train: int = _f(4000, "built-in tasks: training examples per task")
+    n_eval: int = _f(50, "held-out examples per task (JSONL: every 20th record) scored by exact match")
+    max_new_tokens: int = _f(24, "longest greedy answer generated at evaluation")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = _f(8, "rank r of the update W + (alpha/r) A B")
+    alpha: float = _f(16.0, "scale numerator of the update")
+    targets: str = _f("q,v", "comma-separated projections among q, k, v, o, gate, up, down")
+    lr: float = _f(0.0, "peak learning rate with sft.method=lora; 0 = optim.lr (optim.min_lr scales with it)")
+
+
+@dataclass
+class PromptConfig:
+    n_virtual_tokens: int = _f(16, "learned embeddings placed before every example")
+    lr: float = _f(0.0, "peak learning rate with sft.method=prompt; 0 = optim.lr (optim.min_lr scales with it)")
+
+
+@dataclass
+class AdapterConfig:
+    dim: int = _f(32, "bottleneck width of the adapters after attention and after the MLP")
+    lr: float = _f(0.0, "peak learning rate with sft.method=adapter; 0 = optim.lr (optim.min_lr scales with it)")
+
+
+@dataclass
+class SFTConfig(Config):
+    """Fine-tuning: the pre-training sections (``model`` and ``data`` come from ``init.from``) plus these."""
+
+    init: InitConfig = field(default_factory=InitConfig)
+    sft: SFTSection = field(default_factory=SFTSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -139,9 +210,19 @@ class Config:
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     """Converts a YAML or command-line value to the dataclass field's type, or says why not."""
     if typ in ("dict", dict) or typ == "dict | None":
+        if isinstance(value, str):  # a command-line override such as mesh.rules="{embed: null}"
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"{key}: cannot parse {value!r}") from None
         if value is None or isinstance(value, dict):
             return value
         raise ConfigError(f"{key} must be a mapping, got {value!r}")
+    if isinstance(value, str) and typ is float:
+        try:
+            return float(value)  # YAML 1.1 reads "5e-4" (no dot) as a string
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
     if isinstance(value, str) and typ is not str:
         try:
             value = yaml.safe_load(value)
@@ -332,3 +413,25 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"eval.{key} must be positive, got {getattr(cfg.eval, key)}")
     if cfg.log.every <= 0 or cfg.checkpoint.every <= 0 or cfg.checkpoint.keep <= 0:
         raise ConfigError("log.every, checkpoint.every and checkpoint.keep must be positive")
+    validate_pipeline(cfg.pipeline)
+    validate_distill(cfg.distill)
+
+
+def validate_pipeline(p: PipelineConfig) -> None:
+    """The pipeline keys alone; sizes that need the mesh are checked by ``jaxllm.pipeline.check``."""
+    if p.schedule not in ("gpipe", "circular"):
+        raise ConfigError(f"pipeline.schedule={p.schedule!r} is unknown; choose one of gpipe, circular")
+    if p.microbatches < 0:
+        raise ConfigError(f"pipeline.microbatches must be >= 0 (0 = mesh.pipe), got {p.microbatches}")
+    if p.repeats < 1:
+        raise ConfigError(f"pipeline.repeats must be positive, got {p.repeats}")
+    if p.repeats > 1 and p.schedule != "circular":
+        raise ConfigError(f"pipeline.repeats={p.repeats} needs pipeline.schedule=circular")
+
+
+def validate_distill(d: DistillConfig) -> None:
+    """The distillation keys alone; the teacher's run is checked by ``jaxllm.distill.load_teacher``."""
+    if d.temperature <= 0:
+        raise ConfigError(f"distill.temperature must be positive, got {d.temperature}")
+    if not 0.0 <= d.alpha <= 1.0:
+        raise ConfigError(f"distill.alpha must be in [0, 1], got {d.alpha}")

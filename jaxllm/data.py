@@ -149,7 +149,7 @@ def _cache_root(cache_dir: str) -> Path:
 
 def _write_tokens(path: Path, ids: np.ndarray, vocab_size: int) -> None:
     dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique: several processes may write at once
     ids.astype(dtype).tofile(tmp)
     tmp.replace(path)
 
@@ -180,7 +180,7 @@ def prepare(
         _write_tokens(folder / "train.bin", train_ids, tok.vocab_size)
         _write_tokens(folder / "val.bin", val_ids, tok.vocab_size)
         info = {"source": source, "tokenizer": tokenizer, "train_tokens": len(train_ids), "val_tokens": len(val_ids)}
-        tmp = done.with_suffix(".tmp")
+        tmp = done.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(info))
         tmp.replace(done)
     tok = tokenizers.load(folder)

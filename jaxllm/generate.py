@@ -1,19 +1,39 @@
-"""Sampling from a trained model: temperature, top-k and top-p (nucleus) over full forward passes.
+"""Generating text: prefill the prompt into a key/value cache, then decode one token per step.
 
-Each new token reruns the model over a fixed buffer of ``max_seq_len`` positions, so one compiled
-program serves every prompt length; causality makes the not-yet-written positions irrelevant.
+    prefill:  one forward pass over the (right-padded) prompts; every layer writes the keys and
+              values of positions 0..P-1 into its cache ``[L, B, S, K, H]`` (S = max_seq_len).
+    decode:   a jitted ``lax.while_loop``; each step feeds one token per row at that row's own
+              position, appends its keys/values, attends to the cache up to that position, samples.
+
+Each row keeps its true positions (a prompt of length n decodes at n, n+1, ...), so a batch of
+prompts of different lengths gives every row exactly what it would get alone. The pad slots a
+shorter prompt leaves in the cache are overwritten before any query can see them: a query at
+position p sees slots <= p only, and slot p is written in the same call. A step costs O(params +
+S) instead of the O(params x S) of rerunning the whole sequence, which is what
+:func:`generate_tokens` (the reference, also the trainer's eval sample) does.
+
+Sampling: temperature 0 is greedy; otherwise logits / temperature, cut to the top-k and to the
+smallest top-p nucleus. A row stops at its end-of-sequence token; the loop stops when all have.
+
+    python -m jaxllm.generate RUN_DIR --prompt "def " [--max-new-tokens N --temperature T
+        --top-k K --top-p P --quantize int8|int4 --seed S]
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import sys
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.errors import ConfigError
+from jaxllm.config import ModelConfig
+from jaxllm.errors import ConfigError, exit_on_user_error
+from jaxllm.model import Transformer, compute_dtype
 
 
 def filter_logits(logits_BxV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -38,8 +58,174 @@ def next_token(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top_k:
     return jax.random.categorical(rng, filter_logits(logits_BxV, temperature, top_k, top_p)).astype(jnp.int32)
 
 
+EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eot_id|>")
+
+
+def eos_id(tokenizer) -> int | None:
+    """The tokenizer's end-of-sequence id: the first of :data:`EOS_NAMES` it reads as one token
+    (byte and char tokenizers have none unless one was added as a special token)."""
+    for name in EOS_NAMES:
+        ids = tokenizer.encode(name)
+        if len(ids) == 1 and tokenizer.decode(ids) == name:
+            return ids[0]
+    return None
+
+
+def check_request(prompt_lengths: list[int], max_new_tokens: int, max_seq_len: int) -> None:
+    """Refuses empty prompts and requests that do not fit the model's context."""
+    if not prompt_lengths or min(prompt_lengths) == 0:
+        raise ConfigError("a prompt is empty; give at least one token")
+    if max_new_tokens <= 0:
+        raise ConfigError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if max(prompt_lengths) + max_new_tokens > max_seq_len:
+        raise ConfigError(
+            f"prompt ({max(prompt_lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"context of {max_seq_len} tokens"
+        )
+
+
+# --------------------------------------------------------------------------- with the cache
+
+
+def init_cache(cfg: ModelConfig, batch: int) -> dict:
+    """Zero keys and values ``[L, B, S, K, H]`` in the compute dtype, laid out as the model's
+    ``cache`` collection (mirrors ``params['blocks']['attn']``; the scan adds the layers axis)."""
+    shape = (cfg.n_layer, batch, cfg.max_seq_len, cfg.n_kv_head, cfg.d_model // cfg.n_head)
+    zeros = jnp.zeros(shape, compute_dtype(cfg))
+    return {"blocks": {"attn": {"key": zeros, "value": zeros}}}
+
+
+def _decode(
+    model: Transformer,
+    params: Any,
+    prompt_BxP: jax.Array,
+    lengths_B: jax.Array,
+    rng: jax.Array,
+    *,
+    n_new: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    eos_id: int,
+    with_logits: bool,
+    on_token: Callable | None,
+):
+    """Prefill + decode loop. Returns ``(tokens_BxN, logits_BxNxV or None)``: the N = n_new tokens
+    (``eos_id`` after a row's end) and, if asked, the float32 logits each was chosen from."""
+    B, P = prompt_BxP.shape
+    rows_B = jnp.arange(B)
+
+    def forward(cache, tokens_BxT, positions_BxT):
+        logits_BxTxV, updated = model.apply(
+            {"params": params, "cache": cache}, tokens_BxT, positions_BxT, mutable=["cache"]
+        )
+        return logits_BxTxV.astype(jnp.float32), updated["cache"]
+
+    def choose(i, logits_BxV, rng, done_B, tokens_BxN, logits_BxNxV):
+        tok_B = jnp.where(done_B, eos_id, next_token(logits_BxV, rng, temperature, top_k, top_p))
+        if on_token is not None:
+            jax.debug.callback(on_token, i, tok_B, ordered=True)
+        tokens_BxN = tokens_BxN.at[:, i].set(tok_B)
+        if with_logits:
+            logits_BxNxV = logits_BxNxV.at[:, i].set(logits_BxV)
+        return tok_B, done_B | (tok_B == eos_id), tokens_BxN, logits_BxNxV
+
+    positions_BxP = jnp.broadcast_to(jnp.arange(P), (B, P))
+    logits_BxPxV, cache = forward(init_cache(model.cfg, B), prompt_BxP, positions_BxP)
+    last_BxV = logits_BxPxV[rows_B, lengths_B - 1]
+    tokens_BxN = jnp.full((B, n_new), eos_id, jnp.int32)
+    logits_BxNxV = jnp.zeros((B, n_new, last_BxV.shape[-1]), jnp.float32) if with_logits else None
+    rng, sub = jax.random.split(rng)
+    tok_B, done_B, tokens_BxN, logits_BxNxV = choose(
+        0, last_BxV, sub, jnp.zeros((B,), bool), tokens_BxN, logits_BxNxV
+    )
+
+    def cond(carry):
+        i, _, done_B, *_ = carry
+        return (i < n_new) & ~jnp.all(done_B)
+
+    def body(carry):
+        i, tok_B, done_B, cache, rng, tokens_BxN, logits_BxNxV = carry
+        logits_Bx1xV, cache = forward(cache, tok_B[:, None], (lengths_B + i - 1)[:, None])
+        rng, sub = jax.random.split(rng)
+        tok_B, done_B, tokens_BxN, logits_BxNxV = choose(i, logits_Bx1xV[:, 0], sub, done_B, tokens_BxN, logits_BxNxV)
+        return i + 1, tok_B, done_B, cache, rng, tokens_BxN, logits_BxNxV
+
+    carry = (jnp.int32(1), tok_B, done_B, cache, rng, tokens_BxN, logits_BxNxV)
+    *_, tokens_BxN, logits_BxNxV = jax.lax.while_loop(cond, body, carry)
+    return tokens_BxN, logits_BxNxV
+
+
+class Decoder:
+    """Cached decoding for one model shape; compiled programs are kept per shape and sampling setting.
+
+    ``Decoder(model_cfg)(params, prompts, max_new_tokens, ...)`` -> the new tokens of each prompt.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        # Recomputing activations only matters for gradients; dropout is off at inference.
+        self.cfg = dataclasses.replace(cfg, remat=False)
+        self._run = jax.jit(
+            partial(_decode, Transformer(self.cfg, deterministic=True)),
+            static_argnames=("n_new", "temperature", "top_k", "top_p", "eos_id", "with_logits", "on_token"),
+        )
+
+    def run(
+        self,
+        params: Any,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_id: int | None = None,
+        seed: int = 0,
+        with_logits: bool = False,
+        on_token: Callable[[Any, Any], None] | None = None,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """The raw ``(tokens_BxN, logits_BxNxV or None)`` of :func:`_decode` for a batch of prompts.
+
+        ``eos_id`` None never stops early. ``on_token(i, tokens_B)`` is called from inside the loop
+        as each step's tokens are chosen (for streaming)."""
+        lengths = [len(p) for p in prompts]
+        check_request(lengths, max_new_tokens, self.cfg.max_seq_len)
+        # Round the padded width up so that prompts of similar lengths share one compiled program.
+        width = min(-(-max(lengths) // 16) * 16, self.cfg.max_seq_len)
+        buf = np.zeros((len(prompts), width), np.int32)
+        for row, p in enumerate(prompts):
+            buf[row, : len(p)] = p
+        return self._run(
+            params,
+            jnp.asarray(buf),
+            jnp.asarray(lengths, jnp.int32),
+            jax.random.PRNGKey(seed),
+            n_new=int(max_new_tokens),
+            temperature=float(temperature),
+            top_k=int(top_k),
+            top_p=float(top_p),
+            eos_id=-1 if eos_id is None else int(eos_id),
+            with_logits=with_logits,
+            on_token=on_token,
+        )
+
+    def __call__(self, params: Any, prompts: list[list[int]], max_new_tokens: int, **sampling) -> list[list[int]]:
+        """The new tokens of each prompt, cut before its end-of-sequence token."""
+        tokens_BxN, _ = self.run(params, prompts, max_new_tokens, **sampling)
+        eos_id = sampling.get("eos_id")
+        out = []
+        for row in np.asarray(tokens_BxN).tolist():
+            out.append(row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row)
+        return out
+
+
+# --------------------------------------------------------------------------- without the cache
+
+
 @partial(jax.jit, static_argnames=("apply_fn", "n_new", "temperature", "top_k", "top_p"))
-def _sample(params, buf_BxS, start, rng, *, apply_fn, n_new, temperature, top_k, top_p):
+def decode_full_forward(params, buf_BxS, start, rng, *, apply_fn, n_new, temperature, top_k, top_p):
+    """Writes n_new tokens into every row of buf_BxS from position start on, each by rerunning
+    ``apply_fn(params, buf) -> logits`` over the whole buffer (no cache: O(params x S) per token)."""
+
     def body(i, carry):
         buf, rng = carry
         rng, sub = jax.random.split(rng)
@@ -63,17 +249,13 @@ def generate_tokens(
     top_p: float = 1.0,
     seed: int = 0,
 ) -> list[int]:
-    """The ``max_new_tokens`` ids that follow ``prompt`` (``apply_fn(params, tokens_BxS) -> logits``)."""
-    if not prompt:
-        raise ConfigError("the prompt is empty; give at least one token")
-    if len(prompt) + max_new_tokens > max_seq_len:
-        raise ConfigError(
-            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"context of {max_seq_len} tokens"
-        )
+    """The ``max_new_tokens`` ids after ``prompt`` by full forward passes (``apply_fn(params,
+    tokens_BxS) -> logits``) over a fixed buffer of ``max_seq_len``: one compiled program serves every
+    prompt length, and it runs under any mesh the params live on (the trainer's eval sample)."""
+    check_request([len(prompt)], max_new_tokens, max_seq_len)
     buf = np.zeros((1, max_seq_len), np.int32)
     buf[0, : len(prompt)] = prompt
-    out = _sample(
+    out = decode_full_forward(
         params,
         jnp.asarray(buf),
         len(prompt),
@@ -85,3 +267,61 @@ def generate_tokens(
         top_p=float(top_p),
     )
     return np.asarray(out[0, len(prompt) : len(prompt) + max_new_tokens]).tolist()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+class StreamPrinter:
+    """``on_token`` for one prompt: prints the text as tokens come, holding back an incomplete UTF-8
+    character; :meth:`finish` prints whatever the final text adds."""
+
+    def __init__(self, tokenizer, eos: int | None):
+        self.tokenizer, self.eos = tokenizer, eos
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def __call__(self, _step, tokens_B) -> None:
+        if int(tokens_B[0]) == self.eos:
+            return
+        self.ids.append(int(tokens_B[0]))
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self.finish(text)
+
+    def finish(self, text: str) -> None:
+        sys.stdout.write(text[self.shown :])
+        sys.stdout.flush()
+        self.shown = len(text)
+
+
+@exit_on_user_error
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxllm.generate", description="Continue a prompt with a trained run.")
+    parser.add_argument("run_dir", help="a jaxllm run directory")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = all")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set holding this mass")
+    parser.add_argument("--quantize", default="", help="int8 | int4: weight-only quantization of the matmuls")
+    parser.add_argument("--group-size", type=int, default=64, help="int4: input rows per scale")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import jaxllm
+
+    model = jaxllm.load(args.run_dir, quantize=args.quantize or None, group_size=args.group_size)
+    check_request([len(model.tokenizer.encode(args.prompt))], args.max_new_tokens, model.config.model.max_seq_len)
+    sys.stdout.write(args.prompt)  # only once the request is known to fit
+    printer = StreamPrinter(model.tokenizer, eos_id(model.tokenizer))
+    text = model.generate(
+        args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, on_token=printer
+    )
+    printer.finish(text)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

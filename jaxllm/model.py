@@ -16,6 +16,11 @@ activations carry logical axis names (batch, seq, embed, heads, kv_heads, head_d
 layers); the model knows nothing of meshes, ``jaxllm.sharding`` maps the names to mesh axes.
 Shape letters: B batch, T query positions, S key positions, D d_model, N query heads, K key/value
 heads, H head size, F MLP width, V vocabulary, L layers.
+
+Inference hooks, both inert in training: given a ``cache`` collection (``apply(..., mutable=["cache"])``,
+built by ``jaxllm.generate``), attention writes this call's keys/values at ``positions`` and attends to
+every cached slot up to each query's position; a ``Linear`` whose stored kernel is a
+``QuantizedKernel`` (``jaxllm.quantize``) multiplies by its integers instead.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
+from jaxllm.quantize import QuantizedKernel, quantized_dot
 
 Array = jax.Array
 constrain = nn.with_logical_constraint
@@ -63,6 +69,12 @@ def rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float) -> Array:
     x1, x2 = x_BxTxNxH[..., :half].astype(jnp.float32), x_BxTxNxH[..., half:].astype(jnp.float32)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BxTxNxH.dtype)
+
+
+def write_cache(cache_BxSxKxH: Array, new_BxTxKxH: Array, positions_BxT: Array) -> Array:
+    """The key (or value) cache with each row's new entries written at that row's own positions."""
+    rows_Bx1 = jnp.arange(new_BxTxKxH.shape[0])[:, None]
+    return cache_BxSxKxH.at[rows_Bx1, positions_BxT].set(new_BxTxKxH.astype(cache_BxSxKxH.dtype))
 
 
 def attention_mask(segment_ids_BxT: Array | None) -> Array | None:
@@ -101,12 +113,16 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         n_in = len(self.in_shape)
-        kernel = self.param("kernel", _init(self.std, self.axes), self.in_shape + self.out_shape)
-        y = jax.lax.dot_general(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
-        )
+        stored = self.get_variable("params", "kernel")
+        if isinstance(stored, QuantizedKernel):  # weight-only int8/int4 (jaxllm.quantize)
+            y = quantized_dot(x, stored, n_in, self.dtype)
+        else:
+            kernel = self.param("kernel", _init(self.std, self.axes), self.in_shape + self.out_shape)
+            y = jax.lax.dot_general(
+                x.astype(self.dtype),
+                kernel.astype(self.dtype),
+                ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
+            )
         if self.use_bias:
             y = y + self.param("bias", _zeros(self.axes[n_in:]), self.out_shape).astype(self.dtype)
         return y
@@ -132,12 +148,20 @@ class Attention(nn.Module):
         if c.arch == "llama":
             q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, c.rope_theta)
             k_BxSxKxH = rope(k_BxSxKxH, positions_BxT, c.rope_theta)
+        mask, causal = attention_mask(segment_ids_BxT), True
+        if self.has_variable("cache", "key"):  # decoding (jaxllm.generate): attend to every cached position
+            cache_k, cache_v = self.variable("cache", "key"), self.variable("cache", "value")
+            cache_k.value = write_cache(cache_k.value, k_BxSxKxH, positions_BxT)
+            cache_v.value = write_cache(cache_v.value, v_BxSxKxH, positions_BxT)
+            k_BxSxKxH, v_BxSxKxH = cache_k.value, cache_v.value
+            # is_causal assumes queries and keys both start at position 0; here they need not
+            mask, causal = jnp.arange(k_BxSxKxH.shape[1]) <= positions_BxT[:, None, :, None], False
         q_BxTxNxH = constrain(q_BxTxNxH, ("batch", None, "heads", "head_dim"))
         k_BxSxKxH = constrain(k_BxSxKxH, ("batch", None, "kv_heads", "head_dim"))
         v_BxSxKxH = constrain(v_BxSxKxH, ("batch", None, "kv_heads", "head_dim"))
         # Softmax runs in float32 inside; on GPUs this dispatches to cuDNN's fused kernel.
         out_BxTxNxH = jax.nn.dot_product_attention(
-            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=attention_mask(segment_ids_BxT), is_causal=True
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, is_causal=causal
         )
         out_BxTxNxH = constrain(out_BxTxNxH, ("batch", None, "heads", "head_dim"))
         out_BxTxD = Linear(
@@ -169,6 +193,26 @@ class MLP(nn.Module):
         return nn.Dropout(c.dropout)(out_BxTxD, deterministic=self.deterministic)
 
 
+class Adapter(nn.Module):
+    """Bottleneck adapter (Houlsby et al. 2019): ``h + up(gelu(down(h)))``, D -> adapter_dim -> D.
+
+    ``up`` starts at zero, so a freshly added adapter is the identity and fine-tuning starts from
+    exactly the pre-trained function."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_BxTxD: Array) -> Array:
+        c = self.cfg
+        down = Linear((c.d_model,), (c.adapter_dim,), ("embed", None), 0.02, True, compute_dtype(c), name="down")
+        up = Linear((c.adapter_dim,), (c.d_model,), (None, "embed"), 0.0, True, compute_dtype(c), name="up")
+        return h_BxTxD + up(jax.nn.gelu(down(h_BxTxD), approximate=True))
+
+
+def _then(sublayer: nn.Module, adapter: Adapter):
+    return lambda *args: adapter(sublayer(*args))
+
+
 class Block(nn.Module):
     """One residual block; shaped ``(carry, _) -> (carry, None)`` for ``nn.scan``."""
 
@@ -180,6 +224,9 @@ class Block(nn.Module):
         c = self.cfg
         attn = Attention(c, self.deterministic, name="attn")
         mlp = MLP(c, self.deterministic, name="mlp")
+        if c.adapter_dim:  # fine-tuning: each sublayer's output passes through its own adapter
+            attn = _then(attn, Adapter(c, name="adapter_attn"))
+            mlp = _then(mlp, Adapter(c, name="adapter_mlp"))
         norm1, norm2 = Norm(c, name="norm1"), Norm(c, name="norm2")
 
         def add(x: Array, h: Array) -> Array:
@@ -194,15 +241,17 @@ class Block(nn.Module):
         return constrain(x_BxTxD, ("batch", "seq", "embed")), None
 
 
-def block_stack(cfg: ModelConfig, deterministic: bool, name: str = "blocks") -> nn.Module:
-    """All n_layer blocks as one scanned module; parameters gain a leading ``layers`` axis."""
+def block_stack(cfg: ModelConfig, deterministic: bool, name: str = "blocks", length: int | None = None) -> nn.Module:
+    """All n_layer blocks as one scanned module; parameters gain a leading ``layers`` axis.
+
+    ``length``: scan only that many blocks (a pipeline stage applies its slice of the stack)."""
     block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
     scanned = nn.scan(
         block,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast),
-        length=cfg.n_layer,
+        length=cfg.n_layer if length is None else length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
     return scanned(cfg, deterministic, name=name)
@@ -241,7 +290,9 @@ class Transformer(nn.Module):
         if self.cfg.norm_position == "pre":  # post-LN blocks already end in a norm
             x_BxTxD = self.norm_f(x_BxTxD)
         logits_BxTxV = self.wte.attend(x_BxTxD) if self.cfg.tie_embeddings else self.lm_head(x_BxTxD)
-        return constrain(logits_BxTxV, ("batch", "seq", "vocab"))
+        # Not "seq": under sequence parallelism seq would take the tensor axis and leave the vocabulary
+        # whole, gathering the [V, D] table; Megatron gathers the sequence here and keeps V sharded.
+        return constrain(logits_BxTxV, ("batch", None, "vocab"))
 
     def __call__(
         self, tokens_BxT: Array, positions_BxT: Array | None = None, segment_ids_BxT: Array | None = None

@@ -454,7 +454,8 @@ def fit_chinchilla(
                 huber_objective, start, args=data, jac=True, method="L-BFGS-B",
                 options={"maxiter": 1000, "ftol": 1e-15, "gtol": 1e-10},
             )
-            if np.isfinite(result.fun) and result.fun < best_value:
+            # log A, log B, log E beyond ~700 overflow a float: a degenerate fit, not a law.
+            if np.isfinite(result.fun) and result.fun < best_value and np.all(result.x[:3] < 700):
                 best_value, best_theta = result.fun, result.x
     if best_theta is None:
         raise ConfigError(f"approach 3 found no finite fit from {len(starts)} starting points")
@@ -506,13 +507,13 @@ def bootstrap(
 class ScalingFit:
     """Every fit of one set of runs. Approaches 1 and 2 need IsoFLOP profiles; without, they are None."""
 
-    kaplan: dict[str, KaplanLaw]  # "N", "D", "C": L(N), L(D), L(C)
+    kaplan: dict[str, KaplanLaw]  # "N", "D", "C": L(N), L(D), L(C); absent when skipped
     approach1: Allocation | None
     profiles: list[Profile]
     approach2: Allocation | None
     approach3: ChinchillaLaw
     objective: float  # approach 3's Huber objective at its minimum
-    skipped: dict[str, str]  # "approach1"/"approach2": why it could not be fitted
+    skipped: dict[str, str]  # "kaplan_N"/.../"approach1"/"approach2": why it could not be fitted
 
     def parameters(self) -> dict[str, float]:
         """Every fitted number under a flat name such as ``approach3.alpha``: what bootstrap resamples."""
@@ -531,13 +532,17 @@ class ScalingFit:
 def fit_all(runs: Runs, starts: np.ndarray = PAPER_STARTS) -> ScalingFit:
     """Kaplan's three laws and Chinchilla's three approaches on the same runs.
 
-    Approaches 1 and 2 are skipped (with the reason) rather than fatal: runs that are not an IsoFLOP
-    sweep, such as an N x D grid, still get Kaplan's laws and approach 3.
+    Kaplan's laws and approaches 1 and 2 are skipped (with the reason) rather than fatal: runs that
+    are not an IsoFLOP sweep, such as an N x D grid, still get Kaplan's laws and approach 3.
     """
     approach3, objective = fit_chinchilla(runs, starts)
-    kaplan = {name: fit_kaplan(x, runs.loss, f"L({name})") for name, x in zip("NDC", (runs.N, runs.D, runs.C))}
     profiles = fit_profiles(runs)
-    skipped = {}
+    skipped, kaplan = {}, {}
+    for name, x in zip("NDC", (runs.N, runs.D, runs.C)):
+        try:  # an envelope of one run (the smallest N is also the best) has no slope to fit
+            kaplan[name] = fit_kaplan(x, runs.loss, f"L({name})")
+        except ConfigError as e:
+            skipped[f"kaplan_{name}"] = str(e)
     approach1 = approach2 = None
     try:
         approach1 = fit_approach1(runs)

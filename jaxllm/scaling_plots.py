@@ -25,17 +25,19 @@ CHINCHILLA_A = 0.5
 DPI = 130
 
 
-def plot_all(runs: Runs, fit: ScalingFit, out_dir: Path) -> list[Path]:
-    """Draw every figure into ``out_dir``; returns the PNG paths."""
+def plot_all(runs: Runs, fit: ScalingFit, out_dir: Path, entropy_rate: float | None = None) -> list[Path]:
+    """Draw every figure into ``out_dir``; returns the PNG paths. ``entropy_rate``: the true irreducible
+    loss when known (a synthetic corpus), drawn beside approach 3's E on the IsoFLOP figure."""
     paths = [out_dir / "isoflop_profiles.png", out_dir / "loss_fits.png", out_dir / "compute_optimal.png"]
-    plot_isoflop(runs, fit, paths[0])
+    plot_isoflop(runs, fit, paths[0], entropy_rate)
     plot_loss_fits(runs, fit, paths[1])
     plot_compute_optimal(runs, fit, paths[2])
     return paths
 
 
-def plot_isoflop(runs: Runs, fit: ScalingFit, path: Path) -> None:
-    """Loss against N at each compute budget, the parabola through each profile and its minimum."""
+def plot_isoflop(runs: Runs, fit: ScalingFit, path: Path, entropy_rate: float | None = None) -> None:
+    """Loss against N at each compute budget, the parabola through each profile and its minimum; with a
+    known ``entropy_rate``, that floor and approach 3's fitted E as horizontal lines."""
     fig = Figure(figsize=(9, 6), layout="constrained")
     ax = fig.add_subplot()
     norm = LogNorm(vmin=runs.C.min(), vmax=runs.C.max())
@@ -59,6 +61,11 @@ def plot_isoflop(runs: Runs, fit: ScalingFit, path: Path) -> None:
         Line2D([], [], ls="", marker="*", ms=12, color="0.3", mec="black", label="its minimum: N_opt for that budget"),
         Line2D([], [], ls="", marker="o", color="0.8", label="run in no profile (too few model sizes at its budget)"),
     ]
+    if entropy_rate is not None:
+        ax.axhline(entropy_rate, color="black", lw=1.5, label=f"true entropy rate H = {entropy_rate:.3f}")
+        E = fit.approach3.E
+        ax.axhline(E, color="tab:red", lw=1.5, ls="--", label=f"approach 3's fitted E = {E:.3f}")
+        handles += ax.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="lower left", fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("model size N (parameters)")
@@ -78,14 +85,15 @@ def plot_loss_fits(runs: Runs, fit: ScalingFit, path: Path) -> None:
         ("C", runs.C, "training compute C (FLOPs)"),
     )
     for ax, (name, x, label) in zip(fig.subplots(1, 3), panels):
-        law = fit.kaplan[name]
         ax.scatter(x, runs.loss, color="0.75", s=10, label="run")
         on = lower_envelope(x, runs.loss)
-        envelope = f"envelope: best loss at <= {name} ({law.points} runs)"
+        envelope = f"envelope: best loss at <= {name} ({int(on.sum())} runs)"
         ax.scatter(x[on], runs.loss[on], color="black", s=14, label=envelope)
         grid = np.geomspace(x.min(), x.max(), 200)
-        kaplan = f"Kaplan L = ({name}_c/{name})^α: α = {law.alpha:.3f}, {name}_c = {law.X_c:.3g}"
-        ax.plot(grid, law(grid), color="tab:red", lw=2, label=kaplan)
+        law = fit.kaplan.get(name)
+        if law is not None:  # skipped when the envelope is a single run
+            kaplan = f"Kaplan L = ({name}_c/{name})^α: α = {law.alpha:.3f}, {name}_c = {law.X_c:.3g}"
+            ax.plot(grid, law(grid), color="tab:red", lw=2, label=kaplan)
         if name == "C":
             label3 = "approach 3 at compute-optimal N, D"
             ax.plot(grid, _optimal_loss(fit.approach3, grid), color="tab:blue", lw=2, ls="--", label=label3)

@@ -46,6 +46,8 @@ def rules(cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:
     table = dict(DEFAULT_RULES)
     if cfg.sequence_parallel:
         table["seq"] = "tensor"
+    if cfg.pipe != 1:  # each pipeline stage stores its own slice of the stacked blocks
+        table["layers"] = "pipe"
     for name, axes in (cfg.rules or {}).items():
         if name not in table:
             raise ConfigError(f"mesh.rules: unknown logical axis {name!r}; known: {', '.join(table)}")
@@ -61,12 +63,19 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
     """Axis sizes with one ``-1`` resolved to the remaining devices; checks the product."""
     sizes = {a: getattr(cfg, a) for a in AXES}
     free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1 and "data" in free:  # data's default -1 yields, so `mesh.fsdp=-1` alone works
+        sizes["data"] = 1
+        free.remove("data")
     if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
         raise ConfigError("mesh sizes must be positive, with at most one -1 (= the remaining devices)")
     known = math.prod(s for s in sizes.values() if s != -1)
     if free:
         if n_devices % known:
-            raise ConfigError(f"mesh: {n_devices} devices cannot be split into {known} x -1")
+            fixed = "*".join(f"{a}={v}" for a, v in sizes.items() if v != -1)
+            raise ConfigError(
+                f"mesh {fixed} = {known} devices does not divide the {n_devices} visible devices "
+                f"(mesh.{free[0]}=-1 takes the rest)"
+            )
         sizes[free[0]] = n_devices // known
     product = math.prod(sizes.values())
     if product != n_devices:
@@ -119,6 +128,28 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh, leading: int = 1) -> NamedSharding:
     """Token batches ``[accum?, batch, seq]``: batch over the data axes, the rest replicated."""
     return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES, None))
+
+
+def process_block(sharding_: NamedSharding, global_shape: tuple[int, ...], axis: int) -> tuple[int, int]:
+    """Which rows of ``axis`` this process must supply, as ``(index, count)``: the block
+    ``[index * n / count, (index + 1) * n / count)`` of ``n = global_shape[axis]``.
+
+    Read from the sharding rather than assumed to be ``(process_index, process_count)``: when the
+    batch is replicated across processes (``tensor`` or ``pipe`` spanning hosts) several processes
+    need the same rows, and the mesh's device order decides which process holds which block.
+    """
+    n = global_shape[axis]
+    spans = {
+        (i[axis].start or 0, n if i[axis].stop is None else i[axis].stop)
+        for i in sharding_.addressable_devices_indices_map(global_shape).values()
+    }
+    lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
+    if sum(e - s for s, e in spans) != hi - lo or n % (hi - lo) or lo % (hi - lo):
+        raise ConfigError(
+            f"this process's devices hold rows {sorted(spans)} of the batch, not one block; "
+            "order the mesh so each host's devices are adjacent on the data axes"
+        )
+    return lo // (hi - lo), n // (hi - lo)
 
 
 def _zero1(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:

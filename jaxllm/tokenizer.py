@@ -9,6 +9,7 @@ tokens (chat templates) are appended after the base vocabulary.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -80,7 +81,7 @@ class Tokenizer:
 
     def save(self, directory: Path) -> None:
         path = Path(directory) / FILENAME
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique: several processes may write at once
         tmp.write_text(self._to_json())
         tmp.replace(path)
 

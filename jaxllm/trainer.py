@@ -7,6 +7,7 @@ fetched every ``log.every`` steps -> ``metrics.jsonl``, TensorBoard, the progres
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import signal
@@ -26,7 +27,7 @@ import optax
 
 from jaxllm import checkpoint as ckpt
 from jaxllm import data as data_lib
-from jaxllm import flops, generate, sharding
+from jaxllm import distill, flops, generate, pipeline, sharding, synthetic
 from jaxllm.config import Config, ModelConfig, resolve_model, save_config, to_dict, validate
 from jaxllm.errors import ConfigError, UserError
 from jaxllm.model import Transformer, cross_entropy
@@ -85,7 +86,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr_sche
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": lr_schedule(state.step),
             "layer_grad_norms": layer_grad_norms(grads),
         }
@@ -153,7 +154,22 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
         )
 
     batch_sh = sharding.batch_sharding(mesh, leading=1)
-    train_step = make_train_step(make_loss_fn(model), tx, schedule(cfg.optim, cfg.train.steps))
+    loss_fn, eval_step = make_loss_fn(model), make_eval_step(eval_model)
+    if mesh.shape["pipe"] > 1:
+        loss_fn = pipeline.make_loss_fn(model, cfg.pipeline, mesh, rule_table, param_sh["blocks"])
+        eval_loss_fn = pipeline.make_loss_fn(eval_model, cfg.pipeline, mesh, rule_table, param_sh["blocks"])
+        eval_step = functools.partial(eval_loss_fn, rng=None)
+    train_step = make_train_step(loss_fn, tx, schedule(cfg.optim, cfg.train.steps))
+    step = jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0)
+    if cfg.distill.teacher:  # the loss also matches a frozen teacher, run inside the same jitted step
+        teacher = distill.load_teacher(cfg.distill.teacher, mesh, rule_table)
+        distill_step = distill.make_train_step(
+            model, teacher.model, cfg.distill, lambda loss: make_train_step(loss, tx, schedule(cfg.optim, cfg.train.steps))
+        )
+        jitted = jax.jit(
+            distill_step, in_shardings=(state_sh, batch_sh, teacher.shardings), out_shardings=(state_sh, repl), donate_argnums=0
+        )
+        step = lambda state, batch: jitted(state, batch, teacher.params)  # noqa: E731
     return Setup(
         model_cfg=model_cfg,
         model=model,
@@ -163,9 +179,9 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
         state_shardings=state_sh,
         batch_sharding=batch_sh,
         init=jax.jit(init_fn, out_shardings=state_sh),
-        step=jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0),
+        step=step,
         eval=jax.jit(
-            make_eval_step(eval_model), in_shardings=(param_sh, sharding.batch_sharding(mesh, 0)), out_shardings=repl
+            eval_step, in_shardings=(param_sh, sharding.batch_sharding(mesh, 0)), out_shardings=repl
         ),
     )
 
@@ -173,13 +189,21 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
 def init_distributed(cfg: Config) -> None:
     """Joins a multi-process run (``dist.*``); must run before anything touches the devices."""
     d = cfg.dist
-    if d.num_processes <= 1 and not d.coordinator:
+    auto = d.coordinator == "auto"
+    if not auto and d.num_processes <= 1 and not d.coordinator:
         return
-    if not 0 <= d.process_id < d.num_processes:
+    if not auto and not 0 <= d.process_id < d.num_processes:
         raise ConfigError(f"dist.process_id={d.process_id} must be in [0, dist.num_processes={d.num_processes})")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only the CPU backend reads it
-    if not jax.distributed.is_initialized():
+    if jax.distributed.is_initialized():
+        return
+    if not auto:
         jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
+        return
+    try:  # SLURM, Open MPI and TPU pod slices describe the cluster in their environment
+        jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"dist.coordinator=auto found no cluster to join ({e}); give host:port instead") from None
 
 
 def global_batch(local_np: np.ndarray, sharding_: Any, global_shape: tuple[int, ...]) -> jax.Array:
@@ -269,20 +293,46 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
     tmp.replace(out)
 
 
+def _prepare_tokens(cfg: Config) -> data_lib.TokenData:
+    """Tokenizes the corpus (or reads its cache). With several processes, process 0 goes first: hosts
+    sharing a file system would otherwise write the same cache files at once. Its error is raised
+    after the barrier, so the other processes fail the same way instead of waiting forever."""
+    d = cfg.data
+
+    def prepare() -> data_lib.TokenData:
+        return data_lib.prepare(d.source, d.tokenizer, d.val_fraction, d.bpe_vocab_size, d.cache_dir)
+
+    if jax.process_count() == 1:
+        return prepare()
+    from jax.experimental import multihost_utils
+
+    error = None
+    if jax.process_index() == 0:
+        try:
+            prepare()
+        except UserError as e:
+            error = e
+    multihost_utils.sync_global_devices("jaxllm: tokens cached")
+    if error is not None:
+        raise error
+    return prepare()
+
+
 def prepare_run(cfg: Config, devices: list | None = None) -> tuple[data_lib.TokenData, ModelConfig, jax.sharding.Mesh]:
     """All checks that can refuse the run, done before anything is written to ``run.dir``.
 
     ``devices``: the devices of the mesh (default: all visible ones)."""
     validate(cfg)
     init_distributed(cfg)
-    tokens = data_lib.prepare(
-        cfg.data.source, cfg.data.tokenizer, cfg.data.val_fraction, cfg.data.bpe_vocab_size, cfg.data.cache_dir
-    )
+    tokens = _prepare_tokens(cfg)
     data_lib.check_length(tokens.train, cfg.train.seq_len, "train")
     data_lib.check_length(tokens.val, cfg.train.seq_len, "validation")
     model_cfg = resolve_model(cfg.model, tokens.tokenizer.vocab_size, cfg.train.seq_len)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_divisible(model_cfg, mesh, cfg.train.batch_size, jax.process_count())
+    pipeline.check(model_cfg, cfg.pipeline, mesh, cfg.train.batch_size)
+    if cfg.distill.teacher:
+        distill.check_teacher(cfg.distill.teacher, model_cfg, tokens.tokenizer, cfg.train.seq_len, mesh.shape["pipe"])
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         checker = ckpt.Checkpointer(Path(cfg.run.dir), cfg.checkpoint.keep)
@@ -333,9 +383,15 @@ def train(cfg: Config, devices: list | None = None) -> dict:
             + (f"resuming at step {start}" if restored else "from scratch"),
             file=sys.stderr,
         )
+        if mesh.shape["pipe"] > 1:
+            print(pipeline.describe(cfg.pipeline, mesh.shape["pipe"]), file=sys.stderr)
+        if cfg.data.source.startswith("synthetic:"):
+            H = synthetic.entropy_rate(synthetic.parse(cfg.data.source))
+            print(f"jaxllm: true entropy rate of the source {H:.4f} nats/character (= nats/token with byte or char "
+                  "tokens): the lowest loss any model can reach", file=sys.stderr)
 
-    proc, nproc = jax.process_index(), jax.process_count()
     accum_shape = (t.grad_accum, t.batch_size, t.seq_len + 1)
+    proc, nproc = sharding.process_block(setup.batch_sharding, accum_shape, axis=1)  # this process's rows
 
     def batch_at(step: int) -> jax.Array:
         local = data_lib.train_batch(tokens.train, t.seed, step, t.grad_accum, t.batch_size, t.seq_len, proc, nproc)

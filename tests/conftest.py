@@ -6,9 +6,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import jax
+# Many tests (and their subprocesses, which inherit the environment) compile the very same programs:
+# a persistent XLA cache shared by all of them compiles each once. Set before JAX is imported.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "jaxllm-tests-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 

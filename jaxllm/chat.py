@@ -1,0 +1,133 @@
+"""Instruction and chat data: the chat template, loss masks, JSONL records, and packing.
+
+Template: every message is ``<|role|>content<|end|>``, roles ``system``, ``user``, ``assistant``. The
+four markers are special tokens appended to the tokenizer (:data:`SPECIAL`), so no text can forge them.
+A prompt for generation ends with ``<|assistant|>``; the model answers and closes with ``<|end|>``.
+
+Loss mask: 1 on the assistant's content and its closing ``<|end|>`` (the model must learn to stop),
+0 on everything else, including the ``<|assistant|>`` marker, which is part of the prompt.
+
+Packing: examples are laid end to end in rows of ``seq_len`` positions. A packed batch is one int32
+array ``[B, 5, T]`` whose rows are ``inputs, targets, loss mask, positions, segment ids``: positions
+restart at 0 for every example, and segment ids (1, 2, ... per example, 0 for padding) keep attention
+inside each example, so a packed example sees exactly what it would see alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from jaxllm.errors import DataError
+from jaxllm.tokenizer import Tokenizer
+
+SPECIAL = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+ROLES = ("system", "user", "assistant")
+INPUTS, TARGETS, MASK, POSITIONS, SEGMENTS = range(5)
+
+Chat = list[dict[str, str]]
+
+
+def chat_tokenizer(tok: Tokenizer) -> Tokenizer:
+    return tok.with_special(SPECIAL)
+
+
+def _marker(tok: Tokenizer, role: str) -> int:
+    return tok.token_id(f"<|{role}|>")
+
+
+def encode(tok: Tokenizer, messages: Chat) -> tuple[list[int], list[int]]:
+    """Token ids of a whole conversation and its loss mask (1 = an assistant token to learn)."""
+    ids, mask = [], []
+    end = tok.token_id("<|end|>")
+    for m in messages:
+        content = tok.encode(m["content"]) + [end]
+        learn = int(m["role"] == "assistant")
+        ids += [_marker(tok, m["role"])] + content
+        mask += [0] + [learn] * len(content)
+    return ids, mask
+
+
+def prompt_and_answer(tok: Tokenizer, messages: Chat) -> tuple[list[int], str]:
+    """Everything before the last assistant message, then ``<|assistant|>``; and that message's text."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    ids, _ = encode(tok, messages[:last])
+    return ids + [_marker(tok, "assistant")], messages[last]["content"]
+
+
+# --------------------------------------------------------------------------- JSONL records
+
+
+def record_to_chat(record: object, where: str) -> Chat:
+    """An Alpaca record (``instruction``, optional ``input``, ``output``) or a chat (``messages``)."""
+    if isinstance(record, dict) and "messages" in record:
+        messages = record["messages"]
+        ok = isinstance(messages, list) and all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages
+        )
+        if not ok:
+            raise DataError(f"{where}: 'messages' must be a list of {{role: system|user|assistant, content: text}}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: the conversation has no assistant message to learn from")
+        return messages
+    if isinstance(record, dict) and isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
+        user = record["instruction"] + (f"\n{record['input']}" if record.get("input") else "")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    raise DataError(f"{where}: a record needs 'instruction' and 'output' (Alpaca form) or 'messages' (chat form)")
+
+
+def read_jsonl(path: str | Path) -> list[Chat]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"sft.data={str(path)!r}: no such file")
+    chats = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        chats.append(record_to_chat(record, f"{path}:{n}"))
+    if not chats:
+        raise DataError(f"{path} holds no records")
+    return chats
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def shift(ids: list[int], mask: list[int], prefix: int = 0) -> np.ndarray:
+    """One example as next-token rows ``[5, n-1]`` (segment row left 1). ``prefix`` placeholder
+    positions come first (prompt tuning's virtual tokens: positions 0..prefix-1, token id 0)."""
+    ids, mask = [0] * prefix + list(ids), [0] * prefix + list(mask)
+    n = len(ids) - 1
+    return np.stack([ids[:-1], ids[1:], mask[1:], np.arange(n), np.ones(n, int)]).astype(np.int32)
+
+
+def pack(examples: list[np.ndarray], seq_len: int) -> np.ndarray:
+    """Examples from :func:`shift` laid end to end, in order, into ``[R, 5, seq_len]``.
+
+    An example longer than ``seq_len`` is cut to its first ``seq_len`` positions."""
+    rows: list[list[np.ndarray]] = []
+    free: list[int] = []
+    for ex in examples:
+        ex = ex[:, :seq_len]
+        n = ex.shape[1]
+        # first fit among the last few rows only: linear time, and rows fill nearly as well
+        slot = next((i for i in range(max(len(free) - 8, 0), len(free)) if free[i] >= n), None)
+        if slot is None:
+            rows.append([])
+            free.append(seq_len)
+            slot = len(rows) - 1
+        ex = ex.copy()
+        ex[SEGMENTS] = len(rows[slot]) + 1
+        rows[slot].append(ex)
+        free[slot] -= n
+    out = np.zeros((len(rows), 5, seq_len), np.int32)
+    for r, parts in enumerate(rows):
+        row = np.concatenate(parts, axis=1)
+        out[r, :, : row.shape[1]] = row
+    return out

@@ -1,0 +1,345 @@
+"""Supervised fine-tuning: a pre-trained model continues on demonstrations, loss on the answers only.
+
+    init.from (jaxllm run or Hugging Face dir) -> jaxllm.load -> tokenizer + chat markers, their
+    embedding rows as a parameter of their own, trained by every method (jaxllm.peft.new_tokens_init)
+    -> method's extra parameters (jaxllm.peft)
+    -> packed batches [B, 5, T] (jaxllm.chat) -> trainer.make_train_step with an optax-masked
+    optimizer -> exact match of greedy answers on held-out prompts, before and after
+    -> run.dir: config.yaml + tokenizer.json + checkpoint (jaxllm.load reads it), sft.yaml, eval.json
+
+The train step is the pre-training one (:func:`jaxllm.trainer.make_train_step`): a batch is one
+int32 array, so gradient accumulation and metrics carry over unchanged; only the loss differs
+(masked, packed). The data-parallel axes of ``mesh`` split the batch; parameters are replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm import api, chat, peft, sharding, tasks
+from jaxllm import generate as gen
+from jaxllm import checkpoint as ckpt
+from jaxllm.config import Config, ModelConfig, OptimConfig, SFTConfig, save_config, to_dict, validate_model
+from jaxllm.errors import ConfigError
+from jaxllm.model import Transformer, cross_entropy
+from jaxllm.optim import optimizer, schedule
+from jaxllm.tokenizer import Tokenizer
+from jaxllm.trainer import MetricsLog, TrainState, make_train_step
+
+PLACEHOLDER = 0  # token id at prompt tuning's virtual positions; its embedding is replaced
+
+
+def init_from(cfg: SFTConfig) -> str:
+    return getattr(cfg.init, "from")
+
+
+def method_optim(cfg: SFTConfig) -> OptimConfig:
+    """``cfg.optim`` with the method's own peak learning rate (``lora.lr``, ``prompt.lr``,
+    ``adapter.lr``) where one is set; ``min_lr`` keeps its ratio to the peak. Parameter-efficient
+    methods move few weights, and want larger steps than full fine-tuning."""
+    section = {"lora": cfg.lora, "prompt": cfg.prompt, "adapter": cfg.adapter}.get(cfg.sft.method)
+    lr = section.lr if section is not None else 0.0
+    if lr == 0.0:
+        return cfg.optim
+    return dataclasses.replace(cfg.optim, lr=lr, min_lr=cfg.optim.min_lr * lr / cfg.optim.lr)
+
+
+def validate_sft(cfg: SFTConfig) -> None:
+    """Checks that need neither the model nor the data."""
+    peft.check_method(cfg.sft.method)
+    for key in ("steps", "batch_size", "seq_len", "grad_accum"):
+        if getattr(cfg.train, key) <= 0:
+            raise ConfigError(f"train.{key} must be positive, got {getattr(cfg.train, key)}")
+    if cfg.optim.lr <= 0 or not 0 <= cfg.optim.min_lr <= cfg.optim.lr:
+        raise ConfigError(f"optim.lr must be positive and optim.min_lr in [0, optim.lr], got {cfg.optim.lr}, {cfg.optim.min_lr}")
+    for key in ("lora.lr", "prompt.lr", "adapter.lr"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            raise ConfigError(f"{key} must be positive (or 0 for optim.lr), got {getattr(getattr(cfg, section), name)}")
+    for key, value in (("sft.n_train", cfg.sft.n_train), ("sft.n_eval", cfg.sft.n_eval), ("sft.max_new_tokens", cfg.sft.max_new_tokens),
+                       ("lora.rank", cfg.lora.rank), ("prompt.n_virtual_tokens", cfg.prompt.n_virtual_tokens), ("adapter.dim", cfg.adapter.dim)):
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    src = Path(init_from(cfg))
+    if not src.exists():
+        raise ConfigError(
+            f"init.from={str(src)!r} does not exist: run `python train.py` first (it writes runs/tiny), "
+            "or point init.from at a jaxllm run or a Hugging Face model directory"
+        )
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def forward(model: Transformer, params: dict, lora_scale: float, tokens_BxT, positions_BxT, segments_BxT=None, rngs=None, cache=None):
+    """Logits ``[B, T, V]`` of the fine-tuned model, whatever the method (see :mod:`jaxllm.peft`).
+
+    With ``cache`` (the model's key/value cache, :func:`jaxllm.generate.init_cache`) it returns
+    ``(logits, updated cache)``, for decoding."""
+    variables = {"params": peft.model_params(params, lora_scale)}
+    if cache is not None:
+        variables["cache"] = cache
+
+    def apply(*args, **kwargs):
+        if cache is None:
+            return model.apply(variables, *args, rngs=rngs, **kwargs)
+        out, updated = model.apply(variables, *args, rngs=rngs, mutable=["cache"], **kwargs)
+        variables["cache"] = updated["cache"]
+        return out
+
+    if "prompt" not in params:
+        logits = apply(tokens_BxT, positions_BxT, segments_BxT)
+    else:
+        prompt_PxD = params["prompt"]
+        n_virtual = prompt_PxD.shape[0]
+        x_BxTxD = apply(tokens_BxT, positions_BxT, method=Transformer.embed)
+        virtual_BxTxD = prompt_PxD[jnp.minimum(positions_BxT, n_virtual - 1)].astype(x_BxTxD.dtype)
+        x_BxTxD = jnp.where((positions_BxT < n_virtual)[..., None], virtual_BxTxD, x_BxTxD)
+        x_BxTxD, _ = apply(x_BxTxD, positions_BxT, segments_BxT, method=lambda m, *a: m.blocks(*a))
+        logits = apply(x_BxTxD, method=Transformer.head)
+    return logits if cache is None else (logits, variables["cache"])
+
+
+def make_loss_fn(model: Transformer, mask: dict, lora_scale: float) -> Callable:
+    """``loss(params, batch_Bx5xT, rng)``: cross-entropy over the assistant tokens of a packed batch."""
+
+    def loss_fn(params, batch_Bx5xT, rng):
+        params = peft.stop_frozen(params, mask)
+        b = batch_Bx5xT
+        logits = forward(model, params, lora_scale, b[:, chat.INPUTS], b[:, chat.POSITIONS], b[:, chat.SEGMENTS], {"dropout": rng})
+        return cross_entropy(logits, b[:, chat.TARGETS], b[:, chat.MASK].astype(jnp.float32))[0]
+
+    return loss_fn
+
+
+def per_token_nll(model: Transformer, params: dict, batch_Bx5xT, lora_scale: float = 0.0) -> jax.Array:
+    """Next-token negative log-likelihood ``[B, T]`` (nats) of every position of a packed batch."""
+    b = batch_Bx5xT
+    logits = forward(model, params, lora_scale, b[:, chat.INPUTS], b[:, chat.POSITIONS], b[:, chat.SEGMENTS]).astype(jnp.float32)
+    return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, b[:, chat.TARGETS][..., None], -1)[..., 0]
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class EvalSet:
+    tasks: list[str]  # the task of each example
+    prompts: list[list[int]]  # token ids, ending in <|assistant|>
+    answers: list[str]
+
+
+def load_data(cfg: SFTConfig, tok: Tokenizer) -> tuple[list[chat.Chat], EvalSet]:
+    """Training conversations and the held-out prompts with their expected answers."""
+    if cfg.sft.data == "tasks":
+        train = [c for _, c in tasks.dataset("train", cfg.sft.n_train, cfg.train.seed)]
+        held = tasks.dataset("eval", cfg.sft.n_eval, cfg.train.seed)
+    else:
+        records = chat.read_jsonl(cfg.sft.data)
+        held = [("jsonl", c) for i, c in enumerate(records) if i % 20 == 0]
+        train = [c for i, c in enumerate(records) if i % 20 != 0] or records
+    pairs = [chat.prompt_and_answer(tok, c) for _, c in held]
+    return train, EvalSet([t for t, _ in held], [p for p, _ in pairs], [a for _, a in pairs])
+
+
+def packed_rows(chats: list[chat.Chat], tok: Tokenizer, seq_len: int, prefix: int) -> np.ndarray:
+    return chat.pack([chat.shift(*chat.encode(tok, c), prefix=prefix) for c in chats], seq_len)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def make_greedy(model: Transformer, lora_scale: float, max_new: int, end_id: int) -> Callable:
+    """``greedy(params, prompts) -> answers``: greedy token ids of all prompts as one batch, cut at
+    ``end_id``. Prefill then one token per step through the model's key/value cache (as
+    :mod:`jaxllm.generate` does, but through :func:`forward`, so prompt tuning works too); every row
+    keeps its own positions, and the loop stops when all rows have ended."""
+
+    @jax.jit
+    def loop(params, prompt_NxP, lengths_N):
+        rows_N = jnp.arange(prompt_NxP.shape[0])
+        cache = gen.init_cache(model.cfg, prompt_NxP.shape[0])
+        positions_NxP = jnp.broadcast_to(jnp.arange(prompt_NxP.shape[1]), prompt_NxP.shape)
+        logits_NxPxV, cache = forward(model, params, lora_scale, prompt_NxP, positions_NxP, cache=cache)
+        tok_N = jnp.argmax(logits_NxPxV[rows_N, lengths_N - 1], -1).astype(jnp.int32)
+        out_NxM = jnp.full((prompt_NxP.shape[0], max_new), end_id, jnp.int32).at[:, 0].set(tok_N)
+
+        def cond(carry):
+            i, _, done_N, _, _ = carry
+            return (i < max_new) & ~jnp.all(done_N)
+
+        def body(carry):
+            i, tok_N, done_N, cache, out_NxM = carry
+            logits_Nx1xV, cache = forward(model, params, lora_scale, tok_N[:, None], (lengths_N + i - 1)[:, None], cache=cache)
+            tok_N = jnp.where(done_N, end_id, jnp.argmax(logits_Nx1xV[:, 0], -1).astype(jnp.int32))
+            return i + 1, tok_N, done_N | (tok_N == end_id), cache, out_NxM.at[:, i].set(tok_N)
+
+        return jax.lax.while_loop(cond, body, (1, tok_N, tok_N == end_id, cache, out_NxM))[-1]
+
+    def greedy(params, prompts: list[list[int]]) -> list[list[int]]:
+        width = 16 * -(-max(map(len, prompts)) // 16)
+        buf = np.zeros((len(prompts), width), np.int32)
+        for i, p in enumerate(prompts):
+            buf[i, : len(p)] = p
+        out = np.asarray(loop(params, jnp.asarray(buf), jnp.asarray([len(p) for p in prompts], jnp.int32)))
+        return [ids[: ids.index(end_id)] if end_id in ids else ids for ids in out.tolist()]
+
+    return greedy
+
+
+def exact_match(task_names: list[str], predictions: list[str], answers: list[str]) -> dict[str, float]:
+    """``{"overall": share, "<task>": share, ...}`` of predictions equal to the answer."""
+    hits = [p == a for p, a in zip(predictions, answers)]
+    out = {"overall": float(np.mean(hits))}
+    for t in dict.fromkeys(task_names):
+        out[t] = float(np.mean([h for h, n in zip(hits, task_names) if n == t]))
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Prepared:
+    """Everything checked and built before anything is written to ``run.dir``."""
+
+    model_cfg: ModelConfig
+    base_config: Config
+    tokenizer: Tokenizer
+    params: dict
+    mask: dict
+    lora_scale: float
+    rows: np.ndarray  # [R, 5, seq_len] packed training rows
+    eval_set: EvalSet
+    prefix: int  # placeholder positions before every example (prompt tuning)
+
+
+def prepare(cfg: SFTConfig) -> Prepared:
+    """Loads the base model and the data and adds the method's parameters; raises on any bad input."""
+    validate_sft(cfg)
+    base = api.load(init_from(cfg))
+    tok = chat.chat_tokenizer(base.tokenizer)
+    method = cfg.sft.method
+    m = base.config.model
+    model_cfg = dataclasses.replace(
+        m, vocab_size=max(m.vocab_size, tok.vocab_size), adapter_dim=cfg.adapter.dim if method == "adapter" else m.adapter_dim
+    )
+    validate_model(model_cfg)
+    if cfg.train.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds the model's context of {model_cfg.max_seq_len} tokens")
+    key = jax.random.PRNGKey(cfg.train.seed)
+    params = peft.new_tokens_init(base.params, model_cfg.vocab_size)
+    lora_scale = 0.0
+    if method == "lora":
+        targets = peft.parse_targets(cfg.lora.targets, params, model_cfg.arch)
+        params = peft.lora_init(params, targets, cfg.lora.rank, key)
+        lora_scale = cfg.lora.alpha / cfg.lora.rank
+    elif method == "prompt":
+        params = peft.prompt_init(params, cfg.prompt.n_virtual_tokens, key)
+    elif method == "adapter" and m.adapter_dim == 0:
+        fresh = Transformer(model_cfg).init(key, jnp.zeros((1, 8), jnp.int32))["params"]
+        blocks = nn.unbox(fresh)["blocks"]
+        params = {**params, "blocks": {**params["blocks"], **{k: v for k, v in blocks.items() if k.startswith("adapter_")}}}
+    prefix = cfg.prompt.n_virtual_tokens if method == "prompt" else 0
+    train_chats, eval_set = load_data(cfg, tok)
+    longest = prefix + max(len(p) for p in eval_set.prompts) + cfg.sft.max_new_tokens
+    if longest > model_cfg.max_seq_len:
+        raise ConfigError(
+            f"the longest held-out prompt plus sft.max_new_tokens needs {longest} positions; the model has {model_cfg.max_seq_len}"
+        )
+    rows = packed_rows(train_chats, tok, cfg.train.seq_len, prefix)
+    return Prepared(model_cfg, base.config, tok, params, peft.trainable_mask(params, method), lora_scale, rows, eval_set, prefix)
+
+
+def _export_config(cfg: SFTConfig, p: Prepared) -> Config:
+    """The pre-training form of this run's config, which :func:`jaxllm.load` reads back."""
+    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)}
+    return Config(**{**sections, "model": p.model_cfg, "data": p.base_config.data})
+
+
+def _print_table(before: dict, after: dict) -> None:
+    print(f"{'task':<10} {'before':>7} {'after':>7}")
+    for k in after:
+        print(f"{k:<10} {before[k]:>7.1%} {after[k]:>7.1%}")
+
+
+def finetune(cfg: SFTConfig, devices: list | None = None) -> dict:
+    """Fine-tunes ``init.from`` as ``cfg`` says; writes ``run.dir``; returns a summary."""
+    p = prepare(cfg)
+    t = cfg.train
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    n_data = mesh.shape["data"] * mesh.shape["fsdp"]
+    if t.batch_size % n_data:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {n_data} data-parallel devices")
+    model = Transformer(p.model_cfg, deterministic=p.model_cfg.dropout == 0.0)
+    eval_model = Transformer(dataclasses.replace(p.model_cfg, remat=False), deterministic=True)
+    optim_cfg = method_optim(cfg)
+    tx = peft.masked(optimizer(optim_cfg, t.steps), p.mask)
+    repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh, leading=1)
+    step_fn = jax.jit(
+        make_train_step(make_loss_fn(model, p.mask, p.lora_scale), tx, schedule(optim_cfg, t.steps)),
+        in_shardings=(repl, batch_sh), out_shardings=(repl, repl), donate_argnums=0,
+    )
+    trainable, total = peft.count(p.params, p.mask)
+    print(f"sft: {cfg.sft.method} on {init_from(cfg)}: {trainable:,} trainable of {total:,} parameters "
+          f"({trainable / total:.2%}); {len(p.rows)} packed rows of {t.seq_len} tokens; peak lr {optim_cfg.lr:g}", file=sys.stderr)
+
+    greedy = make_greedy(eval_model, p.lora_scale, cfg.sft.max_new_tokens, p.tokenizer.token_id("<|end|>"))
+    prompts = [[PLACEHOLDER] * p.prefix + q for q in p.eval_set.prompts]
+
+    def evaluate(params) -> dict[str, float]:
+        with jax.set_mesh(mesh):
+            ids = greedy(params, prompts)
+        return exact_match(p.eval_set.tasks, [p.tokenizer.decode(i) for i in ids], p.eval_set.answers)
+
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "sft.yaml")
+    log = MetricsLog(run_dir / "metrics.jsonl", 0, True, None)
+    t0 = time.perf_counter()
+    params = jax.device_put(p.params, repl)
+    before = evaluate(params)
+    rng = jax.random.PRNGKey(t.seed)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.fold_in(rng, 1))
+    state = jax.device_put(state, repl)
+    order = np.random.default_rng(t.seed)
+    need = t.steps * t.grad_accum * t.batch_size
+    picks = np.concatenate([order.permutation(len(p.rows)) for _ in range(-(-need // len(p.rows)))])[:need]
+    picks = picks.reshape(t.steps, t.grad_accum, t.batch_size)
+    with jax.set_mesh(mesh):
+        for step in range(t.steps):
+            batch = jax.device_put(jnp.asarray(p.rows[picks[step]]), batch_sh)
+            state, metrics = step_fn(state, batch)
+            if (step + 1) % cfg.log.every == 0 or step + 1 == t.steps:
+                loss = float(metrics["loss"])
+                if not np.isfinite(loss):
+                    raise ConfigError(f"the loss became {loss} at step {step + 1}; lower optim.lr")
+                log.write({"step": step + 1, "loss": loss, "lr": float(metrics["lr"])})
+                if cfg.log.progress:
+                    print(f"step {step + 1}/{t.steps}: loss {loss:.4f}", file=sys.stderr)
+    after = evaluate(state.params)
+    seconds = time.perf_counter() - t0
+    _print_table(before, after)
+    (run_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=1))
+    # What jaxllm.load reads: LoRA merged into the weights; prompt tuning's vectors kept beside them.
+    saved = {"params": peft.model_params(state.params, p.lora_scale)}
+    if "prompt" in state.params:
+        saved["prompt"] = state.params["prompt"]
+    save_config(_export_config(cfg, p), run_dir / "config.yaml")
+    p.tokenizer.save(run_dir)
+    checkpointer = ckpt.Checkpointer(run_dir, keep=1)
+    checkpointer.save(t.steps, saved, {"step": t.steps, "model": to_dict(p.model_cfg)})
+    checkpointer.close()
+    log.close()
+    return {"before": before, "after": after, "trainable": trainable, "total": total, "seconds": seconds, "loss": loss}

@@ -1,0 +1,155 @@
+"""Cached decoding (prefill + jitted decode loop) against the reference: full forward passes."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import TINY, corpus_text
+from jaxllm import generate, sharding
+from jaxllm.config import MeshConfig, ModelConfig, load_config, resolve_model
+from jaxllm.generate import Decoder, filter_logits, generate_tokens
+from jaxllm.model import Transformer
+
+FLAVOURS = {
+    "gpt2": ModelConfig(arch="gpt2", n_layer=2, d_model=32, n_head=4),
+    "llama_gqa": ModelConfig(arch="llama", n_layer=2, d_model=32, n_head=4, n_kv_head=2),
+}
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]]  # lengths 3, 7, 12
+N_NEW = 10
+
+
+def build(flavour: str) -> tuple[ModelConfig, Transformer, dict]:
+    cfg = resolve_model(FLAVOURS[flavour], vocab_size=64, seq_len=32)
+    model = Transformer(cfg)
+    # At this init the logits span about +-0.6 and the greedy choices here win by >= 0.07, far
+    # above float32 rounding (~1e-7), so equal tokens are a property of the code, not of luck.
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    return cfg, model, params
+
+
+def greedy_by_full_forward(model: Transformer, params, prompt: list[int], n_new: int):
+    """The reference: rerun the whole sequence for every token (in a buffer of the full context;
+    causality makes the positions after the last token irrelevant). Returns (tokens, logits_NxV)."""
+    forward = jax.jit(lambda p, t: model.apply({"params": p}, t))
+    buf = np.zeros((1, model.cfg.max_seq_len), np.int32)
+    buf[0, : len(prompt)] = prompt
+    logits = []
+    for n in range(len(prompt), len(prompt) + n_new):
+        logits.append(np.asarray(forward(params, jnp.asarray(buf))[0, n - 1]))
+        buf[0, n] = int(np.argmax(logits[-1]))
+    return buf[0, len(prompt) : len(prompt) + n_new].tolist(), np.stack(logits)
+
+
+@pytest.fixture(scope="module", params=list(FLAVOURS))
+def decoded(request):
+    """Both flavours: the batched cached decode and each prompt's full-forward reference."""
+    cfg, model, params = build(request.param)
+    tokens_BxN, logits_BxNxV = Decoder(cfg).run(params, PROMPTS, N_NEW, temperature=0.0, with_logits=True)
+    refs = [greedy_by_full_forward(model, params, p, N_NEW) for p in PROMPTS]
+    return np.asarray(tokens_BxN), np.asarray(logits_BxNxV), refs
+
+
+def test_cached_greedy_tokens_equal_full_forward_for_batched_prompts_of_different_lengths(decoded):
+    tokens_BxN, _, refs = decoded
+    for row, (ref_tokens, _) in enumerate(refs):
+        assert tokens_BxN[row].tolist() == ref_tokens
+
+
+def test_cached_logits_within_1e_5_of_full_forward(decoded):
+    _, logits_BxNxV, refs = decoded
+    for row, (_, ref_logits) in enumerate(refs):
+        np.testing.assert_allclose(logits_BxNxV[row], ref_logits, rtol=0, atol=1e-5)
+
+
+def test_decoding_stops_each_row_at_end_of_sequence():
+    cfg, model, params = build("gpt2")
+    ref, _ = greedy_by_full_forward(model, params, PROMPTS[0], N_NEW)
+    eos = ref[4]
+    out = Decoder(cfg)(params, PROMPTS[:1], N_NEW, temperature=0.0, eos_id=eos)
+    assert out == [ref[: ref.index(eos)]]
+
+
+def test_sampling_with_top_k_1_gives_the_greedy_tokens():
+    cfg, model, params = build("llama_gqa")
+    decoder = Decoder(cfg)
+    assert decoder(params, PROMPTS, N_NEW, temperature=1.0, top_k=1, seed=3) == decoder(params, PROMPTS, N_NEW, temperature=0.0)
+
+
+def test_top_k_and_top_p_keep_exactly_the_most_likely_tokens():
+    logits_1x4 = jnp.log(jnp.asarray([[0.1, 0.5, 0.15, 0.25]]))
+    kept = lambda **kw: np.isfinite(np.asarray(filter_logits(logits_1x4, 1.0, **kw)))[0].tolist()  # noqa: E731
+    assert kept(top_k=2, top_p=1.0) == [False, True, False, True]
+    assert kept(top_k=0, top_p=0.7) == [False, True, False, True]  # 0.5 < 0.7 <= 0.5 + 0.25
+    assert kept(top_k=0, top_p=0.76) == [False, True, True, True]
+
+
+def test_decoding_under_a_tensor_parallel_mesh_equals_single_device():
+    cfg, _, params = build("llama_gqa")
+    single, single_logits = Decoder(cfg).run(params, PROMPTS, N_NEW, temperature=0.0, with_logits=True)
+    mesh_cfg = MeshConfig(data=1, tensor=2)
+    mesh, rules = sharding.make_mesh(mesh_cfg, jax.devices()[:2]), sharding.rules(mesh_cfg)
+    model = Transformer(cfg)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+        shardings = sharding.logical_shardings(boxed, mesh, rules)
+        sharded = jax.device_put(params, shardings)
+        assert sharded["blocks"]["attn"]["q"]["kernel"].sharding.spec[2] == "tensor"  # heads really split
+        tokens, logits = Decoder(cfg).run(sharded, PROMPTS, N_NEW, temperature=0.0, with_logits=True)
+    assert np.asarray(tokens).tolist() == np.asarray(single).tolist()
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(single_logits), rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- a trained run: API and CLI
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from jaxllm.trainer import train
+
+    tmp = tmp_path_factory.mktemp("gen")
+    (tmp / "corpus.txt").write_text(corpus_text())
+    cfg = load_config(
+        None, TINY + [f"data.source={tmp / 'corpus.txt'}", f"data.cache_dir={tmp / 'cache'}", f"run.dir={tmp / 'run'}"]
+    )
+    train(cfg, devices=jax.devices()[:1])
+    return tmp / "run"
+
+
+def test_loaded_model_generate_equals_greedy_full_forward(run_dir):
+    import jaxllm
+
+    lm = jaxllm.load(run_dir)
+    prompt = lm.tokenizer.encode("def alpha")
+    ref = generate_tokens(
+        lambda p, t: lm.module.apply({"params": p}, t), lm.params, prompt, 6, lm.config.model.max_seq_len, 0.0
+    )
+    assert lm.generate("def alpha", 6, temperature=0.0) == lm.tokenizer.decode(ref)
+
+
+# The command line in-process: ``main`` returns the exit status that ``python -m jaxllm.generate`` exits with.
+
+
+def test_cli_prints_the_prompt_and_the_same_completion_as_the_api(run_dir, capsys):
+    import jaxllm
+
+    expected = jaxllm.load(run_dir, quantize="int8").generate("def ", 8, temperature=0.0)
+    status = generate.main([str(run_dir), "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0", "--quantize", "int8"])
+    assert status == 0
+    assert capsys.readouterr().out == "def " + expected + "\n"
+
+
+def test_cli_max_new_tokens_beyond_context_exits_2_with_one_line(run_dir, capsys):
+    assert generate.main([str(run_dir), "--prompt", "def ", "--max-new-tokens", "100"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and "context of 16 tokens" in err
+
+
+def test_cli_unknown_quantization_mode_exits_2_with_one_line(run_dir, capsys):
+    assert generate.main([str(run_dir), "--prompt", "def ", "--quantize", "int3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown quantization mode 'int3'" in err

@@ -1,0 +1,190 @@
+"""Pipeline parallelism: a pipelined model computes exactly what the one-device model computes.
+
+Every parallel layout runs the same tiny 4-layer model on the same batches through the trainer's
+own jitted step; its loss, every gradient and the parameters after three optimizer steps must match
+the one-device run (float32, relative difference <= 1e-5 per parameter leaf), computed once for the
+module. The model is the llama flavour: gpt2's key bias has a true gradient of 0 (the softmax
+ignores a shift shared by a query's whole row), so its rounding noise has no relative meaning.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jaxllm import pipeline, sharding, trainer
+from conftest import TINY, run_cli
+from jaxllm.config import Config, PipelineConfig, load_config, resolve_model
+
+VOCAB, SEQ, BATCH = 64, 16, 16
+BASE = [
+    "model.arch=llama",
+    "model.n_layer=4",
+    "model.d_model=32",
+    "model.n_head=4",
+    "model.n_kv_head=2",
+    f"model.vocab_size={VOCAB}",
+    f"train.seq_len={SEQ}",
+    f"train.batch_size={BATCH}",
+    "train.steps=3",
+    "optim.warmup_steps=1",
+    "optim.clip_norm=0",  # Adam's first moment after one step is then exactly (1 - b1) * gradient
+]
+RTOL = 1e-5
+
+LAYOUTS = {  # name -> (mesh and pipeline overrides, P); the rest of the 8 devices go to data
+    "pipe2": (["mesh.pipe=2", "mesh.data=-1"], 2),
+    "pipe4": (["mesh.pipe=4", "mesh.data=-1"], 4),
+    "pipe2_data2_tensor2": (["mesh.pipe=2", "mesh.data=2", "mesh.tensor=2"], 2),
+    "pipe2_fsdp4": (["mesh.pipe=2", "mesh.fsdp=4"], 2),
+    "circular_pipe2_repeats2": (
+        ["mesh.pipe=2", "mesh.data=-1", "pipeline.schedule=circular", "pipeline.repeats=2"],
+        2,
+    ),
+}
+CASES = [(name, m_per_p) for name in LAYOUTS for m_per_p in (1, 2)]
+IDS = [f"{name}-M{m}P" for name, m in CASES]
+
+
+def make_setup(overrides: list[str], devices: list) -> tuple[Config, trainer.Setup]:
+    cfg = load_config(None, BASE + overrides)
+    return cfg, trainer.build(cfg, resolve_model(cfg.model, VOCAB, SEQ), sharding.make_mesh(cfg.mesh, devices))
+
+
+def batches() -> np.ndarray:
+    """Three steps of one accumulation micro-batch each: ``[3, 1, B, T+1]`` tokens."""
+    return np.random.default_rng(0).integers(0, VOCAB, (3, 1, BATCH, SEQ + 1), dtype=np.int32)
+
+
+def three_steps(cfg: Config, setup: trainer.Setup, state: trainer.TrainState) -> dict:
+    """The first step's loss and gradients, and the parameters after three steps from ``state``.
+
+    The gradients are read back from Adam's first moment after step one, ``mu = (1 - b1) g`` (no
+    clipping), so the one compiled function under test, the trainer's step, yields all three. The
+    initial state (host arrays) is placed with the set-up's shardings rather than initialised again:
+    a compile saved per layout."""
+    with setup.context():
+        state = jax.device_put(state, setup.state_shardings)
+        out = {}
+        for tokens in batches():
+            state, metrics = setup.step(state, jax.device_put(tokens, setup.batch_sharding))
+            if not out:
+                mu = optax.tree_utils.tree_get(state.opt_state, "mu")
+                out = {"loss": float(metrics["loss"]), "grads": jax.tree.map(lambda m: m / (1 - cfg.optim.b1), mu)}
+        return jax.device_get({**out, "params": state.params})
+
+
+def relative_differences(got: dict, want: dict) -> dict[str, float]:
+    """``|got - want| / |want|`` per leaf (Frobenius norms), keyed by the leaf's path."""
+    flat_got = dict(jax.tree_util.tree_leaves_with_path(got))
+    return {
+        jax.tree_util.keystr(path): float(np.linalg.norm(flat_got[path] - w) / np.linalg.norm(w))
+        for path, w in jax.tree_util.tree_leaves_with_path(want)
+    }
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    """The one-device run, not pipelined, and the initial state every run starts from."""
+    cfg, setup = make_setup([], jax.devices()[:1])
+    with setup.context():
+        initial = jax.device_get(setup.init())
+    return {**three_steps(cfg, setup, initial), "initial": initial}
+
+
+_setups: dict[tuple[str, int], tuple[Config, trainer.Setup]] = {}
+_runs: dict[tuple[str, int], dict] = {}
+
+
+def pipelined_setup(name: str, m_per_p: int) -> tuple[Config, trainer.Setup]:
+    """The 8-device set-up of a layout with M = m_per_p * P (built once per module)."""
+    if (name, m_per_p) not in _setups:
+        overrides, stages = LAYOUTS[name]
+        _setups[name, m_per_p] = make_setup(overrides + [f"pipeline.microbatches={m_per_p * stages}"], jax.devices())
+    return _setups[name, m_per_p]
+
+
+def pipelined_run(name: str, m_per_p: int, initial: trainer.TrainState) -> dict:
+    if (name, m_per_p) not in _runs:
+        _runs[name, m_per_p] = three_steps(*pipelined_setup(name, m_per_p), initial)
+    return _runs[name, m_per_p]
+
+
+@pytest.mark.parametrize("name,m_per_p", CASES, ids=IDS)
+def test_pipelined_loss_and_gradients_equal_single_device(reference, name, m_per_p):
+    run = pipelined_run(name, m_per_p, reference["initial"])
+    assert abs(run["loss"] - reference["loss"]) <= RTOL * abs(reference["loss"])
+    diffs = relative_differences(run["grads"], reference["grads"])
+    assert max(diffs.values()) <= RTOL, {k: v for k, v in diffs.items() if v > RTOL}
+
+
+@pytest.mark.parametrize("name,m_per_p", CASES, ids=IDS)
+def test_pipelined_three_steps_equal_single_device(reference, name, m_per_p):
+    diffs = relative_differences(pipelined_run(name, m_per_p, reference["initial"])["params"], reference["params"])
+    assert max(diffs.values()) <= RTOL, {k: v for k, v in diffs.items() if v > RTOL}
+
+
+def test_block_parameters_are_split_over_pipe_stages():
+    _, setup = pipelined_setup("pipe4", 1)
+    specs = jax.tree.leaves(jax.tree.map(lambda s: s.spec[0], setup.state_shardings.params["blocks"]))
+    assert set(specs) == {"pipe"}
+
+
+SCHEDULES = [(2, 2, 1), (2, 4, 1), (4, 4, 1), (4, 8, 1), (2, 2, 2), (4, 6, 3), (8, 8, 4)]  # (P, M, R)
+
+
+@pytest.mark.parametrize("stages,micro,rounds", SCHEDULES)
+def test_logged_bubble_fraction_matches_theory(stages, micro, rounds):
+    cfg = PipelineConfig(microbatches=micro, schedule="circular" if rounds > 1 else "gpipe", repeats=rounds)
+    line = pipeline.describe(cfg, stages)
+    measured = float(re.search(r"bubble ([0-9.]+)", line).group(1))
+    assert measured == pytest.approx((stages - 1) / (micro * rounds + stages - 1), abs=1e-4)
+
+
+def test_every_work_item_visits_every_stage_once_in_order():
+    table_IxP = pipeline.work_items(4, 6, 3)
+    for stage in range(4):
+        busy = table_IxP[:, stage][table_IxP[:, stage] >= 0]
+        assert busy.tolist() == list(range(18))
+
+
+def test_trainer_step_runs_the_pipelined_forward_when_pipe_is_split(monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline, "run_stages", lambda *args: calls.append(args) or args[2])
+    _, setup = pipelined_setup("pipe2", 1)
+    with setup.context():
+        state = jax.eval_shape(setup.init)
+        jax.eval_shape(setup.step, state, jax.ShapeDtypeStruct((1, BATCH, SEQ + 1), np.int32))
+    assert len(calls) == 1
+
+
+def _cli_error(corpus, tmp_path, devices: int, *overrides: str) -> str:
+    run_dir = tmp_path / "run"
+    args = TINY + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={run_dir}", *overrides]
+    proc = run_cli("train.py", *args, devices=devices)
+    assert proc.returncode == 2, proc.stderr
+    assert not run_dir.exists()  # refused before anything was written (or compiled)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_layers_not_divisible_by_stages_times_repeats_exits_2(corpus, tmp_path):
+    circular = ("pipeline.schedule=circular", "pipeline.repeats=2")
+    line = _cli_error(corpus, tmp_path, 2, "mesh.pipe=2", "model.n_layer=2", *circular)
+    assert "model.n_layer=2 is not divisible by mesh.pipe*pipeline.repeats=4" in line
+
+
+def test_fewer_microbatches_than_stages_exits_2(corpus, tmp_path):
+    line = _cli_error(corpus, tmp_path, 4, "mesh.pipe=4", "model.n_layer=4", "pipeline.microbatches=2")
+    assert "pipeline.microbatches=2 is smaller than mesh.pipe=4" in line
+
+
+def test_batch_not_divisible_by_microbatches_times_data_axes_exits_2(corpus, tmp_path):
+    mesh = ("mesh.pipe=2", "mesh.data=2")
+    line = _cli_error(corpus, tmp_path, 4, *mesh, "pipeline.microbatches=4", "train.batch_size=12")
+    assert "train.batch_size=12 is not divisible by pipeline.microbatches*data*fsdp=8" in line

@@ -1,0 +1,155 @@
+"""Fine-tuning: loss masks, packing, and what each method trains (tiny models, in process)."""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import flax.linen as nn
+
+from jaxllm import chat, peft, sft
+from jaxllm.config import ModelConfig, OptimConfig, resolve_model
+from jaxllm.model import Transformer
+from jaxllm.optim import optimizer
+from jaxllm.tokenizer import ByteTokenizer
+from jaxllm.trainer import TrainState, make_train_step
+
+TOK = chat.chat_tokenizer(ByteTokenizer())
+SEQ = 32
+CHATS = [  # 11 + 19 positions share the first row of 32; the third starts a second row
+    [{"role": "user", "content": "rev ab"}, {"role": "assistant", "content": "ba"}],
+    [{"role": "system", "content": "hi"}, {"role": "user", "content": "2+3"},
+     {"role": "assistant", "content": "5"}, {"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}],
+    [{"role": "user", "content": "up hi"}, {"role": "assistant", "content": "HI"}],
+]
+
+
+BASE_VOCAB = ByteTokenizer().vocab_size  # the chat markers are new rows beyond it
+
+
+def tiny(arch: str = "gpt2", **kw) -> tuple[Transformer, dict]:
+    """A model over the chat vocabulary whose params hold the markers' rows apart, as sft.prepare does."""
+    cfg = resolve_model(ModelConfig(arch=arch, n_layer=2, d_model=32, n_head=4, n_kv_head=2 if arch == "llama" else 0, **kw), TOK.vocab_size, 2 * SEQ)
+    model = Transformer(cfg)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    base = {**params, "wte": {"embedding": params["wte"]["embedding"][:BASE_VOCAB]}}
+    if "lm_head" in params:
+        base["lm_head"] = {"kernel": params["lm_head"]["kernel"][:, :BASE_VOCAB]}
+    return model, peft.new_tokens_init(base, TOK.vocab_size)
+
+
+def batch(prefix: int = 0) -> jax.Array:
+    return jnp.asarray(chat.pack([chat.shift(*chat.encode(TOK, c), prefix=prefix) for c in CHATS], SEQ))
+
+
+def test_loss_mask_covers_exactly_the_assistant_tokens():
+    ids, mask = chat.encode(TOK, CHATS[1])
+    learned = [i for i, m in zip(ids, mask) if m]
+    end = TOK.token_id("<|end|>")
+    assert learned == TOK.encode("5") + [end] + TOK.encode("2") + [end]
+    assert TOK.decode([i for i, m in zip(ids, mask) if not m]) == "<|system|>hi<|end|><|user|>2+3<|end|><|assistant|><|user|>1+1<|end|><|assistant|>"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_packed_batch_gives_the_same_per_example_losses_as_unpacked(arch):
+    model, params = tiny(arch)
+    packed = batch()
+    assert packed.shape[0] == 2 and int(packed[0, chat.SEGMENTS].max()) == 2
+    nll = np.asarray(sft.per_token_nll(model, params, packed))
+    segments = np.asarray(packed[:, chat.SEGMENTS])
+    where = [(0, 1), (0, 2), (1, 1)]  # (row, segment) of each example, in order
+    for (row, seg), c in zip(where, CHATS):
+        alone = jnp.asarray(chat.pack([chat.shift(*chat.encode(TOK, c))], SEQ))
+        n = int((alone[0, chat.SEGMENTS] > 0).sum())
+        expected = np.asarray(sft.per_token_nll(model, params, alone))[0, :n]
+        np.testing.assert_allclose(nll[row][segments[row] == seg], expected, rtol=1e-5, atol=1e-6)
+
+
+def train_steps(model, params, method: str, lora_scale: float = 0.0, steps: int = 3) -> dict:
+    mask = peft.trainable_mask(params, method)
+    tx = peft.masked(optimizer(OptimConfig(lr=1e-2, warmup_steps=0), steps), mask)
+    step = jax.jit(make_train_step(sft.make_loss_fn(model, mask, lora_scale), tx, optax.constant_schedule(1e-2)))
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(1))
+    data = batch(prefix=4 if method == "prompt" else 0)[None]
+    for _ in range(steps):
+        state, _ = step(state, data)
+    return state.params
+
+
+def assert_only_trainable_changed(before: dict, after: dict, method: str) -> None:
+    mask = peft.trainable_mask(before, method)
+    assert mask["new_tokens"]["embedding"]  # the chat markers' rows train under every method
+    flat_b, flat_a, flat_m = (jax.tree_util.tree_leaves_with_path(t) for t in (before, after, mask))
+    for (path, b), (_, a), (_, m) in zip(flat_b, flat_a, flat_m):
+        if m:
+            assert not np.array_equal(np.asarray(a), np.asarray(b)) or "lora_a" in jax.tree_util.keystr(path)
+        else:
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), jax.tree_util.keystr(path)
+
+
+def logits(model, params, scale=0.0):
+    tokens = batch()[:, chat.INPUTS]
+    positions = batch()[:, chat.POSITIONS]
+    return np.asarray(sft.forward(model, params, scale, tokens, positions))
+
+
+def with_lora(params):
+    return peft.lora_init(params, ["q", "v", "o", "down"], 4, jax.random.PRNGKey(2))
+
+
+def test_lora_with_zero_b_leaves_the_logits_unchanged():
+    model, params = tiny()
+    np.testing.assert_array_equal(logits(model, with_lora(params), 2.0), logits(model, params))
+
+
+def test_lora_trains_only_its_own_parameters():
+    model, params = tiny()
+    start = with_lora(params)
+    assert_only_trainable_changed(start, train_steps(model, start, "lora", 2.0), "lora")
+
+
+def test_lora_merges_into_plain_weights_with_the_same_logits():
+    model, params = tiny()
+    trained = train_steps(model, with_lora(params), "lora", 2.0)
+    merged = peft.model_params(trained, 2.0)
+    assert jax.tree.structure(merged) == jax.tree.structure(peft.model_params(params, 0.0))
+    assert "new_tokens" not in merged and merged["wte"]["embedding"].shape[0] == TOK.vocab_size
+    plain = np.asarray(model.apply({"params": merged}, batch()[:, chat.INPUTS], batch()[:, chat.POSITIONS]))
+    np.testing.assert_allclose(plain, logits(model, trained, 2.0), rtol=0, atol=1e-6)
+    assert not np.allclose(plain, logits(model, params), atol=1e-4)  # the update did something
+
+
+def test_prompt_tuning_trains_only_the_virtual_tokens():
+    model, params = tiny()
+    start = peft.prompt_init(params, 4, jax.random.PRNGKey(3))
+    assert_only_trainable_changed(start, train_steps(model, start, "prompt"), "prompt")
+
+
+def test_adapters_start_as_the_identity_and_train_only_themselves():
+    model, params = tiny(adapter_dim=8)
+    base_model, base = tiny()
+    np.testing.assert_allclose(logits(model, params), logits(base_model, base), rtol=0, atol=1e-6)
+    assert_only_trainable_changed(params, train_steps(model, params, "adapter"), "adapter")
+
+
+def test_unknown_lora_target_is_refused():
+    _, params = tiny()
+    with pytest.raises(Exception, match="'gate' does not exist in this gpt2 model"):
+        peft.parse_targets("q,gate", params, "gpt2")
+
+
+@pytest.mark.parametrize("tie", [True, False])  # untied: the output layer grows columns too
+def test_new_token_rows_start_at_the_mean_and_append_to_the_base_table(tie):
+    _, params = tiny(tie_embeddings=tie)
+    assert ("lm_head" in params) == (not tie)
+    plain = peft.model_params(params, 0.0)
+    base_VxD = params["wte"]["embedding"]
+    np.testing.assert_array_equal(plain["wte"]["embedding"][:BASE_VOCAB], base_VxD)
+    np.testing.assert_allclose(plain["wte"]["embedding"][BASE_VOCAB:], np.stack([base_VxD.mean(0)] * len(chat.SPECIAL)), rtol=1e-6)
+    if "lm_head" in params:
+        w_DxV = params["lm_head"]["kernel"]
+        np.testing.assert_array_equal(plain["lm_head"]["kernel"][:, :BASE_VOCAB], w_DxV)
+        np.testing.assert_allclose(plain["lm_head"]["kernel"][:, BASE_VOCAB:], np.stack([w_DxV.mean(1)] * len(chat.SPECIAL), 1), rtol=1e-6)

@@ -1,0 +1,114 @@
+"""sft.py: bad input exits 2 with one line naming the problem; a tiny end-to-end run writes eval.json
+and a run directory that jaxllm.load reads."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import pytest
+
+import jaxllm
+from jaxllm import checkpoint as ckpt
+from jaxllm.config import SFTConfig, load_config, resolve_model, save_config
+from jaxllm.model import Transformer
+from jaxllm.tokenizer import ByteTokenizer
+
+from conftest import ROOT, run_cli
+
+spec = importlib.util.spec_from_file_location("sft_cli", ROOT / "sft.py")
+sft_cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sft_cli)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A jaxllm run directory holding a random tiny gpt2 (no training needed to test the plumbing)."""
+    run_dir = tmp_path_factory.mktemp("base")
+    cfg = load_config(None, ["model.n_layer=2", "model.d_model=32", "model.n_head=4", "train.seq_len=32"])
+    cfg.model = resolve_model(cfg.model, 256, 32)
+    save_config(cfg, run_dir / "config.yaml")
+    ByteTokenizer().save(run_dir)
+    params = nn.unbox(Transformer(cfg.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    saver = ckpt.Checkpointer(run_dir, keep=1)
+    saver.save(1, {"params": params}, {"step": 1})
+    saver.close()
+    return run_dir
+
+
+def run(capsys, *args: str) -> tuple[int, str]:
+    code = sft_cli.main(["train.seq_len=32", *args])  # the base model's context
+    return code, capsys.readouterr().err.strip()
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err, err
+    for f in fragments:
+        assert f in err, err
+
+
+def test_missing_default_model_exits_2_saying_to_run_train_py(tmp_path):
+    out = run_cli("sft.py", cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "python train.py" in out.stderr
+
+
+def test_malformed_jsonl_names_its_line(tmp_path, base_run, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output"\n')
+    assert_one_line_error(*run(capsys, f"init.from={base_run}", f"sft.data={data}"), "d.jsonl:2", "not valid JSON")
+
+
+def test_record_without_its_fields_is_refused(tmp_path, base_run, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"prompt": "x"}\n')
+    assert_one_line_error(*run(capsys, f"init.from={base_run}", f"sft.data={data}"), "d.jsonl:2", "'instruction' and 'output'")
+
+
+def test_unknown_method_is_refused(base_run, capsys):
+    assert_one_line_error(*run(capsys, f"init.from={base_run}", "sft.method=qlora"), "sft.method='qlora'")
+
+
+def test_lora_target_that_does_not_exist_is_refused(base_run, capsys):
+    assert_one_line_error(*run(capsys, f"init.from={base_run}", "sft.method=lora", "lora.targets=q,gate"), "'gate'")
+
+
+def test_method_learning_rate_sets_the_peak_and_scales_the_floor():
+    from jaxllm.sft import method_optim
+
+    cfg = load_config(None, ["sft.method=prompt", "prompt.lr=3e-2", "optim.lr=1e-3", "optim.min_lr=1e-4", "lora.lr=9"], cls=SFTConfig)
+    assert (method_optim(cfg).lr, method_optim(cfg).min_lr) == pytest.approx((3e-2, 3e-3))
+    cfg.sft.method = "full"  # optim as given
+    assert (method_optim(cfg).lr, method_optim(cfg).min_lr) == (1e-3, 1e-4)
+
+
+def test_bin_only_model_directory_is_refused(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80")
+    assert_one_line_error(*run(capsys, f"init.from={tmp_path}"), "safetensors")
+
+
+def test_init_from_neither_run_nor_hf_directory_is_refused(tmp_path, capsys):
+    assert_one_line_error(*run(capsys, f"init.from={tmp_path}"), "neither a jaxllm run directory", "nor a Hugging Face")
+
+
+def test_data_parallel_lora_run_writes_eval_json_and_a_loadable_merged_model(tmp_path, base_run, capsys):
+    run_dir = tmp_path / "sft"
+    code, err = run(
+        capsys, f"init.from={base_run}", f"run.dir={run_dir}", "sft.method=lora", "sft.n_train=20", "sft.n_eval=4",
+        "sft.max_new_tokens=4", "train.steps=2", "train.batch_size=8", "mesh.data=-1", "log.every=1",
+    )
+    assert code == 0, err
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert set(result) == {"before", "after"}
+    assert set(result["after"]) == {"overall", "reverse", "upper", "sort", "add", "repeat", "lookup"}
+    loaded = jaxllm.load(run_dir)
+    assert loaded.tokenizer.special == ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    assert "lora_a" not in str(jax.tree_util.tree_structure(loaded.params))
+    assert "new_tokens" not in loaded.params and loaded.params["wte"]["embedding"].shape[0] == 256 + 4  # merged
+    assert np.isfinite(np.asarray(loaded.logits(np.zeros((1, 4), np.int32)))).all()
