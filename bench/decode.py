@@ -25,14 +25,14 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from jaxllm import generate as gen  # noqa: E402
-from jaxllm.config import load_config, resolve_model  # noqa: E402
-from jaxllm.model import Transformer  # noqa: E402
+from jaxllm import generate as gen
+from jaxllm.config import load_config, resolve_model
+from jaxllm.model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = 16

@@ -23,14 +23,14 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jaxllm  # noqa: E402
-from jaxllm import data as data_lib  # noqa: E402
-from jaxllm import quantize as quant  # noqa: E402
-from jaxllm.model import cross_entropy  # noqa: E402
+import jaxllm
+from jaxllm import data as data_lib
+from jaxllm import quantize as quant
+from jaxllm.model import cross_entropy
 
 
 def perplexity(lm: jaxllm.LoadedModel, val: np.ndarray) -> float:

@@ -21,15 +21,15 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-import jax.numpy as jnp  # noqa: E402
+import jax.numpy as jnp
 
-from jaxllm import checkpoint as ckpt  # noqa: E402
-from jaxllm import sharding, trainer  # noqa: E402
-from jaxllm.config import load_config, resolve_model  # noqa: E402
+from jaxllm import checkpoint as ckpt
+from jaxllm import sharding, trainer
+from jaxllm.config import load_config, resolve_model
 
 PLANS = {
     "replicated (data=8)": ["mesh.data=8"],

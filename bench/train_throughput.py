@@ -21,12 +21,12 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from jaxllm import flops, sharding, trainer  # noqa: E402
-from jaxllm.config import load_config, resolve_model  # noqa: E402
+from jaxllm import flops, sharding, trainer
+from jaxllm.config import load_config, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # Vocabulary of each config's tokenizer on its corpus (byte: 256; tiny Shakespeare's characters: 65).

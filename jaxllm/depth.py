@@ -20,9 +20,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -144,7 +145,7 @@ def run_study(
 def _train(cfg: DepthConfig, run: DepthRun, out: Path, devices: list | None) -> dict[str, Any]:
     record = {"variant": run.variant.name, "residual": run.variant.residual,
               "norm_position": run.variant.norm_position, "n_layer": run.n_layer}
-    measure = lambda run_dir: layer_norms(run_dir / "metrics.jsonl")  # noqa: E731
+    measure = lambda run_dir: layer_norms(run_dir / "metrics.jsonl")
     return train_once(run_config(cfg, run, out / "runs" / run.name), record, measure, devices)
 
 

@@ -28,7 +28,8 @@ M micro-batches, b rows per micro-batch (B / M), I loop iterations (M R + P - 1)
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -13,9 +13,9 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import scipy.optimize

@@ -18,9 +18,9 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import api, chat, peft, sharding, tasks
-from jaxllm import generate as gen
 from jaxllm import checkpoint as ckpt
+from jaxllm import generate as gen
 from jaxllm.config import Config, ModelConfig, OptimConfig, SFTConfig, save_config, to_dict, validate_model
 from jaxllm.errors import ConfigError
 from jaxllm.model import Transformer, cross_entropy

@@ -20,7 +20,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.config import MeshConfig, ModelConfig
 from jaxllm.errors import ConfigError

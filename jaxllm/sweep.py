@@ -33,9 +33,10 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from jaxllm import flops, synthetic
 from jaxllm.config import Config, ModelConfig, resolve_model, to_dict, validate

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -39,7 +39,7 @@ class Tokenizer:
     def token_id(self, special: str) -> int:
         return self.base_size + self.special.index(special)
 
-    def with_special(self, tokens: Iterable[str]) -> "Tokenizer":
+    def with_special(self, tokens: Iterable[str]) -> Tokenizer:
         """A copy that also knows ``tokens`` (appended; existing ids never move)."""
         new = [t for t in tokens if t not in self.special]
         out = self._copy()
@@ -95,7 +95,7 @@ class Tokenizer:
     def _to_json(self) -> str:
         raise NotImplementedError
 
-    def _copy(self) -> "Tokenizer":
+    def _copy(self) -> Tokenizer:
         raise NotImplementedError
 
 
@@ -122,7 +122,7 @@ class ByteTokenizer(Tokenizer):
     def _to_json(self) -> str:
         return json.dumps({"jaxllm_tokenizer": "byte", "special": self.special})
 
-    def _copy(self) -> "ByteTokenizer":
+    def _copy(self) -> ByteTokenizer:
         return ByteTokenizer(self.special)
 
 
@@ -137,7 +137,7 @@ class CharTokenizer(Tokenizer):
         self._index = {ch: i for i, ch in enumerate(chars)}
 
     @classmethod
-    def train(cls, text: str) -> "CharTokenizer":
+    def train(cls, text: str) -> CharTokenizer:
         return cls("".join(sorted(set(text))))
 
     @property
@@ -166,7 +166,7 @@ class CharTokenizer(Tokenizer):
     def _to_json(self) -> str:
         return json.dumps({"jaxllm_tokenizer": "char", "chars": self.chars, "special": self.special})
 
-    def _copy(self) -> "CharTokenizer":
+    def _copy(self) -> CharTokenizer:
         return CharTokenizer(self.chars, self.special)
 
 
@@ -180,8 +180,9 @@ class HFTokenizer(Tokenizer):
         self.tok = tok
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> "HFTokenizer":
-        from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers
+    def train(cls, texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+        from tokenizers import Tokenizer as _Tok
+        from tokenizers import decoders, models, pre_tokenizers, trainers
 
         tok = _Tok(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -209,7 +210,7 @@ class HFTokenizer(Tokenizer):
         tree["jaxllm_special"] = self.special
         return json.dumps(tree)
 
-    def _copy(self) -> "HFTokenizer":
+    def _copy(self) -> HFTokenizer:
         return HFTokenizer(self.tok, self.special)
 
 

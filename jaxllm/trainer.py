@@ -13,10 +13,11 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -169,7 +170,7 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
         jitted = jax.jit(
             distill_step, in_shardings=(state_sh, batch_sh, teacher.shardings), out_shardings=(state_sh, repl), donate_argnums=0
         )
-        step = lambda state, batch: jitted(state, batch, teacher.params)  # noqa: E731
+        step = lambda state, batch: jitted(state, batch, teacher.params)
     return Setup(
         model_cfg=model_cfg,
         model=model,

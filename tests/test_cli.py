@@ -4,7 +4,6 @@ with nothing written."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import TINY, run_cli
 
 

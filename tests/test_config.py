@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from conftest import ROOT
 
 from jaxllm.config import Config, help_text, load_config, validate
 from jaxllm.errors import ConfigError
-
-from conftest import ROOT
 
 
 def test_overrides_are_typed_and_applied_over_yaml():

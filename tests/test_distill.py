@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import TINY, corpus_text, run_cli
+
 from jaxllm import distill
 from jaxllm.config import ModelConfig, load_config, resolve_model
 from jaxllm.model import Transformer, cross_entropy

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import TINY, corpus_text
+
 from jaxllm import generate, sharding
 from jaxllm.config import MeshConfig, ModelConfig, load_config, resolve_model
 from jaxllm.generate import Decoder, filter_logits, generate_tokens
@@ -81,7 +81,7 @@ def test_sampling_with_top_k_1_gives_the_greedy_tokens():
 
 def test_top_k_and_top_p_keep_exactly_the_most_likely_tokens():
     logits_1x4 = jnp.log(jnp.asarray([[0.1, 0.5, 0.15, 0.25]]))
-    kept = lambda **kw: np.isfinite(np.asarray(filter_logits(logits_1x4, 1.0, **kw)))[0].tolist()  # noqa: E731
+    kept = lambda **kw: np.isfinite(np.asarray(filter_logits(logits_1x4, 1.0, **kw)))[0].tolist()
     assert kept(top_k=2, top_p=1.0) == [False, True, False, True]
     assert kept(top_k=0, top_p=0.7) == [False, True, False, True]  # 0.5 < 0.7 <= 0.5 + 0.25
     assert kept(top_k=0, top_p=0.76) == [False, True, True, True]

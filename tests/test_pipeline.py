@@ -15,9 +15,9 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import TINY, run_cli
 
 from jaxllm import pipeline, sharding, trainer
-from conftest import TINY, run_cli
 from jaxllm.config import Config, PipelineConfig, load_config, resolve_model
 
 VOCAB, SEQ, BATCH = 64, 16, 16

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import flax.linen as nn
 
 from jaxllm import chat, peft, sft
 from jaxllm.config import ModelConfig, OptimConfig, resolve_model

@@ -6,19 +6,18 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 import pytest
+from conftest import ROOT, run_cli
 
 import jaxllm
 from jaxllm import checkpoint as ckpt
 from jaxllm.config import SFTConfig, load_config, resolve_model, save_config
 from jaxllm.model import Transformer
 from jaxllm.tokenizer import ByteTokenizer
-
-from conftest import ROOT, run_cli
 
 spec = importlib.util.spec_from_file_location("sft_cli", ROOT / "sft.py")
 sft_cli = importlib.util.module_from_spec(spec)

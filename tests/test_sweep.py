@@ -9,8 +9,7 @@ import jax
 import pytest
 from conftest import run_cli
 
-from jaxllm import flops
-from jaxllm import trainer
+from jaxllm import flops, trainer
 from jaxllm.config import ModelConfig, load_config
 from jaxllm.errors import ConfigError
 from jaxllm.sweep import Shape, SweepConfig, plan, run_sweep, shape_model, size_window, sweep_plan

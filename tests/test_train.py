@@ -13,11 +13,11 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, TINY, run_cli
 
 from jaxllm import trainer
 from jaxllm.errors import ConfigError
 
-from conftest import ROOT, TINY, run_cli
 
 def one_device():
     return jax.devices()[:1]
