@@ -44,6 +44,16 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+    def check_model(self, model: ModelConfig) -> None:
+        """Refuses (ConfigError) a run directory whose newest readable checkpoint is another model."""
+        for step in reversed(self.steps()):
+            try:
+                meta = self.read_meta(step)
+            except Exception:  # unreadable: restore_latest reports it and falls back
+                continue
+            check_same_model(meta.get("model", {}), model, self.directory)
+            return
+
     def restore_latest(self, abstract_state: Any, model: ModelConfig) -> tuple[Any, dict] | None:
         """The newest readable checkpoint as ``(state, meta)``, or None when there is none.
 

@@ -337,13 +337,10 @@ def prepare_run(cfg: Config, devices: list | None = None) -> tuple[data_lib.Toke
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         checker = ckpt.Checkpointer(Path(cfg.run.dir), cfg.checkpoint.keep)
-        for step in reversed(checker.steps()):
-            try:
-                meta = checker.read_meta(step)
-            except Exception:
-                continue
-            ckpt.check_same_model(meta.get("model", {}), model_cfg, ckpt_dir)
-            break
+        try:
+            checker.check_model(model_cfg)
+        finally:
+            checker.close()
     return tokens, model_cfg, mesh
 
 
