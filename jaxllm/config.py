@@ -49,6 +49,7 @@ class ModelConfig:
     dropout: float = _f(0.0, "dropout rate on attention and MLP outputs and embeddings")
     dtype: str = _f("float32", "compute dtype: float32 | bfloat16 (parameters stay float32)")
     remat: bool = _f(False, "recompute each block's activations in the backward pass (saves memory)")
+    scan_unroll: int = _f(1, "blocks per iteration of the layer loop; n_layer unrolls it (small models run faster, compile slower)")
     tie_embeddings: bool = _f(True, "share the token embedding with the output projection")
     rope_theta: float = _f(10000.0, "RoPE base frequency (llama)")
     norm_eps: float = _f(1e-5, "epsilon of LayerNorm / RMSNorm")
@@ -376,7 +377,7 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.norm_position={m.norm_position!r} must be pre or post")
     if m.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={m.dtype!r} must be one of {', '.join(DTYPES)}")
-    for key in ("n_layer", "d_model", "n_head"):
+    for key in ("n_layer", "d_model", "n_head", "scan_unroll"):
         if getattr(m, key) <= 0:
             raise ConfigError(f"model.{key} must be positive, got {getattr(m, key)}")
     if m.d_model % m.n_head:

@@ -253,6 +253,7 @@ def block_stack(cfg: ModelConfig, deterministic: bool, name: str = "blocks", len
         in_axes=(nn.broadcast, nn.broadcast),
         length=cfg.n_layer if length is None else length,
         metadata_params={nn.PARTITION_NAME: "layers"},
+        unroll=cfg.scan_unroll,
     )
     return scanned(cfg, deterministic, name=name)
 

@@ -102,6 +102,22 @@ def test_blocks_are_stacked_with_a_layers_axis():
     assert q.value.shape == (3, 32, 4, 8)
 
 
+@pytest.mark.parametrize("unroll", [2, 3])
+def test_unrolled_layer_loop_has_the_same_parameters_logits_and_gradients(unroll):
+    model, params = make("gpt2", n_layer=3)
+    unrolled, unrolled_params = make("gpt2", n_layer=3, scan_unroll=unroll)
+    jax.tree.map(np.testing.assert_array_equal, params, unrolled_params)  # same init, same layout
+
+    def loss(m):
+        return jax.jit(jax.value_and_grad(lambda p, t: cross_entropy(m.apply({"params": p}, t[:, :-1]), t[:, 1:])[0]))
+
+    x = tokens(shape=(2, 17))
+    (value, grads), (unrolled_value, unrolled_grads) = loss(model)(params, x), loss(unrolled)(params, x)
+    np.testing.assert_allclose(logits_of(unrolled, params, x), logits_of(model, params, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(unrolled_value, value, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), unrolled_grads, grads)
+
+
 def test_cross_entropy_of_uniform_logits_is_log_vocab_and_masks_count():
     logits = jnp.zeros((2, 5, 64))
     targets = jnp.ones((2, 5), jnp.int32)

@@ -1,0 +1,114 @@
+"""How fast can the Shakespeare step be on this machine? Step time against the matmul ceiling.
+
+    python bench/step_roofline.py [--steps 30] [--repeats 3]
+
+Builds configs/shakespeare_char.yaml's training step exactly as ``train.py`` does (one device) with
+the layer loop scanned (``model.scan_unroll=1``) and unrolled (``=n_layer``), times both in the same
+process (best of ``--repeats`` runs of ``--steps`` steps), and counts the step's FLOPs by PaLM's
+formula (6N + 12LHQT per token: exactly the step's matmuls; XLA's cost analysis misses the matmuls
+it hands to its ynnpack fusions, so it is not used). It then times each matmul shape of the step alone under ``jax.jit`` (forward
+``x @ W`` and the two backward products), takes the fastest rate, and divides: the time the step's
+FLOPs would take if every one of them ran at the best matmul rate this machine reaches on these
+shapes. Times 2000 steps, that is a floor for the benchmark in bench/shakespeare.py (evaluation,
+start-up and compilation come on top). Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm import flops, sharding, trainer
+from jaxllm.config import load_config, resolve_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "shakespeare_char.yaml"
+VOCAB = 65  # tiny Shakespeare's characters
+NANOGPT_WALL_S, STEPS = 66.6, 2000
+
+
+def best_time(fn, steps: int, repeats: int) -> float:
+    """Best seconds per call of ``fn`` (whose result is blocked on), after one warm-up call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = fn()
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / steps)
+    return min(times)
+
+
+def step_time(unroll: int, steps: int, repeats: int) -> float:
+    """Seconds per training step of the config with ``model.scan_unroll=unroll``."""
+    cfg = load_config(str(CONFIG), ["mesh.data=1", f"model.scan_unroll={unroll}"])
+    model_cfg = resolve_model(cfg.model, VOCAB, cfg.train.seq_len)
+    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    t = cfg.train
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (t.grad_accum, t.batch_size, t.seq_len + 1))
+    with setup.context():
+        batch = jax.device_put(jnp.asarray(tokens, jnp.int32), setup.batch_sharding)
+        box = [setup.init()]
+
+        def one():
+            box[0], metrics = setup.step(box[0], batch)
+            return metrics
+
+        return best_time(one, steps, repeats)
+
+
+def matmul_rates(tokens: int, d: int, d_ff: int, repeats: int) -> dict[str, float]:
+    """GFLOP/s of each [tokens, k] @ [k, n] product of a block (and its two backward products)."""
+    rates = {}
+    for k, n in ((d, 3 * d), (d, d), (d, d_ff), (d_ff, d)):
+        for name, (m_, k_, n_) in {"fwd": (tokens, k, n), "dx": (tokens, n, k), "dW": (k, tokens, n)}.items():
+            a = jnp.asarray(np.random.default_rng(0).standard_normal((m_, k_)), jnp.float32)
+            b = jnp.asarray(np.random.default_rng(1).standard_normal((k_, n_)), jnp.float32)
+            f = jax.jit(jnp.matmul)
+            seconds = best_time(lambda f=f, a=a, b=b: f(a, b), 50, repeats)
+            rates[f"{name} {m_}x{k_}x{n_}"] = 2 * m_ * k_ * n_ / seconds / 1e9
+    return rates
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    cfg = load_config(str(CONFIG), [])
+    model_cfg = resolve_model(cfg.model, VOCAB, cfg.train.seq_len)
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    step_flops = flops.flops_per_token(model_cfg, cfg.train.seq_len) * tokens_per_step
+    scanned = step_time(1, args.steps, args.repeats)
+    unrolled = step_time(model_cfg.n_layer, args.steps, args.repeats)
+    rates = matmul_rates(tokens_per_step, model_cfg.d_model, model_cfg.d_ff, args.repeats)
+    best_rate = max(rates.values())
+    floor_s = step_flops / (best_rate * 1e9)
+    print(f"{os.cpu_count()} cores; {step_flops / 1e9:.2f} GFLOP per step (PaLM: 6N + 12LHQT per token)")
+    for name, rate in rates.items():
+        print(f"  matmul {name:<22}{rate:8.1f} GFLOP/s")
+    print(f"{'':28}{'ms/step':>9}{'GFLOP/s':>9}{'2000 steps, s':>15}")
+    for name, seconds in (("scanned layers", scanned), ("unrolled layers", unrolled), ("best-matmul floor", floor_s)):
+        print(f"{name:<28}{1000 * seconds:9.2f}{step_flops / seconds / 1e9:9.1f}{STEPS * seconds:15.1f}")
+    print(f"goal (2/3 of nanoGPT's {NANOGPT_WALL_S} s, everything included): {2 / 3 * NANOGPT_WALL_S:.1f} s")
+    print(json.dumps({
+        "bench": "step_roofline", "step_gflop": step_flops / 1e9, "scanned_ms": 1000 * scanned,
+        "unrolled_ms": 1000 * unrolled, "unroll_speedup": scanned / unrolled, "best_matmul_gflops": best_rate,
+        "floor_ms": 1000 * floor_s, "floor_2000_steps_s": STEPS * floor_s, "goal_s": 2 / 3 * NANOGPT_WALL_S,
+    }))
+
+
+if __name__ == "__main__":
+    main()
