@@ -116,6 +116,26 @@ def check_divisible(model: ModelConfig, mesh: Mesh, batch_size: int, process_cou
         raise ConfigError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes")
 
 
+def check_param_divisible(boxed_tree: Any, mesh: Mesh, rule_table) -> None:
+    """Every parameter dimension divides by the mesh axes its logical name maps to, under any rules.
+
+    ``boxed_tree``: ``nn.Partitioned`` leaves, e.g. ``jax.eval_shape`` of ``model.init``. The backstop
+    behind :func:`check_divisible` for ``mesh.rules`` overrides, which JAX would reject only at jit time.
+    """
+    is_boxed = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    for path, leaf in jax.tree_util.tree_flatten_with_path(boxed_tree, is_leaf=is_boxed)[0]:
+        if not is_boxed(leaf):
+            continue
+        for dim, name, axes in zip(leaf.value.shape, leaf.names, nn.logical_to_mesh_axes(leaf.names, rule_table)):
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            ways = math.prod(mesh.shape[a] for a in axes)
+            if dim % ways:
+                raise ConfigError(
+                    f"parameter {jax.tree_util.keystr(path, simple=True, separator='/')}: its {name!r} dimension "
+                    f"{dim} is not divisible by mesh {'*'.join(axes)}={ways}; change mesh.rules or the mesh sizes"
+                )
+
+
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rule_table) -> Any:
     """NamedShardings for a tree of ``nn.Partitioned`` (boxed) leaves, from their logical names."""
     specs = nn.get_partition_spec(boxed_tree)

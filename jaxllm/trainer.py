@@ -331,6 +331,11 @@ def prepare_run(cfg: Config, devices: list | None = None) -> tuple[data_lib.Toke
     model_cfg = resolve_model(cfg.model, tokens.tokenizer.vocab_size, cfg.train.seq_len)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_divisible(model_cfg, mesh, cfg.train.batch_size, jax.process_count())
+    rule_table = sharding.rules(cfg.mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):  # abstract: nothing compiles
+        model, dummy = Transformer(model_cfg, deterministic=True), (1, cfg.train.seq_len)
+        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(dummy, jnp.int32)))["params"]
+    sharding.check_param_divisible(boxed, mesh, rule_table)
     pipeline.check(model_cfg, cfg.pipeline, mesh, cfg.train.batch_size)
     if cfg.distill.teacher:
         distill.check_teacher(cfg.distill.teacher, model_cfg, tokens.tokenizer, cfg.train.seq_len, mesh.shape["pipe"])
