@@ -66,7 +66,7 @@ def plot_isoflop(runs: Runs, fit: ScalingFit, path: Path, entropy_rate: float | 
         E = fit.approach3.E
         ax.axhline(E, color="tab:red", lw=1.5, ls="--", label=f"approach 3's fitted E = {E:.3f}")
         handles += ax.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="lower left", fontsize=8)
+    ax.legend(handles=handles, loc="best", fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("model size N (parameters)")
     ax.set_ylabel("final loss (nats/token)")
