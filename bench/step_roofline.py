@@ -2,15 +2,15 @@
 
     python bench/step_roofline.py [--steps 30] [--repeats 3]
 
-Builds configs/shakespeare_char.yaml's training step exactly as ``train.py`` does (one device) with
-the layer loop scanned (``model.scan_unroll=1``) and unrolled (``=n_layer``), times both in the same
-process (best of ``--repeats`` runs of ``--steps`` steps), and counts the step's FLOPs by PaLM's
-formula (6N + 12LHQT per token: exactly the step's matmuls; XLA's cost analysis misses the matmuls
-it hands to its ynnpack fusions, so it is not used). It then times each matmul shape of the step alone under ``jax.jit`` (forward
-``x @ W`` and the two backward products), takes the fastest rate, and divides: the time the step's
-FLOPs would take if every one of them ran at the best matmul rate this machine reaches on these
-shapes. Times 2000 steps, that is a floor for the benchmark in bench/shakespeare.py (evaluation,
-start-up and compilation come on top). Prints a table and one JSON line.
+Builds configs/shakespeare_char.yaml's training step exactly as ``train.py`` does, in three plans
+timed in the same process (best of ``--repeats`` runs of ``--steps`` steps): one multi-threaded CPU
+device with the layer loop scanned (``model.scan_unroll=1``), the same unrolled, and the config's
+own plan (``dist.cpu_devices`` devices, one per core, data-parallel, unrolled). The step's FLOPs are
+PaLM's count (6N + 12LHQT per token: exactly the step's matmuls; XLA's cost analysis misses the
+matmuls it hands to its ynnpack fusions). It then times each matmul shape of the step alone, on one
+device and split by rows over the config's devices (forward ``x @ W`` and both backward products),
+and takes the fastest rate: at that rate for every FLOP, 2000 steps take the printed floor, before
+start-up, compilation, evaluation and elementwise work. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxllm import flops, sharding, trainer
 from jaxllm.config import load_config, resolve_model
@@ -51,11 +53,11 @@ def best_time(fn, steps: int, repeats: int) -> float:
     return min(times)
 
 
-def step_time(unroll: int, steps: int, repeats: int) -> float:
-    """Seconds per training step of the config with ``model.scan_unroll=unroll``."""
-    cfg = load_config(str(CONFIG), ["mesh.data=1", f"model.scan_unroll={unroll}"])
+def step_time(devices: list, overrides: list[str], steps: int, repeats: int) -> float:
+    """Seconds per training step of the config on ``devices`` (mesh.data = all of them)."""
+    cfg = load_config(str(CONFIG), [f"mesh.data={len(devices)}", *overrides])
     model_cfg = resolve_model(cfg.model, VOCAB, cfg.train.seq_len)
-    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, devices))
     t = cfg.train
     tokens = np.random.default_rng(0).integers(0, VOCAB, (t.grad_accum, t.batch_size, t.seq_len + 1))
     with setup.context():
@@ -69,16 +71,24 @@ def step_time(unroll: int, steps: int, repeats: int) -> float:
         return best_time(one, steps, repeats)
 
 
-def matmul_rates(tokens: int, d: int, d_ff: int, repeats: int) -> dict[str, float]:
-    """GFLOP/s of each [tokens, k] @ [k, n] product of a block (and its two backward products)."""
+def matmul_rates(tokens: int, d: int, d_ff: int, devices: list, repeats: int) -> dict[str, float]:
+    """GFLOP/s of each [m, k] @ [k, n] product of a block (forward and both backward products),
+    on one device and with the rows split over ``devices``."""
+    mesh = jax.make_mesh((len(devices),), ("rows",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
     rates = {}
     for k, n in ((d, 3 * d), (d, d), (d, d_ff), (d_ff, d)):
         for name, (m_, k_, n_) in {"fwd": (tokens, k, n), "dx": (tokens, n, k), "dW": (k, tokens, n)}.items():
-            a = jnp.asarray(np.random.default_rng(0).standard_normal((m_, k_)), jnp.float32)
-            b = jnp.asarray(np.random.default_rng(1).standard_normal((k_, n_)), jnp.float32)
-            f = jax.jit(jnp.matmul)
-            seconds = best_time(lambda f=f, a=a, b=b: f(a, b), 50, repeats)
-            rates[f"{name} {m_}x{k_}x{n_}"] = 2 * m_ * k_ * n_ / seconds / 1e9
+            a = np.random.default_rng(0).standard_normal((m_, k_)).astype(np.float32)
+            b = np.random.default_rng(1).standard_normal((k_, n_)).astype(np.float32)
+            for where, (sa, sb) in {
+                "1 device": (None, None),
+                f"{len(devices)} devices": (NamedSharding(mesh, P("rows")), NamedSharding(mesh, P())),
+            }.items():
+                xa = jax.device_put(a, sa if sa else devices[0])
+                xb = jax.device_put(b, sb if sb else devices[0])
+                f = jax.jit(jnp.matmul)
+                seconds = best_time(lambda f=f, xa=xa, xb=xb: f(xa, xb), 50, repeats)
+                rates[f"{name} {m_}x{k_}x{n_}, {where}"] = 2 * m_ * k_ * n_ / seconds / 1e9
     return rates
 
 
@@ -88,25 +98,31 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     cfg = load_config(str(CONFIG), [])
+    trainer.init_cpu_devices(cfg.dist.cpu_devices)  # before JAX starts
+    devices = jax.devices()
     model_cfg = resolve_model(cfg.model, VOCAB, cfg.train.seq_len)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     step_flops = flops.flops_per_token(model_cfg, cfg.train.seq_len) * tokens_per_step
-    scanned = step_time(1, args.steps, args.repeats)
-    unrolled = step_time(model_cfg.n_layer, args.steps, args.repeats)
-    rates = matmul_rates(tokens_per_step, model_cfg.d_model, model_cfg.d_ff, args.repeats)
+    plans = {
+        "1 device, scanned": step_time(devices[:1], ["model.scan_unroll=1"], args.steps, args.repeats),
+        "1 device, unrolled": step_time(devices[:1], [], args.steps, args.repeats),
+        f"{len(devices)} devices, unrolled": step_time(devices, [], args.steps, args.repeats),
+    }
+    rates = matmul_rates(tokens_per_step, model_cfg.d_model, model_cfg.d_ff, devices, args.repeats)
     best_rate = max(rates.values())
     floor_s = step_flops / (best_rate * 1e9)
-    print(f"{os.cpu_count()} cores; {step_flops / 1e9:.2f} GFLOP per step (PaLM: 6N + 12LHQT per token)")
+    print(f"{os.cpu_count()} cores, {len(devices)} CPU devices; {step_flops / 1e9:.2f} GFLOP per step "
+          "(PaLM: 6N + 12LHQT per token)")
     for name, rate in rates.items():
-        print(f"  matmul {name:<22}{rate:8.1f} GFLOP/s")
+        print(f"  matmul {name:<34}{rate:8.1f} GFLOP/s")
     print(f"{'':28}{'ms/step':>9}{'GFLOP/s':>9}{'2000 steps, s':>15}")
-    for name, seconds in (("scanned layers", scanned), ("unrolled layers", unrolled), ("best-matmul floor", floor_s)):
+    for name, seconds in (*plans.items(), ("best-matmul floor", floor_s)):
         print(f"{name:<28}{1000 * seconds:9.2f}{step_flops / seconds / 1e9:9.1f}{STEPS * seconds:15.1f}")
     print(f"goal (2/3 of nanoGPT's {NANOGPT_WALL_S} s, everything included): {2 / 3 * NANOGPT_WALL_S:.1f} s")
     print(json.dumps({
-        "bench": "step_roofline", "step_gflop": step_flops / 1e9, "scanned_ms": 1000 * scanned,
-        "unrolled_ms": 1000 * unrolled, "unroll_speedup": scanned / unrolled, "best_matmul_gflops": best_rate,
-        "floor_ms": 1000 * floor_s, "floor_2000_steps_s": STEPS * floor_s, "goal_s": 2 / 3 * NANOGPT_WALL_S,
+        "bench": "step_roofline", "step_gflop": step_flops / 1e9, "ms_per_step": {k: 1000 * v for k, v in plans.items()},
+        "best_matmul_gflops": best_rate, "floor_ms": 1000 * floor_s, "floor_2000_steps_s": STEPS * floor_s,
+        "goal_s": 2 / 3 * NANOGPT_WALL_S,
     }))
 
 

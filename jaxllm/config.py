@@ -126,6 +126,9 @@ class DistConfig:
     coordinator: str = _f("", "host:port of process 0 (multi-host); auto = from SLURM / Open MPI / TPU pod; '' = one process")
     num_processes: int = _f(1, "processes in a multi-host run")
     process_id: int = _f(0, "this process's index")
+    cpu_devices: int = _f(0, "JAX devices the host CPU is split into (XLA's CPU backend runs a small model faster as one "
+                             "device per core, data-parallel, than as one multi-threaded device); 0 = JAX's default; "
+                             "JAX_NUM_CPU_DEVICES, when set, wins; GPU and TPU runs ignore it")
 
 
 @dataclass
@@ -414,6 +417,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"eval.{key} must be positive, got {getattr(cfg.eval, key)}")
     if cfg.log.every <= 0 or cfg.checkpoint.every <= 0 or cfg.checkpoint.keep <= 0:
         raise ConfigError("log.every, checkpoint.every and checkpoint.keep must be positive")
+    if cfg.dist.cpu_devices < 0:
+        raise ConfigError(f"dist.cpu_devices must be >= 0 (0 = JAX's default), got {cfg.dist.cpu_devices}")
     validate_pipeline(cfg.pipeline)
     validate_distill(cfg.distill)
 

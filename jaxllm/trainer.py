@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -187,9 +188,27 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
     )
 
 
+def init_cpu_devices(count: int) -> None:
+    """Splits the host CPU into ``count`` JAX devices (``dist.cpu_devices``; 0 = leave JAX's default).
+
+    ``JAX_NUM_CPU_DEVICES`` in the environment, when set, wins (it is how tests fake 8 devices).
+    Must run before anything touches the devices; afterwards, only an equal count is accepted."""
+    if count <= 0 or os.environ.get("JAX_NUM_CPU_DEVICES"):
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # JAX has started: fine if it already has that many CPU devices
+        if len(jax.devices("cpu")) != count:
+            raise ConfigError(
+                f"dist.cpu_devices={count} but JAX already started with {len(jax.devices('cpu'))} CPU devices; "
+                "set it before JAX starts (or JAX_NUM_CPU_DEVICES), or drop it"
+            ) from None
+
+
 def init_distributed(cfg: Config) -> None:
     """Joins a multi-process run (``dist.*``); must run before anything touches the devices."""
     d = cfg.dist
+    init_cpu_devices(d.cpu_devices)
     auto = d.coordinator == "auto"
     if not auto and d.num_processes <= 1 and not d.coordinator:
         return

@@ -52,6 +52,7 @@ def test_help_lists_every_key_with_a_meaning():
         ("train.seq_len=-1", "train.seq_len must be positive"),
         ("model.arch=bert", "model.arch='bert' is unknown"),
         ("model.scan_unroll=0", "model.scan_unroll must be positive"),
+        ("dist.cpu_devices=-1", "dist.cpu_devices must be >= 0"),
     ],
 )
 def test_invalid_values_are_refused(override, message):
