@@ -32,13 +32,16 @@ def main(argv: list[str]) -> int:
     path, overrides = split_args(argv)
     cfg = load_config(path, overrides, default=str(DEFAULT_CONFIG))
 
-    from jaxllm.trainer import train  # imports JAX: after the config is known to be valid
+    import jax  # after the config is known to be valid
+
+    from jaxllm.trainer import train
 
     summary = train(cfg)
     if "interrupted" in summary:
         print(f"stopped by {summary['interrupted']} at step {summary['step']}; checkpoint saved", file=sys.stderr)
         return 130
-    print(f"done: step {summary['step']}, final eval loss {summary['eval_loss']:.4f}, run in {cfg.run.dir}")
+    if jax.process_index() == 0:  # one line per run, not per host
+        print(f"done: step {summary['step']}, final eval loss {summary['eval_loss']:.4f}, run in {cfg.run.dir}")
     return 0
 
 

@@ -35,7 +35,7 @@ from jaxllm.errors import ConfigError
 from jaxllm.model import Transformer, cross_entropy
 from jaxllm.optim import optimizer, schedule
 from jaxllm.tokenizer import Tokenizer
-from jaxllm.trainer import MetricsLog, TrainState, make_train_step
+from jaxllm.trainer import MetricsLog, TrainState, init_cpu_devices, make_train_step
 
 PLACEHOLDER = 0  # token id at prompt tuning's virtual positions; its embedding is replaced
 
@@ -228,6 +228,7 @@ class Prepared:
 def prepare(cfg: SFTConfig) -> Prepared:
     """Loads the base model and the data and adds the method's parameters; raises on any bad input."""
     validate_sft(cfg)
+    init_cpu_devices(cfg.dist.cpu_devices)  # before the base model touches a device
     base = api.load(init_from(cfg))
     tok = chat.chat_tokenizer(base.tokenizer)
     method = cfg.sft.method

@@ -15,6 +15,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# 8 faked CPU devices. The variable too, not only JAX's flag: it overrides a config's
+# dist.cpu_devices (tiny.yaml and sft_tiny.yaml ask for 2) in the in-process runs.
+os.environ["JAX_NUM_CPU_DEVICES"] = "8"
+
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
