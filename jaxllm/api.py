@@ -23,6 +23,9 @@ from jaxllm.errors import ConfigError
 from jaxllm.model import Transformer
 
 
+PLACEHOLDER = 0  # token id at a prompt-tuned model's first model.prompt_tokens positions; the model replaces it
+
+
 @dataclass
 class LoadedModel:
     """A model ready to use: ``.logits(tokens)`` and ``.generate(prompt, ...)``."""
@@ -36,9 +39,17 @@ class LoadedModel:
         self._apply = jax.jit(lambda p, t: self.module.apply({"params": p}, t))
         self.decoder = gen.Decoder(self.config.model)
 
+    @property
+    def prefix(self) -> list[int]:
+        """Placeholders put before every input: the positions of a prompt-tuned model's learned prompt."""
+        return [PLACEHOLDER] * self.config.model.prompt_tokens
+
     def logits(self, tokens_BxT) -> jax.Array:
-        """float32 ``[B, T, V]`` next-token logits for integer tokens ``[B, T]``."""
-        return self._apply(self.params, jnp.asarray(tokens_BxT, jnp.int32)).astype(jnp.float32)
+        """float32 ``[B, T, V]`` next-token logits for integer tokens ``[B, T]`` (after the prefix, if any)."""
+        tokens_BxT = jnp.asarray(tokens_BxT, jnp.int32)
+        P = len(self.prefix)
+        tokens_BxT = jnp.pad(tokens_BxT, ((0, 0), (P, 0)), constant_values=PLACEHOLDER)
+        return self._apply(self.params, tokens_BxT)[:, P:].astype(jnp.float32)
 
     def generate(
         self,
@@ -56,7 +67,7 @@ class LoadedModel:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = self.decoder(
             self.params,
-            [self.tokenizer.encode(p) for p in prompts],
+            [self.prefix + self.tokenizer.encode(p) for p in prompts],
             max_new_tokens,
             temperature=temperature,
             top_k=top_k,
@@ -71,6 +82,9 @@ class LoadedModel:
     def save_hf(self, out_dir: str | Path) -> None:
         """A Hugging Face directory that ``transformers`` loads (``GPT2LMHeadModel`` / ``LlamaForCausalLM``),
         with this model's ``tokenizer.json`` (jaxllm's own format for byte and char tokenizers)."""
+        if self.config.model.prompt_tokens:
+            raise ConfigError("a prompt-tuned model has no Hugging Face form (its learned prompt is not a weight "
+                              "transformers knows); use it through jaxllm.load")
         hf.write(self.config.model, self.params, out_dir)
         self.tokenizer.save(Path(out_dir))
 

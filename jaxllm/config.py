@@ -54,6 +54,8 @@ class ModelConfig:
     rope_theta: float = _f(10000.0, "RoPE base frequency (llama)")
     norm_eps: float = _f(1e-5, "epsilon of LayerNorm / RMSNorm")
     adapter_dim: int = _f(0, "bottleneck adapter width after attention and MLP (fine-tuning, sft.method=adapter); 0 = none")
+    prompt_tokens: int = _f(0, "learned vectors that replace the embeddings of positions 0..P-1 (prompt tuning, "
+                               "sft.method=prompt; jaxllm.load puts placeholders there); 0 = none")
 
 
 @dataclass
@@ -391,6 +393,8 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"RoPE needs an even head size; d_model/n_head = {m.d_model // m.n_head}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if m.prompt_tokens < 0 or (m.max_seq_len and m.prompt_tokens >= m.max_seq_len):
+        raise ConfigError(f"model.prompt_tokens must be in [0, max_seq_len={m.max_seq_len}), got {m.prompt_tokens}")
 
 
 def validate(cfg: Config) -> None:

@@ -273,6 +273,8 @@ class Transformer(nn.Module):
             self.wpe = nn.Embed(
                 c.max_seq_len, c.d_model, dtype=compute_dtype(c), embedding_init=_init(0.02, (None, "embed"))
             )
+        if c.prompt_tokens:  # prompt tuning's vectors (jaxllm.peft.prompt_init gives them their values)
+            self.prompt = self.param("prompt", _init(0.02, (None, "embed")), (c.prompt_tokens, c.d_model))
         self.drop = nn.Dropout(c.dropout)
         self.blocks = block_stack(c, self.deterministic)
         if c.norm_position == "pre":
@@ -285,6 +287,10 @@ class Transformer(nn.Module):
         if self.cfg.arch == "gpt2":
             x_BxTxD = x_BxTxD + self.wpe(positions_BxT)
         x_BxTxD = self.drop(x_BxTxD, deterministic=self.deterministic)
+        if self.cfg.prompt_tokens:  # positions 0..P-1 hold the learned prompt, whatever their tokens
+            P = self.cfg.prompt_tokens
+            virtual_BxTxD = self.prompt[jnp.minimum(positions_BxT, P - 1)].astype(x_BxTxD.dtype)
+            x_BxTxD = jnp.where((positions_BxT < P)[..., None], virtual_BxTxD, x_BxTxD)
         return constrain(x_BxTxD, ("batch", "seq", "embed"))
 
     def head(self, x_BxTxD: Array) -> Array:

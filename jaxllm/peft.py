@@ -142,9 +142,8 @@ def _with_new_tokens(params: dict) -> dict:
 
 
 def model_params(params: dict, lora_scale: float) -> dict:
-    """What the Transformer applies (and what is exported): LoRA merged in, new-token rows appended,
-    the prompt (applied outside the model) left out."""
-    return _with_new_tokens(lora_merge({k: v for k, v in params.items() if k != "prompt"}, lora_scale))
+    """What the Transformer applies (and what is exported): LoRA merged in, new-token rows appended."""
+    return _with_new_tokens(lora_merge(params, lora_scale))
 
 
 def trainable_mask(params: dict, method: str) -> dict:

@@ -37,7 +37,7 @@ from jaxllm.optim import optimizer, schedule
 from jaxllm.tokenizer import Tokenizer
 from jaxllm.trainer import MetricsLog, TrainState, init_cpu_devices, make_train_step
 
-PLACEHOLDER = 0  # token id at prompt tuning's virtual positions; its embedding is replaced
+PLACEHOLDER = api.PLACEHOLDER  # token id at prompt tuning's virtual positions; the model replaces its embedding
 
 
 def init_from(cfg: SFTConfig) -> str:
@@ -88,27 +88,11 @@ def forward(model: Transformer, params: dict, lora_scale: float, tokens_BxT, pos
     With ``cache`` (the model's key/value cache, :func:`jaxllm.generate.init_cache`) it returns
     ``(logits, updated cache)``, for decoding."""
     variables = {"params": peft.model_params(params, lora_scale)}
-    if cache is not None:
-        variables["cache"] = cache
-
-    def apply(*args, **kwargs):
-        if cache is None:
-            return model.apply(variables, *args, rngs=rngs, **kwargs)
-        out, updated = model.apply(variables, *args, rngs=rngs, mutable=["cache"], **kwargs)
-        variables["cache"] = updated["cache"]
-        return out
-
-    if "prompt" not in params:
-        logits = apply(tokens_BxT, positions_BxT, segments_BxT)
-    else:
-        prompt_PxD = params["prompt"]
-        n_virtual = prompt_PxD.shape[0]
-        x_BxTxD = apply(tokens_BxT, positions_BxT, method=Transformer.embed)
-        virtual_BxTxD = prompt_PxD[jnp.minimum(positions_BxT, n_virtual - 1)].astype(x_BxTxD.dtype)
-        x_BxTxD = jnp.where((positions_BxT < n_virtual)[..., None], virtual_BxTxD, x_BxTxD)
-        x_BxTxD, _ = apply(x_BxTxD, positions_BxT, segments_BxT, method=lambda m, *a: m.blocks(*a))
-        logits = apply(x_BxTxD, method=Transformer.head)
-    return logits if cache is None else (logits, variables["cache"])
+    if cache is None:
+        return model.apply(variables, tokens_BxT, positions_BxT, segments_BxT, rngs=rngs)
+    logits, updated = model.apply({**variables, "cache": cache}, tokens_BxT, positions_BxT, segments_BxT, rngs=rngs,
+                                  mutable=["cache"])
+    return logits, updated["cache"]
 
 
 def make_loss_fn(model: Transformer, mask: dict, lora_scale: float) -> Callable:
@@ -234,7 +218,8 @@ def prepare(cfg: SFTConfig) -> Prepared:
     method = cfg.sft.method
     m = base.config.model
     model_cfg = dataclasses.replace(
-        m, vocab_size=max(m.vocab_size, tok.vocab_size), adapter_dim=cfg.adapter.dim if method == "adapter" else m.adapter_dim
+        m, vocab_size=max(m.vocab_size, tok.vocab_size), adapter_dim=cfg.adapter.dim if method == "adapter" else m.adapter_dim,
+        prompt_tokens=cfg.prompt.n_virtual_tokens if method == "prompt" else m.prompt_tokens,
     )
     validate_model(model_cfg)
     if cfg.train.seq_len > model_cfg.max_seq_len:
@@ -252,7 +237,7 @@ def prepare(cfg: SFTConfig) -> Prepared:
         fresh = Transformer(model_cfg).init(key, jnp.zeros((1, 8), jnp.int32))["params"]
         blocks = nn.unbox(fresh)["blocks"]
         params = {**params, "blocks": {**params["blocks"], **{k: v for k, v in blocks.items() if k.startswith("adapter_")}}}
-    prefix = cfg.prompt.n_virtual_tokens if method == "prompt" else 0
+    prefix = model_cfg.prompt_tokens  # placeholder positions the model fills with its learned prompt
     train_chats, eval_set = load_data(cfg, tok)
     longest = prefix + max(len(p) for p in eval_set.prompts) + cfg.sft.max_new_tokens
     if longest > model_cfg.max_seq_len:
@@ -333,10 +318,8 @@ def finetune(cfg: SFTConfig, devices: list | None = None) -> dict:
     seconds = time.perf_counter() - t0
     _print_table(before, after)
     (run_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=1))
-    # What jaxllm.load reads: LoRA merged into the weights; prompt tuning's vectors kept beside them.
+    # What jaxllm.load reads: LoRA merged into the weights, new tokens' rows appended (a prompt is a model parameter).
     saved = {"params": peft.model_params(state.params, p.lora_scale)}
-    if "prompt" in state.params:
-        saved["prompt"] = state.params["prompt"]
     save_config(_export_config(cfg, p), run_dir / "config.yaml")
     p.tokenizer.save(run_dir)
     checkpointer = ckpt.Checkpointer(run_dir, keep=1)

@@ -122,7 +122,7 @@ def test_lora_merges_into_plain_weights_with_the_same_logits():
 
 
 def test_prompt_tuning_trains_only_the_virtual_tokens():
-    model, params = tiny()
+    model, params = tiny(prompt_tokens=4)
     start = peft.prompt_init(params, 4, jax.random.PRNGKey(3))
     assert_only_trainable_changed(start, train_steps(model, start, "prompt"), "prompt")
 

@@ -111,3 +111,23 @@ def test_data_parallel_lora_run_writes_eval_json_and_a_loadable_merged_model(tmp
     assert "lora_a" not in str(jax.tree_util.tree_structure(loaded.params))
     assert "new_tokens" not in loaded.params and loaded.params["wte"]["embedding"].shape[0] == 256 + 4  # merged
     assert np.isfinite(np.asarray(loaded.logits(np.zeros((1, 4), np.int32)))).all()
+
+
+def test_prompt_tuned_run_loads_with_its_prompt_in_front_of_every_input(tmp_path, base_run, capsys):
+    run_dir = tmp_path / "sft"
+    code, err = run(
+        capsys, f"init.from={base_run}", f"run.dir={run_dir}", "sft.method=prompt", "prompt.n_virtual_tokens=4",
+        "sft.n_train=20", "sft.n_eval=4", "sft.max_new_tokens=4", "train.steps=2", "train.batch_size=8", "log.every=1",
+    )
+    assert code == 0, err
+    loaded = jaxllm.load(run_dir)
+    assert loaded.config.model.prompt_tokens == 4 and loaded.params["prompt"].shape == (4, 32)
+    tokens = np.arange(1, 7, dtype=np.int32)[None]
+    prefixed = Transformer(loaded.config.model).apply({"params": loaded.params}, np.pad(tokens, ((0, 0), (4, 0))))
+    np.testing.assert_allclose(loaded.logits(tokens), prefixed[:, 4:], rtol=1e-5, atol=1e-6)  # jitted vs eager
+    without = loaded.params | {"prompt": jnp.zeros_like(loaded.params["prompt"])}  # the prompt does matter
+    assert not np.allclose(loaded.logits(tokens), Transformer(loaded.config.model).apply(
+        {"params": without}, np.pad(tokens, ((0, 0), (4, 0))))[:, 4:])
+    assert len(loaded.generate("ab", max_new_tokens=3, temperature=0)) > 0
+    with pytest.raises(jaxllm.errors.ConfigError, match="prompt-tuned model has no Hugging Face form"):
+        loaded.save_hf(tmp_path / "hf")
