@@ -232,8 +232,10 @@ def test_two_processes_train_like_one_process(runs, workdir):
     for log in logs:
         log.close()
     assert codes == [0, 0], "\n".join((workdir / f"process{i}.log").read_text()[-3000:] for i in range(2))
-    done = [(workdir / f"process{i}.log").read_text().count("done: step 4") for i in range(2)]
-    assert done == [1, 0]  # the run's one summary line comes from process 0
+    logs = [(workdir / f"process{i}.log").read_text() for i in range(2)]
+    assert [log.count("done: step 4") for log in logs] == [1, 0]  # the run's one summary line comes from process 0
+    # Embedding tables are gathered whole before the lookup, so XLA never reshards the hard way.
+    assert not any("Involuntary full rematerialization" in log for log in logs)
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
