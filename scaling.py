@@ -196,6 +196,9 @@ def run_fit(args: argparse.Namespace) -> int:
             runs, lambda r: sl.fit_all(r, sl.BOOTSTRAP_STARTS).parameters(), args.bootstrap, args.seed, PERCENTILES,
             progress=lambda it: tqdm(it, desc="bootstrap", unit="resample", file=sys.stderr),
         )
+        for name, alloc in (("approach1", fit.approach1), ("approach2", fit.approach2)):
+            if alloc is not None:  # one point per budget: resample the budgets, not the runs
+                intervals.update(sl.bootstrap_allocation(alloc, name, args.bootstrap, args.seed, PERCENTILES))
     report = fit_report(fit, intervals, runs, args)
     _write_json_atomically(out_dir / "fit.json", report)
     print(format_table(report))

@@ -500,6 +500,30 @@ def bootstrap(
     }
 
 
+def bootstrap_allocation(
+    alloc: Allocation, name: str, samples: int, seed: int, percentiles: tuple[float, float] = (2.5, 97.5)
+) -> dict[str, Interval]:
+    """Intervals of ``{name}.a`` and ``{name}.b`` by resampling the budgets (one compute-optimal point
+    each, shape [K]) with replacement and refitting the two power laws.
+
+    Approaches 1 and 2 reduce each budget to one point, so the budgets are the cases to resample:
+    resampling runs instead leaves most budgets with too few distinct sizes for a profile (a sweep
+    runs ~5 per budget). Resamples with fewer than two distinct budgets are skipped.
+    """
+    rng = np.random.default_rng(seed)
+    fits: dict[str, list[float]] = {f"{name}.a": [], f"{name}.b": []}
+    for _ in range(samples):
+        pick = rng.integers(0, len(alloc.C), size=len(alloc.C))
+        if len(np.unique(alloc.C[pick])) < MIN_BUDGETS:
+            continue
+        fits[f"{name}.a"].append(fit_power_law(alloc.C[pick], alloc.N[pick], name).exponent)
+        fits[f"{name}.b"].append(fit_power_law(alloc.C[pick], alloc.D[pick], name).exponent)
+    return {
+        key: Interval(*(float(q) for q in np.percentile(v, percentiles)), samples=len(v))
+        for key, v in fits.items() if v
+    }
+
+
 # --- Everything at once, as `scaling.py fit` runs it -------------------------------------------------
 
 

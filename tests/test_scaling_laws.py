@@ -67,6 +67,20 @@ def test_approach2_recovers_known_exponents_from_isoflop_parabolas():
     assert alloc.b == pytest.approx(1 - a_true, abs=0.01)
 
 
+def test_allocation_intervals_resample_budgets_and_cover_the_true_exponent():
+    C = np.logspace(10, 12, 5)  # a CPU sweep's handful of budgets, one optimum each
+    exact = sl._allocation(C, 0.3 * C**0.45, C / (6 * 0.3 * C**0.45), "approach 2")
+    iv = sl.bootstrap_allocation(exact, "approach2", 200, seed=0)
+    assert iv["approach2.a"].low == pytest.approx(0.45) and iv["approach2.a"].high == pytest.approx(0.45)
+    assert iv["approach2.b"].low == pytest.approx(0.55) and iv["approach2.b"].high == pytest.approx(0.55)
+    two = sl._allocation(C[:2], exact.N[:2], exact.D[:2], "approach 2")
+    assert 50 < sl.bootstrap_allocation(two, "approach2", 200, seed=0)["approach2.a"].samples < 150  # one budget: skipped
+    noisy_N = 0.3 * C**0.45 * np.exp(np.random.default_rng(0).normal(0, 0.1, 5))
+    noisy = sl._allocation(C, noisy_N, C / (6 * noisy_N), "approach 2")
+    a = sl.bootstrap_allocation(noisy, "approach2", 200, seed=0)["approach2.a"]
+    assert a.low < noisy.a < a.high and a.low < 0.45 < a.high and a.high - a.low > 0.02
+
+
 def test_kaplan_fit_recovers_known_exponent():
     rng = np.random.default_rng(2)
     N = np.logspace(6, 10, 20)
