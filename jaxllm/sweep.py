@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import fcntl
 import io
 import json
 import math
@@ -316,6 +317,22 @@ def run_sweep(
         (out / "runs").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output folder {out}: {e.strerror}") from None
+    with _only_writer(out):
+        return _run_sweep(cfg, specs, out, progress, devices)
+
+
+@contextlib.contextmanager
+def _only_writer(out: Path):
+    """Holds an exclusive lock on ``out`` while a sweep writes there (the OS drops it if the process dies)."""
+    with open(out / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another sweep is writing to {out}; wait for it to finish or choose another --out") from None
+        yield
+
+
+def _run_sweep(cfg: SweepConfig, specs: list[RunSpec], out: Path, progress, devices) -> list[dict[str, Any]]:
     H = entropy_rate(cfg.data.source)
     meta = {"runs": len(specs), "entropy_rate": H, "counting": "N = flops.param_counts()['matmul'], C = 6 N D",
             "config": to_dict(cfg)}

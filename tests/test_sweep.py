@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import math
 
 import jax
@@ -11,7 +12,7 @@ from conftest import run_cli
 
 from jaxllm import flops, trainer
 from jaxllm.config import ModelConfig, load_config
-from jaxllm.errors import ConfigError
+from jaxllm.errors import ConfigError, UserError
 from jaxllm.sweep import Shape, SweepConfig, plan, run_sweep, shape_model, size_window, sweep_plan
 
 TINY_SWEEP = [
@@ -81,6 +82,18 @@ def test_sweep_writes_results_csv_then_skips_finished_runs(tmp_path, corpus, mon
 
     monkeypatch.setattr(trainer, "train", must_not_train)
     assert run_sweep(cfg, specs, out, devices=jax.devices()[:1]) == rows
+
+
+def test_a_second_sweep_into_the_same_folder_is_refused_while_the_first_writes(tmp_path, corpus):
+    cfg = load_config(None, TINY_SWEEP + [f"data.source={corpus}", "sweep.budgets=6e8"], cls=SweepConfig)
+    out = tmp_path / "sweep"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # what the first sweep holds while it trains
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match=f"another sweep is writing to {out}"):
+            run_sweep(cfg, [], out)
+        assert not (out / "sweep.json").exists()  # refused before writing anything
+    assert run_sweep(cfg, [], out) == []  # released: the folder is free again
 
 
 def test_unknown_override_key_exits_2_with_one_line(tmp_path):
