@@ -1,9 +1,11 @@
 """Decode tokens/s with and without the key/value cache, for the default model's shape.
 
-    python bench/decode.py [--new 128 512] [--batch 1 8] [--repeats 2] [--uncached-steps 32]
+    python bench/decode.py [--new 128 512] [--batch 1 8] [--repeats 2] [--uncached-steps 32] [--context N]
 
 The model is ``configs/tiny.yaml``'s (gpt2 4x128, vocab 256) with a context of prompt + new tokens
-and random weights (speed does not depend on their values). Both paths generate greedily from a
+(or ``--context`` positions: the cache then holds only the slots the generation can reach, rounded
+up to 64, while the uncached path reruns the whole context) and random weights (speed does not
+depend on their values). Both paths generate greedily from a
 16-token prompt per row. Cached: prefill + ``lax.while_loop`` over the cache
 (``jaxllm.generate.Decoder``), timed over all new tokens. Uncached: every token reruns the model over
 the fixed buffer of the whole context (``decode_full_forward``), so each of its tokens costs the same
@@ -48,9 +50,10 @@ def best_seconds(fn, repeats: int) -> float:
     return min(times)
 
 
-def measure(n_new: int, batch: int, repeats: int, uncached_steps: int) -> dict:
+def measure(n_new: int, batch: int, repeats: int, uncached_steps: int, context: int = 0) -> dict:
     base = load_config(str(ROOT / "configs" / "tiny.yaml"))
-    cfg = resolve_model(dataclasses.replace(base.model, max_seq_len=PROMPT + n_new), 256, base.train.seq_len)
+    context = context or PROMPT + n_new
+    cfg = resolve_model(dataclasses.replace(base.model, max_seq_len=context), 256, base.train.seq_len)
     model = Transformer(cfg)
     params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, PROMPT), jnp.int32))["params"])
     prompts = np.random.default_rng(0).integers(0, 256, (batch, PROMPT)).tolist()
@@ -59,7 +62,7 @@ def measure(n_new: int, batch: int, repeats: int, uncached_steps: int) -> dict:
     cached_s = best_seconds(lambda: decoder.run(params, prompts, n_new, temperature=0.0)[0], repeats)
 
     steps = min(uncached_steps, n_new)
-    buf = np.zeros((batch, PROMPT + n_new), np.int32)
+    buf = np.zeros((batch, context), np.int32)
     buf[:, :PROMPT] = prompts
     apply_fn = _apply(model)
     uncached_s = best_seconds(
@@ -70,8 +73,8 @@ def measure(n_new: int, batch: int, repeats: int, uncached_steps: int) -> dict:
         repeats,
     )
     cached_tps, uncached_tps = batch * n_new / cached_s, batch * steps / uncached_s
-    return {"new_tokens": n_new, "batch": batch, "cached_tok_s": cached_tps, "uncached_tok_s": uncached_tps,
-            "speedup": cached_tps / uncached_tps}
+    return {"new_tokens": n_new, "batch": batch, "context": context, "cache_slots": gen.cache_slots(cfg, PROMPT, n_new),
+            "cached_tok_s": cached_tps, "uncached_tok_s": uncached_tps, "speedup": cached_tps / uncached_tps}
 
 
 def _apply(model: Transformer):
@@ -87,12 +90,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--uncached-steps", type=int, default=32)
+    ap.add_argument("--context", type=int, default=0, help="the model's context; 0 = prompt + new tokens")
     args = ap.parse_args()
-    rows = [measure(n, b, args.repeats, args.uncached_steps) for n in args.new for b in args.batch]
+    rows = [measure(n, b, args.repeats, args.uncached_steps, args.context) for n in args.new for b in args.batch]
     print(f"gpt2 4x128 (configs/tiny.yaml), {PROMPT}-token prompts, greedy, {jax.devices()[0].device_kind}")
-    print(f"{'new tokens':>10}{'batch':>7}{'cached tok/s':>14}{'no-cache tok/s':>16}{'speed-up':>10}")
+    print(f"{'new tokens':>10}{'batch':>7}{'context':>9}{'slots':>7}{'cached tok/s':>14}{'no-cache tok/s':>16}{'speed-up':>10}")
     for r in rows:
-        print(f"{r['new_tokens']:>10}{r['batch']:>7}{r['cached_tok_s']:>14.0f}{r['uncached_tok_s']:>16.1f}{r['speedup']:>9.1f}x")
+        print(f"{r['new_tokens']:>10}{r['batch']:>7}{r['context']:>9}{r['cache_slots']:>7}{r['cached_tok_s']:>14.0f}"
+              f"{r['uncached_tok_s']:>16.1f}{r['speedup']:>9.1f}x")
     print(json.dumps({"bench": "decode", "rows": rows}))
 
 

@@ -88,10 +88,19 @@ def check_request(prompt_lengths: list[int], max_new_tokens: int, max_seq_len: i
 # --------------------------------------------------------------------------- with the cache
 
 
-def init_cache(cfg: ModelConfig, batch: int) -> dict:
-    """Zero keys and values ``[L, B, S, K, H]`` in the compute dtype, laid out as the model's
-    ``cache`` collection (mirrors ``params['blocks']['attn']``; the scan adds the layers axis)."""
-    shape = (cfg.n_layer, batch, cfg.max_seq_len, cfg.n_kv_head, cfg.d_model // cfg.n_head)
+def cache_slots(cfg: ModelConfig, width: int, n_new: int) -> int:
+    """Cache positions a decode of ``n_new`` tokens after prompts padded to ``width`` can write, rounded
+    up to 64 (fewer distinct programs) and capped at the context: attention reads every slot, so a
+    short generation from a long-context model should not pay for all ``max_seq_len`` of them."""
+    return min(cfg.max_seq_len, -(-(width + n_new) // 64) * 64)
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int | None = None) -> dict:
+    """Zero keys and values ``[L, B, S, K, H]`` (S = ``slots``, default the whole context) in the compute
+    dtype, laid out as the model's ``cache`` collection (mirrors ``params['blocks']['attn']``; the
+    scan adds the layers axis)."""
+    S = cfg.max_seq_len if slots is None else slots
+    shape = (cfg.n_layer, batch, S, cfg.n_kv_head, cfg.d_model // cfg.n_head)
     zeros = jnp.zeros(shape, compute_dtype(cfg))
     return {"blocks": {"attn": {"key": zeros, "value": zeros}}}
 
@@ -132,7 +141,7 @@ def _decode(
         return tok_B, done_B | (tok_B == eos_id), tokens_BxN, logits_BxNxV
 
     positions_BxP = jnp.broadcast_to(jnp.arange(P), (B, P))
-    logits_BxPxV, cache = forward(init_cache(model.cfg, B), prompt_BxP, positions_BxP)
+    logits_BxPxV, cache = forward(init_cache(model.cfg, B, cache_slots(model.cfg, P, n_new)), prompt_BxP, positions_BxP)
     last_BxV = logits_BxPxV[rows_B, lengths_B - 1]
     tokens_BxN = jnp.full((B, n_new), eos_id, jnp.int32)
     logits_BxNxV = jnp.zeros((B, n_new, last_BxV.shape[-1]), jnp.float32) if with_logits else None

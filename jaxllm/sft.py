@@ -153,7 +153,7 @@ def make_greedy(model: Transformer, lora_scale: float, max_new: int, end_id: int
     @jax.jit
     def loop(params, prompt_NxP, lengths_N):
         rows_N = jnp.arange(prompt_NxP.shape[0])
-        cache = gen.init_cache(model.cfg, prompt_NxP.shape[0])
+        cache = gen.init_cache(model.cfg, prompt_NxP.shape[0], gen.cache_slots(model.cfg, prompt_NxP.shape[1], max_new))
         positions_NxP = jnp.broadcast_to(jnp.arange(prompt_NxP.shape[1]), prompt_NxP.shape)
         logits_NxPxV, cache = forward(model, params, lora_scale, prompt_NxP, positions_NxP, cache=cache)
         tok_N = jnp.argmax(logits_NxPxV[rows_N, lengths_N - 1], -1).astype(jnp.int32)

@@ -11,7 +11,7 @@ from conftest import TINY, corpus_text
 
 from jaxllm import generate, sharding
 from jaxllm.config import MeshConfig, ModelConfig, load_config, resolve_model
-from jaxllm.generate import Decoder, filter_logits, generate_tokens
+from jaxllm.generate import Decoder, cache_slots, filter_logits, generate_tokens
 from jaxllm.model import Transformer
 
 FLAVOURS = {
@@ -63,6 +63,19 @@ def test_cached_logits_within_1e_5_of_full_forward(decoded):
     _, logits_BxNxV, refs = decoded
     for row, (_, ref_logits) in enumerate(refs):
         np.testing.assert_allclose(logits_BxNxV[row], ref_logits, rtol=0, atol=1e-5)
+
+
+def test_a_short_generation_from_a_long_context_model_uses_a_short_cache_with_the_same_logits():
+    cfg = resolve_model(FLAVOURS["gpt2"], vocab_size=64, seq_len=256)
+    model = Transformer(cfg)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    assert cache_slots(cfg, 16, N_NEW) == 64 and cache_slots(cfg, 240, 100) == 256  # rounded up, capped
+    prompt = PROMPTS[1]
+    tokens_BxN, logits_BxNxV = Decoder(cfg).run(params, [prompt], N_NEW, temperature=0.0, with_logits=True)
+    buf = np.zeros((1, cfg.max_seq_len), np.int32)  # the full-context reference, fed the decoded tokens
+    buf[0, : len(prompt) + N_NEW] = prompt + np.asarray(tokens_BxN)[0].tolist()
+    full_TxV = np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t))(params, jnp.asarray(buf)))[0]
+    np.testing.assert_allclose(logits_BxNxV[0], full_TxV[len(prompt) - 1 : len(prompt) - 1 + N_NEW], rtol=0, atol=1e-5)
 
 
 def test_decoding_stops_each_row_at_end_of_sequence():
