@@ -274,8 +274,8 @@ def format_table(report: dict[str, Any]) -> str:
     """The fitted numbers of a fit.json document as an aligned text table."""
     data = report["data"]
     dropped = f", {data['dropped_highest_loss']} highest-loss dropped" if data["dropped_highest_loss"] else ""
-    lines = [f"{data['runs']} runs from {data['csv']}{dropped}; "
-             f"95% intervals from {report['bootstrap']['resamples']} bootstrap resamples", "",
+    lines = [(f"{data['runs']} runs from {data['csv']}{dropped}; "
+              f"95% intervals from {report['bootstrap']['resamples']} bootstrap resamples"), "",
              f"{'fit':<14}{'parameter':<11}{'value':>12}   95% interval"]
 
     def row(fit: str, name: str, entry: dict[str, Any]) -> None:

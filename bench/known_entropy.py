@@ -27,7 +27,7 @@ def main() -> int:
     args = parser.parse_args()
     cmd = [sys.executable, str(ROOT / "scaling.py"), "sweep", str(ROOT / "configs" / "scaling_markov.yaml"),
            *args.overrides, "--out", str(args.out), "--fit"]
-    if subprocess.run(cmd).returncode:
+    if subprocess.run(cmd, check=False).returncode:
         return 2
     a3 = json.loads((args.out / "fit.json").read_text())["approach3"]
     E, (low, high) = a3["E"]["value"], a3["E"]["ci95"]

@@ -35,7 +35,7 @@ def main() -> int:
                f"data.source={args.data}", f"run.dir={tmp}/run", f"data.cache_dir={tmp}/cache",
                "log.progress=false", *args.overrides]
         start = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - start
         if out.returncode:
             print(out.stderr, file=sys.stderr)

@@ -22,7 +22,6 @@ from jaxllm.config import Config, from_dict
 from jaxllm.errors import ConfigError
 from jaxllm.model import Transformer
 
-
 PLACEHOLDER = 0  # token id at a prompt-tuned model's first model.prompt_tokens positions; the model replaces it
 
 
@@ -36,8 +35,14 @@ class LoadedModel:
 
     def __post_init__(self):
         self.module = Transformer(self.config.model, deterministic=True)
-        self._apply = jax.jit(lambda p, t: self.module.apply({"params": p}, t))
+        self._logits = jax.jit(self._prefixed_logits)
         self.decoder = gen.Decoder(self.config.model)
+
+    def _prefixed_logits(self, params, tokens_BxT: jax.Array) -> jax.Array:
+        """float32 logits of ``tokens`` after the placeholders of a learned prompt, if the model has one."""
+        P = len(self.prefix)
+        tokens_BxT = jnp.pad(tokens_BxT, ((0, 0), (P, 0)), constant_values=PLACEHOLDER)
+        return self.module.apply({"params": params}, tokens_BxT)[:, P:].astype(jnp.float32)
 
     @property
     def prefix(self) -> list[int]:
@@ -46,10 +51,7 @@ class LoadedModel:
 
     def logits(self, tokens_BxT) -> jax.Array:
         """float32 ``[B, T, V]`` next-token logits for integer tokens ``[B, T]`` (after the prefix, if any)."""
-        tokens_BxT = jnp.asarray(tokens_BxT, jnp.int32)
-        P = len(self.prefix)
-        tokens_BxT = jnp.pad(tokens_BxT, ((0, 0), (P, 0)), constant_values=PLACEHOLDER)
-        return self._apply(self.params, tokens_BxT)[:, P:].astype(jnp.float32)
+        return self._logits(self.params, jnp.asarray(tokens_BxT, jnp.int32))
 
     def generate(
         self,

@@ -49,7 +49,7 @@ class Checkpointer:
         for step in reversed(self.steps()):
             try:
                 meta = self.read_meta(step)
-            except Exception:  # unreadable: restore_latest reports it and falls back
+            except Exception:  # noqa: BLE001, S112  (unreadable: restore_latest reports it and falls back)
                 continue
             check_same_model(meta.get("model", {}), model, self.directory)
             return
@@ -63,7 +63,7 @@ class Checkpointer:
         for step in reversed(self.steps()):
             try:
                 meta = self.read_meta(step)
-            except Exception as e:  # orbax raises many types for a damaged directory
+            except Exception as e:  # noqa: BLE001  (orbax raises many types for a damaged directory)
                 self._set_aside(step, e)
                 continue
             check_same_model(meta.get("model", {}), model, self.directory)
@@ -71,7 +71,7 @@ class Checkpointer:
                 restored = self.manager.restore(
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
                 )
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001  (as above)
                 self._set_aside(step, e)
                 continue
             return restored["state"], meta

@@ -16,128 +16,129 @@ import yaml
 from jaxllm.errors import ConfigError
 
 
-def _f(default: Any, help: str) -> Any:
+def option(default: Any, help: str) -> Any:
+    """A config key: its default and the one-line meaning ``--help`` prints."""
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class RunConfig:
-    dir: str = _f("runs/tiny", "run directory: config, metrics, plots, checkpoints (resumes if present)")
+    dir: str = option("runs/tiny", "run directory: config, metrics, plots, checkpoints (resumes if present)")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(1000, "optimizer steps")
-    batch_size: int = _f(16, "sequences per micro-batch, global over all devices and hosts")
-    seq_len: int = _f(128, "tokens per training sequence (the context length)")
-    seed: int = _f(0, "seed of initialisation, data order and dropout")
-    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    steps: int = option(1000, "optimizer steps")
+    batch_size: int = option(16, "sequences per micro-batch, global over all devices and hosts")
+    seq_len: int = option(128, "tokens per training sequence (the context length)")
+    seed: int = option(0, "seed of initialisation, data order and dropout")
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = _f("gpt2", "gpt2 (LayerNorm, GELU, learned positions, biases) | llama (RMSNorm, SwiGLU, RoPE, GQA)")
-    n_layer: int = _f(4, "transformer blocks")
-    d_model: int = _f(128, "width of the residual stream")
-    n_head: int = _f(4, "attention (query) heads")
-    n_kv_head: int = _f(0, "key/value heads for grouped-query attention; 0 = n_head")
-    d_ff: int = _f(0, "MLP hidden width; 0 = 4*d_model (gpt2) or 8/3*d_model rounded to 64 (llama)")
-    vocab_size: int = _f(0, "embedding rows; 0 = the tokenizer's size; larger pads (e.g. to divide by mesh.tensor)")
-    max_seq_len: int = _f(0, "longest sequence the model accepts (learned positions, RoPE tables); 0 = train.seq_len")
-    residual: bool = _f(True, "keep the skip connections; false is the no-residual ablation")
-    norm_position: str = _f("pre", "pre (pre-LN, modern) | post (post-LN, the original transformer)")
-    dropout: float = _f(0.0, "dropout rate on attention and MLP outputs and embeddings")
-    dtype: str = _f("float32", "compute dtype: float32 | bfloat16 (parameters stay float32)")
-    remat: bool = _f(False, "recompute each block's activations in the backward pass (saves memory)")
-    scan_unroll: int = _f(1, "blocks per iteration of the layer loop; n_layer unrolls it (small models run faster, compile slower)")
-    tie_embeddings: bool = _f(True, "share the token embedding with the output projection")
-    rope_theta: float = _f(10000.0, "RoPE base frequency (llama)")
-    norm_eps: float = _f(1e-5, "epsilon of LayerNorm / RMSNorm")
-    adapter_dim: int = _f(0, "bottleneck adapter width after attention and MLP (fine-tuning, sft.method=adapter); 0 = none")
-    prompt_tokens: int = _f(0, "learned vectors that replace the embeddings of positions 0..P-1 (prompt tuning, "
+    arch: str = option("gpt2", "gpt2 (LayerNorm, GELU, learned positions, biases) | llama (RMSNorm, SwiGLU, RoPE, GQA)")
+    n_layer: int = option(4, "transformer blocks")
+    d_model: int = option(128, "width of the residual stream")
+    n_head: int = option(4, "attention (query) heads")
+    n_kv_head: int = option(0, "key/value heads for grouped-query attention; 0 = n_head")
+    d_ff: int = option(0, "MLP hidden width; 0 = 4*d_model (gpt2) or 8/3*d_model rounded to 64 (llama)")
+    vocab_size: int = option(0, "embedding rows; 0 = the tokenizer's size; larger pads (e.g. to divide by mesh.tensor)")
+    max_seq_len: int = option(0, "longest sequence the model accepts (learned positions, RoPE tables); 0 = train.seq_len")
+    residual: bool = option(True, "keep the skip connections; false is the no-residual ablation")
+    norm_position: str = option("pre", "pre (pre-LN, modern) | post (post-LN, the original transformer)")
+    dropout: float = option(0.0, "dropout rate on attention and MLP outputs and embeddings")
+    dtype: str = option("float32", "compute dtype: float32 | bfloat16 (parameters stay float32)")
+    remat: bool = option(False, "recompute each block's activations in the backward pass (saves memory)")
+    scan_unroll: int = option(1, "blocks per iteration of the layer loop; n_layer unrolls it (small models run faster, compile slower)")
+    tie_embeddings: bool = option(True, "share the token embedding with the output projection")
+    rope_theta: float = option(10000.0, "RoPE base frequency (llama)")
+    norm_eps: float = option(1e-5, "epsilon of LayerNorm / RMSNorm")
+    adapter_dim: int = option(0, "bottleneck adapter width after attention and MLP (fine-tuning, sft.method=adapter); 0 = none")
+    prompt_tokens: int = option(0, "learned vectors that replace the embeddings of positions 0..P-1 (prompt tuning, "
                                "sft.method=prompt; jaxllm.load puts placeholders there); 0 = none")
 
 
 @dataclass
 class DataConfig:
-    source: str = _f("stdlib", "stdlib | a text file, folder or glob | a .jsonl with a 'text' field | synthetic:markov:...")
-    tokenizer: str = _f("byte", "byte | char | bpe (trained on the corpus) | path to a tokenizer.json")
-    bpe_vocab_size: int = _f(4096, "vocabulary size when data.tokenizer=bpe")
-    val_fraction: float = _f(0.02, "share held out for validation: whole files, or the tail of a single file")
-    cache_dir: str = _f("", "where tokenized corpora are cached; '' = ~/.cache/jaxllm")
+    source: str = option("stdlib", "stdlib | a text file, folder or glob | a .jsonl with a 'text' field | synthetic:markov:...")
+    tokenizer: str = option("byte", "byte | char | bpe (trained on the corpus) | path to a tokenizer.json")
+    bpe_vocab_size: int = option(4096, "vocabulary size when data.tokenizer=bpe")
+    val_fraction: float = option(0.02, "share held out for validation: whole files, or the tail of a single file")
+    cache_dir: str = option("", "where tokenized corpora are cached; '' = ~/.cache/jaxllm")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = _f(1e-3, "peak learning rate")
-    min_lr: float = _f(1e-4, "learning rate at the end of the decay")
-    warmup_steps: int = _f(100, "linear warmup steps from 0 to optim.lr")
-    schedule: str = _f("cosine", "cosine | wsd (warmup-stable-decay) | linear | constant")
-    decay_fraction: float = _f(0.2, "wsd: share of steps spent decaying at the end")
-    weight_decay: float = _f(0.1, "AdamW decoupled weight decay, applied to weight matrices only")
-    b1: float = _f(0.9, "Adam beta1")
-    b2: float = _f(0.95, "Adam beta2")
-    eps: float = _f(1e-8, "Adam epsilon")
-    clip_norm: float = _f(1.0, "clip the global gradient norm to this; 0 = no clipping")
-    shard_state: bool = _f(False, "ZeRO-1: shard the optimizer state over the data axes")
+    lr: float = option(1e-3, "peak learning rate")
+    min_lr: float = option(1e-4, "learning rate at the end of the decay")
+    warmup_steps: int = option(100, "linear warmup steps from 0 to optim.lr")
+    schedule: str = option("cosine", "cosine | wsd (warmup-stable-decay) | linear | constant")
+    decay_fraction: float = option(0.2, "wsd: share of steps spent decaying at the end")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay, applied to weight matrices only")
+    b1: float = option(0.9, "Adam beta1")
+    b2: float = option(0.95, "Adam beta2")
+    eps: float = option(1e-8, "Adam epsilon")
+    clip_norm: float = option(1.0, "clip the global gradient norm to this; 0 = no clipping")
+    shard_state: bool = option(False, "ZeRO-1: shard the optimizer state over the data axes")
 
 
 @dataclass
 class EvalConfig:
-    every: int = _f(200, "evaluate every N steps (and at the end)")
-    batches: int = _f(20, "validation batches per evaluation")
-    sample_tokens: int = _f(200, "tokens generated as a sample at each evaluation; 0 = none")
-    sample_prompt: str = _f("", "prompt of the sample; '' = the start of the validation text")
-    temperature: float = _f(0.8, "sampling temperature of the sample")
-    top_k: int = _f(0, "sample only from the k most likely tokens; 0 = all")
+    every: int = option(200, "evaluate every N steps (and at the end)")
+    batches: int = option(20, "validation batches per evaluation")
+    sample_tokens: int = option(200, "tokens generated as a sample at each evaluation; 0 = none")
+    sample_prompt: str = option("", "prompt of the sample; '' = the start of the validation text")
+    temperature: float = option(0.8, "sampling temperature of the sample")
+    top_k: int = option(0, "sample only from the k most likely tokens; 0 = all")
 
 
 @dataclass
 class LogConfig:
-    every: int = _f(10, "log metrics every N steps")
-    peak_flops: float = _f(0.0, "peak FLOP/s of one device for MFU; 0 = built-in table by device kind")
-    tensorboard: bool = _f(True, "write TensorBoard events into run.dir/tb")
-    progress: bool = _f(True, "show a progress bar")
+    every: int = option(10, "log metrics every N steps")
+    peak_flops: float = option(0.0, "peak FLOP/s of one device for MFU; 0 = built-in table by device kind")
+    tensorboard: bool = option(True, "write TensorBoard events into run.dir/tb")
+    progress: bool = option(True, "show a progress bar")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = _f(500, "save every N steps (and at the end, and on SIGTERM/SIGINT)")
-    keep: int = _f(2, "checkpoints kept")
+    every: int = option(500, "save every N steps (and at the end, and on SIGTERM/SIGINT)")
+    keep: int = option(2, "checkpoints kept")
 
 
 @dataclass
 class MeshConfig:
-    data: int = _f(-1, "data-parallel ways; -1 = the devices the other axes leave (yields to another axis's -1)")
-    fsdp: int = _f(1, "FSDP / ZeRO-3 ways: parameters and optimizer state sharded")
-    tensor: int = _f(1, "tensor-parallel ways: heads, MLP hidden and vocabulary split")
-    pipe: int = _f(1, "pipeline stages")
-    sequence_parallel: bool = _f(False, "shard activations along seq over the tensor axis outside attention/MLP")
-    rules: dict = _f(None, "overrides of the logical-axis rules, e.g. {embed: null, mlp: [tensor, fsdp]}")
+    data: int = option(-1, "data-parallel ways; -1 = the devices the other axes leave (yields to another axis's -1)")
+    fsdp: int = option(1, "FSDP / ZeRO-3 ways: parameters and optimizer state sharded")
+    tensor: int = option(1, "tensor-parallel ways: heads, MLP hidden and vocabulary split")
+    pipe: int = option(1, "pipeline stages")
+    sequence_parallel: bool = option(False, "shard activations along seq over the tensor axis outside attention/MLP")
+    rules: dict | None = option(None, "overrides of the logical-axis rules, e.g. {embed: null, mlp: [tensor, fsdp]}")
 
 
 @dataclass
 class PipelineConfig:
-    microbatches: int = _f(0, "micro-batches each batch is split into when mesh.pipe > 1; 0 = mesh.pipe")
-    schedule: str = _f("gpipe", "gpipe (all forwards, then all backwards) | circular (layers go round the pipe)")
-    repeats: int = _f(1, "circular: rounds through the pipe, i.e. non-adjacent layer chunks per stage")
+    microbatches: int = option(0, "micro-batches each batch is split into when mesh.pipe > 1; 0 = mesh.pipe")
+    schedule: str = option("gpipe", "gpipe (all forwards, then all backwards) | circular (layers go round the pipe)")
+    repeats: int = option(1, "circular: rounds through the pipe, i.e. non-adjacent layer chunks per stage")
 
 
 @dataclass
 class DistConfig:
-    coordinator: str = _f("", "host:port of process 0 (multi-host); auto = from SLURM / Open MPI / TPU pod; '' = one process")
-    num_processes: int = _f(1, "processes in a multi-host run")
-    process_id: int = _f(0, "this process's index")
-    cpu_devices: int = _f(0, "JAX devices the host CPU is split into (XLA's CPU backend runs a small model faster as one "
+    coordinator: str = option("", "host:port of process 0 (multi-host); auto = from SLURM / Open MPI / TPU pod; '' = one process")
+    num_processes: int = option(1, "processes in a multi-host run")
+    process_id: int = option(0, "this process's index")
+    cpu_devices: int = option(0, "JAX devices the host CPU is split into (XLA's CPU backend runs a small model faster as one "
                              "device per core, data-parallel, than as one multi-threaded device); 0 = JAX's default; "
                              "JAX_NUM_CPU_DEVICES, when set, wins; GPU and TPU runs ignore it")
 
 
 @dataclass
 class DistillConfig:
-    teacher: str = _f("", "run directory of a trained teacher to distil from (frozen); '' = no distillation")
-    temperature: float = _f(2.0, "softmax temperature of teacher and student in the KL term")
-    alpha: float = _f(0.5, "loss = (1 - alpha) next-token loss + alpha temperature^2 KL(teacher || student)")
+    teacher: str = option("", "run directory of a trained teacher to distil from (frozen); '' = no distillation")
+    temperature: float = option(2.0, "softmax temperature of teacher and student in the KL term")
+    alpha: float = option(0.5, "loss = (1 - alpha) next-token loss + alpha temperature^2 KL(teacher || student)")
 
 
 @dataclass
@@ -166,37 +167,37 @@ class InitConfig:
 
 
 InitConfig.__annotations__ = {"from": str}
-setattr(InitConfig, "from", _f("runs/tiny", "a jaxllm run directory, or a Hugging Face model directory (config.json + *.safetensors)"))
+setattr(InitConfig, "from", option("runs/tiny", "a jaxllm run directory, or a Hugging Face model directory (config.json + *.safetensors)"))
 InitConfig = dataclass(init=False, repr=False, eq=False)(InitConfig)
 
 
 @dataclass
 class SFTSection:
-    method: str = _f("full", "full | lora | prompt (prompt tuning) | adapter (bottleneck adapters)")
-    data: str = _f("tasks", "tasks (the built-in instruction tasks) | a .jsonl of Alpaca or chat records")
-    n_train: int = _f(4000, "built-in tasks: training examples per task")
-    n_eval: int = _f(50, "held-out examples per task (JSONL: every 20th record) scored by exact match")
-    max_new_tokens: int = _f(24, "longest greedy answer generated at evaluation")
+    method: str = option("full", "full | lora | prompt (prompt tuning) | adapter (bottleneck adapters)")
+    data: str = option("tasks", "tasks (the built-in instruction tasks) | a .jsonl of Alpaca or chat records")
+    n_train: int = option(4000, "built-in tasks: training examples per task")
+    n_eval: int = option(50, "held-out examples per task (JSONL: every 20th record) scored by exact match")
+    max_new_tokens: int = option(24, "longest greedy answer generated at evaluation")
 
 
 @dataclass
 class LoRAConfig:
-    rank: int = _f(8, "rank r of the update W + (alpha/r) A B")
-    alpha: float = _f(16.0, "scale numerator of the update")
-    targets: str = _f("q,v", "comma-separated projections among q, k, v, o, gate, up, down")
-    lr: float = _f(0.0, "peak learning rate with sft.method=lora; 0 = optim.lr (optim.min_lr scales with it)")
+    rank: int = option(8, "rank r of the update W + (alpha/r) A B")
+    alpha: float = option(16.0, "scale numerator of the update")
+    targets: str = option("q,v", "comma-separated projections among q, k, v, o, gate, up, down")
+    lr: float = option(0.0, "peak learning rate with sft.method=lora; 0 = optim.lr (optim.min_lr scales with it)")
 
 
 @dataclass
 class PromptConfig:
-    n_virtual_tokens: int = _f(16, "learned embeddings placed before every example")
-    lr: float = _f(0.0, "peak learning rate with sft.method=prompt; 0 = optim.lr (optim.min_lr scales with it)")
+    n_virtual_tokens: int = option(16, "learned embeddings placed before every example")
+    lr: float = option(0.0, "peak learning rate with sft.method=prompt; 0 = optim.lr (optim.min_lr scales with it)")
 
 
 @dataclass
 class AdapterConfig:
-    dim: int = _f(32, "bottleneck width of the adapters after attention and after the MLP")
-    lr: float = _f(0.0, "peak learning rate with sft.method=adapter; 0 = optim.lr (optim.min_lr scales with it)")
+    dim: int = option(32, "bottleneck width of the adapters after attention and after the MLP")
+    lr: float = option(0.0, "peak learning rate with sft.method=adapter; 0 = optim.lr (optim.min_lr scales with it)")
 
 
 @dataclass
@@ -215,7 +216,7 @@ class SFTConfig(Config):
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     """Converts a YAML or command-line value to the dataclass field's type, or says why not."""
-    if typ in ("dict", dict) or typ == "dict | None":
+    if typ == dict | None:
         if isinstance(value, str):  # a command-line override such as mesh.rules="{embed: null}"
             try:
                 value = yaml.safe_load(value)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxllm.config import Config, validate
+from jaxllm.config import Config, option, validate
 from jaxllm.errors import ConfigError, UserError
 from jaxllm.sweep import csv_text, train_once, write_atomically
 
@@ -57,7 +57,7 @@ VARIANTS = (Variant(True, "pre"), Variant(True, "post"), Variant(False, "pre"), 
 
 @dataclass
 class DepthSection:
-    layers: str = field(default="2,4,8,16,32", metadata={"help": "stack depths to train, comma-separated"})
+    layers: str = option("2,4,8,16,32", "stack depths to train, comma-separated")
 
 
 @dataclass
@@ -115,7 +115,7 @@ def layer_norms(metrics_path: Path) -> dict[str, list[float]]:
     if not logged:
         return {"grad_early": [], "grad_last": []}
     norms_SxL = np.array(logged)
-    early = max(1, int(round(EARLY_SHARE * len(logged))))
+    early = max(1, round(EARLY_SHARE * len(logged)))
     return {"grad_early": norms_SxL[:early].mean(axis=0).tolist(), "grad_last": norms_SxL[-1].tolist()}
 
 

@@ -215,7 +215,7 @@ def read_weights(directory: Path) -> dict[str, np.ndarray]:
     weights = {}
     for f in files:
         with safe_open(f, framework="flax") as st:  # flax: bfloat16 tensors load too
-            for k in st.keys():
+            for k in st.keys():  # noqa: SIM118  (a safetensors handle, not a dict: no __iter__)
                 weights[k] = np.asarray(st.get_tensor(k), dtype=np.float32)
     return weights
 

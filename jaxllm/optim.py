@@ -23,7 +23,7 @@ def schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
     elif cfg.schedule == "linear":
         decay = optax.linear_schedule(cfg.lr, cfg.min_lr, rest)
     elif cfg.schedule == "wsd":
-        n_decay = max(int(round(rest * cfg.decay_fraction)), 1)
+        n_decay = max(round(rest * cfg.decay_fraction), 1)
         decay = optax.join_schedules(
             [optax.constant_schedule(cfg.lr), optax.linear_schedule(cfg.lr, cfg.min_lr, n_decay)], [rest - n_decay]
         )

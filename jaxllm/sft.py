@@ -256,8 +256,8 @@ def _export_config(cfg: SFTConfig, p: Prepared) -> Config:
 
 def _print_table(before: dict, after: dict) -> None:
     print(f"{'task':<10} {'before':>7} {'after':>7}")
-    for k in after:
-        print(f"{k:<10} {before[k]:>7.1%} {after[k]:>7.1%}")
+    for k, score in after.items():
+        print(f"{k:<10} {before[k]:>7.1%} {score:>7.1%}")
 
 
 def finetune(cfg: SFTConfig, devices: list | None = None) -> dict:

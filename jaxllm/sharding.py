@@ -122,7 +122,9 @@ def check_param_divisible(boxed_tree: Any, mesh: Mesh, rule_table) -> None:
     ``boxed_tree``: ``nn.Partitioned`` leaves, e.g. ``jax.eval_shape`` of ``model.init``. The backstop
     behind :func:`check_divisible` for ``mesh.rules`` overrides, which JAX would reject only at jit time.
     """
-    is_boxed = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    def is_boxed(x) -> bool:
+        return isinstance(x, nn.Partitioned)
+
     for path, leaf in jax.tree_util.tree_flatten_with_path(boxed_tree, is_leaf=is_boxed)[0]:
         if not is_boxed(leaf):
             continue

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxllm import flops, synthetic
-from jaxllm.config import Config, ModelConfig, resolve_model, to_dict, validate
+from jaxllm.config import Config, ModelConfig, option, resolve_model, to_dict, validate
 from jaxllm.errors import ConfigError, UserError
 from jaxllm.scaling_laws import FLOPS_PER_PARAM_TOKEN, MIN_PROFILE_SIZES
 
@@ -51,17 +51,13 @@ COLUMNS = ("name", "budget", "n_layer", "d_model", "n_head", "N", "N_nonembed", 
            "steps", "loss", "train_loss")
 
 
-def _key(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class SweepSection:
-    budgets: str = _key("6e10,2e11,6e11", "compute budgets C = 6 N D in FLOPs, comma-separated")
-    sizes: int = _key(5, "model sizes per budget (consecutive shapes of the ladder); >= 5 for an IsoFLOP parabola")
-    tokens_per_param: float = _key(300.0, "each budget's sizes are centred on the N with D / N = this "
+    budgets: str = option("6e10,2e11,6e11", "compute budgets C = 6 N D in FLOPs, comma-separated")
+    sizes: int = option(5, "model sizes per budget (consecutive shapes of the ladder); >= 5 for an IsoFLOP parabola")
+    tokens_per_param: float = option(300.0, "each budget's sizes are centred on the N with D / N = this "
                                           "(Chinchilla: 20; byte-level models of ~10k parameters want far more)")
-    shapes: str = _key("2x8,1x16,2x16,3x16,2x24,2x32,3x32,2x48,2x64,3x64,4x96,4x128",
+    shapes: str = option("2x8,1x16,2x16,3x16,2x24,2x32,3x32,2x48,2x64,3x64,4x96,4x128",
                        "the model shapes, n_layer x d_model, comma-separated; n_head = d_model / 8")
 
 

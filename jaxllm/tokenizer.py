@@ -236,7 +236,7 @@ def load(path: str | Path) -> Tokenizer:
     special = tree.pop("jaxllm_special", [])
     try:
         tok = _Tok.from_str(json.dumps(tree))
-    except Exception as e:  # the tokenizers library raises its own exception types
+    except Exception as e:  # noqa: BLE001  (the tokenizers library raises its own exception types)
         raise ConfigError(f"{str(path)!r} is not a valid tokenizer.json: {e}") from None
     return HFTokenizer(tok, special)
 

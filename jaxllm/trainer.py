@@ -136,12 +136,15 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
     model = Transformer(model_cfg, deterministic=model_cfg.dropout == 0.0)
     eval_model = Transformer(model_cfg, deterministic=True)
     tx = optimizer(cfg.optim, cfg.train.steps)
-    dummy = jnp.zeros((1, cfg.train.seq_len), jnp.int32)
+
+    def dummy():  # created inside each traced function: an eager array here would compile a program
+        return jnp.zeros((1, cfg.train.seq_len), jnp.int32)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
-        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy))["params"]
+        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy()))["params"]
+        sharding.check_param_divisible(boxed, mesh, rule_table)  # any mesh.rules override included
         param_sh = sharding.logical_shardings(boxed, mesh, rule_table)
-        abstract_params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), dummy))["params"])
+        abstract_params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), dummy()))["params"])
         opt_sh = sharding.opt_state_shardings(
             tx, jax.eval_shape(tx.init, abstract_params), param_sh, mesh, cfg.optim.shard_state
         )
@@ -150,7 +153,7 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
 
     def init_fn():
         key = jax.random.PRNGKey(cfg.train.seed)
-        params = nn.unbox(model.init(key, dummy)["params"])
+        params = nn.unbox(model.init(key, dummy())["params"])
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.fold_in(key, 1)
         )
@@ -350,11 +353,6 @@ def prepare_run(cfg: Config, devices: list | None = None) -> tuple[data_lib.Toke
     model_cfg = resolve_model(cfg.model, tokens.tokenizer.vocab_size, cfg.train.seq_len)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_divisible(model_cfg, mesh, cfg.train.batch_size, jax.process_count())
-    rule_table = sharding.rules(cfg.mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):  # abstract: nothing compiles
-        model, dummy = Transformer(model_cfg, deterministic=True), (1, cfg.train.seq_len)
-        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(dummy, jnp.int32)))["params"]
-    sharding.check_param_divisible(boxed, mesh, rule_table)
     pipeline.check(model_cfg, cfg.pipeline, mesh, cfg.train.batch_size)
     if cfg.distill.teacher:
         distill.check_teacher(cfg.distill.teacher, model_cfg, tokens.tokenizer, cfg.train.seq_len, mesh.shape["pipe"])
@@ -371,6 +369,7 @@ def prepare_run(cfg: Config, devices: list | None = None) -> tuple[data_lib.Toke
 def train(cfg: Config, devices: list | None = None) -> dict:
     """Runs (or resumes) ``cfg`` on ``devices`` (default: all) and returns a summary."""
     tokens, model_cfg, mesh = prepare_run(cfg, devices)
+    setup = build(cfg, model_cfg, mesh)  # may still refuse the run (mesh.rules), so before any write
     run_dir = Path(cfg.run.dir)
     is_main = jax.process_index() == 0
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -379,7 +378,6 @@ def train(cfg: Config, devices: list | None = None) -> dict:
         save_config(resolved, run_dir / "config.yaml")
         tokens.tokenizer.save(run_dir)
 
-    setup = build(cfg, model_cfg, mesh)
     checkpointer = ckpt.Checkpointer(run_dir, cfg.checkpoint.keep)
     t = cfg.train
     with setup.context():

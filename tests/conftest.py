@@ -75,9 +75,14 @@ def tiny_cfg(tmp_path, corpus):
     return make
 
 
-def run_cli(script: str, *args: str, devices: int = 1, cwd: Path = ROOT, timeout: int = 300, env_extra=None):
-    """Runs ``python SCRIPT ARGS`` in a subprocess with ``devices`` faked CPU devices."""
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+def run_cli(script: str, *args: str, devices: int | None = 1, cwd: Path = ROOT, timeout: int = 300, env_extra=None):
+    """Runs ``python SCRIPT ARGS`` in a subprocess with ``devices`` faked CPU devices (None: JAX_NUM_CPU_DEVICES
+    unset, so the config's ``dist.cpu_devices`` decides)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+    env.pop("JAX_NUM_CPU_DEVICES", None)  # set above for this process
+    if devices is not None:
+        env["JAX_NUM_CPU_DEVICES"] = str(devices)
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        check=False,
     )

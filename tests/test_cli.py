@@ -3,13 +3,9 @@ with nothing written."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import jax
 import pytest
-from conftest import ROOT, TINY, run_cli
+from conftest import TINY, run_cli
 
 from jaxllm.errors import ConfigError
 from jaxllm.trainer import init_cpu_devices
@@ -61,9 +57,7 @@ def test_missing_config_file_is_one_line_exit_2(tmp_path):
 def test_dist_cpu_devices_splits_the_host_cpu_unless_the_environment_says_otherwise(tmp_path, corpus):
     args = TINY + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=1",
                    "dist.cpu_devices=2"]
-    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"} | {"JAX_PLATFORMS": "cpu"}
-    split = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, f"run.dir={tmp_path / 'a'}"],
-                           env=env, capture_output=True, text=True, timeout=300)
+    split = run_cli("train.py", *args, f"run.dir={tmp_path / 'a'}", devices=None)
     assert split.returncode == 0, split.stderr[-2000:]
     assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1, 'pipe': 1}" in split.stderr
     env_wins = run_cli("train.py", *args, f"run.dir={tmp_path / 'b'}", devices=4)

@@ -85,7 +85,7 @@ def test_special_tokens_get_new_ids_and_survive_round_trip(tmp_path):
 
 def test_jsonl_corpus_reads_text_fields_and_names_bad_lines(tmp_path):
     good = tmp_path / "c.jsonl"
-    good.write_text("\n".join('{"text": "doc %d ' % i + "x" * 50 + '"}' for i in range(100)))
+    good.write_text("\n".join(f'{{"text": "doc {i} ' + "x" * 50 + '"}' for i in range(100)))
     train, val = data.read_corpus(data.locate(str(good)), 0.1)
     assert len(train) + len(val) == 100 and val
     bad = tmp_path / "bad.jsonl"

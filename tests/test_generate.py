@@ -87,7 +87,7 @@ def test_decoding_stops_each_row_at_end_of_sequence():
 
 
 def test_sampling_with_top_k_1_gives_the_greedy_tokens():
-    cfg, model, params = build("llama_gqa")
+    cfg, _, params = build("llama_gqa")
     decoder = Decoder(cfg)
     assert decoder(params, PROMPTS, N_NEW, temperature=1.0, top_k=1, seed=3) == decoder(params, PROMPTS, N_NEW, temperature=0.0)
 

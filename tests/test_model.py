@@ -13,8 +13,8 @@ from jaxllm.config import ModelConfig, resolve_model
 from jaxllm.model import Transformer, cross_entropy, residual_std
 
 FLAVOURS = {
-    "gpt2": dict(arch="gpt2"),
-    "llama": dict(arch="llama", n_kv_head=2),
+    "gpt2": {"arch": "gpt2"},
+    "llama": {"arch": "llama", "n_kv_head": 2},
 }
 
 
@@ -45,7 +45,7 @@ def test_changing_token_t_changes_no_logit_before_t(arch):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("variant", [dict(), dict(residual=False), dict(norm_position="post"), dict(tie_embeddings=False)])
+@pytest.mark.parametrize("variant", [{}, {"residual": False}, {"norm_position": "post"}, {"tie_embeddings": False}])
 def test_flavours_and_ablations_give_finite_distinct_logits(arch, variant):
     model, params = make(arch, **variant)
     logits = logits_of(model, params, tokens())
@@ -58,10 +58,10 @@ def test_flavours_and_ablations_give_finite_distinct_logits(arch, variant):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_parameter_counts_match_the_hand_count(arch):
-    for variant in (dict(), dict(norm_position="post"), dict(tie_embeddings=False)):
+    for variant in ({}, {"norm_position": "post"}, {"tie_embeddings": False}):
         cfg = resolve_model(ModelConfig(**{"n_layer": 2, "d_model": 32, "n_head": 4, **FLAVOURS[arch], **variant}), 64, 16)
         model = Transformer(cfg)
-        shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"])
+        shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"]
         real = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
         assert real == flops.param_counts(model.cfg)["total"], variant
 

@@ -216,21 +216,19 @@ def test_two_processes_train_like_one_process(runs, workdir):
     args = [str(workdir / "two_processes.yaml"), f"data.cache_dir={workdir / 'cache2'}", f"run.dir={run_dir}"]
     args += [f"dist.coordinator=127.0.0.1:{free_port()}", "dist.num_processes=2"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
-    logs = [open(workdir / f"process{i}.log", "w") for i in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(ROOT / "train.py"), *args, f"dist.process_id={i}"],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=log,
-        )
-        for i, log in enumerate(logs)
-    ]
-    one_process, _ = runs.run("data2_fsdp2_tensor2", "gpt2")  # meanwhile: 1 process x 8 devices
-    codes = wait_all(procs, timeout=400)
-    for log in logs:
-        log.close()
+    with open(workdir / "process0.log", "w") as out0, open(workdir / "process1.log", "w") as out1:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(ROOT / "train.py"), *args, f"dist.process_id={i}"],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=out,
+            )
+            for i, out in enumerate((out0, out1))
+        ]
+        one_process, _ = runs.run("data2_fsdp2_tensor2", "gpt2")  # meanwhile: 1 process x 8 devices
+        codes = wait_all(procs, timeout=400)
     assert codes == [0, 0], "\n".join((workdir / f"process{i}.log").read_text()[-3000:] for i in range(2))
     logs = [(workdir / f"process{i}.log").read_text() for i in range(2)]
     assert [log.count("done: step 4") for log in logs] == [1, 0]  # the run's one summary line comes from process 0
