@@ -7,6 +7,7 @@ Validation that needs no devices happens in :func:`validate`, before anything co
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -14,130 +15,136 @@ from typing import Any, get_type_hints
 import yaml
 
 from jaxllm.errors import ConfigError
+from jaxllm.fileio import atomic_write, check_folder_path, read_yaml
+
+POSITIVE, NON_NEGATIVE = "positive", ">= 0"
 
 
-def option(default: Any, help: str) -> Any:
-    """A config key: its default and the one-line meaning ``--help`` prints."""
-    return field(default=default, metadata={"help": help})
+def option(default: Any, help: str, sign: str | None = None) -> Any:
+    """A config key: its default, the one-line meaning ``--help`` prints, and optionally the sign every
+    value must have (:data:`POSITIVE` or :data:`NON_NEGATIVE`), checked as the value is set."""
+    return field(default=default, metadata={"help": help, "sign": sign})
 
 
 @dataclass
 class RunConfig:
     dir: str = option("runs/tiny", "run directory: config, metrics, plots, checkpoints (resumes if present)")
+    compile_cache: str = option("~/.cache/jaxllm/xla", "folder of compiled programs reused by later runs of the same "
+                                "shapes (skips compilation); '' = off; JAX_COMPILATION_CACHE_DIR, when set, wins")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = option(1000, "optimizer steps")
-    batch_size: int = option(16, "sequences per micro-batch, global over all devices and hosts")
-    seq_len: int = option(128, "tokens per training sequence (the context length)")
-    seed: int = option(0, "seed of initialisation, data order and dropout")
-    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
+    steps: int = option(1000, "optimizer steps", POSITIVE)
+    batch_size: int = option(16, "sequences per micro-batch, global over all devices and hosts", POSITIVE)
+    seq_len: int = option(128, "tokens per training sequence (the context length)", POSITIVE)
+    seed: int = option(0, "seed of initialisation, data order and dropout", NON_NEGATIVE)
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step", POSITIVE)
 
 
 @dataclass
 class ModelConfig:
     arch: str = option("gpt2", "gpt2 (LayerNorm, GELU, learned positions, biases) | llama (RMSNorm, SwiGLU, RoPE, GQA)")
-    n_layer: int = option(4, "transformer blocks")
-    d_model: int = option(128, "width of the residual stream")
-    n_head: int = option(4, "attention (query) heads")
-    n_kv_head: int = option(0, "key/value heads for grouped-query attention; 0 = n_head")
-    d_ff: int = option(0, "MLP hidden width; 0 = 4*d_model (gpt2) or 8/3*d_model rounded to 64 (llama)")
-    vocab_size: int = option(0, "embedding rows; 0 = the tokenizer's size; larger pads (e.g. to divide by mesh.tensor)")
-    max_seq_len: int = option(0, "longest sequence the model accepts (learned positions, RoPE tables); 0 = train.seq_len")
+    n_layer: int = option(4, "transformer blocks", POSITIVE)
+    d_model: int = option(128, "width of the residual stream", POSITIVE)
+    n_head: int = option(4, "attention (query) heads", POSITIVE)
+    n_kv_head: int = option(0, "key/value heads for grouped-query attention; 0 = n_head", NON_NEGATIVE)
+    d_ff: int = option(0, "MLP hidden width; 0 = 4*d_model (gpt2) or 8/3*d_model rounded to 64 (llama)", NON_NEGATIVE)
+    vocab_size: int = option(0, "embedding rows; 0 = the tokenizer's size; larger pads (e.g. to divide by mesh.tensor)", NON_NEGATIVE)
+    max_seq_len: int = option(0, "longest sequence the model accepts (learned positions, RoPE tables); 0 = train.seq_len", NON_NEGATIVE)
     residual: bool = option(True, "keep the skip connections; false is the no-residual ablation")
     norm_position: str = option("pre", "pre (pre-LN, modern) | post (post-LN, the original transformer)")
     dropout: float = option(0.0, "dropout rate on attention and MLP outputs and embeddings")
     dtype: str = option("float32", "compute dtype: float32 | bfloat16 (parameters stay float32)")
     remat: bool = option(False, "recompute each block's activations in the backward pass (saves memory)")
-    scan_unroll: int = option(1, "blocks per iteration of the layer loop; n_layer unrolls it (small models run faster, compile slower)")
+    scan_unroll: int = option(1, "blocks per iteration of the layer loop; n_layer unrolls it (small models run faster, compile slower)", POSITIVE)
     tie_embeddings: bool = option(True, "share the token embedding with the output projection")
-    rope_theta: float = option(10000.0, "RoPE base frequency (llama)")
-    norm_eps: float = option(1e-5, "epsilon of LayerNorm / RMSNorm")
-    adapter_dim: int = option(0, "bottleneck adapter width after attention and MLP (fine-tuning, sft.method=adapter); 0 = none")
+    rope_theta: float = option(10000.0, "RoPE base frequency (llama)", POSITIVE)
+    norm_eps: float = option(1e-5, "epsilon of LayerNorm / RMSNorm", POSITIVE)
+    adapter_dim: int = option(0, "bottleneck adapter width after attention and MLP (fine-tuning, sft.method=adapter); 0 = none", NON_NEGATIVE)
     prompt_tokens: int = option(0, "learned vectors that replace the embeddings of positions 0..P-1 (prompt tuning, "
-                               "sft.method=prompt; jaxllm.load puts placeholders there); 0 = none")
+                               "sft.method=prompt; jaxllm.load puts placeholders there); 0 = none", NON_NEGATIVE)
 
 
 @dataclass
 class DataConfig:
     source: str = option("stdlib", "stdlib | a text file, folder or glob | a .jsonl with a 'text' field | synthetic:markov:...")
     tokenizer: str = option("byte", "byte | char | bpe (trained on the corpus) | path to a tokenizer.json")
-    bpe_vocab_size: int = option(4096, "vocabulary size when data.tokenizer=bpe")
+    bpe_vocab_size: int = option(4096, "vocabulary size when data.tokenizer=bpe", POSITIVE)
     val_fraction: float = option(0.02, "share held out for validation: whole files, or the tail of a single file")
     cache_dir: str = option("", "where tokenized corpora are cached; '' = ~/.cache/jaxllm")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = option(1e-3, "peak learning rate")
-    min_lr: float = option(1e-4, "learning rate at the end of the decay")
-    warmup_steps: int = option(100, "linear warmup steps from 0 to optim.lr")
+    lr: float = option(1e-3, "peak learning rate", POSITIVE)
+    min_lr: float = option(1e-4, "learning rate at the end of the decay", NON_NEGATIVE)
+    warmup_steps: int = option(100, "linear warmup steps from 0 to optim.lr", NON_NEGATIVE)
     schedule: str = option("cosine", "cosine | wsd (warmup-stable-decay) | linear | constant")
     decay_fraction: float = option(0.2, "wsd: share of steps spent decaying at the end")
-    weight_decay: float = option(0.1, "AdamW decoupled weight decay, applied to weight matrices only")
-    b1: float = option(0.9, "Adam beta1")
-    b2: float = option(0.95, "Adam beta2")
-    eps: float = option(1e-8, "Adam epsilon")
-    clip_norm: float = option(1.0, "clip the global gradient norm to this; 0 = no clipping")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay, applied to weight matrices only", NON_NEGATIVE)
+    b1: float = option(0.9, "Adam beta1", NON_NEGATIVE)
+    b2: float = option(0.95, "Adam beta2", NON_NEGATIVE)
+    eps: float = option(1e-8, "Adam epsilon", NON_NEGATIVE)
+    clip_norm: float = option(1.0, "clip the global gradient norm to this; 0 = no clipping", NON_NEGATIVE)
     shard_state: bool = option(False, "ZeRO-1: shard the optimizer state over the data axes")
 
 
 @dataclass
 class EvalConfig:
-    every: int = option(200, "evaluate every N steps (and at the end)")
-    batches: int = option(20, "validation batches per evaluation")
-    sample_tokens: int = option(200, "tokens generated as a sample at each evaluation; 0 = none")
+    every: int = option(200, "evaluate every N steps (and at the end)", POSITIVE)
+    batches: int = option(20, "validation batches per evaluation", POSITIVE)
+    sample_tokens: int = option(200, "tokens generated as a sample at each evaluation; 0 = none", NON_NEGATIVE)
     sample_prompt: str = option("", "prompt of the sample; '' = the start of the validation text")
-    temperature: float = option(0.8, "sampling temperature of the sample")
-    top_k: int = option(0, "sample only from the k most likely tokens; 0 = all")
+    temperature: float = option(0.8, "sampling temperature of the sample", NON_NEGATIVE)
+    top_k: int = option(0, "sample only from the k most likely tokens; 0 = all", NON_NEGATIVE)
 
 
 @dataclass
 class LogConfig:
-    every: int = option(10, "log metrics every N steps")
-    peak_flops: float = option(0.0, "peak FLOP/s of one device for MFU; 0 = built-in table by device kind")
+    every: int = option(10, "log metrics every N steps", POSITIVE)
+    peak_flops: float = option(0.0, "peak FLOP/s of one device for MFU; 0 = built-in table by device kind", NON_NEGATIVE)
     tensorboard: bool = option(True, "write TensorBoard events into run.dir/tb")
     progress: bool = option(True, "show a progress bar")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = option(500, "save every N steps (and at the end, and on SIGTERM/SIGINT)")
-    keep: int = option(2, "checkpoints kept")
+    every: int = option(500, "save every N steps (and at the end, and on SIGTERM/SIGINT)", POSITIVE)
+    keep: int = option(2, "checkpoints kept", POSITIVE)
 
 
 @dataclass
 class MeshConfig:
     data: int = option(-1, "data-parallel ways; -1 = the devices the other axes leave (yields to another axis's -1)")
-    fsdp: int = option(1, "FSDP / ZeRO-3 ways: parameters and optimizer state sharded")
-    tensor: int = option(1, "tensor-parallel ways: heads, MLP hidden and vocabulary split")
-    pipe: int = option(1, "pipeline stages")
+    fsdp: int = option(1, "FSDP / ZeRO-3 ways: parameters and optimizer state sharded", POSITIVE)
+    tensor: int = option(1, "tensor-parallel ways: heads, MLP hidden and vocabulary split", POSITIVE)
+    pipe: int = option(1, "pipeline stages", POSITIVE)
     sequence_parallel: bool = option(False, "shard activations along seq over the tensor axis outside attention/MLP")
     rules: dict | None = option(None, "overrides of the logical-axis rules, e.g. {embed: null, mlp: [tensor, fsdp]}")
 
 
 @dataclass
 class PipelineConfig:
-    microbatches: int = option(0, "micro-batches each batch is split into when mesh.pipe > 1; 0 = mesh.pipe")
+    microbatches: int = option(0, "micro-batches each batch is split into when mesh.pipe > 1; 0 = mesh.pipe", NON_NEGATIVE)
     schedule: str = option("gpipe", "gpipe (all forwards, then all backwards) | circular (layers go round the pipe)")
-    repeats: int = option(1, "circular: rounds through the pipe, i.e. non-adjacent layer chunks per stage")
+    repeats: int = option(1, "circular: rounds through the pipe, i.e. non-adjacent layer chunks per stage", POSITIVE)
 
 
 @dataclass
 class DistConfig:
     coordinator: str = option("", "host:port of process 0 (multi-host); auto = from SLURM / Open MPI / TPU pod; '' = one process")
-    num_processes: int = option(1, "processes in a multi-host run")
-    process_id: int = option(0, "this process's index")
+    num_processes: int = option(1, "processes in a multi-host run", POSITIVE)
+    process_id: int = option(0, "this process's index", NON_NEGATIVE)
     cpu_devices: int = option(0, "JAX devices the host CPU is split into (XLA's CPU backend runs a small model faster as one "
                              "device per core, data-parallel, than as one multi-threaded device); 0 = JAX's default; "
-                             "JAX_NUM_CPU_DEVICES, when set, wins; GPU and TPU runs ignore it")
+                             "JAX_NUM_CPU_DEVICES, when set, wins; GPU and TPU runs ignore it", NON_NEGATIVE)
 
 
 @dataclass
 class DistillConfig:
     teacher: str = option("", "run directory of a trained teacher to distil from (frozen); '' = no distillation")
-    temperature: float = option(2.0, "softmax temperature of teacher and student in the KL term")
+    temperature: float = option(2.0, "softmax temperature of teacher and student in the KL term", POSITIVE)
     alpha: float = option(0.5, "loss = (1 - alpha) next-token loss + alpha temperature^2 KL(teacher || student)")
 
 
@@ -175,29 +182,29 @@ InitConfig = dataclass(init=False, repr=False, eq=False)(InitConfig)
 class SFTSection:
     method: str = option("full", "full | lora | prompt (prompt tuning) | adapter (bottleneck adapters)")
     data: str = option("tasks", "tasks (the built-in instruction tasks) | a .jsonl of Alpaca or chat records")
-    n_train: int = option(4000, "built-in tasks: training examples per task")
-    n_eval: int = option(50, "held-out examples per task (JSONL: every 20th record) scored by exact match")
-    max_new_tokens: int = option(24, "longest greedy answer generated at evaluation")
+    n_train: int = option(4000, "built-in tasks: training examples per task", POSITIVE)
+    n_eval: int = option(50, "held-out examples per task (JSONL: every 20th record) scored by exact match", POSITIVE)
+    max_new_tokens: int = option(24, "longest greedy answer generated at evaluation", POSITIVE)
 
 
 @dataclass
 class LoRAConfig:
-    rank: int = option(8, "rank r of the update W + (alpha/r) A B")
+    rank: int = option(8, "rank r of the update W + (alpha/r) A B", POSITIVE)
     alpha: float = option(16.0, "scale numerator of the update")
     targets: str = option("q,v", "comma-separated projections among q, k, v, o, gate, up, down")
-    lr: float = option(0.0, "peak learning rate with sft.method=lora; 0 = optim.lr (optim.min_lr scales with it)")
+    lr: float = option(0.0, "peak learning rate with sft.method=lora; 0 = optim.lr (optim.min_lr scales with it)", NON_NEGATIVE)
 
 
 @dataclass
 class PromptConfig:
-    n_virtual_tokens: int = option(16, "learned embeddings placed before every example")
-    lr: float = option(0.0, "peak learning rate with sft.method=prompt; 0 = optim.lr (optim.min_lr scales with it)")
+    n_virtual_tokens: int = option(16, "learned embeddings placed before every example", POSITIVE)
+    lr: float = option(0.0, "peak learning rate with sft.method=prompt; 0 = optim.lr (optim.min_lr scales with it)", NON_NEGATIVE)
 
 
 @dataclass
 class AdapterConfig:
-    dim: int = option(32, "bottleneck width of the adapters after attention and after the MLP")
-    lr: float = option(0.0, "peak learning rate with sft.method=adapter; 0 = optim.lr (optim.min_lr scales with it)")
+    dim: int = option(32, "bottleneck width of the adapters after attention and after the MLP", POSITIVE)
+    lr: float = option(0.0, "peak learning rate with sft.method=adapter; 0 = optim.lr (optim.min_lr scales with it)", NON_NEGATIVE)
 
 
 @dataclass
@@ -259,6 +266,25 @@ def _fields(obj: Any) -> dict[str, tuple[Any, str]]:
     return {f.name: (hints[f.name], f.metadata.get("help", "")) for f in dataclasses.fields(obj)}
 
 
+def _check_value(key: str, value: Any, sign: str | None) -> None:
+    """Refuses a non-finite number anywhere, and a value of the wrong sign where the key declares one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+    if (sign == POSITIVE and value <= 0) or (sign == NON_NEGATIVE and value < 0):
+        raise ConfigError(f"{key} must be {sign}, got {value}")
+
+
+def check_fields(node: Any, prefix: str) -> None:
+    """:func:`_check_value` on every key of a config tree, for configs built in code rather than by
+    :func:`set_key` (a Hugging Face config.json, ``dataclasses.replace``)."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value):
+            check_fields(value, key)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check_value(key, value, f.metadata.get("sign"))
+
+
 def _suggest(name: str, options: list[str]) -> str:
     import difflib
 
@@ -277,10 +303,14 @@ def set_key(cfg: Any, dotted: str, value: Any) -> None:
             raise ConfigError(f"unknown config section {'.'.join(walked + [part])!r} in {where}{_suggest(part, options)}")
         node, walked = getattr(node, part), walked + [part]
     fields_ = _fields(node) if dataclasses.is_dataclass(node) else {}
-    if leaf not in fields_ or dataclasses.is_dataclass(getattr(node, leaf)):
+    if leaf in fields_ and dataclasses.is_dataclass(getattr(node, leaf)):
+        raise ConfigError(f"{dotted} is a section: give its keys ({dotted}.KEY), not a value")
+    if leaf not in fields_:
         raise ConfigError(f"unknown config key {dotted!r}{_suggest(leaf, list(fields_))}")
     typ, _ = fields_[leaf]
-    setattr(node, leaf, _coerce(value, typ, dotted))
+    value = _coerce(value, typ, dotted)
+    _check_value(dotted, value, next(f for f in dataclasses.fields(node) if f.name == leaf).metadata.get("sign"))
+    setattr(node, leaf, value)
 
 
 def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -299,15 +329,7 @@ def load_config(path: str | None, overrides: list[str] = (), cls: type = Config,
     cfg = cls()
     path = path or default
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path!r} not found")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path!r} must hold a mapping of sections")
+        tree = read_yaml(path, "config file")
         for key, value in _flatten(tree):
             set_key(cfg, key, value)
     for item in overrides:
@@ -331,9 +353,7 @@ def from_dict(tree: dict, cls: type = Config) -> Any:
 
 
 def save_config(cfg: Any, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def help_text(cls: type = Config) -> str:
@@ -377,72 +397,57 @@ def resolve_model(m: ModelConfig, vocab_size: int, seq_len: int) -> ModelConfig:
 
 
 def validate_model(m: ModelConfig) -> None:
+    check_fields(m, "model")
     if m.arch not in ARCHS:
         raise ConfigError(f"model.arch={m.arch!r} is unknown; choose one of {', '.join(ARCHS)}")
     if m.norm_position not in ("pre", "post"):
         raise ConfigError(f"model.norm_position={m.norm_position!r} must be pre or post")
     if m.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={m.dtype!r} must be one of {', '.join(DTYPES)}")
-    for key in ("n_layer", "d_model", "n_head", "scan_unroll"):
-        if getattr(m, key) <= 0:
-            raise ConfigError(f"model.{key} must be positive, got {getattr(m, key)}")
     if m.d_model % m.n_head:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")
-    if m.n_kv_head < 0 or (m.n_kv_head and m.n_head % m.n_kv_head):
+    if m.n_kv_head and m.n_head % m.n_kv_head:
         raise ConfigError(f"model.n_head={m.n_head} is not divisible by model.n_kv_head={m.n_kv_head}")
     if m.arch == "llama" and (m.d_model // m.n_head) % 2:
         raise ConfigError(f"RoPE needs an even head size; d_model/n_head = {m.d_model // m.n_head}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if m.prompt_tokens < 0 or (m.max_seq_len and m.prompt_tokens >= m.max_seq_len):
+    if m.max_seq_len and m.prompt_tokens >= m.max_seq_len:
         raise ConfigError(f"model.prompt_tokens must be in [0, max_seq_len={m.max_seq_len}), got {m.prompt_tokens}")
 
 
 def validate(cfg: Config) -> None:
-    """Checks everything that can be checked without devices or data."""
+    """Checks everything that can be checked without devices or data (signs and finiteness again, for
+    a config built in code), and that ``run.dir`` can be a folder."""
+    check_fields(cfg, "")
     validate_model(cfg.model)
     t, o = cfg.train, cfg.optim
-    for key in ("steps", "batch_size", "seq_len", "grad_accum"):
-        if getattr(t, key) <= 0:
-            raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
-    if o.lr <= 0:
-        raise ConfigError(f"optim.lr must be positive, got {o.lr}")
-    if o.min_lr < 0 or o.min_lr > o.lr:
+    if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr must be in [0, optim.lr={o.lr}], got {o.min_lr}")
     if o.schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule={o.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
-    if o.warmup_steps < 0:
-        raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     if not 0.0 < o.decay_fraction <= 1.0:
         raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
-    for key in ("every", "batches"):
-        if getattr(cfg.eval, key) <= 0:
-            raise ConfigError(f"eval.{key} must be positive, got {getattr(cfg.eval, key)}")
-    if cfg.log.every <= 0 or cfg.checkpoint.every <= 0 or cfg.checkpoint.keep <= 0:
-        raise ConfigError("log.every, checkpoint.every and checkpoint.keep must be positive")
-    if cfg.dist.cpu_devices < 0:
-        raise ConfigError(f"dist.cpu_devices must be >= 0 (0 = JAX's default), got {cfg.dist.cpu_devices}")
+    if cfg.eval.sample_tokens and (cfg.model.max_seq_len or t.seq_len) < 2:
+        # the sample's prompt gets half the context, and at least one token of each is needed
+        raise ConfigError(f"train.seq_len={t.seq_len} leaves no room for the evaluation sample's prompt and "
+                          "continuation; use train.seq_len >= 2 or eval.sample_tokens=0")
     validate_pipeline(cfg.pipeline)
     validate_distill(cfg.distill)
+    check_folder_path(cfg.run.dir, "run.dir")
 
 
 def validate_pipeline(p: PipelineConfig) -> None:
     """The pipeline keys alone; sizes that need the mesh are checked by ``jaxllm.pipeline.check``."""
     if p.schedule not in ("gpipe", "circular"):
         raise ConfigError(f"pipeline.schedule={p.schedule!r} is unknown; choose one of gpipe, circular")
-    if p.microbatches < 0:
-        raise ConfigError(f"pipeline.microbatches must be >= 0 (0 = mesh.pipe), got {p.microbatches}")
-    if p.repeats < 1:
-        raise ConfigError(f"pipeline.repeats must be positive, got {p.repeats}")
     if p.repeats > 1 and p.schedule != "circular":
         raise ConfigError(f"pipeline.repeats={p.repeats} needs pipeline.schedule=circular")
 
 
 def validate_distill(d: DistillConfig) -> None:
     """The distillation keys alone; the teacher's run is checked by ``jaxllm.distill.load_teacher``."""
-    if d.temperature <= 0:
-        raise ConfigError(f"distill.temperature must be positive, got {d.temperature}")
     if not 0.0 <= d.alpha <= 1.0:
         raise ConfigError(f"distill.alpha must be in [0, 1], got {d.alpha}")

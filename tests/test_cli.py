@@ -8,7 +8,7 @@ import pytest
 from conftest import TINY, run_cli
 
 from jaxllm.errors import ConfigError
-from jaxllm.trainer import init_cpu_devices
+from jaxllm.runtime import init_cpu_devices
 
 
 def test_help_lists_keys_with_defaults_and_meanings():
@@ -51,7 +51,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, corpus, args,
 def test_missing_config_file_is_one_line_exit_2(tmp_path):
     out = run_cli("train.py", str(tmp_path / "nope.yaml"))
     assert out.returncode == 2
-    assert out.stderr.strip() == f"error: config file {str(tmp_path / 'nope.yaml')!r} not found"
+    assert out.stderr.strip() == f"error: config file {tmp_path / 'nope.yaml'} not found"
 
 
 def test_dist_cpu_devices_splits_the_host_cpu_unless_the_environment_says_otherwise(tmp_path, corpus):

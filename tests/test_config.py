@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 from conftest import ROOT
 
-from jaxllm.config import Config, help_text, load_config, validate
-from jaxllm.errors import ConfigError
+from jaxllm.config import Config, SFTConfig, help_text, load_config, validate
+from jaxllm.errors import ConfigError, UserError
 
 
 def test_overrides_are_typed_and_applied_over_yaml():
@@ -58,3 +58,63 @@ def test_help_lists_every_key_with_a_meaning():
 def test_invalid_values_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         validate(load_config(None, [override]))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=nan", "optim.lr must be a finite number, got nan"),
+        ("optim.lr=inf", "optim.lr must be a finite number, got inf"),
+        ("model.rope_theta=-inf", "model.rope_theta must be a finite number"),
+        ("log.every=0", "log.every must be positive, got 0"),
+        ("eval.batches=0", "eval.batches must be positive, got 0"),
+        ("data.bpe_vocab_size=0", "data.bpe_vocab_size must be positive, got 0"),
+        ("eval.temperature=-1", "eval.temperature must be >= 0, got -1.0"),
+        ("train.seed=-3", "train.seed must be >= 0, got -3"),
+        ("train.seq_len=1", "train.seq_len=1 leaves no room for the evaluation sample"),
+    ],
+)
+def test_values_are_refused_before_anything_is_written(override, message):
+    """Issue 12 item 9: these were accepted and failed at step 2 or at the first evaluation."""
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(None, [override]))
+
+
+def test_signs_are_checked_as_a_yaml_value_is_set_for_every_config_class(tmp_path):
+    """sft.py's config never goes through validate(): the check happens when the key is set."""
+    path = tmp_path / "c.yaml"
+    path.write_text("log:\n  every: 0\n")
+    with pytest.raises(ConfigError, match="log.every must be positive, got 0"):
+        load_config(str(path), cls=SFTConfig)
+
+
+def test_a_config_built_in_code_is_checked_by_validate():
+    cfg = Config()
+    cfg.optim.lr = float("nan")
+    with pytest.raises(ConfigError, match="optim.lr must be a finite number"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b"a: &x {b: *x}\n", "refers to itself"),
+        (b"train:\n  steps: \xff\n", r"is not UTF-8 text \(byte 16"),
+        (b"- 1\n- 2\n", "must hold a mapping"),
+        (b"train: {steps: [\n", "is not valid YAML"),
+        (b"model: 3\n", "model is a section"),
+    ],
+)
+def test_a_bad_config_file_is_one_user_error(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text)
+    with pytest.raises(UserError, match=message):
+        load_config(str(path))
+
+
+def test_run_dir_under_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="lies under .*, a file, not a folder"):
+        validate(load_config(None, [f"run.dir={tmp_path / 'f' / 'run'}"]))
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        validate(load_config(None, [f"run.dir={tmp_path / 'f'}"]))
