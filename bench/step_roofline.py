@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxllm import flops, sharding, trainer
+from jaxllm import flops, runtime, sharding, trainer
 from jaxllm.config import load_config, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     cfg = load_config(str(CONFIG), [])
-    trainer.init_cpu_devices(cfg.dist.cpu_devices)  # before JAX starts
+    runtime.init_process(cfg)  # before JAX starts
     devices = jax.devices()
     model_cfg = resolve_model(cfg.model, VOCAB, cfg.train.seq_len)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len

@@ -34,8 +34,9 @@ from jaxllm.config import Config, ModelConfig, OptimConfig, SFTConfig, save_conf
 from jaxllm.errors import ConfigError
 from jaxllm.model import Transformer, cross_entropy
 from jaxllm.optim import optimizer, schedule
+from jaxllm.runtime import init_compile_cache, init_cpu_devices
 from jaxllm.tokenizer import Tokenizer
-from jaxllm.trainer import MetricsLog, TrainState, init_cpu_devices, make_train_step
+from jaxllm.trainer import MetricsLog, TrainState, make_train_step
 
 PLACEHOLDER = api.PLACEHOLDER  # token id at prompt tuning's virtual positions; the model replaces its embedding
 
@@ -212,7 +213,8 @@ class Prepared:
 def prepare(cfg: SFTConfig) -> Prepared:
     """Loads the base model and the data and adds the method's parameters; raises on any bad input."""
     validate_sft(cfg)
-    init_cpu_devices(cfg.dist.cpu_devices)  # before the base model touches a device
+    init_compile_cache(cfg.run.compile_cache)  # before the base model compiles or touches a device
+    init_cpu_devices(cfg.dist.cpu_devices)
     base = api.load(init_from(cfg))
     tok = chat.chat_tokenizer(base.tokenizer)
     method = cfg.sft.method

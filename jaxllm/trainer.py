@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -31,9 +30,10 @@ from jaxllm import checkpoint as ckpt
 from jaxllm import data as data_lib
 from jaxllm import distill, flops, generate, pipeline, sharding, synthetic
 from jaxllm.config import Config, ModelConfig, resolve_model, save_config, to_dict, validate
-from jaxllm.errors import ConfigError, UserError
+from jaxllm.errors import UserError
 from jaxllm.model import Transformer, cross_entropy
 from jaxllm.optim import optimizer, schedule
+from jaxllm.runtime import init_process
 
 
 class TrainingDiverged(UserError):
@@ -191,44 +191,6 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
     )
 
 
-def init_cpu_devices(count: int) -> None:
-    """Splits the host CPU into ``count`` JAX devices (``dist.cpu_devices``; 0 = leave JAX's default).
-
-    ``JAX_NUM_CPU_DEVICES`` in the environment, when set, wins (it is how tests fake 8 devices).
-    Must run before anything touches the devices; afterwards, only an equal count is accepted."""
-    if count <= 0 or os.environ.get("JAX_NUM_CPU_DEVICES"):
-        return
-    try:
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:  # JAX has started: fine if it already has that many CPU devices
-        if len(jax.devices("cpu")) != count:
-            raise ConfigError(
-                f"dist.cpu_devices={count} but JAX already started with {len(jax.devices('cpu'))} CPU devices; "
-                "set it before JAX starts (or JAX_NUM_CPU_DEVICES), or drop it"
-            ) from None
-
-
-def init_distributed(cfg: Config) -> None:
-    """Joins a multi-process run (``dist.*``); must run before anything touches the devices."""
-    d = cfg.dist
-    init_cpu_devices(d.cpu_devices)
-    auto = d.coordinator == "auto"
-    if not auto and d.num_processes <= 1 and not d.coordinator:
-        return
-    if not auto and not 0 <= d.process_id < d.num_processes:
-        raise ConfigError(f"dist.process_id={d.process_id} must be in [0, dist.num_processes={d.num_processes})")
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only the CPU backend reads it
-    if jax.distributed.is_initialized():
-        return
-    if not auto:
-        jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
-        return
-    try:  # SLURM, Open MPI and TPU pod slices describe the cluster in their environment
-        jax.distributed.initialize()
-    except (ValueError, RuntimeError) as e:
-        raise ConfigError(f"dist.coordinator=auto found no cluster to join ({e}); give host:port instead") from None
-
-
 def global_batch(local_np: np.ndarray, sharding_: Any, global_shape: tuple[int, ...]) -> jax.Array:
     """This process's rows -> one global array (each host supplies only its own slice)."""
     return jax.make_array_from_process_local_data(sharding_, local_np, global_shape)
@@ -346,7 +308,7 @@ def prepare_run(cfg: Config, devices: list | None = None) -> tuple[data_lib.Toke
 
     ``devices``: the devices of the mesh (default: all visible ones)."""
     validate(cfg)
-    init_distributed(cfg)
+    init_process(cfg)
     tokens = _prepare_tokens(cfg)
     data_lib.check_length(tokens.train, cfg.train.seq_len, "train")
     data_lib.check_length(tokens.val, cfg.train.seq_len, "validation")
