@@ -5,13 +5,15 @@ tokenizer.json), and ``model.save_hf(out_dir)`` writes one back (:mod:`jaxllm.hf
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import yaml
+import numpy as np
 
 from jaxllm import checkpoint as ckpt
 from jaxllm import generate as gen
@@ -20,6 +22,7 @@ from jaxllm import quantize as quant
 from jaxllm import tokenizer as tokenizers
 from jaxllm.config import Config, from_dict
 from jaxllm.errors import ConfigError
+from jaxllm.fileio import read_yaml
 from jaxllm.model import Transformer
 
 PLACEHOLDER = 0  # token id at a prompt-tuned model's first model.prompt_tokens positions; the model replaces it
@@ -50,7 +53,13 @@ class LoadedModel:
         return [PLACEHOLDER] * self.config.model.prompt_tokens
 
     def logits(self, tokens_BxT) -> jax.Array:
-        """float32 ``[B, T, V]`` next-token logits for integer tokens ``[B, T]`` (after the prefix, if any)."""
+        """float32 ``[B, T, V]`` next-token logits for integer tokens ``[B, T]`` (after the prefix, if any);
+        ids outside the vocabulary or rows longer than the context are refused (ConfigError)."""
+        tokens_BxT = np.asarray(tokens_BxT)
+        if tokens_BxT.ndim != 2:
+            raise ConfigError(f"logits takes token ids of shape [batch, positions], got shape {tokens_BxT.shape}")
+        m = self.config.model
+        gen.check_tokens(tokens_BxT, m.vocab_size, m.max_seq_len - len(self.prefix))
         return self._logits(self.params, jnp.asarray(tokens_BxT, jnp.int32))
 
     def generate(
@@ -109,17 +118,51 @@ def load(path: str | Path, quantize: str | None = None, group_size: int = 64) ->
         raise ConfigError(
             f"{str(run_dir)!r} is neither a jaxllm run directory (config.yaml) nor a Hugging Face model directory (config.json)"
         )
+    _check_params(cfg, params, run_dir)
     if quantize is not None:
         params = quant.quantize_params(Transformer(cfg.model), params, quantize, group_size)
     return LoadedModel(cfg, params, tokenizers.load(run_dir))
 
 
+def _check_params(cfg: Config, params: Any, where: Path) -> None:
+    """Refuses parameters whose names or shapes are not those of the model the config describes."""
+    m = cfg.model
+    dummy = jnp.zeros((1, m.max_seq_len), jnp.int32)
+    expected = jax.eval_shape(lambda: nn.unbox(Transformer(m).init(jax.random.PRNGKey(0), dummy)["params"]))
+    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    for name in sorted(want.keys() | got.keys()):
+        if want.get(name) != got.get(name):
+            raise ConfigError(
+                f"{str(where)!r}: parameter {name} is {got.get(name, 'missing')} but its config describes "
+                f"{want.get(name, 'no such parameter')}; the weights and the config disagree"
+            )
+
+
 def _read_run(run_dir: Path) -> tuple[Config, Any]:
-    cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    checkpointer = ckpt.Checkpointer(run_dir, keep=cfg.checkpoint.keep)
-    steps = checkpointer.steps()
-    if not steps:
+    cfg = from_dict(read_yaml(run_dir / "config.yaml", "run config"))
+    folder = run_dir / "checkpoints"
+    if not (folder.is_dir() and any(folder.iterdir())):  # checked first: orbax would create the folder
         raise ConfigError(f"{str(run_dir)!r} has no checkpoint yet")
-    state = checkpointer.restore_single_device(steps[-1])
-    checkpointer.close()
-    return cfg, state["params"]
+    checkpointer = ckpt.Checkpointer(run_dir, keep=cfg.checkpoint.keep)
+    try:
+        return cfg, _newest_readable(checkpointer, run_dir)["params"]
+    finally:
+        checkpointer.close()
+
+
+def _newest_readable(checkpointer: ckpt.Checkpointer, run_dir: Path) -> Any:
+    """The newest checkpoint's state that restores, warning about each newer one that does not. Nothing
+    is moved or renamed: loading only reads (training's restore sets unreadable ones aside)."""
+    failures = []
+    for step in reversed(checkpointer.steps()):
+        try:
+            state = checkpointer.restore_single_device(step)
+        except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many types for a damaged checkpoint)
+            failures.append(f"{step} ({type(e).__name__})")
+            continue
+        if failures:
+            print(f"warning: checkpoint {', '.join(failures)} of {run_dir} is unreadable; loaded step {step}",
+                  file=sys.stderr)
+        return state
+    raise ConfigError(f"{str(run_dir)!r} has no readable checkpoint (unreadable: {', '.join(failures) or 'none'})")

@@ -1,7 +1,8 @@
 """Instruction and chat data: the chat template, loss masks, JSONL records, and packing.
 
 Template: every message is ``<|role|>content<|end|>``, roles ``system``, ``user``, ``assistant``. The
-four markers are special tokens appended to the tokenizer (:data:`SPECIAL`), so no text can forge them.
+four markers are special tokens appended to the tokenizer (:data:`SPECIAL`), and message content is
+encoded without recognising them (``Tokenizer.encode_ordinary``), so no content can forge them.
 A prompt for generation ends with ``<|assistant|>``; the model answers and closes with ``<|end|>``.
 
 Loss mask: 1 on the assistant's content and its closing ``<|end|>`` (the model must learn to stop),
@@ -15,12 +16,12 @@ inside each example, so a packed example sees exactly what it would see alone.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from jaxllm.errors import DataError
+from jaxllm.fileio import read_jsonl_numbered
 from jaxllm.tokenizer import Tokenizer
 
 SPECIAL = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -43,7 +44,7 @@ def encode(tok: Tokenizer, messages: Chat) -> tuple[list[int], list[int]]:
     ids, mask = [], []
     end = tok.token_id("<|end|>")
     for m in messages:
-        content = tok.encode(m["content"]) + [end]
+        content = tok.encode_ordinary(m["content"]) + [end]  # markers in the content stay text
         learn = int(m["role"] == "assistant")
         ids += [_marker(tok, m["role"])] + content
         mask += [0] + [learn] * len(content)
@@ -79,18 +80,7 @@ def record_to_chat(record: object, where: str) -> Chat:
 
 
 def read_jsonl(path: str | Path) -> list[Chat]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"sft.data={str(path)!r}: no such file")
-    chats = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        chats.append(record_to_chat(record, f"{path}:{n}"))
+    chats = [record_to_chat(record, f"{path}:{n}") for n, record in read_jsonl_numbered(path, "sft.data file")]
     if not chats:
         raise DataError(f"{path} holds no records")
     return chats

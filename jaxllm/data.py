@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import sysconfig
 import zlib
@@ -25,6 +24,7 @@ import numpy as np
 from jaxllm import synthetic
 from jaxllm import tokenizer as tokenizers
 from jaxllm.errors import DataError
+from jaxllm.fileio import decode_utf8, read_bytes, read_jsonl_numbered, write_json
 
 SEPARATOR = "\n"
 
@@ -107,17 +107,10 @@ def _split_docs(names: list[str], docs: list[str], val_fraction: float) -> tuple
 
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"{path}:{lineno}: not valid JSON") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{path}:{lineno}: each line needs a string field 'text'")
-            docs.append(record["text"])
+    for lineno, record in read_jsonl_numbered(path, "corpus"):
+        if not isinstance(record.get("text"), str):
+            raise DataError(f"{path}:{lineno}: each line needs a string field 'text'")
+        docs.append(record["text"])
     return docs
 
 
@@ -131,11 +124,12 @@ def read_corpus(corpus: Corpus, val_fraction: float) -> tuple[list[str], list[st
     else:
         names, docs = [], []
         for p in corpus.files:
-            raw = p.read_bytes()
+            raw = read_bytes(p, "corpus file")
             if b"\0" in raw[:4096]:
                 continue  # binary file in a folder
             names.append(p.as_posix())
-            docs.append(raw.decode("utf-8", errors="replace"))
+            # refused, not decoded with replacement: a wrong encoding would silently train on U+FFFD
+            docs.append(decode_utf8(raw, p, "corpus file"))
     docs_names = [(n, d) for n, d in zip(names, docs) if d.strip()]
     if not docs_names:
         raise DataError(f"data.source={corpus.source!r}: the corpus is empty")
@@ -180,9 +174,7 @@ def prepare(
         _write_tokens(folder / "train.bin", train_ids, tok.vocab_size)
         _write_tokens(folder / "val.bin", val_ids, tok.vocab_size)
         info = {"source": source, "tokenizer": tokenizer, "train_tokens": len(train_ids), "val_tokens": len(val_ids)}
-        tmp = done.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(info))
-        tmp.replace(done)
+        write_json(done, info)
     tok = tokenizers.load(folder)
     return TokenData(
         _read_tokens(folder / "train.bin", tok.vocab_size),

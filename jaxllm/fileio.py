@@ -142,11 +142,11 @@ def read_jsonl_numbered(path: Path | str, what: str = "JSONL file", torn_tail_ok
         except json.JSONDecodeError:
             if torn_tail_ok and n == len(lines):
                 break
-            raise DataError(f"{what} {path} line {n} is not valid JSON") from None
+            raise DataError(f"{what} {path}:{n} is not valid JSON") from None
         except RecursionError:
-            raise DataError(f"{what} {path} line {n} is nested too deeply to read") from None
+            raise DataError(f"{what} {path}:{n} is nested too deeply to read") from None
         if not isinstance(record, dict):
-            raise DataError(f"{what} {path} line {n} must be a JSON object")
+            raise DataError(f"{what} {path}:{n} must be a JSON object")
         records.append((n, record))
     return records
 

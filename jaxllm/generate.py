@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -83,6 +84,28 @@ def check_request(prompt_lengths: list[int], max_new_tokens: int, max_seq_len: i
             f"prompt ({max(prompt_lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"context of {max_seq_len} tokens"
         )
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Refuses settings that have no meaning (and would otherwise sample garbage silently)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0:
+        raise ConfigError(f"top_k must be an integer >= 0 (0 = all tokens), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"top_p must be in (0, 1] (1 = all tokens), got {top_p}")
+
+
+def check_tokens(tokens: np.ndarray, vocab_size: int, max_len: int) -> None:
+    """Refuses token ids outside ``[0, vocab_size)`` (a lookup there reads no row: NaN or garbage, not
+    an error) and rows longer than ``max_len`` positions."""
+    if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
+        raise ConfigError(f"token ids must be integers, got {tokens.dtype}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        bad = tokens.min() if tokens.min() < 0 else tokens.max()
+        raise ConfigError(f"token id {int(bad)} is outside the model's vocabulary [0, {vocab_size})")
+    if tokens.ndim and tokens.shape[-1] > max_len:
+        raise ConfigError(f"{tokens.shape[-1]} tokens exceed the model's context of {max_len}")
 
 
 # --------------------------------------------------------------------------- with the cache
@@ -199,6 +222,9 @@ class Decoder:
         as each step's tokens are chosen (for streaming)."""
         lengths = [len(p) for p in prompts]
         check_request(lengths, max_new_tokens, self.cfg.max_seq_len)
+        check_sampling(temperature, top_k, top_p)
+        for p in prompts:
+            check_tokens(np.asarray(p), self.cfg.vocab_size, self.cfg.max_seq_len)
         # Round the padded width up so that prompts of similar lengths share one compiled program.
         width = min(-(-max(lengths) // 16) * 16, self.cfg.max_seq_len)
         buf = np.zeros((len(prompts), width), np.int32)
@@ -263,6 +289,7 @@ def generate_tokens(
     tokens_BxS) -> logits``) over a fixed buffer of ``max_seq_len``: one compiled program serves every
     prompt length, and it runs under any mesh the params live on (the trainer's eval sample)."""
     check_request([len(prompt)], max_new_tokens, max_seq_len)
+    check_sampling(temperature, top_k, top_p)
     buf = np.zeros((1, max_seq_len), np.int32)
     buf[0, : len(prompt)] = prompt
     out = decode_full_forward(

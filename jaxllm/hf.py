@@ -16,6 +16,7 @@ Layout differences the conversion undoes (per layer ``i``; ours stack layers on 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import ModelConfig, validate_model
 from jaxllm.errors import ConfigError
+from jaxllm.fileio import atomic_write, read_json
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -73,6 +75,19 @@ def model_config(hf: dict, where: str) -> ModelConfig:
             rope_theta=_rope_theta(hf), norm_eps=hf.get("rms_norm_eps", 1e-6),
         )
     raise ConfigError(f"{where}: model_type {kind!r} is not supported; jaxllm reads gpt2 and llama")
+
+
+def _checked(m: ModelConfig, where: str) -> ModelConfig:
+    """``m`` if every size read from ``config.json`` has the right type and makes a valid model."""
+    for f in dataclasses.fields(m):
+        value, typ = getattr(m, f.name), type(f.default)
+        if isinstance(value, bool) != (typ is bool) or not isinstance(value, (float, int) if typ is float else typ):
+            raise ConfigError(f"{where}: {f.name} must be a {typ.__name__}, got {value!r}")
+    try:
+        validate_model(m)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return m
 
 
 def hf_config(m: ModelConfig) -> dict:
@@ -214,28 +229,33 @@ def read_weights(directory: Path) -> dict[str, np.ndarray]:
 
     weights = {}
     for f in files:
-        with safe_open(f, framework="flax") as st:  # flax: bfloat16 tensors load too
-            for k in st.keys():  # noqa: SIM118  (a safetensors handle, not a dict: no __iter__)
-                weights[k] = np.asarray(st.get_tensor(k), dtype=np.float32)
+        try:
+            with safe_open(f, framework="flax") as st:  # flax: bfloat16 tensors load too
+                for k in st.keys():  # noqa: SIM118  (a safetensors handle, not a dict: no __iter__)
+                    weights[k] = np.asarray(st.get_tensor(k), dtype=np.float32)
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types, and OSError)
+            raise ConfigError(f"{f} is not a readable safetensors file ({' '.join(str(e).split())[:200]})") from None
     return weights
 
 
 def read(directory: str | Path) -> tuple[ModelConfig, dict]:
     """``(model config, params)`` of a Hugging Face GPT-2 or LLaMA directory (numpy, float32)."""
     directory = Path(directory)
-    try:
-        hf = json.loads((directory / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{directory / CONFIG} is not valid JSON ({e.msg})") from None
+    where = str(directory / CONFIG)
+    hf = read_json(directory / CONFIG, "Hugging Face config")
     weights = read_weights(directory)
     try:
-        m = model_config(hf, str(directory / CONFIG))
+        m = _checked(model_config(hf, where), where)
     except KeyError as e:
-        raise ConfigError(f"{directory / CONFIG} lacks {e.args[0]!r}") from None
+        raise ConfigError(f"{where} lacks {e.args[0]!r}") from None
+    except TypeError:
+        raise ConfigError(f"{where} holds a value of the wrong type for a {hf.get('model_type')} model") from None
     try:
         params = (_gpt2_params if m.arch == "gpt2" else _llama_params)(weights, m)
     except KeyError as e:
         raise ConfigError(f"{directory}: tensor {e.args[0]!r} is missing for a {hf['model_type']} model") from None
+    except ValueError as e:  # a reshape: the tensors' sizes disagree with config.json
+        raise ConfigError(f"{directory}: the weights' shapes disagree with {CONFIG} ({e})") from None
     return m, params
 
 
@@ -251,4 +271,4 @@ def write(m: ModelConfig, params: Any, directory: str | Path) -> None:
     tmp = directory / (WEIGHTS + ".tmp")
     save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(tmp), metadata={"format": "pt"})
     tmp.replace(directory / WEIGHTS)
-    (directory / CONFIG).write_text(json.dumps(config, indent=2))
+    atomic_write(directory / CONFIG, json.dumps(config, indent=2))

@@ -9,13 +9,13 @@ tokens (chat templates) are appended after the base vocabulary.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from jaxllm.errors import ConfigError
+from jaxllm.errors import ConfigError, DataError
+from jaxllm.fileio import atomic_write, read_json
 
 FILENAME = "tokenizer.json"
 
@@ -46,8 +46,14 @@ class Tokenizer:
         out.special = self.special + new
         return out
 
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Text to ids, special-token markers in the text read as the plain characters they are: what
+        untrusted content (a chat message) goes through, so it cannot forge a special token."""
+        return self._encode(text)
+
     def encode(self, text: str) -> list[int]:
-        """Text to ids; special tokens written literally in the text are recognised."""
+        """Text to ids; special tokens written literally in the text are recognised (a prompt written
+        in the chat template by whoever controls it; untrusted text goes through :meth:`encode_ordinary`)."""
         if not self.special:
             return self._encode(text)
         ids: list[int] = []
@@ -80,10 +86,7 @@ class Tokenizer:
         return np.asarray(self.encode(text), dtype=np.int64)
 
     def save(self, directory: Path) -> None:
-        path = Path(directory) / FILENAME
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique: several processes may write at once
-        tmp.write_text(self._to_json())
-        tmp.replace(path)
+        atomic_write(Path(directory) / FILENAME, self._to_json())  # a unique temporary: processes may race
 
     # Subclasses implement these.
     def _encode(self, text: str) -> list[int]:
@@ -219,26 +222,31 @@ def load(path: str | Path) -> Tokenizer:
     path = Path(path)
     if path.is_dir():
         path = path / FILENAME
-    if not path.is_file():
-        raise ConfigError(f"tokenizer file {str(path)!r} not found")
-    text = path.read_text()
-    try:
-        tree = json.loads(text)
-    except json.JSONDecodeError:
-        raise ConfigError(f"{str(path)!r} is not a tokenizer.json (invalid JSON)") from None
+    tree = read_json(path, "tokenizer file")
     kind = tree.get("jaxllm_tokenizer")
     if kind == "byte":
-        return ByteTokenizer(tree.get("special", []))
+        return ByteTokenizer(_strings(tree, "special", path))
     if kind == "char":
-        return CharTokenizer(tree["chars"], tree.get("special", []))
+        if not isinstance(tree.get("chars"), str):
+            raise DataError(f"tokenizer file {path}: 'chars' must be a string (the char tokenizer's alphabet)")
+        return CharTokenizer(tree["chars"], _strings(tree, "special", path))
     from tokenizers import Tokenizer as _Tok
 
-    special = tree.pop("jaxllm_special", [])
+    special = _strings(tree, "jaxllm_special", path)
+    tree.pop("jaxllm_special", None)
     try:
         tok = _Tok.from_str(json.dumps(tree))
     except Exception as e:  # noqa: BLE001  (the tokenizers library raises its own exception types)
-        raise ConfigError(f"{str(path)!r} is not a valid tokenizer.json: {e}") from None
+        raise DataError(f"{str(path)!r} is not a valid tokenizer.json: {' '.join(str(e).split())[:200]}") from None
     return HFTokenizer(tok, special)
+
+
+def _strings(tree: dict, key: str, path: Path) -> list[str]:
+    """``tree[key]`` (absent: empty), which must be a list of strings."""
+    value = tree.get(key, [])
+    if not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+        raise DataError(f"tokenizer file {path}: {key!r} must be a list of non-empty strings")
+    return value
 
 
 def build(spec: str, train_texts: Iterable[str], bpe_vocab_size: int) -> Tokenizer:

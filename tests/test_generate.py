@@ -11,6 +11,7 @@ from conftest import TINY, corpus_text
 
 from jaxllm import generate, sharding
 from jaxllm.config import MeshConfig, ModelConfig, load_config, resolve_model
+from jaxllm.errors import ConfigError
 from jaxllm.generate import Decoder, cache_slots, filter_logits, generate_tokens
 from jaxllm.model import Transformer
 
@@ -166,3 +167,81 @@ def test_cli_unknown_quantization_mode_exits_2_with_one_line(run_dir, capsys):
     assert generate.main([str(run_dir), "--prompt", "def ", "--quantize", "int3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown quantization mode 'int3'" in err
+
+
+# --------------------------------------------------------------------------- refusals (issue 12 items 8, 10)
+
+
+@pytest.mark.parametrize(
+    "tokens, message",
+    [
+        ([[1, 2, 256]], r"token id 256 is outside the model's vocabulary \[0, 256\)"),
+        ([[1, -1, 2]], "token id -1 is outside"),
+        ([[1] * 17], "17 tokens exceed the model's context of 16"),
+        ([1, 2, 3], r"shape \[batch, positions\]"),
+    ],
+)
+def test_logits_refuse_ids_outside_the_vocabulary_and_rows_beyond_the_context(run_dir, tokens, message):
+    """These returned NaN logits (an out-of-range lookup fills, it does not fail)."""
+    import jaxllm
+
+    lm = jaxllm.load(run_dir)
+    assert lm.config.model.vocab_size == 256 and lm.config.model.max_seq_len == 16
+    with pytest.raises(ConfigError, match=message):
+        lm.logits(tokens)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+        ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
+        ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"max_new_tokens": -1}, "max_new_tokens must be positive"),
+    ],
+)
+def test_generate_refuses_nonsensical_sampling_settings(run_dir, settings, message):
+    """top_p=0 and temperature=nan returned NUL characters."""
+    import jaxllm
+
+    with pytest.raises(ConfigError, match=message):
+        jaxllm.load(run_dir).generate("def ", **{"max_new_tokens": 4, **settings})
+
+
+def test_decoder_refuses_prompt_ids_outside_the_vocabulary():
+    cfg, _, params = build("gpt2")
+    with pytest.raises(ConfigError, match=r"token id 64 is outside the model's vocabulary \[0, 64\)"):
+        Decoder(cfg)(params, [[1, 64]], 2, temperature=0.0)
+
+
+def _tree_bytes(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_load_falls_back_to_the_previous_checkpoint_when_the_newest_is_corrupt(run_dir, tmp_path, capsys):
+    """Item 8: jaxllm.load read only the newest checkpoint, and printed tensorstore tracebacks."""
+    import shutil
+
+    import jaxllm
+    from jaxllm.trainer import train
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)  # step 4; step 6 below is the newer one that gets damaged
+    cfg = load_config(str(run / "config.yaml"), ["train.steps=6", "checkpoint.every=6", f"run.dir={run}"])
+    expected = jax.tree.map(np.asarray, jaxllm.load(run).params)
+    train(cfg, devices=jax.devices()[:1])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "6"]
+    for f in (run / "checkpoints" / "6" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    before = _tree_bytes(run)
+    capsys.readouterr()
+    params = jaxllm.load(run).params
+    [warning] = capsys.readouterr().err.strip().splitlines()
+    assert warning.startswith("warning: checkpoint 6 (") and warning.endswith(f"of {run} is unreadable; loaded step 4")
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), expected)
+    assert _tree_bytes(run) == before  # loading moved, renamed and wrote nothing

@@ -83,3 +83,33 @@ def test_pickled_bin_only_directory_is_refused_without_unpickling(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not even a pickle")
     with pytest.raises(ConfigError, match="safetensors"):
         jaxllm.load(tmp_path)
+
+
+def _edit_config(directory, **changes):
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "model.safetensors").write_bytes(b"PK\x03\x04 a zip, not safetensors"),
+         "is not a readable safetensors file"),
+        (lambda d: _edit_config(d, n_embd=64), "the weights' shapes disagree with config.json"),
+        (lambda d: _edit_config(d, vocab_size=256), r"parameter \['wte'\]\['embedding'\] is \(128, 32\) but its config"),
+        (lambda d: _edit_config(d, n_layer="two"), "n_layer must be a int, got 'two'"),
+        (lambda d: _edit_config(d, n_layer=0), "n_layer must be positive"),
+        (lambda d: _edit_config(d, n_embd=None), "holds a value of the wrong type"),
+        (lambda d: (d / "config.json").write_bytes(b'{"model_type": "gpt2\xff"}'), "is not UTF-8 text"),
+        (lambda d: (d / "config.json").write_text("[1, 2]"), "must hold a JSON object"),
+        (lambda d: (d / "tokenizer.json").write_text('{"jaxllm_tokenizer": "char"}'), "tokenizer.json"),
+    ],
+)
+def test_a_damaged_hugging_face_directory_is_one_user_error(tmp_path, damage, message):
+    """Issue 12: these escaped as tracebacks (or loaded NaN-producing weights)."""
+    from jaxllm.errors import UserError
+
+    directory = saved(gpt2_model(), tmp_path)
+    damage(directory)
+    with pytest.raises(UserError, match=message):
+        jaxllm.load(directory)
