@@ -20,7 +20,7 @@ from jaxllm import generate as gen
 from jaxllm import hf
 from jaxllm import quantize as quant
 from jaxllm import tokenizer as tokenizers
-from jaxllm.config import Config, from_dict
+from jaxllm.config import Config, from_dict, resolve_model, validate_model
 from jaxllm.errors import ConfigError
 from jaxllm.fileio import read_yaml
 from jaxllm.model import Transformer
@@ -141,6 +141,8 @@ def _check_params(cfg: Config, params: Any, where: Path) -> None:
 
 def _read_run(run_dir: Path) -> tuple[Config, Any]:
     cfg = from_dict(read_yaml(run_dir / "config.yaml", "run config"))
+    cfg.model = resolve_model(cfg.model, 0, cfg.train.seq_len)  # training saves it resolved; a hand edit may not
+    validate_model(cfg.model)
     folder = run_dir / "checkpoints"
     if not (folder.is_dir() and any(folder.iterdir())):  # checked first: orbax would create the folder
         raise ConfigError(f"{str(run_dir)!r} has no checkpoint yet")
