@@ -312,6 +312,7 @@ def prepare_run(cfg: Config, devices: list | None = None) -> tuple[data_lib.Toke
     tokens = _prepare_tokens(cfg)
     data_lib.check_length(tokens.train, cfg.train.seq_len, "train")
     data_lib.check_length(tokens.val, cfg.train.seq_len, "validation")
+    generate.check_sample_prompt(tokens.tokenizer, cfg.eval)
     model_cfg = resolve_model(cfg.model, tokens.tokenizer.vocab_size, cfg.train.seq_len)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_divisible(model_cfg, mesh, cfg.train.batch_size, jax.process_count())
