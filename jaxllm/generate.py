@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.config import ModelConfig
-from jaxllm.errors import ConfigError, exit_on_user_error
+from jaxllm.config import EvalConfig, ModelConfig
+from jaxllm.errors import ConfigError, UserError, exit_on_user_error
 from jaxllm.model import Transformer, compute_dtype
 
 
@@ -106,6 +106,19 @@ def check_tokens(tokens: np.ndarray, vocab_size: int, max_len: int) -> None:
         raise ConfigError(f"token id {int(bad)} is outside the model's vocabulary [0, {vocab_size})")
     if tokens.ndim and tokens.shape[-1] > max_len:
         raise ConfigError(f"{tokens.shape[-1]} tokens exceed the model's context of {max_len}")
+
+
+def check_sample_prompt(tokenizer, sample: EvalConfig) -> None:
+    """Refuses, before a run writes anything, an ``eval.sample_prompt`` the tokenizer cannot encode (or
+    encodes to no token): it would otherwise fail at the first evaluation, losing the steps since a save."""
+    if not (sample.sample_tokens and sample.sample_prompt):
+        return
+    try:
+        ids = tokenizer.encode(sample.sample_prompt)
+    except UserError as e:
+        raise ConfigError(f"eval.sample_prompt={sample.sample_prompt!r} cannot be encoded: {e}") from None
+    if not ids:
+        raise ConfigError(f"eval.sample_prompt={sample.sample_prompt!r} encodes to no token")
 
 
 # --------------------------------------------------------------------------- with the cache
