@@ -357,14 +357,15 @@ def save_config(cfg: Any, path: Path) -> None:
 
 
 def help_text(cls: type = Config) -> str:
-    """Every key with its default and meaning, one per line, grouped by section."""
+    """Every key with its default and meaning (and the sign it must have, if any), one per line, grouped
+    by section."""
     lines = []
     for section in dataclasses.fields(cls):
         obj = section.default_factory()
         lines.append(f"{section.name}:")
-        for name, (_, help_) in _fields(obj).items():
-            value = getattr(obj, name)
-            lines.append(f"  {section.name}.{name} = {value!r:<12}  {help_}")
+        for f in dataclasses.fields(obj):
+            sign = f" ({f.metadata['sign']})" if f.metadata.get("sign") else ""
+            lines.append(f"  {section.name}.{f.name} = {getattr(obj, f.name)!r:<12}  {f.metadata.get('help', '')}{sign}")
     return "\n".join(lines)
 
 

@@ -118,3 +118,10 @@ def test_run_dir_under_a_file_is_refused(tmp_path):
         validate(load_config(None, [f"run.dir={tmp_path / 'f' / 'run'}"]))
     with pytest.raises(UserError, match="is a file, not a folder"):
         validate(load_config(None, [f"run.dir={tmp_path / 'f'}"]))
+
+
+def test_help_marks_each_keys_sign():
+    text = help_text()
+    assert "train.steps = 1000          optimizer steps (positive)" in text
+    assert "optim.clip_norm = 1.0           clip the global gradient norm to this; 0 = no clipping (>= 0)" in text
+    assert "model.arch = 'gpt2'" in text and "(positive)" not in next(x for x in text.splitlines() if ".arch =" in x)
