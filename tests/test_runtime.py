@@ -1,0 +1,60 @@
+"""Process set-up (``jaxllm/runtime.py``): the persistent compilation cache a rerun loads its programs from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import pytest
+from conftest import TINY, run_cli
+
+from jaxllm.runtime import init_compile_cache
+
+CACHE_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+
+
+@pytest.fixture
+def no_cache_configured():
+    """JAX's cache settings cleared for the test (conftest sets a directory for the suite), then restored."""
+    saved = {k: getattr(jax.config, k) for k in CACHE_KEYS}
+    jax.config.update("jax_compilation_cache_dir", None)
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+
+
+def test_compile_cache_key_sets_jax_cache_folder(tmp_path, no_cache_configured):
+    assert init_compile_cache(str(tmp_path / "xla")) == tmp_path / "xla"
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0  # small programs too
+
+
+def test_empty_compile_cache_key_leaves_cache_off(no_cache_configured):
+    assert init_compile_cache("") is None
+    assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_jax_compilation_cache_dir_wins_over_the_key(tmp_path):
+    suite_cache = jax.config.jax_compilation_cache_dir  # conftest's, through JAX_COMPILATION_CACHE_DIR
+    assert suite_cache
+    assert init_compile_cache(str(tmp_path / "elsewhere")) == Path(suite_cache)
+    assert jax.config.jax_compilation_cache_dir == suite_cache
+
+
+@pytest.mark.slow
+def test_rerun_loads_every_program_from_the_compile_cache(tmp_path, corpus):
+    """Two ``train.py`` processes with one ``run.compile_cache``: the second compiles nothing new (the
+    folder gains no entry) and JAX logs a cache hit for the train step."""
+    cache = tmp_path / "xla"
+    args = TINY + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=1",
+                   f"run.compile_cache={cache}"]
+    env = {"JAX_COMPILATION_CACHE_DIR": "", "JAX_LOG_COMPILES": "1"}  # the suite's cache set aside
+    first = run_cli("train.py", *args, f"run.dir={tmp_path / 'a'}", env_extra=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    entries = sorted(p.name for p in cache.iterdir())
+    assert any(name.startswith("jit_train_step") for name in entries)
+    assert "cache hit for 'jit_train_step'" not in first.stderr
+    second = run_cli("train.py", *args, f"run.dir={tmp_path / 'b'}", env_extra=env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "Persistent compilation cache hit for 'jit_train_step'" in second.stderr
+    assert sorted(p.name for p in cache.iterdir()) == entries
