@@ -5,11 +5,14 @@
                                                            IsoFLOP grid -> DIR/results.csv (resumable)
   python scaling.py fit RESULTS.csv [--out DIR]            fits -> DIR/fit.json, a table, PNG plots
   python scaling.py predict --fit fit.json --compute 1e21  compute-optimal N, D and loss, as JSON
+  python scaling.py forecast --fit DIR/fit.json --compute C [--out RUN_DIR] [--train]
+                                                           a sweep's next run: config, loss with interval, score
   python scaling.py depth [CONFIG.yaml] [key=value ...] [--out DIR]
                                                            depth x residual x pre/post-LN study + plots
 
-The sweep lives in jaxllm/sweep.py, the depth study in jaxllm/depth.py, the fits in
-jaxllm/scaling_laws.py, the figures in jaxllm/scaling_plots.py.
+The sweep lives in jaxllm/sweep.py, the depth study in jaxllm/depth.py (both run by
+jaxllm/run_manager.py), the fits in jaxllm/scaling_laws.py, their intervals in scaling_bootstrap.py,
+fit.json in scaling_report.py, forecasts in jaxllm/forecast.py, the figures in scaling_plots.py.
 """
 
 from __future__ import annotations
@@ -17,25 +20,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
-from jaxllm import scaling_laws as sl
+from jaxllm import scaling_report as report_lib
 from jaxllm.config import help_text, load_config
-from jaxllm.errors import ConfigError, DataError, UserError, exit_on_user_error
+from jaxllm.errors import ConfigError, UserError, exit_on_user_error
+from jaxllm.fileio import write_json
+from jaxllm.run_manager import Interrupted
+from jaxllm.scaling_csv import load_runs
 
-STARTS = {"paper": sl.PAPER_STARTS, "coarse": sl.BOOTSTRAP_STARTS}
-PERCENTILES = (2.5, 97.5)
 CONFIGS = Path(__file__).parent / "configs"
 SWEEP_CONFIG = CONFIGS / "scaling_cpu.yaml"
 DEPTH_CONFIG = CONFIGS / "depth_cpu.yaml"
 DEFAULT_OUT = Path("runs/scaling")
-APPROACH3_KEYS = ("E", "A", "B", "alpha", "beta", "a", "b", "G")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_fit(commands)
     _add_predict(commands)
+    _add_forecast(commands)
     _add_sweep(commands)
     _add_depth(commands)
     return parser
@@ -71,9 +72,10 @@ def _add_fit(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--bootstrap", type=int, default=100, metavar="B",
                    help="bootstrap resamples for the 95%% intervals (default 100); 0 = none")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
-    p.add_argument("--starts", choices=sorted(STARTS), default="paper",
-                   help=f"L-BFGS starting grid of approach 3: paper = Chinchilla's {len(sl.PAPER_STARTS)} starts, "
-                        f"coarse = {len(sl.BOOTSTRAP_STARTS)} (bootstrap refits always use coarse)")
+    starts = report_lib.STARTS
+    p.add_argument("--starts", choices=sorted(starts), default="paper",
+                   help=f"L-BFGS starting grid of approach 3: paper = Chinchilla's {len(starts['paper'])} starts, "
+                        f"coarse = {len(starts['coarse'])} (bootstrap refits always use coarse)")
     p.add_argument("--entropy-rate", type=float, metavar="H",
                    help="the true irreducible loss in nats/token, when known (a synthetic corpus): "
                         "reported beside approach 3's E")
@@ -89,6 +91,21 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_predict)
 
 
+def _add_forecast(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("forecast", help="size, predict and optionally train a sweep's larger run",
+                            description="From a sweep's fit.json: the compute-optimal run for budget C (approach 3, "
+                                        "shapes of the sweep's family, D = C / 6N), its predicted final loss with a "
+                                        "bootstrap interval; config.yaml, forecast.json and forecast.png in RUN_DIR. "
+                                        "With --train, train it and score the forecast.")
+    p.add_argument("--fit", type=Path, required=True, metavar="DIR/fit.json",
+                   help="written by `scaling.py sweep --fit` (its sweep.json is read beside it)")
+    p.add_argument("--compute", type=float, required=True, metavar="C",
+                   help="training budget in FLOPs, above the sweep's smallest")
+    p.add_argument("--out", type=Path, metavar="RUN_DIR", help="default: DIR/forecast-C<C>")
+    p.add_argument("--train", action="store_true", help="train the run (resumable) and print predicted vs actual")
+    p.set_defaults(run=run_forecast)
+
+
 def _add_training_args(p: argparse.ArgumentParser, default_config: Path, default_out: Path) -> None:
     p.add_argument("settings", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
                    help=f"a config file (default {default_config.relative_to(Path(__file__).parent)}) and "
@@ -100,7 +117,7 @@ def _add_training_args(p: argparse.ArgumentParser, default_config: Path, default
 def _add_sweep(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("sweep", help="train an IsoFLOP grid and write results.csv",
                             description="For each budget C in sweep.budgets, train sweep.sizes model sizes N, each on "
-                                        "D = C / 6N tokens (N non-embedding), with train.py's code; write "
+                                        "D = C / 6N tokens (N: every weight matrix, output projection included), with train.py's code; write "
                                         "OUT/results.csv. Finished runs are skipped on a rerun.")
     _add_training_args(p, SWEEP_CONFIG, DEFAULT_OUT)
     p.add_argument("--fit", action="store_true", help="then fit and plot the results, as `scaling.py fit` does")
@@ -146,7 +163,7 @@ def run_sweep(args: argparse.Namespace) -> int:
               file=sys.stderr)
     try:
         sweep.run_sweep(cfg, specs, args.out, _bar("sweep"))
-    except sweep.Interrupted as e:
+    except Interrupted as e:
         print(f"{e}; run the same command again to resume", file=sys.stderr)
         return 130
     csv_path = args.out / "results.csv"
@@ -160,7 +177,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_depth(args: argparse.Namespace) -> int:
-    from jaxllm import depth, sweep
+    from jaxllm import depth
 
     if args.keys:
         print(help_text(depth.DepthConfig))
@@ -170,7 +187,7 @@ def run_depth(args: argparse.Namespace) -> int:
     print(f"depth study: {len(specs)} runs into {args.out}", file=sys.stderr)
     try:
         rows = depth.run_study(cfg, specs, args.out, _bar("depth"))
-    except sweep.Interrupted as e:
+    except Interrupted as e:
         print(f"{e}; run the same command again to resume", file=sys.stderr)
         return 130
     print(depth.format_table(rows))
@@ -183,25 +200,20 @@ def run_depth(args: argparse.Namespace) -> int:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    if args.bootstrap < 0:
-        raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    runs = sl.load_runs(args.csv, args.params_column, args.tokens_column, args.flops_column, args.loss_column,
-                        drop_highest=args.drop_highest_loss)
+    settings = report_lib.FitSettings(
+        csv=str(args.csv), drop_highest_loss=args.drop_highest_loss, resamples=args.bootstrap, seed=args.seed,
+        starts=args.starts, entropy_rate=args.entropy_rate,
+        columns={"params": args.params_column, "tokens": args.tokens_column, "flops": args.flops_column,
+                 "loss": args.loss_column})
+    runs = load_runs(args.csv, args.params_column, args.tokens_column, args.flops_column, args.loss_column,
+                     drop_highest=args.drop_highest_loss)
     out_dir = args.out if args.out is not None else args.csv.parent
     _make_dir(out_dir)
-    fit = sl.fit_all(runs, STARTS[args.starts])
-    intervals = {}
-    if args.bootstrap:
-        intervals = sl.bootstrap(
-            runs, lambda r: sl.fit_all(r, sl.BOOTSTRAP_STARTS).parameters(), args.bootstrap, args.seed, PERCENTILES,
-            progress=lambda it: tqdm(it, desc="bootstrap", unit="resample", file=sys.stderr),
-        )
-        for name, alloc in (("approach1", fit.approach1), ("approach2", fit.approach2)):
-            if alloc is not None:  # one point per budget: resample the budgets, not the runs
-                intervals.update(sl.bootstrap_allocation(alloc, name, args.bootstrap, args.seed, PERCENTILES))
-    report = fit_report(fit, intervals, runs, args)
-    _write_json_atomically(out_dir / "fit.json", report)
-    print(format_table(report))
+    progress = lambda it: tqdm(it, desc="bootstrap", unit="resample", file=sys.stderr)
+    fit, found, draws = report_lib.fit_with_intervals(runs, settings, progress)
+    report = report_lib.fit_report(fit, found, draws, runs, settings)
+    write_json(out_dir / "fit.json", report)
+    print(report_lib.format_table(report))
     # Imported only to draw: matplotlib is slow to import, and predict and bad-input exits never draw.
     from jaxllm.scaling_plots import plot_all
 
@@ -212,113 +224,14 @@ def run_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def fit_report(
-    fit: sl.ScalingFit, intervals: dict[str, sl.Interval], runs: sl.Runs, args: argparse.Namespace
-) -> dict[str, Any]:
-    """The fit.json document: per approach its parameters with 95% intervals, and the exponents a, b."""
-
-    def entry(name: str, value: float) -> dict[str, Any]:
-        interval = intervals.get(name)
-        return {"value": value, "ci95": None if interval is None else [interval.low, interval.high]}
-
-    def samples(prefix: str) -> int:
-        return max((iv.samples for name, iv in intervals.items() if name.startswith(prefix)), default=0)
-
-    params = fit.parameters()
-    kaplan = {}
-    for x in "NDC":
-        law = fit.kaplan.get(x)
-        kaplan[f"L({x})"] = {"skipped": fit.skipped[f"kaplan_{x}"]} if law is None else {
-            "law": f"L = ({x}_c / {x})^alpha", "alpha": entry(f"kaplan_{x}.alpha", law.alpha),
-            "X_c": entry(f"kaplan_{x}.X_c", law.X_c), "envelope_runs": law.points,
-            "bootstrap_fits": samples(f"kaplan_{x}.")}
-    report: dict[str, Any] = {
-        "data": {"csv": str(args.csv), "runs": len(runs), "dropped_highest_loss": args.drop_highest_loss,
-                 "columns": {"params": args.params_column, "tokens": args.tokens_column,
-                             "flops": args.flops_column, "loss": args.loss_column}},
-        "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "percentiles": list(PERCENTILES),
-                      "starts": len(sl.BOOTSTRAP_STARTS)},
-        "kaplan": kaplan,
-    }
-    for name, alloc, how in (("approach1", fit.approach1, "lowest-loss run of each budget"),
-                             ("approach2", fit.approach2, "vertex of a parabola in log N per budget")):
-        if alloc is None:
-            report[name] = {"skipped": fit.skipped[name]}
-            continue
-        report[name] = {
-            "method": how, "law": "N_opt = N_coefficient * C^a, D_opt = D_coefficient * C^b",
-            "a": entry(f"{name}.a", alloc.a), "b": entry(f"{name}.b", alloc.b),
-            "N_coefficient": alloc.N_opt.coefficient, "D_coefficient": alloc.D_opt.coefficient,
-            "budgets": [{"C": c, "N_opt": n, "D_opt": d} for c, n, d in zip(alloc.C, alloc.N, alloc.D)],
-            "bootstrap_fits": samples(f"{name}."),
-        }
-    report["approach2_profiles"] = [
-        {"C": p.C, "runs": len(p.runs), "N_opt": p.N_opt, "D_opt": p.D_opt, "loss_min": p.loss_min,
-         "skipped": p.skipped}
-        for p in fit.profiles
-    ]
-    report["approach3"] = {
-        "law": "L = E + A / N^alpha + B / D^beta; N_opt = G (C/6)^a, D_opt = C / (6 N_opt)",
-        **{key: entry(f"approach3.{key}", params[f"approach3.{key}"]) for key in APPROACH3_KEYS},
-        "huber_objective": fit.objective, "starts": len(STARTS[args.starts]),
-        "bootstrap_fits": samples("approach3."),
-    }
-    if args.entropy_rate is not None:
-        E = params["approach3.E"]
-        report["approach3"]["true_entropy_rate"] = args.entropy_rate
-        report["approach3"]["E_minus_entropy_rate"] = E - args.entropy_rate
-    return _finite(report)
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The fitted numbers of a fit.json document as an aligned text table."""
-    data = report["data"]
-    dropped = f", {data['dropped_highest_loss']} highest-loss dropped" if data["dropped_highest_loss"] else ""
-    lines = [(f"{data['runs']} runs from {data['csv']}{dropped}; "
-              f"95% intervals from {report['bootstrap']['resamples']} bootstrap resamples"), "",
-             f"{'fit':<14}{'parameter':<11}{'value':>12}   95% interval"]
-
-    def row(fit: str, name: str, entry: dict[str, Any]) -> None:
-        ci = entry["ci95"]
-        interval = "" if ci is None else f"[{_num(ci[0])}, {_num(ci[1])}]"
-        lines.append(f"{fit:<14}{name:<11}{_num(entry['value']):>12}   {interval}")
-
-    for name, law in report["kaplan"].items():
-        if "skipped" in law:
-            lines.append(f"{'Kaplan ' + name:<14}skipped: {law['skipped']}")
-            continue
-        row(f"Kaplan {name}", "alpha", law["alpha"])
-        row("", f"{name[2]}_c", law["X_c"])
-    for name in ("approach1", "approach2"):
-        title = f"Chinchilla {name[-1]}"
-        if "skipped" in report[name]:
-            lines.append(f"{title:<14}skipped: {report[name]['skipped']}")
-            continue
-        row(title, "a (N~C^a)", report[name]["a"])
-        row("", "b (D~C^b)", report[name]["b"])
-    a3 = report["approach3"]
-    for i, key in enumerate(APPROACH3_KEYS):
-        row("Chinchilla 3" if i == 0 else "", key, a3[key])
-    if "true_entropy_rate" in a3:
-        H, gap = a3["true_entropy_rate"], a3["E_minus_entropy_rate"]
-        lines.append(f"{'':<14}{'true H':<11}{_num(H):>12}   E - H = {gap:+.4f} nats/token ({gap / H:+.1%})")
-    used = sum(p["skipped"] is None for p in report["approach2_profiles"])
-    lines.append(f"\nIsoFLOP profiles: {used} of {len(report['approach2_profiles'])} budgets used by approach 2")
-    return "\n".join(lines)
-
-
-# --- predict -----------------------------------------------------------------------------------------
-
-
 def run_predict(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.compute) and args.compute > 0):
         raise ConfigError(f"--compute must be a FLOP count > 0, got {args.compute:g}")
-    report = _read_fit(args.fit)
-    law, approach2 = _laws_from_report(report, args.fit)
+    law, approach2 = report_lib.laws_from_report(report_lib.read_fit(args.fit), args.fit)
     C = args.compute
     N_opt = float(law.optimal_N(C))
     D_opt = float(law.optimal_D(C))
-    prediction: dict[str, Any] = {"compute": C, "N_opt": N_opt, "D_opt": D_opt, "loss": float(law.loss(N_opt, D_opt))}
+    prediction = {"compute": C, "N_opt": N_opt, "D_opt": D_opt, "loss": float(law.loss(N_opt, D_opt))}
     if approach2 is not None:
         N_law, D_law = approach2
         prediction["approach2"] = {"N_opt": float(N_law(C)), "D_opt": float(D_law(C))}
@@ -326,32 +239,26 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_fit(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"no such file: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read {path} as JSON: {e}") from None
+def run_forecast(args: argparse.Namespace) -> int:
+    from jaxllm import forecast
 
-
-def _laws_from_report(
-    report: dict[str, Any], path: Path
-) -> tuple[sl.ChinchillaLaw, tuple[sl.PowerLaw, sl.PowerLaw] | None]:
-    """Approach 3's law, and approach 2's N_opt and D_opt power laws (None if skipped), from fit.json."""
-    try:
-        law = sl.ChinchillaLaw(**{k: float(report["approach3"][k]["value"]) for k in ("E", "A", "B", "alpha", "beta")})
-        a2 = report.get("approach2", {})
-        approach2 = None
-        if "a" in a2:
-            approach2 = (sl.PowerLaw(float(a2["a"]["value"]), float(a2["N_coefficient"])),
-                         sl.PowerLaw(float(a2["b"]["value"]), float(a2["D_coefficient"])))
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise DataError(f"{path} is not a fit written by `scaling.py fit`: no approach3 E, A, B, alpha, beta") from None
-    return law, approach2
-
-
-# --- files -------------------------------------------------------------------------------------------
+    f = forecast.prepare(args.fit, args.compute, args.out)
+    result = None
+    if args.train:
+        forecast.write(f, forecast.document(f, None))  # the prediction is on disk before the run starts
+        print(forecast.summary(forecast.document(f, None)), file=sys.stderr)
+        print(f"training {f.run_cfg.run.dir} ({f.plan.steps} steps)", file=sys.stderr)
+        try:
+            result = forecast.train_run(f)
+        except Interrupted as e:
+            print(f"{e}; run the same command again to resume", file=sys.stderr)
+            return 130
+    doc = forecast.document(f, result)
+    paths = forecast.write(f, doc)
+    print(forecast.summary(doc))
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
 
 
 def _make_dir(path: Path) -> None:
@@ -359,37 +266,6 @@ def _make_dir(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output folder {path}: {e.strerror}") from None
-
-
-def _write_json_atomically(path: Path, document: dict[str, Any]) -> None:
-    """Write to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(document, f, indent=2, allow_nan=False)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
-
-
-def _finite(value: Any) -> Any:
-    """The document with non-finite floats as None: JSON has no inf or NaN (a law with alpha <= 0)."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _num(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4g}"
 
 
 @exit_on_user_error

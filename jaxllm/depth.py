@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 
 from jaxllm.config import Config, option, validate
-from jaxllm.errors import ConfigError, UserError
-from jaxllm.sweep import csv_text, train_once, write_atomically
+from jaxllm.errors import ConfigError
+from jaxllm.fileio import atomic_write, read_jsonl
+from jaxllm.run_manager import run_in_order, study_folder, study_run_config, train_once
+from jaxllm.sweep import csv_text
 
 # The first this share of logged steps is "early training", where vanishing gradients show before
 # the optimizer has adapted to them.
@@ -93,25 +95,17 @@ def depth_plan(cfg: DepthConfig) -> list[DepthRun]:
 
 
 def run_config(cfg: DepthConfig, run: DepthRun, run_dir: Path) -> Config:
-    """The train.py config of one run: the run's depth, residual and norm position; no samples, no
-    TensorBoard, no inner progress bar, one evaluation and one checkpoint at the end."""
-    base = Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)})
-    steps = cfg.train.steps
-    return dataclasses.replace(
-        base,
-        run=dataclasses.replace(cfg.run, dir=str(run_dir)),
-        model=dataclasses.replace(cfg.model, n_layer=run.n_layer, residual=run.variant.residual,
-                                  norm_position=run.variant.norm_position),
-        eval=dataclasses.replace(cfg.eval, every=steps, sample_tokens=0),
-        log=dataclasses.replace(cfg.log, progress=False, tensorboard=False),
-        checkpoint=dataclasses.replace(cfg.checkpoint, every=steps),
-    )
+    """The train.py config of one run: the run's depth, residual and norm position, set up as every
+    study's run is (:func:`run_manager.study_run_config`)."""
+    model = dataclasses.replace(cfg.model, n_layer=run.n_layer, residual=run.variant.residual,
+                                norm_position=run.variant.norm_position)
+    return study_run_config(cfg, run_dir, cfg.train.steps, model)
 
 
 def layer_norms(metrics_path: Path) -> dict[str, list[float]]:
     """Per-layer gradient norms from metrics.jsonl: mean over early logged steps, and the last logged."""
-    lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []  # absent: diverged at once
-    logged = [r["layer_grad_norms"] for r in map(json.loads, lines) if "layer_grad_norms" in r]
+    records = read_jsonl(metrics_path, "metrics log") if metrics_path.is_file() else []  # absent: diverged at once
+    logged = [r["layer_grad_norms"] for r in records if "layer_grad_norms" in r]
     if not logged:
         return {"grad_early": [], "grad_last": []}
     norms_SxL = np.array(logged)
@@ -123,30 +117,20 @@ def run_study(
     cfg: DepthConfig, runs: list[DepthRun], out: Path, progress: Callable[[list, int, int], Iterable] | None = None,
     devices: list | None = None,
 ) -> list[dict[str, Any]]:
-    """Trains ``runs`` into ``out/runs`` on ``devices`` (default all; finished runs are skipped) and
-    returns one row per run."""
-    try:
-        (out / "runs").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output folder {out}: {e.strerror}") from None
-    finished = [r for r in runs if (out / "runs" / r.name / "result.json").is_file()]
-    todo = [r for r in runs if r not in finished]
-    results = {}
-    loop = progress(todo, len(runs), len(finished)) if progress else todo
-    for run in finished:  # read back (and checked against this config), not retrained
-        results[run.name] = _train(cfg, run, out, devices)
-    for run in loop:
-        if hasattr(loop, "set_postfix_str"):
-            loop.set_postfix_str(run.name)
-        results[run.name] = _train(cfg, run, out, devices)
+    """Trains ``runs`` into ``out/runs`` on ``devices`` (default all; finished runs are skipped) under
+    ``out``'s lock, and returns one row per run."""
+    by_name = {r.name: r for r in runs}
+    with study_folder(out, "another depth study") as runs_dir:
+        results = run_in_order(list(by_name), runs_dir, lambda name: _train(cfg, by_name[name], runs_dir, devices),
+                               progress)
     return [_row(run, results[run.name]) for run in runs]
 
 
-def _train(cfg: DepthConfig, run: DepthRun, out: Path, devices: list | None) -> dict[str, Any]:
+def _train(cfg: DepthConfig, run: DepthRun, runs_dir: Path, devices: list | None) -> dict[str, Any]:
     record = {"variant": run.variant.name, "residual": run.variant.residual,
               "norm_position": run.variant.norm_position, "n_layer": run.n_layer}
     measure = lambda run_dir: layer_norms(run_dir / "metrics.jsonl")
-    return train_once(run_config(cfg, run, out / "runs" / run.name), record, measure, devices)
+    return train_once(run_config(cfg, run, runs_dir / run.name), record, measure, devices)
 
 
 def _row(run: DepthRun, result: dict[str, Any]) -> dict[str, Any]:
@@ -171,8 +155,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def write_outputs(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     """depth.csv, depth.json and the two figures; returns their paths."""
-    write_atomically(out / "depth.csv", csv_text(COLUMNS, rows))
-    write_atomically(out / "depth.json", json.dumps(rows, indent=1) + "\n")
+    atomic_write(out / "depth.csv", csv_text(COLUMNS, rows))
+    atomic_write(out / "depth.json", json.dumps(rows, indent=1) + "\n")  # NaN kept: a diverged run's loss
     paths = [out / "depth.csv", out / "depth.json", out / "depth_loss.png", out / "depth_grad_norms.png"]
     plot_loss(rows, paths[2])
     plot_grad_norms(rows, paths[3])

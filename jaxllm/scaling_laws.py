@@ -4,24 +4,25 @@ Kaplan et al. (2020) fit each variable alone, L = (X_c / X)^alpha: a straight li
 Chinchilla (Hoffmann et al. 2022) asks how to split a budget C = 6ND between N and D, three ways:
 (1) take the best run at each budget and fit N_opt ~ C^a, D_opt ~ C^b; (2) fit a parabola to loss
 against log N at each budget (an IsoFLOP profile) and use its vertex; (3) fit L = E + A/N^alpha +
-B/D^beta to all runs, then minimise it under 6ND = C. Bootstrap resampling of runs gives intervals.
-Units throughout: N in parameters, D in tokens, C in FLOPs, loss in nats per token.
+B/D^beta to all runs, then minimise it under 6ND = C. Units throughout: N in parameters, D in
+tokens, C in FLOPs, loss in nats per token.
+
+Beside this module: ``scaling_csv`` reads runs from a CSV, ``scaling_bootstrap`` gives intervals,
+``scaling_report`` runs every fit and writes fit.json, ``forecast`` sizes and scores a larger run.
 """
 
 from __future__ import annotations
 
-import csv
 import itertools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import scipy.optimize
 from threadpoolctl import threadpool_limits
 
-from jaxllm.errors import ConfigError, DataError
+from jaxllm.errors import ConfigError
 
 # Training FLOPs per parameter per token: 2 in the forward pass, 4 in the backward pass.
 FLOPS_PER_PARAM_TOKEN = 6.0
@@ -94,90 +95,6 @@ def make_runs(
     C = arrays["C"] if "C" in arrays else FLOPS_PER_PARAM_TOKEN * N * D
     return Runs(N=N, D=D, C=C, loss=arrays["loss"])
 
-
-def drop_highest_loss(runs: Runs, k: int) -> Runs:
-    """``runs`` without its ``k`` highest-loss runs, order kept (published data has outliers)."""
-    if k < 0:
-        raise ConfigError(f"drop-highest-loss must be >= 0, got {k}")
-    if k >= len(runs):
-        raise ConfigError(f"drop-highest-loss {k} would leave no runs of {len(runs)}")
-    keep = np.ones(len(runs), dtype=bool)
-    keep[np.argsort(-runs.loss, kind="stable")[:k]] = False
-    return runs.take(keep)
-
-
-def load_runs(
-    path: str | Path,
-    params_column: str = "N",
-    tokens_column: str | None = None,
-    flops_column: str | None = None,
-    loss_column: str = "loss",
-    drop_highest: int = 0,
-) -> Runs:
-    """Runs from a CSV file, columns chosen by name; other columns are ignored.
-
-    ``tokens_column``/``flops_column`` None means the default name (``D``/``C``) if the file has it;
-    at least one must be present, and D = C / 6N when only FLOPs are given. A name given explicitly
-    must exist. ``drop_highest`` drops that many highest-loss runs after reading.
-    """
-    path = Path(path)
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, skipinitialspace=True)
-            header = [h.strip() for h in reader.fieldnames or []]
-            if not header:
-                raise DataError(f"{path} is empty: expected a header with columns {params_column}, {loss_column}, ...")
-            reader.fieldnames = header
-            wanted = _choose_columns(path, header, params_column, tokens_column, flops_column, loss_column)
-            columns: dict[str, list[float]] = {role: [] for role in wanted}
-            for row in reader:
-                for role, name in wanted.items():
-                    columns[role].append(_parse_positive(row.get(name), name, reader.line_num, path))
-    except FileNotFoundError:
-        raise DataError(f"no such file: {path}") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"cannot read {path} as CSV: {e}") from None
-    if not columns["loss"]:
-        raise DataError(f"{path} has a header but no rows")
-    runs = make_runs(**{role: np.array(values) for role, values in columns.items()})
-    return drop_highest_loss(runs, drop_highest)
-
-
-def _choose_columns(
-    path: Path, header: list[str], params: str, tokens: str | None, flops: str | None, loss: str
-) -> dict[str, str]:
-    """Map of role (N, D, C, loss) to column name, for the roles this file provides."""
-    have = ", ".join(header)
-    for name, flag in ((params, "--params-column"), (loss, "--loss-column")):
-        if name not in header:
-            raise ConfigError(f"{path} has no column '{name}' (it has: {have}); choose one with {flag}")
-    for name, flag in ((tokens, "--tokens-column"), (flops, "--flops-column")):
-        if name is not None and name not in header:
-            raise ConfigError(f"{path} has no column '{name}' (it has: {have}); choose one with {flag}")
-    wanted = {"N": params, "loss": loss}
-    tokens = tokens if tokens is not None else ("D" if "D" in header else None)
-    flops = flops if flops is not None else ("C" if "C" in header else None)
-    if tokens is None and flops is None:
-        raise ConfigError(
-            f"{path} has neither a tokens column 'D' nor a FLOPs column 'C' (it has: {have}); "
-            "choose one with --tokens-column or --flops-column"
-        )
-    if tokens is not None:
-        wanted["D"] = tokens
-    if flops is not None:
-        wanted["C"] = flops
-    return wanted
-
-
-def _parse_positive(text: str | None, column: str, line: int, path: Path) -> float:
-    """One CSV cell as a finite float > 0, or an error naming the file, line and column."""
-    try:
-        value = float(text)  # type: ignore[arg-type]  # None (short row) fails like text does
-    except (TypeError, ValueError):
-        raise DataError(f"{path} line {line}: column '{column}' is {text!r}, not a number") from None
-    if not (np.isfinite(value) and value > 0):
-        raise ConfigError(f"{path} line {line}: column '{column}' is {value:g}; it must be finite and > 0")
-    return value
 
 
 # --- Power laws in log-log: Kaplan, and the N_opt ~ C^a fits of approaches 1 and 2 ----------------
@@ -461,119 +378,3 @@ def fit_chinchilla(
         raise ConfigError(f"approach 3 found no finite fit from {len(starts)} starting points")
     a, b, e, alpha, beta = (float(v) for v in best_theta)
     return ChinchillaLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta), float(best_value)
-
-
-# --- Bootstrap ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Interval:
-    """Percentile interval of one parameter over the bootstrap resamples where its fit succeeded."""
-
-    low: float
-    high: float
-    samples: int
-
-
-def bootstrap(
-    runs: Runs,
-    fit: Callable[[Runs], dict[str, float]],
-    samples: int,
-    seed: int,
-    percentiles: tuple[float, float] = (2.5, 97.5),
-    progress: Callable[[Iterable[int]], Iterable[int]] = iter,
-) -> dict[str, Interval]:
-    """Refit on ``samples`` resamples of the runs (drawn with replacement, seeded) and take percentiles.
-
-    ``fit`` maps runs to named parameters; a name it leaves out of a resample (a fit that needs
-    profiles the resample lacks) just has fewer samples. ``progress`` wraps the loop (e.g. tqdm).
-    """
-    rng = np.random.default_rng(seed)
-    values: dict[str, list[float]] = {}
-    for _ in progress(range(samples)):
-        resample = runs.take(rng.integers(0, len(runs), size=len(runs)))
-        for name, value in fit(resample).items():
-            values.setdefault(name, []).append(value)
-    return {
-        name: Interval(*(float(q) for q in np.percentile(v, percentiles)), samples=len(v))
-        for name, v in values.items()
-    }
-
-
-def bootstrap_allocation(
-    alloc: Allocation, name: str, samples: int, seed: int, percentiles: tuple[float, float] = (2.5, 97.5)
-) -> dict[str, Interval]:
-    """Intervals of ``{name}.a`` and ``{name}.b`` by resampling the budgets (one compute-optimal point
-    each, shape [K]) with replacement and refitting the two power laws.
-
-    Approaches 1 and 2 reduce each budget to one point, so the budgets are the cases to resample:
-    resampling runs instead leaves most budgets with too few distinct sizes for a profile (a sweep
-    runs ~5 per budget). Resamples with fewer than two distinct budgets are skipped.
-    """
-    rng = np.random.default_rng(seed)
-    fits: dict[str, list[float]] = {f"{name}.a": [], f"{name}.b": []}
-    for _ in range(samples):
-        pick = rng.integers(0, len(alloc.C), size=len(alloc.C))
-        if len(np.unique(alloc.C[pick])) < MIN_BUDGETS:
-            continue
-        fits[f"{name}.a"].append(fit_power_law(alloc.C[pick], alloc.N[pick], name).exponent)
-        fits[f"{name}.b"].append(fit_power_law(alloc.C[pick], alloc.D[pick], name).exponent)
-    return {
-        key: Interval(*(float(q) for q in np.percentile(v, percentiles)), samples=len(v))
-        for key, v in fits.items() if v
-    }
-
-
-# --- Everything at once, as `scaling.py fit` runs it -------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ScalingFit:
-    """Every fit of one set of runs. Approaches 1 and 2 need IsoFLOP profiles; without, they are None."""
-
-    kaplan: dict[str, KaplanLaw]  # "N", "D", "C": L(N), L(D), L(C); absent when skipped
-    approach1: Allocation | None
-    profiles: list[Profile]
-    approach2: Allocation | None
-    approach3: ChinchillaLaw
-    objective: float  # approach 3's Huber objective at its minimum
-    skipped: dict[str, str]  # "kaplan_N"/.../"approach1"/"approach2": why it could not be fitted
-
-    def parameters(self) -> dict[str, float]:
-        """Every fitted number under a flat name such as ``approach3.alpha``: what bootstrap resamples."""
-        out = {}
-        for name, law in self.kaplan.items():
-            out[f"kaplan_{name}.alpha"], out[f"kaplan_{name}.X_c"] = law.alpha, law.X_c
-        for name, alloc in (("approach1", self.approach1), ("approach2", self.approach2)):
-            if alloc is not None:
-                out[f"{name}.a"], out[f"{name}.b"] = alloc.a, alloc.b
-        law = self.approach3
-        for key in ("E", "A", "B", "alpha", "beta", "a", "b", "G"):
-            out[f"approach3.{key}"] = getattr(law, key)
-        return out
-
-
-def fit_all(runs: Runs, starts: np.ndarray = PAPER_STARTS) -> ScalingFit:
-    """Kaplan's three laws and Chinchilla's three approaches on the same runs.
-
-    Kaplan's laws and approaches 1 and 2 are skipped (with the reason) rather than fatal: runs that
-    are not an IsoFLOP sweep, such as an N x D grid, still get Kaplan's laws and approach 3.
-    """
-    approach3, objective = fit_chinchilla(runs, starts)
-    profiles = fit_profiles(runs)
-    skipped, kaplan = {}, {}
-    for name, x in zip("NDC", (runs.N, runs.D, runs.C)):
-        try:  # an envelope of one run (the smallest N is also the best) has no slope to fit
-            kaplan[name] = fit_kaplan(x, runs.loss, f"L({name})")
-        except ConfigError as e:
-            skipped[f"kaplan_{name}"] = str(e)
-    approach1 = approach2 = None
-    try:
-        approach1 = fit_approach1(runs)
-    except ConfigError as e:
-        skipped["approach1"] = str(e)
-    try:
-        approach2 = fit_approach2(profiles)
-    except ConfigError as e:
-        skipped["approach2"] = str(e)
-    return ScalingFit(kaplan, approach1, profiles, approach2, approach3, objective, skipped)

@@ -17,7 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator, NullLocator
 
-from jaxllm.scaling_laws import ChinchillaLaw, Runs, ScalingFit, lower_envelope
+from jaxllm.scaling_laws import ChinchillaLaw, Runs, lower_envelope
+from jaxllm.scaling_report import ScalingFit
 
 # Published exponents of N_opt ~ C^a, drawn as slopes for comparison (D_opt ~ C^(1-a)).
 KAPLAN_A = 0.73
@@ -162,3 +163,33 @@ def _log_loss_axes(ax: Axes) -> None:
     ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
     ax.set_ylabel("final loss (nats/token)")
     ax.grid(True, which="both", alpha=0.3)
+
+
+def plot_forecast(runs: Runs, law: ChinchillaLaw, draws: list[ChinchillaLaw], forecast: dict, path: Path) -> None:
+    """Loss against compute: the sweep's runs, approach 3's compute-optimal frontier extended to the
+    forecast's budget with the band of its bootstrap refits, the predicted loss of the forecast run
+    with its interval, and its actual loss once trained."""
+    fig = Figure(figsize=(9, 6), layout="constrained")
+    ax = fig.add_subplot()
+    run, predicted, actual = forecast["run"], forecast["predicted"], forecast["actual"]
+    C = np.geomspace(runs.C.min() / 2, max(run["C"], runs.C.max()) * 2, 200)
+    band = np.percentile([_optimal_loss(d, C) for d in draws], [2.5, 97.5], axis=0)
+    ax.fill_between(C, band[0], band[1], color="tab:blue", alpha=0.15, label="95% band of the bootstrap refits")
+    ax.plot(C, _optimal_loss(law, C), color="tab:blue", lw=2, label="approach 3 at compute-optimal N, D")
+    points = ax.scatter(runs.C, runs.loss, c=runs.N, cmap="viridis", norm=LogNorm(), s=18, zorder=3,
+                        label="sweep run")
+    fig.colorbar(points, ax=ax, label="model size N (parameters)")
+    low, high = predicted["ci95"]
+    ax.errorbar([run["C"]], [predicted["loss"]], yerr=[[predicted["loss"] - low], [high - predicted["loss"]]],
+                fmt="o", color="tab:red", capsize=5, ms=8, zorder=4,
+                label=f"forecast {run['n_layer']}x{run['d_model']}: {predicted['loss']:.4f} [{low:.4f}, {high:.4f}]")
+    if actual is not None and actual["loss"] is not None:
+        ax.scatter([run["C"]], [actual["loss"]], marker="*", s=220, color="black", zorder=5,
+                   label=f"actual: {actual['loss']:.4f} ({100 * actual['relative_error']:+.2f}% predicted - actual)")
+    _log_loss_axes(ax)
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=8))
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_title(f"Forecast at C = {forecast['compute']:.3g} FLOPs from the sweep's fit")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.savefig(path, dpi=DPI)

@@ -16,24 +16,18 @@ recorded D is the tokens actually trained and C = 6 N D from it. The learning-ra
 exactly those steps (the optimizer's schedule length is ``train.steps``), with
 ``min(optim.warmup_steps, steps / 10)`` warmup.
 
-Running. Every run is ``jaxllm.trainer.train`` (what train.py runs) in ``OUT/runs/<name>``, its
-output in ``train.log`` there. ``result.json`` marks a finished run: a rerun skips it, and restarts
-an unfinished one from scratch (runs last minutes; a checkpoint is saved only at their end).
-``results.csv`` is rewritten after every run, so an interrupted sweep still leaves its finished rows.
+Running. ``jaxllm.run_manager`` trains each run in ``OUT/runs/<name>`` under ``OUT``'s lock and
+skips finished ones on a rerun. ``results.csv`` is rewritten after every run, so an interrupted
+sweep still leaves its finished rows; ``sweep.json`` beside it records the config, which is how a
+forecast (``jaxllm.forecast``) builds a larger run of the same family.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
-import fcntl
 import io
-import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,12 +35,13 @@ from typing import Any
 
 from jaxllm import flops, synthetic
 from jaxllm.config import Config, ModelConfig, option, resolve_model, to_dict, validate
-from jaxllm.errors import ConfigError, UserError
+from jaxllm.errors import ConfigError
+from jaxllm.fileio import atomic_write, write_json
+from jaxllm.run_manager import run_in_order, study_folder, study_run_config, train_once
 from jaxllm.scaling_laws import FLOPS_PER_PARAM_TOKEN, MIN_PROFILE_SIZES
 
 HEAD_SIZE = 8  # every shape of the ladder uses heads of 8 dimensions: n_head = d_model / 8
 MIN_STEPS = 20  # fewer optimizer steps than this is warm-up only, not a trained model
-RESULT = "result.json"
 COLUMNS = ("name", "budget", "n_layer", "d_model", "n_head", "N", "N_nonembed", "N_total", "D", "C", "C_palm",
            "steps", "loss", "train_loss")
 
@@ -186,23 +181,11 @@ def plan(
 
 
 def run_config(cfg: Config, shape: Shape, steps: int, run_dir: Path) -> Config:
-    """The train.py config of one run: ``cfg`` with the run's shape, steps and directory.
-
-    Warm-up is capped at a tenth of the steps, evaluation, the only checkpoint and the loss plot
-    happen at the end, and the inner progress bar, samples and TensorBoard are off (the sweep has
-    its own bar over runs).
-    """
-    run = Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)})
-    return dataclasses.replace(
-        run,
-        run=dataclasses.replace(cfg.run, dir=str(run_dir)),
-        train=dataclasses.replace(cfg.train, steps=steps),
-        model=shaped(cfg.model, shape),
-        optim=dataclasses.replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps, steps // 10)),
-        eval=dataclasses.replace(cfg.eval, every=steps, sample_tokens=0),
-        log=dataclasses.replace(cfg.log, progress=False, tensorboard=False),
-        checkpoint=dataclasses.replace(cfg.checkpoint, every=steps),
-    )
+    """The train.py config of one run: ``cfg`` with the run's shape, steps and directory, set up as every
+    study's run is (:func:`run_manager.study_run_config`), and warm-up capped at a tenth of the steps."""
+    run = study_run_config(cfg, run_dir, steps, shaped(cfg.model, shape))
+    return dataclasses.replace(run, optim=dataclasses.replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps,
+                                                                                          steps // 10)))
 
 
 # --- running -----------------------------------------------------------------------------------------
@@ -215,63 +198,6 @@ def csv_text(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
     writer.writerow(columns)
     writer.writerows([repr(r[c]) if isinstance(r[c], float) else r[c] for c in columns] for r in rows)
     return buffer.getvalue()
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-class Interrupted(Exception):
-    """A run stopped on SIGINT/SIGTERM; its sweep stops too and resumes on the next invocation."""
-
-
-def train_once(
-    cfg: Config, record: dict[str, Any], measure: Callable[[Path], dict[str, Any]] | None = None,
-    devices: list | None = None,
-) -> dict:
-    """Trains ``cfg`` in ``cfg.run.dir`` (on ``devices``, default all) unless its ``result.json`` says that
-    run is done; returns the result.
-
-    The result is ``record`` plus the final validation ``loss`` (NaN and ``diverged`` when the loss
-    became NaN/Inf), the last logged ``train_loss``, and whatever ``measure(run_dir)`` adds.
-    A result written by a different config is an error, never silently reused.
-    """
-    from jaxllm.trainer import TrainingDiverged, train  # imports JAX: only when something will train
-
-    run_dir = Path(cfg.run.dir)
-    done = run_dir / RESULT
-    settings = {k: v for k, v in to_dict(cfg).items() if k != "run"}
-    if done.is_file():
-        result = json.loads(done.read_text())
-        if result.get("config") != settings:
-            raise ConfigError(f"{run_dir} holds a finished run of a different config; use a new --out folder")
-        return result
-    if run_dir.exists():  # an unfinished run: its only checkpoint would be at the end, so start afresh
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    result = {**record, "diverged": False}
-    with (run_dir / "train.log").open("w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        try:
-            summary = train(cfg, devices)
-        except TrainingDiverged as e:
-            print(f"error: {e}")
-            summary = {"eval_loss": math.nan, "loss": math.nan}
-            result["diverged"] = True
-    if "interrupted" in summary:
-        raise Interrupted(f"{run_dir} stopped by {summary['interrupted']}")
-    result.update(loss=summary["eval_loss"], train_loss=summary.get("loss", math.nan), config=settings)
-    if measure is not None:
-        result.update(measure(run_dir))
-    write_atomically(done, json.dumps(result, indent=1) + "\n")
-    return result
 
 
 def vocab_size(cfg: Config) -> int:
@@ -304,51 +230,23 @@ def run_sweep(
     devices: list | None = None,
 ) -> list[dict[str, Any]]:
     """Trains ``specs`` (from :func:`sweep_plan`) into ``out``, skipping finished runs; writes and returns
-    the rows of results.csv.
+    the rows of results.csv. ``progress`` wraps the loop over runs, as in :func:`run_manager.run_in_order`."""
+    with study_folder(out, "another sweep") as runs_dir:
+        H = entropy_rate(cfg.data.source)
+        write_json(out / "sweep.json", {"runs": len(specs), "entropy_rate": H,
+                                        "counting": "N = flops.param_counts()['matmul'], C = 6 N D",
+                                        "config": to_dict(cfg)})
+        by_name = {s.name: s for s in specs}
+        rows: dict[str, dict[str, Any]] = {}
 
-    ``progress(specs, total, done)`` wraps the loop over runs still to train (e.g. a tqdm bar that
-    starts at ``done``); it may also be told the current run via ``set_postfix_str``.
-    """
-    try:
-        (out / "runs").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output folder {out}: {e.strerror}") from None
-    with _only_writer(out):
-        return _run_sweep(cfg, specs, out, progress, devices)
+        def train_and_record(name: str) -> dict[str, Any]:
+            spec = by_name[name]
+            run_cfg = run_config(cfg, spec.shape, spec.steps, runs_dir / name)
+            rows[name] = _row(spec, train_once(run_cfg, _record(spec), devices=devices))
+            _write_results(out / "results.csv", [rows[s.name] for s in specs if s.name in rows])
+            return rows[name]
 
-
-@contextlib.contextmanager
-def _only_writer(out: Path):
-    """Holds an exclusive lock on ``out`` while a sweep writes there (the OS drops it if the process dies)."""
-    with open(out / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another sweep is writing to {out}; wait for it to finish or choose another --out") from None
-        yield
-
-
-def _run_sweep(cfg: SweepConfig, specs: list[RunSpec], out: Path, progress, devices) -> list[dict[str, Any]]:
-    H = entropy_rate(cfg.data.source)
-    meta = {"runs": len(specs), "entropy_rate": H, "counting": "N = flops.param_counts()['matmul'], C = 6 N D",
-            "config": to_dict(cfg)}
-    write_atomically(out / "sweep.json", json.dumps(meta, indent=1) + "\n")
-    finished = [s for s in specs if (out / "runs" / s.name / RESULT).is_file()]
-    todo = [s for s in specs if s not in finished]
-    rows: dict[str, dict[str, Any]] = {}
-
-    def train_and_record(spec: RunSpec) -> None:
-        run_cfg = run_config(cfg, spec.shape, spec.steps, out / "runs" / spec.name)
-        rows[spec.name] = _row(spec, train_once(run_cfg, _record(spec), devices=devices))
-        _write_results(out / "results.csv", [rows[s.name] for s in specs if s.name in rows])
-
-    for spec in finished:  # read back (and checked against this config), not retrained
-        train_and_record(spec)
-    loop = progress(todo, len(specs), len(finished)) if progress else todo
-    for spec in loop:
-        if hasattr(loop, "set_postfix_str"):
-            loop.set_postfix_str(f"{spec.name}: {spec.steps} steps")
-        train_and_record(spec)
+        run_in_order(list(by_name), runs_dir, train_and_record, progress)
     return [rows[s.name] for s in specs]
 
 
@@ -364,7 +262,7 @@ def _row(spec: RunSpec, result: dict[str, Any]) -> dict[str, Any]:
 
 def _write_results(path: Path, rows: list[dict[str, Any]]) -> None:
     """results.csv; a diverged run (loss NaN) is left out, as no fit could use it."""
-    write_atomically(path, csv_text(COLUMNS, [r for r in rows if math.isfinite(r["loss"])]))
+    atomic_write(path, csv_text(COLUMNS, [r for r in rows if math.isfinite(r["loss"])]))
 
 
 def describe(specs: list[RunSpec], out: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 
 import jax
@@ -11,7 +12,7 @@ from conftest import TINY, run_cli
 
 from jaxllm.config import load_config
 from jaxllm.depth import VARIANTS, DepthConfig, depth_plan, layer_norms, parse_layers, run_study, write_outputs
-from jaxllm.errors import ConfigError
+from jaxllm.errors import ConfigError, UserError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -55,6 +56,17 @@ def test_study_writes_csv_json_and_figures_with_per_layer_norms(tmp_path, corpus
     for path in paths:
         if path.suffix == ".png":
             assert path.read_bytes()[:8] == PNG
+
+
+def test_a_second_study_into_the_same_folder_is_refused_while_the_first_writes(tmp_path):
+    cfg = load_config(None, ["depth.layers=2"], cls=DepthConfig)
+    out = tmp_path / "depth"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # what the first study (or a sweep) holds while it trains
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match=f"another depth study is writing to {out}"):
+            run_study(cfg, depth_plan(cfg), out)
+        assert not (out / "runs").exists()  # refused before writing anything
 
 
 def test_unknown_override_key_exits_2_with_one_line(tmp_path):

@@ -11,6 +11,8 @@ import pytest
 from conftest import SHARED_DATA, run_cli
 
 from jaxllm import scaling_laws as sl
+from jaxllm.scaling_bootstrap import bootstrap_allocation
+from jaxllm.scaling_csv import load_runs
 
 CHINCHILLA_CSV = SHARED_DATA / "chinchilla_epoch_svg_extracted.csv"
 CHINCHILLA_COLUMNS = ["--params-column", "Model Size", "--flops-column", "Training FLOP"]
@@ -70,14 +72,14 @@ def test_approach2_recovers_known_exponents_from_isoflop_parabolas():
 def test_allocation_intervals_resample_budgets_and_cover_the_true_exponent():
     C = np.logspace(10, 12, 5)  # a CPU sweep's handful of budgets, one optimum each
     exact = sl._allocation(C, 0.3 * C**0.45, C / (6 * 0.3 * C**0.45), "approach 2")
-    iv = sl.bootstrap_allocation(exact, "approach2", 200, seed=0)
+    iv = bootstrap_allocation(exact, "approach2", 200, seed=0)
     assert iv["approach2.a"].low == pytest.approx(0.45) and iv["approach2.a"].high == pytest.approx(0.45)
     assert iv["approach2.b"].low == pytest.approx(0.55) and iv["approach2.b"].high == pytest.approx(0.55)
     two = sl._allocation(C[:2], exact.N[:2], exact.D[:2], "approach 2")
-    assert 50 < sl.bootstrap_allocation(two, "approach2", 200, seed=0)["approach2.a"].samples < 150  # one budget: skipped
+    assert 50 < bootstrap_allocation(two, "approach2", 200, seed=0)["approach2.a"].samples < 150  # one budget: skipped
     noisy_N = 0.3 * C**0.45 * np.exp(np.random.default_rng(0).normal(0, 0.1, 5))
     noisy = sl._allocation(C, noisy_N, C / (6 * noisy_N), "approach 2")
-    a = sl.bootstrap_allocation(noisy, "approach2", 200, seed=0)["approach2.a"]
+    a = bootstrap_allocation(noisy, "approach2", 200, seed=0)["approach2.a"]
     assert a.low < noisy.a < a.high and a.low < 0.45 < a.high and a.high - a.low > 0.02
 
 
@@ -90,10 +92,10 @@ def test_kaplan_fit_recovers_known_exponent():
 
 
 def test_loader_reads_shared_chinchilla_csv_deriving_tokens_from_flops():
-    runs = sl.load_runs(CHINCHILLA_CSV, "Model Size", flops_column="Training FLOP")
+    runs = load_runs(CHINCHILLA_CSV, "Model Size", flops_column="Training FLOP")
     assert len(runs) == 245
     np.testing.assert_allclose(runs.D, runs.C / (6 * runs.N))
-    trimmed = sl.load_runs(CHINCHILLA_CSV, "Model Size", flops_column="Training FLOP", drop_highest=5)
+    trimmed = load_runs(CHINCHILLA_CSV, "Model Size", flops_column="Training FLOP", drop_highest=5)
     assert len(trimmed) == 240
     assert trimmed.loss.max() == np.sort(runs.loss)[-6]
 
