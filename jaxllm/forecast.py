@@ -113,6 +113,9 @@ def plan(
 ) -> Plan:
     """The run for budget ``C``: the family's shape nearest N_opt in log N, trained on D = C / 6N tokens."""
     N_opt, D_opt = float(law.optimal_N(C)), float(law.optimal_D(C))
+    if not (math.isfinite(N_opt) and N_opt > 0):
+        raise ConfigError(f"approach 3's law (alpha {law.alpha:.3g}, beta {law.beta:.3g}) has no compute-optimal "
+                          "model size to forecast with; see the fit's table")
     shape = min(shape_family(ladder, count, N_opt), key=lambda s: abs(math.log(count(s) / N_opt)))
     N = count(shape)
     steps = round(C / (FLOPS_PER_PARAM_TOKEN * N) / tokens_per_step)

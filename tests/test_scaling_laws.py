@@ -163,4 +163,4 @@ def test_help_lists_every_command():
     # Without arguments scaling.py runs the default sweep (minutes), so the command list is checked via --help.
     result = scaling("--help")
     assert result.returncode == 0
-    assert all(command in result.stdout for command in ("sweep", "fit", "predict", "depth"))
+    assert all(command in result.stdout for command in ("sweep", "fit", "predict", "forecast", "depth"))
