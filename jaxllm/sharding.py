@@ -27,11 +27,14 @@ from jaxllm.config import MeshConfig, ModelConfig
 from jaxllm.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor", "pipe")
+CONTEXT = "context"  # the context-parallel axis, in the mesh only when mesh.context > 1
 BATCH_AXES = ("data", "fsdp")
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
-    ("seq", None),
+    ("seq", None),  # the residual stream's positions (split by sequence and context parallelism)
+    ("q_seq", None),  # positions of queries, MLP hidden, logits (split by context parallelism only)
+    ("kv_seq", None),  # positions of keys and values: whole on every device (context parallelism gathers them)
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -47,22 +50,30 @@ def rules(cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:
     table = dict(DEFAULT_RULES)
     if cfg.sequence_parallel:
         table["seq"] = "tensor"
+    if cfg.context != 1:
+        table["seq"] = (CONTEXT, "tensor") if cfg.sequence_parallel else CONTEXT
+        table["q_seq"] = CONTEXT
     if cfg.pipe != 1:  # each pipeline stage stores its own slice of the stacked blocks
         table["layers"] = "pipe"
     for name, axes in (cfg.rules or {}).items():
         if name not in table:
             raise ConfigError(f"mesh.rules: unknown logical axis {name!r}; known: {', '.join(table)}")
         flat = [axes] if isinstance(axes, str) or axes is None else list(axes)
-        bad = [a for a in flat if a is not None and a not in AXES]
+        bad = [a for a in flat if a is not None and a not in mesh_axes(cfg)]
         if bad:
-            raise ConfigError(f"mesh.rules.{name}: unknown mesh axis {bad[0]!r}; mesh axes are {', '.join(AXES)}")
+            raise ConfigError(f"mesh.rules.{name}: unknown mesh axis {bad[0]!r}; mesh axes are {', '.join(mesh_axes(cfg))}")
         table[name] = axes if axes is None or isinstance(axes, str) else tuple(axes)
     return tuple(table.items())
 
 
+def mesh_axes(cfg: MeshConfig) -> tuple[str, ...]:
+    """The mesh's axes: ``context`` only when it splits, so meshes without it are as they always were."""
+    return AXES + (CONTEXT,) if cfg.context != 1 else AXES
+
+
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
     """Axis sizes with one ``-1`` resolved to the remaining devices; checks the product."""
-    sizes = {a: getattr(cfg, a) for a in AXES}
+    sizes = {a: getattr(cfg, a) for a in mesh_axes(cfg)}
     free = [a for a, s in sizes.items() if s == -1]
     if len(free) > 1 and "data" in free:  # data's default -1 yields, so `mesh.fsdp=-1` alone works
         sizes["data"] = 1
@@ -80,7 +91,7 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
         sizes[free[0]] = n_devices // known
     product = math.prod(sizes.values())
     if product != n_devices:
-        plan = "*".join(f"{a}={sizes[a]}" for a in AXES)
+        plan = "*".join(f"{a}={v}" for a, v in sizes.items())
         raise ConfigError(
             f"mesh {plan} = {product} devices but {n_devices} are visible; make the product {n_devices} "
             "(one axis may be -1)"
@@ -91,9 +102,7 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     sizes = mesh_shape(cfg, len(devices))
-    return jax.make_mesh(
-        tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices
-    )
+    return jax.make_mesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes), devices=devices)
 
 
 def check_divisible(model: ModelConfig, mesh: Mesh, batch_size: int, process_count: int = 1) -> None:
@@ -197,8 +206,11 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, pa
     def like_param(leaf, sharding):
         return _zero1(sharding, leaf.shape) if zero1 else sharding
 
+    def abstract_init(params):  # an eager init would place arrays on the mesh, which abstract devices cannot
+        return jax.eval_shape(tx.init, params)
+
     return optax.tree_map_params(
-        tx,
+        abstract_init,
         like_param,
         abstract_opt_state,
         param_shardings,
