@@ -59,7 +59,7 @@ def base(tmp_path_factory) -> Path:
     (root / "corpus.txt").write_text(corpus_text())
     for tokenizer in ("byte", "char"):
         data.prepare(str(root / "corpus.txt"), tokenizer, 0.02, 4096, str(root / "cache"))
-    cfg = load_config(None, [*TINY, f"run.dir={root / 'saved'}", "checkpoint.keep=2"])
+    cfg = load_config(None, [*TINY, f"run.dir={root / 'saved'}", "checkpoint.keep=2", "model.max_seq_len=64"])
     cfg.model = resolve_model(cfg.model, 256, cfg.train.seq_len)
     (root / "saved").mkdir()
     save_config(cfg, root / "saved" / "config.yaml")
@@ -95,7 +95,7 @@ class W:
 
     def sft(self, *extra: str) -> list[str]:
         return [f"init.from={self.base / 'saved'}", f"run.dir={self.run}", "train.seq_len=16", "train.steps=2",
-                "sft.n_train=4", "sft.n_eval=2", "log.progress=false", *extra]
+                "sft.n_train=4", "sft.n_eval=2", "sft.max_new_tokens=4", "log.progress=false", *extra]
 
     def key(self, key: str, name: str, content: bytes) -> str:
         """``key=PATH`` of a new file ``name`` holding ``content``."""
@@ -211,6 +211,8 @@ CASES = [
          "has no assistant message"),
     Case("sft_init_config_not_utf8", "sft", lambda w: w.sft(f"init.from={w.damaged_run(_write('config.yaml', NOT_UTF8))}"),
          "is not UTF-8 text"),
+    Case("sft_run_dir_is_a_file", "sft", lambda w: w.sft(w.key("run.dir", "f", b"x")), "/f"),  # R1's lock names it
+    Case("sft_run_dir_is_init_from", "sft", lambda w: w.sft(f"run.dir={w.base / 'saved'}"), "init.from"),
     # ---- jaxllm.load and python -m jaxllm.generate
     Case("load_every_checkpoint_corrupt", "load", lambda w: [w.damaged_run(_all_garbled)], "has no readable checkpoint"),
     Case("load_config_self_alias", "load", lambda w: [w.damaged_run(_write("config.yaml", SELF_ALIAS))], "refers to itself"),
