@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from collections.abc import Callable
@@ -17,6 +18,14 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A corpus or data file that cannot be read or is empty."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are a :class:`UserError` (one ``error: ...`` line, exit 2) instead of
+    argparse's usage block and ``SystemExit``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message} (see --help)")
 
 
 def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int]:

@@ -21,7 +21,6 @@ smallest top-p nucleus. A row stops at its end-of-sequence token; the loop stops
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import EvalConfig, ModelConfig
-from jaxllm.errors import ConfigError, UserError, exit_on_user_error
+from jaxllm.errors import ArgumentParser, ConfigError, UserError, exit_on_user_error
 from jaxllm.model import Transformer, compute_dtype
 
 
@@ -347,7 +346,7 @@ class StreamPrinter:
 
 @exit_on_user_error
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxllm.generate", description="Continue a prompt with a trained run.")
+    parser = ArgumentParser(prog="python -m jaxllm.generate", description="Continue a prompt with a trained run.")
     parser.add_argument("run_dir", help="a jaxllm run directory")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=200)

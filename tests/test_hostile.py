@@ -239,6 +239,9 @@ CASES = [
     Case("generate_top_k_negative", "generate",
          lambda w: [w.damaged_run(lambda run: None), "--prompt", "ab", "--max-new-tokens", "2", "--top-k", "-1"],
          "top_k must be an integer >= 0"),
+    Case("generate_without_prompt", "generate", lambda w: [str(w.base / "saved")], "the following arguments are required"),
+    Case("generate_max_new_tokens_not_a_number", "generate",
+         lambda w: [str(w.base / "saved"), "--prompt", "a", "--max-new-tokens", "many"], "invalid int value: 'many'"),
     # ---- scaling.py (its fit/results files are another item; these already pass)
     Case("scaling_fit_missing_csv", "scaling", lambda w: ["fit", str(w.tmp / "absent.csv")], "no such file"),
     Case("scaling_unknown_command", "scaling", lambda w: ["fly"], "invalid choice"),
