@@ -56,7 +56,7 @@ class LoadedModel:
         """float32 ``[B, T, V]`` next-token logits for integer tokens ``[B, T]`` (after the prefix, if any);
         ids outside the vocabulary or rows longer than the context are refused (ConfigError)."""
         tokens_BxT = np.asarray(tokens_BxT)
-        if tokens_BxT.ndim != 2:
+        if tokens_BxT.ndim != 2 or 0 in tokens_BxT.shape:
             raise ConfigError(f"logits takes token ids of shape [batch, positions], got shape {tokens_BxT.shape}")
         m = self.config.model
         gen.check_tokens(tokens_BxT, m.vocab_size, m.max_seq_len - len(self.prefix))

@@ -179,6 +179,7 @@ def test_cli_unknown_quantization_mode_exits_2_with_one_line(run_dir, capsys):
         ([[1, -1, 2]], "token id -1 is outside"),
         ([[1] * 17], "17 tokens exceed the model's context of 16"),
         ([1, 2, 3], r"shape \[batch, positions\]"),
+        ([[]], r"shape \[batch, positions\], got shape \(1, 0\)"),
     ],
 )
 def test_logits_refuse_ids_outside_the_vocabulary_and_rows_beyond_the_context(run_dir, tokens, message):
