@@ -64,6 +64,9 @@ class ModelConfig:
     adapter_dim: int = option(0, "bottleneck adapter width after attention and MLP (fine-tuning, sft.method=adapter); 0 = none", NON_NEGATIVE)
     prompt_tokens: int = option(0, "learned vectors that replace the embeddings of positions 0..P-1 (prompt tuning, "
                                "sft.method=prompt; jaxllm.load puts placeholders there); 0 = none", NON_NEGATIVE)
+    attention: str = option("xla", "xla (scores materialised, T^2 memory) | chunked (blockwise online softmax, O(T) memory, "
+                            "any backend) | cudnn (GPU, bf16/fp16) | splash (TPU) | auto (the best this backend has)")
+    attention_block: int = option(512, "chunked attention: query and key block length (positions)", POSITIVE)
 
 
 @dataclass
@@ -120,6 +123,7 @@ class MeshConfig:
     fsdp: int = option(1, "FSDP / ZeRO-3 ways: parameters and optimizer state sharded", POSITIVE)
     tensor: int = option(1, "tensor-parallel ways: heads, MLP hidden and vocabulary split", POSITIVE)
     pipe: int = option(1, "pipeline stages", POSITIVE)
+    context: int = option(1, "context-parallel ways: the sequence split over devices (zig-zag), keys/values gathered", POSITIVE)
     sequence_parallel: bool = option(False, "shard activations along seq over the tensor axis outside attention/MLP")
     rules: dict | None = option(None, "overrides of the logical-axis rules, e.g. {embed: null, mlp: [tensor, fsdp]}")
 
@@ -127,7 +131,8 @@ class MeshConfig:
 @dataclass
 class PipelineConfig:
     microbatches: int = option(0, "micro-batches each batch is split into when mesh.pipe > 1; 0 = mesh.pipe", NON_NEGATIVE)
-    schedule: str = option("gpipe", "gpipe (all forwards, then all backwards) | circular (layers go round the pipe)")
+    schedule: str = option("gpipe", "gpipe (all forwards, then all backwards) | circular (layers go round the pipe) | "
+                           "1f1b (one forward, one backward per iteration: stage inputs of < 2P micro-batches live, not M)")
     repeats: int = option(1, "circular: rounds through the pipe, i.e. non-adjacent layer chunks per stage", POSITIVE)
 
 
@@ -374,6 +379,7 @@ def help_text(cls: type = Config) -> str:
 ARCHS = ("gpt2", "llama")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTIONS = ("xla", "chunked", "cudnn", "splash", "auto")  # jaxllm.attention
 
 
 def resolve_model(m: ModelConfig, vocab_size: int, seq_len: int) -> ModelConfig:
@@ -415,6 +421,8 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if m.max_seq_len and m.prompt_tokens >= m.max_seq_len:
         raise ConfigError(f"model.prompt_tokens must be in [0, max_seq_len={m.max_seq_len}), got {m.prompt_tokens}")
+    if m.attention not in ATTENTIONS:
+        raise ConfigError(f"model.attention={m.attention!r} is unknown; choose one of {', '.join(ATTENTIONS)}")
 
 
 def validate(cfg: Config) -> None:
@@ -435,6 +443,9 @@ def validate(cfg: Config) -> None:
         # the sample's prompt gets half the context, and at least one token of each is needed
         raise ConfigError(f"train.seq_len={t.seq_len} leaves no room for the evaluation sample's prompt and "
                           "continuation; use train.seq_len >= 2 or eval.sample_tokens=0")
+    if cfg.mesh.context > 1 and t.seq_len % (2 * cfg.mesh.context):
+        raise ConfigError(f"train.seq_len={t.seq_len} is not divisible by 2*mesh.context={2 * cfg.mesh.context} "
+                          "(context parallelism's zig-zag split)")
     validate_pipeline(cfg.pipeline)
     validate_distill(cfg.distill)
     check_folder_path(cfg.run.dir, "run.dir")
@@ -442,8 +453,8 @@ def validate(cfg: Config) -> None:
 
 def validate_pipeline(p: PipelineConfig) -> None:
     """The pipeline keys alone; sizes that need the mesh are checked by ``jaxllm.pipeline.check``."""
-    if p.schedule not in ("gpipe", "circular"):
-        raise ConfigError(f"pipeline.schedule={p.schedule!r} is unknown; choose one of gpipe, circular")
+    if p.schedule not in ("gpipe", "circular", "1f1b"):
+        raise ConfigError(f"pipeline.schedule={p.schedule!r} is unknown; choose one of gpipe, circular, 1f1b")
     if p.repeats > 1 and p.schedule != "circular":
         raise ConfigError(f"pipeline.repeats={p.repeats} needs pipeline.schedule=circular")
 

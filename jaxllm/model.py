@@ -31,7 +31,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxllm import attention
 from jaxllm.config import ModelConfig
 from jaxllm.quantize import QuantizedKernel, quantized_dot
 
@@ -75,13 +77,6 @@ def write_cache(cache_BxSxKxH: Array, new_BxTxKxH: Array, positions_BxT: Array) 
     """The key (or value) cache with each row's new entries written at that row's own positions."""
     rows_Bx1 = jnp.arange(new_BxTxKxH.shape[0])[:, None]
     return cache_BxSxKxH.at[rows_Bx1, positions_BxT].set(new_BxTxKxH.astype(cache_BxSxKxH.dtype))
-
-
-def attention_mask(segment_ids_BxT: Array | None) -> Array | None:
-    """Packed sequences: a token attends only within its own segment (causality is added separately)."""
-    if segment_ids_BxT is None:
-        return None
-    return segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]  # B x 1 x T x S
 
 
 class Norm(nn.Module):
@@ -148,22 +143,24 @@ class Attention(nn.Module):
         if c.arch == "llama":
             q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, c.rope_theta)
             k_BxSxKxH = rope(k_BxSxKxH, positions_BxT, c.rope_theta)
-        mask, causal = attention_mask(segment_ids_BxT), True
+        # In order unless the sequence runs in context parallelism's zig-zag layout (Transformer.__call__).
+        in_order = attention.zigzag_order(positions_BxT.shape[1], attention.sequence_shards()) is None
+        mask = attention.Mask(positions_BxT, positions_BxT, segment_ids_BxT, segment_ids_BxT, in_order)
         if self.has_variable("cache", "key"):  # decoding (jaxllm.generate): attend to every cached position
             cache_k, cache_v = self.variable("cache", "key"), self.variable("cache", "value")
             cache_k.value = write_cache(cache_k.value, k_BxSxKxH, positions_BxT)
             cache_v.value = write_cache(cache_v.value, v_BxSxKxH, positions_BxT)
             k_BxSxKxH, v_BxSxKxH = cache_k.value, cache_v.value
-            # is_causal assumes queries and keys both start at position 0; here they need not
-            mask, causal = jnp.arange(k_BxSxKxH.shape[1]) <= positions_BxT[:, None, :, None], False
-        q_BxTxNxH = constrain(q_BxTxNxH, ("batch", None, "heads", "head_dim"))
-        k_BxSxKxH = constrain(k_BxSxKxH, ("batch", None, "kv_heads", "head_dim"))
-        v_BxSxKxH = constrain(v_BxSxKxH, ("batch", None, "kv_heads", "head_dim"))
-        # Softmax runs in float32 inside; on GPUs this dispatches to cuDNN's fused kernel.
-        out_BxTxNxH = jax.nn.dot_product_attention(
-            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, is_causal=causal
-        )
-        out_BxTxNxH = constrain(out_BxTxNxH, ("batch", None, "heads", "head_dim"))
+            # slot s of the cache holds position s; queries need not start at position 0
+            slots_BxS = jnp.broadcast_to(jnp.arange(k_BxSxKxH.shape[1]), k_BxSxKxH.shape[:2])
+            mask = attention.Mask(positions_BxT, slots_BxS, None, None, False)
+        # Context parallelism: queries stay split along the sequence, keys and values are gathered.
+        q_BxTxNxH = constrain(q_BxTxNxH, ("batch", "q_seq", "heads", "head_dim"))
+        k_BxSxKxH = constrain(k_BxSxKxH, ("batch", "kv_seq", "kv_heads", "head_dim"))
+        v_BxSxKxH = constrain(v_BxSxKxH, ("batch", "kv_seq", "kv_heads", "head_dim"))
+        impl = attention.resolve(c.attention, jax.default_backend(), c.dtype)
+        out_BxTxNxH = attention.attend(impl, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, c.attention_block)
+        out_BxTxNxH = constrain(out_BxTxNxH, ("batch", "q_seq", "heads", "head_dim"))
         out_BxTxD = Linear(
             (c.n_head, head), (c.d_model,), ("heads", "head_dim", "embed"), residual_std(c), bias, compute_dtype(c), name="o"
         )(out_BxTxNxH)
@@ -188,7 +185,7 @@ class MLP(nn.Module):
         else:
             gate_BxTxF = dense(c.d_ff, ("embed", "mlp"), 0.02, "gate")(x_BxTxD)
             h_BxTxF = jax.nn.silu(gate_BxTxF) * dense(c.d_ff, ("embed", "mlp"), 0.02, "up")(x_BxTxD)
-        h_BxTxF = constrain(h_BxTxF, ("batch", None, "mlp"))
+        h_BxTxF = constrain(h_BxTxF, ("batch", "q_seq", "mlp"))
         out_BxTxD = dense(c.d_model, ("mlp", "embed"), residual_std(c), "down")(h_BxTxF)
         return nn.Dropout(c.dropout)(out_BxTxD, deterministic=self.deterministic)
 
@@ -303,15 +300,24 @@ class Transformer(nn.Module):
         logits_BxTxV = self.wte.attend(x_BxTxD) if self.cfg.tie_embeddings else self.lm_head(x_BxTxD)
         # Not "seq": under sequence parallelism seq would take the tensor axis and leave the vocabulary
         # whole, gathering the [V, D] table; Megatron gathers the sequence here and keeps V sharded.
-        return constrain(logits_BxTxV, ("batch", None, "vocab"))
+        # "q_seq" is split by context parallelism alone.
+        return constrain(logits_BxTxV, ("batch", "q_seq", "vocab"))
 
     def __call__(
         self, tokens_BxT: Array, positions_BxT: Array | None = None, segment_ids_BxT: Array | None = None
     ) -> Array:
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+        # Context parallelism: the blocks see the sequence in zig-zag order (every token keeps its
+        # position, so RoPE and the causal mask are unchanged); the head gets it back in order.
+        order_T = attention.zigzag_order(tokens_BxT.shape[1], attention.sequence_shards())
+        if order_T is not None:
+            tokens_BxT, positions_BxT = tokens_BxT[:, order_T], positions_BxT[:, order_T]
+            segment_ids_BxT = None if segment_ids_BxT is None else segment_ids_BxT[:, order_T]
         x_BxTxD = self.embed(tokens_BxT, positions_BxT)
         x_BxTxD, _ = self.blocks(x_BxTxD, positions_BxT, segment_ids_BxT)
+        if order_T is not None:
+            x_BxTxD = constrain(x_BxTxD[:, np.argsort(order_T)], ("batch", "seq", "embed"))
         return self.head(x_BxTxD)
 
 

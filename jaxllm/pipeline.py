@@ -28,8 +28,9 @@ M micro-batches, b rows per micro-batch (B / M), I loop iterations (M R + P - 1)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxllm import attention
 from jaxllm.config import ModelConfig, PipelineConfig
 from jaxllm.errors import ConfigError
 from jaxllm.model import Transformer, block_stack, cross_entropy
@@ -92,21 +94,42 @@ def work_items(stages: int, micro: int, rounds: int) -> np.ndarray:
     return np.where((k_IxP >= 0) & (k_IxP < n_items), k_IxP, -1)
 
 
-def bubble_fraction(stages: int, micro: int, rounds: int) -> float:
-    """Share of (iteration, stage) slots of the loop in which a stage holds no real micro-batch."""
+def one_f_one_b(stages: int, micro: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 1F1B schedule in lockstep, ``(forward_IxP, backward_IxP)``: the micro-batch each stage runs
+    forward, and backward, at each iteration (-1 when idle); I = M + 2P - 2.
+
+    Micro-batch m runs forward on stage p at iteration m + p; the last stage takes its loss gradient
+    in the same iteration, and the gradient moves back one stage per iteration, so stage p runs m
+    backward at m + 2(P-1) - p. Stage p therefore holds the inputs of at most 2(P-p) - 1 micro-batches
+    (the forward of m + 2(P-p) - 1 comes after the backward of m), whatever M."""
+    t_IxP = np.arange(micro + 2 * stages - 2)[:, None]
+    p_1xP = np.arange(stages)[None, :]
+    forward, backward = t_IxP - p_1xP, t_IxP - 2 * (stages - 1) + p_1xP
+    return np.where((forward >= 0) & (forward < micro), forward, -1), np.where((backward >= 0) & (backward < micro), backward, -1)
+
+
+def bubble_fraction(stages: int, micro: int, rounds: int, schedule: str = "gpipe") -> float:
+    """Share of (iteration, stage) slots of the loop in which a stage holds no real micro-batch
+    (1F1B: forward and backward slots together)."""
+    if schedule == "1f1b":
+        return float(np.mean(np.stack(one_f_one_b(stages, micro)) < 0))
     return float(np.mean(work_items(stages, micro, rounds) < 0))
 
 
-def theory_bubble(stages: int, micro: int, rounds: int) -> float:
+def theory_bubble(stages: int, micro: int, rounds: int, schedule: str = "gpipe") -> float:
+    if schedule == "1f1b":  # lockstep: forward and backward each cross the P stages in turn
+        return 2 * (stages - 1) / (micro + 2 * stages - 2)
     return (stages - 1) / (micro * rounds + stages - 1)
 
 
 def describe(cfg: PipelineConfig, stages: int) -> str:
     """The start-up line: the schedule and its bubble, counted from the loop next to the theory."""
-    m, r = microbatches(cfg, stages), repeats(cfg)
+    m, r, s = microbatches(cfg, stages), repeats(cfg), cfg.schedule
+    iterations = m + 2 * stages - 2 if s == "1f1b" else work_items(stages, m, r).shape[0]
+    theory = "2(P-1)/(M+2P-2)" if s == "1f1b" else "(P-1)/(M R+P-1)"
     return (
-        f"pipeline: {cfg.schedule} P={stages} M={m} R={r}, {work_items(stages, m, r).shape[0]} iterations, "
-        f"bubble {bubble_fraction(stages, m, r):.4f} (theory (P-1)/(M R+P-1) = {theory_bubble(stages, m, r):.4f})"
+        f"pipeline: {s} P={stages} M={m} R={r}, {iterations} iterations, "
+        f"bubble {bubble_fraction(stages, m, r, s):.4f} (theory {theory} = {theory_bubble(stages, m, r, s):.4f})"
     )
 
 
@@ -159,12 +182,74 @@ def run_stages(
     return ring_MxbxTxD
 
 
+def run_1f1b(stage: Callable, w_PxCxZ: Any, ends: Any, micro: int, stages: int, state_spec: NamedSharding, rng: Array):
+    """The 1F1B loop: every iteration each stage runs one micro-batch forward and another backward.
+
+    ``stage(w_CxZ, x_bxTxD, rng) -> y_bxTxD``; ``ends.first(m) -> (x_bxTxD, embed_vjp)`` is micro-batch
+    m's embedding, ``ends.last(m, y_bxTxD) -> (loss, head_grads, dy_bxTxD)`` its loss share. Each stage
+    keeps the inputs of its live micro-batches (at most 2P-1 slots, :func:`one_f_one_b`) and
+    recomputes its forward inside the backward (``jax.vjp``), as GPipe's rematerialisation does.
+    Returns ``(loss, grads of the parameters outside the blocks, grads of w_PxCxZ)``."""
+    forward_IxP, backward_IxP = one_f_one_b(stages, micro)
+    slots = 2 * stages - 1
+    is_first_P, is_last_P = (jnp.arange(stages) == 0)[:, None, None, None], (jnp.arange(stages) == stages - 1)[:, None, None, None]
+    spec = functools.partial(jax.lax.with_sharding_constraint, shardings=state_spec)
+    stash_spec = NamedSharding(state_spec.mesh, PartitionSpec(state_spec.spec[0], None, *state_spec.spec[1:]))
+
+    def keys(m_P):  # micro-batch m's dropout key on stage p, the same forward and backward
+        return jax.vmap(lambda m, p: jax.random.fold_in(jax.random.fold_in(rng, m), p))(jnp.maximum(m_P, 0), jnp.arange(stages))
+
+    def backward(w_CxZ, x_bxTxD, key, dy_bxTxD):
+        return jax.vjp(lambda w, x: stage(w, x, key), w_CxZ, x_bxTxD)[1](dy_bxTxD)
+
+    stage_P = jax.vmap(stage, spmd_axis_name="pipe")
+    backward_P = jax.vmap(backward, spmd_axis_name="pipe")
+    put_P = jax.vmap(lambda s, x, m: jax.lax.dynamic_update_index_in_dim(s, x, m % slots, 0), spmd_axis_name="pipe")
+    take_P = jax.vmap(lambda s, m: s[m % slots], spmd_axis_name="pipe")
+
+    def iteration(carry, xs):
+        out_P, dx_P, stash_P, loss, g_ends, g_w = carry
+        f_P, b_P = xs
+        x0_bxTxD, _ = ends.first(jnp.clip(f_P[0], 0, micro - 1))
+        in_P = spec(jnp.where(is_first_P, x0_bxTxD, jnp.roll(out_P, 1, axis=0)))
+        keep_P = take_P(stash_P, jnp.maximum(f_P, 0))  # an idle stage must not overwrite a live slot
+        in_or_keep_P = jnp.where((f_P >= 0)[:, None, None, None], in_P, keep_P)
+        stash_P = jax.lax.with_sharding_constraint(put_P(stash_P, in_or_keep_P, jnp.maximum(f_P, 0)), stash_spec)
+        out_P = spec(stage_P(w_PxCxZ, in_P, keys(f_P)))
+        loss_m, g_head, dy_bxTxD = ends.last(jnp.clip(f_P[-1], 0, micro - 1), out_P[-1])
+        dout_P = jnp.where(is_last_P, dy_bxTxD, jnp.roll(dx_P, -1, axis=0))
+        dout_P = spec(jnp.where((b_P >= 0)[:, None, None, None], dout_P, 0))  # idle slots carry no gradient
+        g_w_P, dx_P = backward_P(w_PxCxZ, take_P(stash_P, jnp.maximum(b_P, 0)), keys(b_P), dout_P)
+        _, embed_vjp = ends.first(jnp.clip(b_P[0], 0, micro - 1))
+        (g_embed,) = embed_vjp(dx_P[0])  # zero when stage 0 is idle: its dout was zero
+        valid = f_P[-1] >= 0
+        loss = loss + jnp.where(valid, loss_m, 0.0)
+        g_ends = jax.tree.map(lambda a, h, e: a + jnp.where(valid, h, 0) + e, g_ends, g_head, g_embed)
+        g_w = jax.tree.map(jnp.add, g_w, g_w_P)
+        return (spec(out_P), spec(dx_P), stash_P, loss, g_ends, g_w), None
+
+    x0_bxTxD, embed_vjp = ends.first(0)
+    zeros_P = jnp.zeros((stages, *x0_bxTxD.shape), x0_bxTxD.dtype)
+    stash_P = jnp.zeros((stages, slots, *x0_bxTxD.shape), x0_bxTxD.dtype)
+    g_ends = jax.tree.map(jnp.zeros_like, embed_vjp(x0_bxTxD)[0])
+    init = (zeros_P, zeros_P, stash_P, jnp.float32(0), g_ends, jax.tree.map(jnp.zeros_like, w_PxCxZ))
+    (_, _, _, loss, g_ends, g_w), _ = jax.lax.scan(iteration, init, (jnp.asarray(forward_IxP), jnp.asarray(backward_IxP)))
+    return loss, g_ends, g_w
+
+
+class _Ends(NamedTuple):
+    first: Callable
+    last: Callable
+
+
 def make_loss_fn(model: Transformer, cfg: PipelineConfig, mesh: Mesh, rules: Any, block_shardings: Any) -> Callable:
     """``loss(params, tokens_BxT1, rng) -> mean next-token cross-entropy`` (nats), the blocks pipelined.
 
-    The same value, and by autodiff the same gradients, as ``trainer.make_loss_fn(model)``: embedding
-    and head run on the whole batch as usual, only the block stack is split into micro-batches
-    (rows i*M + m form micro-batch m, so each device's rows split locally) and stages.
+    The same value, and the same gradients, as ``trainer.make_loss_fn(model)``: only the block stack
+    is split into micro-batches (rows i*M + m form micro-batch m, so each device's rows split
+    locally) and stages. GPipe and circular: embedding and head run on the whole batch and autodiff
+    differentiates the loop. 1F1B: the gradient is computed by :func:`run_1f1b` inside the forward
+    pass of a ``custom_vjp`` (the loss value alone, e.g. for evaluation, takes the GPipe loop).
     ``rules``: the logical-axis rules; ``block_shardings``: the NamedShardings of ``params['blocks']``;
     ``rng`` may be None when the model is deterministic."""
     mc = model.cfg
@@ -176,25 +261,74 @@ def make_loss_fn(model: Transformer, cfg: PipelineConfig, mesh: Mesh, rules: Any
     state_spec = NamedSharding(mesh, PartitionSpec("pipe", *act))
     ring_spec = NamedSharding(mesh, PartitionSpec(None, *act))
 
-    def stage(w_RxCxZ, round_, x_bxTxD, rng):
-        w_CxZ = jax.tree.map(lambda w: w[round_], w_RxCxZ)
-        # The stage sees b rows; positions are the same for every row.
-        positions_bxT = jnp.broadcast_to(jnp.arange(x_bxTxD.shape[1]), x_bxTxD.shape[:2])
+    def stage(w_CxZ, x_bxTxD, rng, positions_T):
+        positions_bxT = jnp.broadcast_to(positions_T, x_bxTxD.shape[:2])  # the same for every row
         y_bxTxD, _ = chunk.apply({"params": w_CxZ}, x_bxTxD, positions_bxT, None, rngs={"dropout": rng})
         return y_bxTxD
 
-    def loss_fn(params, tokens_BxT1, rng):
+    def gpipe_loss(params, tokens_BxT1, rng):
         rng = jax.random.PRNGKey(0) if rng is None else rng
-        inputs_BxT, targets_BxT = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
-        (batch, seq), rngs = inputs_BxT.shape, {"dropout": jax.random.fold_in(rng, 0)}
-        positions_BxT = jnp.broadcast_to(jnp.arange(seq), inputs_BxT.shape)
+        inputs_BxT, targets_BxT, positions_T = ordered(tokens_BxT1)
+        rngs = {"dropout": jax.random.fold_in(rng, 0)}
+        positions_BxT = jnp.broadcast_to(positions_T, inputs_BxT.shape)
         x_BxTxD = model.apply({"params": params}, inputs_BxT, positions_BxT, method="embed", rngs=rngs)
-        x_MxbxTxD = x_BxTxD.reshape(batch // micro, micro, seq, -1).swapaxes(0, 1)
-        x_MxbxTxD = jax.lax.with_sharding_constraint(x_MxbxTxD, ring_spec)
+        x_MxbxTxD = jax.lax.with_sharding_constraint(to_micro(x_BxTxD, micro), ring_spec)
         w = jax.tree.map(lambda w, s: _stage_layout(w, s, stages, rounds), params["blocks"], block_shardings)
-        y_MxbxTxD = run_stages(stage, w, x_MxbxTxD, table_IxP, state_spec, jax.random.fold_in(rng, 1))
+
+        def stage_in_round(w_RxCxZ, round_, x_bxTxD, rng):
+            return stage(jax.tree.map(lambda w: w[round_], w_RxCxZ), x_bxTxD, rng, positions_T)
+
+        y_MxbxTxD = run_stages(stage_in_round, w, x_MxbxTxD, table_IxP, state_spec, jax.random.fold_in(rng, 1))
         y_BxTxD = y_MxbxTxD.swapaxes(0, 1).reshape(x_BxTxD.shape)
         logits_BxTxV = model.apply({"params": params}, y_BxTxD, method="head")
         return cross_entropy(logits_BxTxV, targets_BxT)[0]
 
+    if cfg.schedule != "1f1b":
+        return gpipe_loss
+
+    def loss_and_grads(params, tokens_BxT1, rng):
+        rng = jax.random.PRNGKey(0) if rng is None else rng
+        inputs_BxT, targets_BxT, positions_T = ordered(tokens_BxT1)
+        inputs_MxbxT, targets_MxbxT = to_micro(inputs_BxT, micro), to_micro(targets_BxT, micro)
+        positions_bxT = jnp.broadcast_to(positions_T, inputs_MxbxT.shape[1:])
+        blocks, rest = params["blocks"], {k: v for k, v in params.items() if k != "blocks"}
+
+        def first(m):
+            def embed(rest):
+                rngs = {"dropout": jax.random.fold_in(jax.random.fold_in(rng, 0), m)}
+                return model.apply({"params": {**rest, "blocks": blocks}}, inputs_MxbxT[m], positions_bxT, method="embed", rngs=rngs)
+
+            return jax.vjp(embed, rest)
+
+        def last(m, y_bxTxD):
+            def loss(rest, y_bxTxD):
+                logits_bxTxV = model.apply({"params": {**rest, "blocks": blocks}}, y_bxTxD, method="head")
+                return cross_entropy(logits_bxTxV, targets_MxbxT[m])[0] / micro
+
+            loss_m, (g_rest, dy_bxTxD) = jax.value_and_grad(loss, argnums=(0, 1))(rest, y_bxTxD)
+            return loss_m, g_rest, dy_bxTxD
+
+        w = jax.tree.map(lambda w, s: _stage_layout(w, s, stages, 1)[0], blocks, block_shardings)
+        stage_at = functools.partial(stage, positions_T=positions_T)
+        loss, g_rest, g_w = run_1f1b(stage_at, w, _Ends(first, last), micro, stages, state_spec, jax.random.fold_in(rng, 1))
+        g_blocks = jax.tree.map(lambda g, w: g.reshape(w.shape), g_w, blocks)
+        return loss, {**g_rest, "blocks": g_blocks}
+
+    loss_fn = jax.custom_vjp(gpipe_loss)
+    loss_fn.defvjp(loss_and_grads, lambda grads, ct: (jax.tree.map(lambda g: ct * g, grads), None, None))
     return loss_fn
+
+
+def ordered(tokens_BxT1: Array) -> tuple[Array, Array, Array]:
+    """``tokens_BxT1 -> (inputs_BxT, targets_BxT, positions_T)``; under context parallelism in zig-zag
+    order, in which the whole loss runs (the mean does not mind)."""
+    inputs_BxT, targets_BxT = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
+    order_T = attention.zigzag_order(inputs_BxT.shape[1], attention.sequence_shards())
+    if order_T is None:
+        return inputs_BxT, targets_BxT, jnp.arange(inputs_BxT.shape[1])
+    return inputs_BxT[:, order_T], targets_BxT[:, order_T], jnp.asarray(order_T)
+
+
+def to_micro(x_BxZ: Array, micro: int) -> Array:
+    """``[B, ...] -> [M, B/M, ...]``: rows i*M + m form micro-batch m (each device's rows split locally)."""
+    return x_BxZ.reshape(x_BxZ.shape[0] // micro, micro, *x_BxZ.shape[1:]).swapaxes(0, 1)
