@@ -18,6 +18,7 @@ def test_help_lists_keys_with_defaults_and_meanings():
     assert "usage: python train.py [CONFIG.yaml]" in out.stdout
 
 
+@pytest.mark.slow  # a process each; tests/test_hostile.py runs these inputs and more in-process
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -54,6 +55,7 @@ def test_missing_config_file_is_one_line_exit_2(tmp_path):
     assert out.stderr.strip() == f"error: config file {tmp_path / 'nope.yaml'} not found"
 
 
+@pytest.mark.slow  # two training processes
 def test_dist_cpu_devices_splits_the_host_cpu_unless_the_environment_says_otherwise(tmp_path, corpus):
     args = TINY + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=1",
                    "dist.cpu_devices=2"]
