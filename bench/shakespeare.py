@@ -1,17 +1,29 @@
 """nanoGPT's README CPU run, for a like-for-like comparison with jaxllm's trainer.
 
-    python bench/shakespeare.py [--data PATH] [extra key=value ...]
+    python bench/shakespeare.py [--data PATH] [--vs-nanogpt DIR] [extra key=value ...]
 
 Runs ``python train.py configs/shakespeare_char.yaml data.source=PATH`` in a fresh run directory,
 times the whole command (start-up, data preparation and compilation included) and prints the final
-validation loss beside nanoGPT's reference: 1.8857 in 66.6 s on a 2-core CPU machine (PyTorch 2.13
-eager, 0.80M parameters). The goal is an equal or lower loss in at most 2/3 of that time.
+validation loss. Its programs come from the compilation cache (``run.compile_cache``) when an earlier
+run compiled them; pass ``run.compile_cache=`` to time a cold start.
+
+With ``--vs-nanogpt DIR`` (a nanoGPT working tree, e.g. ``git clone https://github.com/karpathy/nanoGPT``)
+it then runs nanoGPT's README CPU command there, on the same machine right after jaxllm's run:
+``data/shakespeare_char/prepare.py`` first (untimed; PATH is copied to its ``input.txt`` so nothing is
+downloaded), then, timed, ``python train.py config/train_shakespeare_char.py --device=cpu
+--compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4
+--n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0`` (plus ``--out_dir``
+in a temporary folder, so its checkpoint does not land in the checkout). It prints both wall times,
+both final validation losses and the ratio of the times. Without it, the comparison is against
+nanoGPT's figures measured once on a 2-core CPU machine (PyTorch 2.13 eager): 1.8857 in 66.6 s.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,44 +31,91 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NANOGPT = {"val_loss": 1.8857, "wall_s": 66.6}
+NANOGPT = {"val_loss": 1.8857, "wall_s": 66.6}  # measured once; --vs-nanogpt measures it beside jaxllm
+NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
+                "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
+                "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
+NANOGPT_FILES = ("train.py", "config/train_shakespeare_char.py", "data/shakespeare_char/prepare.py")
+
+
+def run_jaxllm(data: str, overrides: list[str], tmp: Path) -> dict:
+    """jaxllm's run: wall seconds of the whole command, final validation loss, ms/step, tokens/s."""
+    cmd = [sys.executable, str(ROOT / "train.py"), str(ROOT / "configs" / "shakespeare_char.yaml"),
+           f"data.source={data}", f"run.dir={tmp}/run", f"data.cache_dir={tmp}/cache", "log.progress=false", *overrides]
+    start = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if out.returncode:
+        raise SystemExit(f"jaxllm's run failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    train = [r for r in rows if r.get("tokens_per_sec", 0) > 0]
+    return {
+        "val_loss": round(evals[-1]["eval_loss"], 4),
+        "wall_s": round(wall, 1),
+        "ms_per_step": round(1000 * wall / evals[-1]["step"], 1),
+        "tokens_per_sec": round(sum(r["tokens_per_sec"] for r in train) / len(train)),
+    }
+
+
+def last_val_loss(log: str) -> float:
+    """nanoGPT's last evaluation line, ``step 2000: train loss 1.7628, val loss 1.8857``."""
+    losses = re.findall(r"val loss (\d+\.\d+)", log)
+    if not losses:
+        raise SystemExit(f"nanoGPT's output has no 'val loss' line:\n{log[-3000:]}")
+    return float(losses[-1])
+
+
+def run_nanogpt(checkout: Path, data: str, tmp: Path) -> dict:
+    """nanoGPT's README CPU run in ``checkout``: wall seconds of the training command and its last val loss."""
+    prep = checkout / "data" / "shakespeare_char"
+    shutil.copyfile(data, prep / "input.txt")  # prepare.py downloads the corpus only when this is missing
+    out = subprocess.run([sys.executable, "prepare.py"], cwd=prep, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f"nanoGPT's prepare.py failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    cmd = [sys.executable, "train.py", *NANOGPT_ARGS, f"--out_dir={tmp}/nanogpt-out"]
+    start = time.perf_counter()
+    out = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if out.returncode:
+        raise SystemExit(f"nanoGPT's train.py failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return {"val_loss": last_val_loss(out.stdout), "wall_s": round(wall, 1)}
+
+
+def check_inputs(data: str, checkout: str | None) -> str:
+    """'' when the corpus and the nanoGPT tree (if any) are usable, else the one-line reason."""
+    if not Path(data).is_file():
+        return f"{data} not found; pass --data PATH/tinyshakespeare.txt"
+    missing = [f for f in NANOGPT_FILES if checkout and not (Path(checkout) / f).is_file()]
+    if missing:
+        return f"{checkout} is not a nanoGPT working tree (no {missing[0]}); pass --vs-nanogpt PATH/nanoGPT"
+    return ""
+
+
+def report(jaxllm: dict, nanogpt: dict, measured: bool) -> None:
+    ratio = jaxllm["wall_s"] / nanogpt["wall_s"]
+    label = "nanoGPT" if measured else "nanoGPT (ref.)"
+    print(f"{'':16}{'val loss':>10}{'wall s':>9}")
+    print(f"{label:16}{nanogpt['val_loss']:>10.4f}{nanogpt['wall_s']:>9.1f}")
+    print(f"{'jaxllm':16}{jaxllm['val_loss']:>10.4f}{jaxllm['wall_s']:>9.1f}   ({ratio:.2f}x nanoGPT's time)")
+    print(json.dumps({**jaxllm, "nanogpt_val_loss": nanogpt["val_loss"], "nanogpt_wall_s": nanogpt["wall_s"],
+                      "nanogpt_measured": measured, "time_ratio": round(ratio, 3)}))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    parser.add_argument("--vs-nanogpt", metavar="DIR", help="a nanoGPT working tree: run its README CPU command after jaxllm's")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    if not Path(args.data).is_file():
-        print(f"error: {args.data} not found; pass --data PATH/tinyshakespeare.txt", file=sys.stderr)
+    problem = check_inputs(args.data, args.vs_nanogpt)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, str(ROOT / "train.py"), str(ROOT / "configs" / "shakespeare_char.yaml"),
-               f"data.source={args.data}", f"run.dir={tmp}/run", f"data.cache_dir={tmp}/cache",
-               "log.progress=false", *args.overrides]
-        start = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        wall = time.perf_counter() - start
-        if out.returncode:
-            print(out.stderr, file=sys.stderr)
-            return out.returncode
-        rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "eval_loss" in r]
-    train = [r for r in rows if "tokens_per_sec" in r and r["tokens_per_sec"] > 0]
-    steps = evals[-1]["step"]
-    result = {
-        "val_loss": round(evals[-1]["eval_loss"], 4),
-        "wall_s": round(wall, 1),
-        "ms_per_step": round(1000 * wall / steps, 1),
-        "tokens_per_sec": round(sum(r["tokens_per_sec"] for r in train) / len(train)),
-        "nanogpt_val_loss": NANOGPT["val_loss"],
-        "nanogpt_wall_s": NANOGPT["wall_s"],
-        "time_ratio": round(wall / NANOGPT["wall_s"], 3),
-    }
-    print(f"{'':14}{'val loss':>10}{'wall s':>9}")
-    print(f"{'nanoGPT':14}{NANOGPT['val_loss']:>10.4f}{NANOGPT['wall_s']:>9.1f}")
-    print(f"{'jaxllm':14}{result['val_loss']:>10.4f}{result['wall_s']:>9.1f}   ({result['time_ratio']:.2f}x the time)")
-    print(json.dumps(result))
+        jaxllm = run_jaxllm(args.data, args.overrides, Path(tmp))
+        nanogpt = run_nanogpt(Path(args.vs_nanogpt).resolve(), args.data, Path(tmp)) if args.vs_nanogpt else NANOGPT
+    report(jaxllm, nanogpt, measured=bool(args.vs_nanogpt))
     return 0
 
 
