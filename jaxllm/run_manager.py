@@ -1,10 +1,10 @@
 """Many training runs in one folder: the sweep, the depth study and a forecast's run share this.
 
 A study owns ``OUT`` while it writes there (an exclusive lock, dropped by the OS if the process
-dies). Every run is ``jaxllm.trainer.train`` (what train.py runs) in ``OUT/runs/<name>`` (a
-forecast: ``OUT/run``), its output in ``train.log`` there. ``result.json`` marks a finished run: a
-rerun reads it back, checked against the config, and restarts an unfinished one from scratch (runs
-last minutes; their only checkpoint is at the end).
+dies). Every run is ``jaxllm.trainer.train`` (what train.py runs) in ``OUT/runs/<name>``, its
+output in ``train.log`` there. ``result.json`` marks a finished run: a rerun reads it back, checked
+against the config, and restarts an unfinished one from scratch (runs last minutes; their only
+checkpoint is at the end).
 """
 
 from __future__ import annotations
