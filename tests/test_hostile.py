@@ -164,6 +164,10 @@ CASES = [
     Case("override_without_equals", "train", lambda w: [*w.train(), "train.steps"], "must look like section.key=value"),
     Case("heads_do_not_divide", "train", lambda w: w.train("model.d_model=30"), "not divisible by model.n_head"),
     Case("mesh_too_big", "train", lambda w: w.train("mesh.tensor=3"), "does not divide the 8 visible devices"),
+    Case("kv_heads_do_not_divide", "train", lambda w: w.train("model.n_kv_head=3"), "not divisible by model.n_kv_head=3"),
+    Case("lr_negative", "train", lambda w: w.train("optim.lr=-1"), "optim.lr must be positive"),
+    Case("mesh_more_than_the_devices", "train", lambda w: w.train("mesh.data=16"), "16 devices but 8 are visible"),
+    Case("corpus_empty", "train", lambda w: w.train(w.key("data.source", "empty.txt", b"  \n")), "the corpus is empty"),
     Case("seq_len_beyond_corpus", "train", lambda w: w.train("train.seq_len=4000"), "fewer than train.seq_len+2"),
     # ---- train.py: config files
     Case("config_missing", "train", lambda w: [str(w.tmp / "nope.yaml")], "not found"),
