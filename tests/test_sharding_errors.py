@@ -1,12 +1,16 @@
-"""Every mesh error at the command line: ``python train.py`` exits 2 with one line on stderr, before
-anything compiles (``JAX_LOG_COMPILES`` would add a line per compilation) or is written. The
-parameter check traces the model abstractly (``jax.eval_shape``), which that flag logs as
-"Finished tracing": tracing is not compiling, so those lines are set aside."""
+"""Every mesh error at the command line: ``train.main`` returns 2 with one line on stderr, before anything
+is lowered to XLA (so nothing compiles) or written. The parameter check traces the model abstractly
+(``jax.eval_shape``): tracing is not lowering. In-process, on the suite's 8 devices: ``test_cli.py``
+shows that a returned 2 is the process's exit code."""
 
 from __future__ import annotations
 
+import jax
 import pytest
-from conftest import TINY, run_cli
+from conftest import TINY
+from jax._src.dispatch import JAXPR_TO_MLIR_MODULE_EVENT
+
+import train
 
 
 @pytest.mark.parametrize(
@@ -23,11 +27,23 @@ from conftest import TINY, run_cli
     ],
     ids=["mesh_product", "n_head", "n_kv_head", "d_ff", "vocab", "batch", "rules_override"],
 )
-def test_mesh_error_exits_2_with_one_line_before_compiling(tmp_path, corpus, overrides, message):
+def test_mesh_error_exits_2_with_one_line_before_compiling(tmp_path, corpus, capsys, overrides, message):
     args = TINY + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}"]
-    result = run_cli("train.py", *args, *overrides, devices=8, env_extra={"JAX_LOG_COMPILES": "1"}, timeout=120)
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if "Finished tracing" not in line]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    lowered = []
+
+    def on_duration(event: str, duration: float, **kwargs) -> None:
+        if event == JAXPR_TO_MLIR_MODULE_EVENT:
+            lowered.append(kwargs)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        code = train.main([*args, *overrides])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr[-2000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-2000:]
     assert message in lines[0]
+    assert lowered == []
     assert not (tmp_path / "run").exists()
