@@ -29,6 +29,9 @@ def main(argv: list[str]) -> int:
     from jaxllm.sft import finetune  # imports JAX: after the config is known to be valid
 
     s = finetune(cfg)
+    if "interrupted" in s:
+        print(f"stopped by {s['interrupted']} at step {s['step']}; checkpoint saved, rerun to resume", file=sys.stderr)
+        return 128 + s["signal"]  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
     print(
         f"done: {cfg.sft.method}, held-out exact match {s['before']['overall']:.1%} -> {s['after']['overall']:.1%}, "
         f"{s['trainable']:,} trainable parameters ({s['trainable'] / s['total']:.2%}), {s['seconds']:.0f} s, run in {cfg.run.dir}"

@@ -1,22 +1,101 @@
 """Checkpoints through orbax: the train state (params, optimizer state, step, RNG) plus a JSON record
-of the model shape and the data position.
+of the model shape, the data position, the state's layout and a checksum of every array.
 
 Restoring takes the *target* shardings, so a checkpoint written under one mesh resumes under any
 other. Saving is collective: in a multi-host run every process calls :meth:`Checkpointer.save`.
+
+Recovery never guesses. A checkpoint whose layout differs from the run's (another model shape,
+another optimizer) is refused with the differing keys, and left where it is; only a checkpoint that
+cannot be read or whose arrays fail their checksums is set aside (renamed ``corrupt-<step>[-n]``) for
+the one before it. Only finite state is written, so every kept checkpoint is one a run can resume.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jaxllm.config import ModelConfig
-from jaxllm.errors import ConfigError
+from jaxllm.errors import ConfigError, UserError
+
+
+class NonFiniteState(Exception):
+    """The state to save holds a NaN or an infinity; nothing was written."""
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def _words_u32(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32 words (1- and 2-byte elements widened, 8-byte ones split in two)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+@jax.jit
+def _fingerprint(leaves: list) -> tuple[jax.Array, jax.Array]:
+    """``(all float leaves finite, uint32 checksum per leaf)``, computed where the arrays live.
+
+    The checksum is sum(word_i * (2i + 1)) mod 2^32: exact in any reduction order (so any mesh gives
+    the same value), and changed by any flipped bit or swapped pair of words."""
+    finite = jnp.array(True)
+    sums = []
+    for x in leaves:
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            finite &= jnp.all(jnp.isfinite(x))
+        w = _words_u32(x).reshape(-1)
+        sums.append(jnp.sum(w * (2 * jnp.arange(w.size, dtype=jnp.uint32) + 1), dtype=jnp.uint32))
+    return finite, jnp.stack(sums) if sums else jnp.zeros((0,), jnp.uint32)
+
+
+def fingerprint(tree: Any) -> tuple[bool, list[int]]:
+    """Whether every floating-point array of ``tree`` is finite, and the checksum of each leaf."""
+    finite, sums = jax.device_get(_fingerprint(jax.tree.leaves(tree)))
+    return bool(finite), [int(s) for s in sums]
+
+
+def _key(k: Any) -> str:
+    for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey (dataclass and namedtuple fields)
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def layout(tree: Any) -> dict[str, list]:
+    """``{"params.wte.embedding": [[V, D], "float32"], ...}``: every leaf's name, shape and dtype."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(_key(k) for k in path): [list(x.shape), str(x.dtype)] for path, x in flat}
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def layout_difference(saved: dict[str, list], current: dict[str, list]) -> str:
+    """One line naming the leaves that differ between two :func:`layout` s ('' when none do)."""
+    only_saved = sorted(set(saved) - set(current))
+    only_current = sorted(set(current) - set(saved))
+    changed = [f"{k} {tuple(saved[k][0])} {saved[k][1]} vs {tuple(current[k][0])} {current[k][1]}"
+               for k in sorted(set(saved) & set(current)) if list(saved[k]) != list(current[k])]
+    parts = [f"only in the checkpoint: {_few(only_saved)}" if only_saved else "",
+             f"only in this run: {_few(only_current)}" if only_current else "",
+             f"changed: {_few(changed)}" if changed else ""]
+    return "; ".join(p for p in parts if p)
+
+
+# --------------------------------------------------------------------------- the checkpoints
 
 
 class Checkpointer:
@@ -24,22 +103,46 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, keep: int):
         self.directory = (Path(run_dir) / "checkpoints").absolute()
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
-        )
+        # orbax logs each failure of its background writers with a traceback (absl, asyncio); a failed
+        # write reaches the user once, as the one-line UserError of save() or wait().
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+                item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+            )
+        except OSError as e:
+            raise UserError(f"cannot write checkpoints to {self.directory}: {e.strerror or e}") from None
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        self.manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
-        )
+        """Writes ``state`` (with its layout and checksums added to ``meta``); refuses non-finite state."""
+        finite, sums = fingerprint(state)
+        if not finite:
+            raise NonFiniteState(f"the state at step {step} is not finite")
+        meta = {**meta, "layout": layout(state), "checksums": sums}
+        try:
+            self.manager.save(
+                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+            )
+        except Exception as e:  # noqa: BLE001  (an earlier asynchronous save's failure surfaces here too)
+            raise self._write_error(e) from None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001  (as above)
+            raise self._write_error(e) from None
+
+    def _write_error(self, e: Exception) -> UserError:
+        """One line for a failed write: the OS's reason (full disk, read-only) when tensorstore gives it."""
+        code = re.search(r"os_error_code='(\d+)'", str(e))
+        reason = os.strerror(int(code.group(1))) if code else getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+        return UserError(f"cannot write checkpoints to {self.directory}: {reason}")
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -55,40 +158,62 @@ class Checkpointer:
             return
 
     def restore_latest(self, abstract_state: Any, model: ModelConfig) -> tuple[Any, dict] | None:
-        """The newest readable checkpoint as ``(state, meta)``, or None when there is none.
+        """The newest intact checkpoint as ``(state, meta)``, or None when the run has none yet.
 
-        A checkpoint of a different model shape is refused (ConfigError); an unreadable newest
-        checkpoint is reported and the one before it used.
-        """
+        A checkpoint of another layout (model shape, optimizer) is refused (ConfigError), nothing
+        moved; a damaged one is set aside and the one before it used. When checkpoints were written
+        but none is intact the run stops (UserError) rather than start over."""
+        set_aside = []
         for step in reversed(self.steps()):
-            try:
-                meta = self.read_meta(step)
-            except Exception as e:  # noqa: BLE001  (orbax raises many types for a damaged directory)
-                self._set_aside(step, e)
+            restored = self._restore(step, abstract_state, model)
+            if isinstance(restored, str):
+                set_aside.append(self._set_aside(step, restored))
                 continue
-            check_same_model(meta.get("model", {}), model, self.directory)
-            try:
-                restored = self.manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-                )
-            except Exception as e:  # noqa: BLE001  (as above)
-                self._set_aside(step, e)
-                continue
-            return restored["state"], meta
+            return restored
+        earlier = sorted(p.name for p in self.directory.glob("corrupt-*")) if self.directory.is_dir() else []
+        if set_aside or earlier:
+            raise UserError(
+                f"no intact checkpoint in {self.directory} (set aside: {', '.join(set_aside or earlier)}); "
+                "to start this run over, move those folders out of checkpoints/"
+            )
         return None
 
-    def _set_aside(self, step: int, error: Exception) -> None:
-        """Renames an unreadable checkpoint to ``corrupt-<step>`` (kept for inspection, out of the way
-        of the step that will be saved again under its number)."""
-        target = self.directory / f"corrupt-{step}"
-        print(
-            f"warning: checkpoint {step} is unreadable ({type(error).__name__}); moved to {target}, "
-            "using the previous one",
-            file=sys.stderr,
-        )
+    def _restore(self, step: int, abstract_state: Any, model: ModelConfig) -> tuple[Any, dict] | str:
+        """``(state, meta)``, or why checkpoint ``step`` is damaged; raises if it is another config's."""
+        try:
+            meta = self.read_meta(step)
+            check_same_model(meta.get("model", {}), model, self.directory)
+            saved = meta.get("layout") or layout(self.manager.item_metadata(step)["state"])
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001  (orbax raises many types for a damaged directory)
+            return f"is unreadable ({type(e).__name__})"
+        diff = layout_difference(saved, layout(abstract_state))
+        if diff:
+            raise ConfigError(
+                f"checkpoint {step} in {self.directory} was written by another configuration ({diff}); "
+                "run with the config it was written with, or choose another run.dir"
+            )
+        try:
+            state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+        except Exception as e:  # noqa: BLE001  (as above)
+            return f"is unreadable ({type(e).__name__})"
+        if "checksums" in meta and fingerprint(state)[1] != meta["checksums"]:
+            return "fails its integrity check (its arrays' checksums differ from those saved with it)"
+        return state, meta
+
+    def _set_aside(self, step: int, why: str) -> str:
+        """Renames checkpoint ``step`` to a ``corrupt-<step>`` name no earlier one holds (kept for
+        inspection, out of the way of the step that will be saved again under its number)."""
+        target, n = self.directory / f"corrupt-{step}", 1
+        while target.exists():
+            n += 1
+            target = self.directory / f"corrupt-{step}-{n}"
+        print(f"warning: checkpoint {step} {why}; moved to {target}, using the previous one", file=sys.stderr)
         if jax.process_index() == 0:
             (self.directory / str(step)).rename(target)
         self.manager.reload()
+        return target.name
 
     def restore_single_device(self, step: int) -> Any:
         """The saved state tree onto one device, whatever mesh wrote it (for inference)."""
@@ -98,11 +223,15 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            with contextlib.suppress(Exception):  # the failure, if any, is being raised by wait()
+                self.manager.close()
 
 
-SHAPE_KEYS = ("arch", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size", "max_seq_len", "tie_embeddings", "norm_position")
+SHAPE_KEYS = ("arch", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size", "max_seq_len", "tie_embeddings",
+              "norm_position", "adapter_dim", "prompt_tokens")
 
 
 def check_same_model(saved: dict, model: ModelConfig, where: Path) -> None:

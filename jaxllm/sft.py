@@ -3,40 +3,56 @@
     init.from (jaxllm run or Hugging Face dir) -> jaxllm.load -> tokenizer + chat markers, their
     embedding rows as a parameter of their own, trained by every method (jaxllm.peft.new_tokens_init)
     -> method's extra parameters (jaxllm.peft)
-    -> packed batches [B, 5, T] (jaxllm.chat) -> trainer.make_train_step with an optax-masked
+    -> packed batches [B, 5, T] (jaxllm.chat) -> the shared train step, with an optax-masked
     optimizer -> exact match of greedy answers on held-out prompts, before and after
-    -> run.dir: config.yaml + tokenizer.json + checkpoint (jaxllm.load reads it), sft.yaml, eval.json
+    -> run.dir: config.yaml + tokenizer.json + checkpoints (jaxllm.load reads them), sft.yaml, eval.json
 
-The train step is the pre-training one (:func:`jaxllm.trainer.make_train_step`): a batch is one
-int32 array, so gradient accumulation and metrics carry over unchanged; only the loss differs
-(masked, packed). The data-parallel axes of ``mesh`` split the batch; parameters are replicated.
+The train step is the pre-training one (:func:`jaxllm.train_step.make_train_step`) and so is the
+loop (:mod:`jaxllm.loop`): a batch is one int32 array, so gradient accumulation, metrics, periodic
+checkpoints, bitwise resume, the SIGTERM save and the NaN stop carry over unchanged; only the loss
+differs (masked, packed). The data-parallel axes of ``mesh`` split the batch; parameters are replicated.
+A checkpoint holds the merged model (``params``, what :func:`jaxllm.load` reads) and the training state
+(``train``, what a resumed run continues from). ``run.dir`` is new or holds this very fine-tuning run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import api, chat, peft, sharding, tasks
+from jaxllm import api, chat, loop, peft, sharding, tasks, trainer
 from jaxllm import checkpoint as ckpt
 from jaxllm import generate as gen
-from jaxllm.config import Config, ModelConfig, OptimConfig, SFTConfig, save_config, to_dict, validate_model
+from jaxllm.config import (
+    Config,
+    ModelConfig,
+    OptimConfig,
+    SFTConfig,
+    TrainConfig,
+    save_config,
+    to_dict,
+    validate_model,
+)
 from jaxllm.errors import ConfigError
+from jaxllm.fileio import write_json
+from jaxllm.metrics_log import MetricsLog, plot_losses
 from jaxllm.model import Transformer, cross_entropy
 from jaxllm.optim import optimizer, schedule
+from jaxllm.run_dir import check_finetune_dir, lock
 from jaxllm.runtime import init_compile_cache, init_cpu_devices
 from jaxllm.tokenizer import Tokenizer
-from jaxllm.trainer import MetricsLog, TrainState, make_train_step
+from jaxllm.train_step import TrainState, make_train_step
 
 PLACEHOLDER = api.PLACEHOLDER  # token id at prompt tuning's virtual positions; the model replaces its embedding
 
@@ -83,17 +99,10 @@ def validate_sft(cfg: SFTConfig) -> None:
 # --------------------------------------------------------------------------- the model
 
 
-def forward(model: Transformer, params: dict, lora_scale: float, tokens_BxT, positions_BxT, segments_BxT=None, rngs=None, cache=None):
-    """Logits ``[B, T, V]`` of the fine-tuned model, whatever the method (see :mod:`jaxllm.peft`).
-
-    With ``cache`` (the model's key/value cache, :func:`jaxllm.generate.init_cache`) it returns
-    ``(logits, updated cache)``, for decoding."""
+def forward(model: Transformer, params: dict, lora_scale: float, tokens_BxT, positions_BxT, segments_BxT=None, rngs=None):
+    """Logits ``[B, T, V]`` of the fine-tuned model, whatever the method (see :mod:`jaxllm.peft`)."""
     variables = {"params": peft.model_params(params, lora_scale)}
-    if cache is None:
-        return model.apply(variables, tokens_BxT, positions_BxT, segments_BxT, rngs=rngs)
-    logits, updated = model.apply({**variables, "cache": cache}, tokens_BxT, positions_BxT, segments_BxT, rngs=rngs,
-                                  mutable=["cache"])
-    return logits, updated["cache"]
+    return model.apply(variables, tokens_BxT, positions_BxT, segments_BxT, rngs=rngs)
 
 
 def make_loss_fn(model: Transformer, mask: dict, lora_scale: float) -> Callable:
@@ -145,40 +154,14 @@ def packed_rows(chats: list[chat.Chat], tok: Tokenizer, seq_len: int, prefix: in
 # --------------------------------------------------------------------------- evaluation
 
 
-def make_greedy(model: Transformer, lora_scale: float, max_new: int, end_id: int) -> Callable:
+def make_greedy(model_cfg: ModelConfig, lora_scale: float, max_new: int, end_id: int) -> Callable:
     """``greedy(params, prompts) -> answers``: greedy token ids of all prompts as one batch, cut at
-    ``end_id``. Prefill then one token per step through the model's key/value cache (as
-    :mod:`jaxllm.generate` does, but through :func:`forward`, so prompt tuning works too); every row
-    keeps its own positions, and the loop stops when all rows have ended."""
-
-    @jax.jit
-    def loop(params, prompt_NxP, lengths_N):
-        rows_N = jnp.arange(prompt_NxP.shape[0])
-        cache = gen.init_cache(model.cfg, prompt_NxP.shape[0], gen.cache_slots(model.cfg, prompt_NxP.shape[1], max_new))
-        positions_NxP = jnp.broadcast_to(jnp.arange(prompt_NxP.shape[1]), prompt_NxP.shape)
-        logits_NxPxV, cache = forward(model, params, lora_scale, prompt_NxP, positions_NxP, cache=cache)
-        tok_N = jnp.argmax(logits_NxPxV[rows_N, lengths_N - 1], -1).astype(jnp.int32)
-        out_NxM = jnp.full((prompt_NxP.shape[0], max_new), end_id, jnp.int32).at[:, 0].set(tok_N)
-
-        def cond(carry):
-            i, _, done_N, _, _ = carry
-            return (i < max_new) & ~jnp.all(done_N)
-
-        def body(carry):
-            i, tok_N, done_N, cache, out_NxM = carry
-            logits_Nx1xV, cache = forward(model, params, lora_scale, tok_N[:, None], (lengths_N + i - 1)[:, None], cache=cache)
-            tok_N = jnp.where(done_N, end_id, jnp.argmax(logits_Nx1xV[:, 0], -1).astype(jnp.int32))
-            return i + 1, tok_N, done_N | (tok_N == end_id), cache, out_NxM.at[:, i].set(tok_N)
-
-        return jax.lax.while_loop(cond, body, (1, tok_N, tok_N == end_id, cache, out_NxM))[-1]
+    ``end_id``, by :mod:`jaxllm.generate`'s cached decoder on the method's merged weights (a learned
+    prompt is a model parameter, so prompt tuning decodes the same way)."""
+    decoder = gen.Decoder(model_cfg)
 
     def greedy(params, prompts: list[list[int]]) -> list[list[int]]:
-        width = 16 * -(-max(map(len, prompts)) // 16)
-        buf = np.zeros((len(prompts), width), np.int32)
-        for i, p in enumerate(prompts):
-            buf[i, : len(p)] = p
-        out = np.asarray(loop(params, jnp.asarray(buf), jnp.asarray([len(p) for p in prompts], jnp.int32)))
-        return [ids[: ids.index(end_id)] if end_id in ids else ids for ids in out.tolist()]
+        return decoder(peft.model_params(params, lora_scale), prompts, max_new, temperature=0.0, eos_id=end_id)
 
     return greedy
 
@@ -262,16 +245,25 @@ def _print_table(before: dict, after: dict) -> None:
         print(f"{k:<10} {before[k]:>7.1%} {score:>7.1%}")
 
 
-def finetune(cfg: SFTConfig, devices: list | None = None) -> dict:
-    """Fine-tunes ``init.from`` as ``cfg`` says; writes ``run.dir``; returns a summary."""
-    p = prepare(cfg)
+@dataclass(frozen=True)
+class Job:
+    """A fine-tuning run compiled for a mesh: the jitted step and its initial state (replicated)."""
+
+    mesh: jax.sharding.Mesh
+    step: Callable  # (state, batch_AxBx5xT) -> (state, metrics)
+    init: Callable  # () -> TrainState
+    batch_sharding: Any
+    replicated: Any
+    lora_scale: float
+
+
+def build(cfg: SFTConfig, p: Prepared, devices: list | None) -> Job:
     t = cfg.train
     mesh = sharding.make_mesh(cfg.mesh, devices)
     n_data = mesh.shape["data"] * mesh.shape["fsdp"]
     if t.batch_size % n_data:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {n_data} data-parallel devices")
     model = Transformer(p.model_cfg, deterministic=p.model_cfg.dropout == 0.0)
-    eval_model = Transformer(dataclasses.replace(p.model_cfg, remat=False), deterministic=True)
     optim_cfg = method_optim(cfg)
     tx = peft.masked(optimizer(optim_cfg, t.steps), p.mask)
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh, leading=1)
@@ -279,53 +271,97 @@ def finetune(cfg: SFTConfig, devices: list | None = None) -> dict:
         make_train_step(make_loss_fn(model, p.mask, p.lora_scale), tx, schedule(optim_cfg, t.steps)),
         in_shardings=(repl, batch_sh), out_shardings=(repl, repl), donate_argnums=0,
     )
-    trainable, total = peft.count(p.params, p.mask)
-    print(f"sft: {cfg.sft.method} on {init_from(cfg)}: {trainable:,} trainable of {total:,} parameters "
-          f"({trainable / total:.2%}); {len(p.rows)} packed rows of {t.seq_len} tokens; peak lr {optim_cfg.lr:g}", file=sys.stderr)
 
-    greedy = make_greedy(eval_model, p.lora_scale, cfg.sft.max_new_tokens, p.tokenizer.token_id("<|end|>"))
+    def init() -> TrainState:
+        params = jax.device_put(p.params, repl)
+        rng = jax.random.fold_in(jax.random.PRNGKey(t.seed), 1)
+        return jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng), repl)
+
+    return Job(mesh, step_fn, init, batch_sh, repl, p.lora_scale)
+
+
+def batch_order(n_rows: int, t: TrainConfig) -> np.ndarray:
+    """``[steps, A, B]`` row indices: epochs of shuffled rows, the same for any ``t.steps`` up to a step."""
+    order = np.random.default_rng(t.seed)
+    need = t.steps * t.grad_accum * t.batch_size
+    picks = np.concatenate([order.permutation(n_rows) for _ in range(-(-need // n_rows))])[:need]
+    return picks.reshape(t.steps, t.grad_accum, t.batch_size)
+
+
+def batch_at(rows: np.ndarray, picks: np.ndarray, batch_sharding: Any, step: int) -> jax.Array:
+    return jax.device_put(jnp.asarray(rows[picks[step]]), batch_sharding)
+
+
+def saved_tree(state: TrainState, lora_scale: float) -> dict:
+    """What a checkpoint holds: the merged model ``params`` that :func:`jaxllm.load` reads (LoRA folded
+    in, the markers' rows appended) and the training state ``train`` a resumed run continues from."""
+    return {"params": peft.model_params(state.params, lora_scale), "train": state}
+
+
+def save_state(checkpointer: ckpt.Checkpointer, job: Job, model: dict, step: int, state: TrainState) -> None:
+    checkpointer.save(step, saved_tree(state, job.lora_scale), {"step": step, "model": model})
+
+
+def restore_or_init(checkpointer: ckpt.Checkpointer, job: Job, model_cfg: ModelConfig) -> tuple[TrainState, int, bool]:
+    abstract_tree = jax.eval_shape(lambda: saved_tree(job.init(), job.lora_scale))
+    target = ckpt.abstract(abstract_tree, jax.tree.map(lambda _: job.replicated, abstract_tree))
+    restored = checkpointer.restore_latest(target, model_cfg)
+    if restored is None:
+        return job.init(), 0, False
+    return restored[0]["train"], int(restored[1]["step"]), True
+
+
+def finetune(cfg: SFTConfig, devices: list | None = None) -> dict:
+    """Fine-tunes ``init.from`` as ``cfg`` says; writes (or resumes) ``run.dir``; returns a summary."""
+    p = prepare(cfg)
+    check_finetune_dir(Path(cfg.run.dir), Path(init_from(cfg)), cfg)
+    job = build(cfg, p, devices)
+    with lock(Path(cfg.run.dir), "another fine-tuning run"):
+        return _finetune(cfg, p, job, Path(cfg.run.dir))
+
+
+def _finetune(cfg: SFTConfig, p: Prepared, job: Job, run_dir: Path) -> dict:
+    t = cfg.train
+    greedy = make_greedy(p.model_cfg, p.lora_scale, cfg.sft.max_new_tokens, p.tokenizer.token_id("<|end|>"))
     prompts = [[PLACEHOLDER] * p.prefix + q for q in p.eval_set.prompts]
 
     def evaluate(params) -> dict[str, float]:
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(job.mesh):
             ids = greedy(params, prompts)
         return exact_match(p.eval_set.tasks, [p.tokenizer.decode(i) for i in ids], p.eval_set.answers)
 
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "sft.yaml")
-    log = MetricsLog(run_dir / "metrics.jsonl", 0, True, None)
-    t0 = time.perf_counter()
-    params = jax.device_put(p.params, repl)
-    before = evaluate(params)
-    rng = jax.random.PRNGKey(t.seed)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.fold_in(rng, 1))
-    state = jax.device_put(state, repl)
-    order = np.random.default_rng(t.seed)
-    need = t.steps * t.grad_accum * t.batch_size
-    picks = np.concatenate([order.permutation(len(p.rows)) for _ in range(-(-need // len(p.rows)))])[:need]
-    picks = picks.reshape(t.steps, t.grad_accum, t.batch_size)
-    with jax.set_mesh(mesh):
-        for step in range(t.steps):
-            batch = jax.device_put(jnp.asarray(p.rows[picks[step]]), batch_sh)
-            state, metrics = step_fn(state, batch)
-            if (step + 1) % cfg.log.every == 0 or step + 1 == t.steps:
-                loss = float(metrics["loss"])
-                if not np.isfinite(loss):
-                    raise ConfigError(f"the loss became {loss} at step {step + 1}; lower optim.lr")
-                log.write({"step": step + 1, "loss": loss, "lr": float(metrics["lr"])})
-                if cfg.log.progress:
-                    print(f"step {step + 1}/{t.steps}: loss {loss:.4f}", file=sys.stderr)
-    after = evaluate(state.params)
-    seconds = time.perf_counter() - t0
+    checkpointer = ckpt.Checkpointer(run_dir, cfg.checkpoint.keep)
+    log = None
+    try:
+        state, start, restored = restore_or_init(checkpointer, job, p.model_cfg)  # before any write: it may refuse
+        save_config(cfg, run_dir / "sft.yaml")
+        save_config(_export_config(cfg, p), run_dir / "config.yaml")
+        p.tokenizer.save(run_dir)
+        log = MetricsLog(run_dir / "metrics.jsonl", start, True, run_dir / "tb" if cfg.log.tensorboard else None)
+        trainable, total = peft.count(p.params, p.mask)
+        print(f"sft: {cfg.sft.method} on {init_from(cfg)}: {trainable:,} trainable of {total:,} parameters "
+              f"({trainable / total:.2%}); {len(p.rows)} packed rows of {t.seq_len} tokens; peak lr {method_optim(cfg).lr:g}; "
+              + (f"resuming at step {start}" if restored else "from the start"), file=sys.stderr)
+        t0 = time.perf_counter()
+        before = evaluate(jax.device_put(p.params, job.replicated))
+        parts = loop.Parts(
+            step=job.step, batch_at=functools.partial(batch_at, p.rows, batch_order(len(p.rows), t), job.batch_sharding),
+            save=functools.partial(save_state, checkpointer, job, to_dict(p.model_cfg)), checkpoint_dir=checkpointer.directory,
+            log=log, mfu=trainer.model_flops_utilisation(p.model_cfg, job.mesh, t.seq_len, cfg.log.peak_flops),
+            tokens_per_step=t.batch_size * t.grad_accum * t.seq_len, context=functools.partial(jax.set_mesh, job.mesh),
+            progress=cfg.log.progress,
+        )
+        out = loop.run(parts, trainer.cadence(cfg), state, start, start if restored else None)
+    finally:
+        checkpointer.close()
+        if log is not None:
+            log.close()
+    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    summary = {"before": before, "trainable": trainable, "total": total, "loss": out.loss, "step": out.step,
+               "first_step_s": out.first_step_s}
+    if out.interrupted:
+        return {**summary, "interrupted": out.interrupted, "signal": out.signal}
+    after = evaluate(out.state.params)
     _print_table(before, after)
-    (run_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=1))
-    # What jaxllm.load reads: LoRA merged into the weights, new tokens' rows appended (a prompt is a model parameter).
-    saved = {"params": peft.model_params(state.params, p.lora_scale)}
-    save_config(_export_config(cfg, p), run_dir / "config.yaml")
-    p.tokenizer.save(run_dir)
-    checkpointer = ckpt.Checkpointer(run_dir, keep=1)
-    checkpointer.save(t.steps, saved, {"step": t.steps, "model": to_dict(p.model_cfg)})
-    checkpointer.close()
-    log.close()
-    return {"before": before, "after": after, "trainable": trainable, "total": total, "seconds": seconds, "loss": loss}
+    write_json(run_dir / "eval.json", {"before": before, "after": after})
+    return {**summary, "after": after, "seconds": time.perf_counter() - t0}

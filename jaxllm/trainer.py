@@ -1,25 +1,25 @@
-"""Pre-training: the jitted train step and the loop around it.
+"""Pre-training: set-up (model, mesh, shardings, jitted steps) and the run around the shared loop.
 
 Data path: ``data.train_batch`` (numpy, this process's rows) -> a global ``jax.Array`` sharded over
 the data axes -> ``train_step`` (``jax.jit`` with explicit shardings, the state donated) -> metrics
-fetched every ``log.every`` steps -> ``metrics.jsonl``, TensorBoard, the progress bar.
+fetched every ``log.every`` steps -> ``metrics.jsonl``, TensorBoard, the progress bar
+(:mod:`jaxllm.loop`, which fine-tuning and distillation share).
+
+``train(cfg)``: ``prepare_run`` (every check that can refuse the run) -> ``build`` -> lock ``run.dir``
+-> restore the newest intact checkpoint or initialise -> config, tokenizer -> the loop -> loss.png.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
-import signal
 import sys
-import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,82 +28,18 @@ import optax
 
 from jaxllm import checkpoint as ckpt
 from jaxllm import data as data_lib
-from jaxllm import distill, flops, generate, pipeline, sharding, synthetic
+from jaxllm import distill, flops, generate, loop, pipeline, sharding, synthetic
 from jaxllm.config import Config, ModelConfig, resolve_model, save_config, to_dict, validate
 from jaxllm.errors import UserError
-from jaxllm.model import Transformer, cross_entropy
+from jaxllm.loop import TrainingDiverged
+from jaxllm.metrics_log import MetricsLog, plot_losses
+from jaxllm.model import Transformer
 from jaxllm.optim import optimizer, schedule
+from jaxllm.run_dir import lock
 from jaxllm.runtime import init_process
+from jaxllm.train_step import TrainState, make_eval_step, make_loss_fn, make_train_step
 
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or Inf."""
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # int32 scalar: optimizer steps taken
-    params: Any
-    opt_state: Any
-    rng: jax.Array  # uint32[2]: the dropout key; step k uses fold_in(rng, k)
-
-
-# --------------------------------------------------------------------------- the pure step
-
-
-def layer_grad_norms(grads) -> jax.Array:
-    """L2 norm of each block's gradient, ``[n_layer]`` (the stacked leaves' leading axis)."""
-    sq = [jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim))) for g in jax.tree.leaves(grads["blocks"])]
-    return jnp.sqrt(sum(sq))
-
-
-def make_loss_fn(model: Transformer) -> Callable:
-    """``loss(params, tokens_BxT1, rng) -> mean next-token cross-entropy`` (nats)."""
-
-    def loss_fn(params, tokens_BxT1, rng):
-        logits_BxTxV = model.apply({"params": params}, tokens_BxT1[:, :-1], rngs={"dropout": rng})
-        return cross_entropy(logits_BxTxV, tokens_BxT1[:, 1:])[0]
-
-    return loss_fn
-
-
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr_schedule: optax.Schedule) -> Callable:
-    """``step(state, tokens_AxBxT1) -> (state, metrics)``: A micro-batches accumulated, one update."""
-
-    def train_step(state: TrainState, tokens_AxBxT1: jax.Array):
-        rng = jax.random.fold_in(state.rng, state.step)
-
-        def micro(carry, xs):
-            grads_sum, loss_sum = carry
-            tokens_BxT1, i = xs
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens_BxT1, jax.random.fold_in(rng, i))
-            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), None
-
-        accum = tokens_AxBxT1.shape[0]
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, loss), _ = jax.lax.scan(micro, (zeros, 0.0), (tokens_AxBxT1, jnp.arange(accum)))
-        grads = jax.tree.map(lambda g: g / accum, grads)
-        loss = loss / accum
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
-            "lr": lr_schedule(state.step),
-            "layer_grad_norms": layer_grad_norms(grads),
-        }
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return train_step
-
-
-def make_eval_step(model: Transformer) -> Callable:
-    def eval_step(params, tokens_BxT1):
-        logits = model.apply({"params": params}, tokens_BxT1[:, :-1])
-        return cross_entropy(logits, tokens_BxT1[:, 1:])[0]
-
-    return eval_step
-
+__all__ = ["Setup", "TrainState", "TrainingDiverged", "build", "global_batch", "prepare_run", "train"]
 
 # --------------------------------------------------------------------------- set-up
 
@@ -196,87 +132,6 @@ def global_batch(local_np: np.ndarray, sharding_: Any, global_shape: tuple[int, 
     return jax.make_array_from_process_local_data(sharding_, local_np, global_shape)
 
 
-# --------------------------------------------------------------------------- the loop
-
-
-class _Signals:
-    """Turns SIGTERM / SIGINT into a flag the loop checks, so it can checkpoint before exiting."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
-            self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, _frame):
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-class MetricsLog:
-    """``metrics.jsonl`` (process 0 only), truncated to the resume step so a rerun never duplicates."""
-
-    def __init__(self, path: Path, resume_step: int, enabled: bool, tensorboard_dir: Path | None):
-        self.path, self.enabled = path, enabled
-        self.writer = None
-        if not enabled:
-            return
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        if tensorboard_dir is not None:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(str(tensorboard_dir))
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.writer.add_scalar(k, v, record["step"])
-            for i, v in enumerate(record.get("layer_grad_norms", [])):
-                self.writer.add_scalar(f"layer_grad_norm/{i}", v, record["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def plot_losses(metrics_path: Path, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(f"training curve: {metrics_path.parent.name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
-
 
 def _prepare_tokens(cfg: Config) -> data_lib.TokenData:
     """Tokenizes the corpus (or reads its cache). With several processes, process 0 goes first: hosts
@@ -329,171 +184,158 @@ def prepare_run(cfg: Config, devices: list | None = None) -> tuple[data_lib.Toke
     return tokens, model_cfg, mesh
 
 
+# --------------------------------------------------------------------------- the run's parts
+
+
+def restore_or_init(checkpointer: ckpt.Checkpointer, setup: Setup) -> tuple[TrainState, int, bool]:
+    """``(state, start step, restored?)``: the newest intact checkpoint, else a fresh initialisation."""
+    with setup.context():
+        abstract_state = ckpt.abstract(jax.eval_shape(setup.init), setup.state_shardings)
+        restored = checkpointer.restore_latest(abstract_state, setup.model_cfg)
+        if restored is None:
+            return setup.init(), 0, False
+    return restored[0], int(restored[1]["step"]), True
+
+
+def process_rows(cfg: Config, batch_sharding: Any) -> tuple[int, int]:
+    """``(block, blocks)``: which share of every batch's rows this process supplies."""
+    t = cfg.train
+    return sharding.process_block(batch_sharding, (t.grad_accum, t.batch_size, t.seq_len + 1), axis=1)
+
+
+def batch_at(tokens_N: np.ndarray, cfg: Config, batch_sharding: Any, step: int) -> jax.Array:
+    """The global batch ``[A, B, T+1]`` of ``step``, this process supplying its own rows."""
+    t = cfg.train
+    shape = (t.grad_accum, t.batch_size, t.seq_len + 1)
+    proc, nproc = process_rows(cfg, batch_sharding)
+    local = data_lib.train_batch(tokens_N, t.seed, step, t.grad_accum, t.batch_size, t.seq_len, proc, nproc)
+    return global_batch(local, batch_sharding, shape)
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """Validation loss over ``eval.batches`` evenly spaced windows, and a sample of the model's text."""
+
+    cfg: Config
+    setup: Setup
+    tokens: data_lib.TokenData
+    apply_fn: Callable  # one function for the whole run: the sampler's compiled program is cached by it
+
+    def loss(self, params) -> float:
+        t, n = self.cfg.train, self.cfg.eval.batches
+        batch_sh = sharding.batch_sharding(self.setup.mesh, 0)
+        proc, nproc = process_rows(self.cfg, self.setup.batch_sharding)
+        losses = []
+        for i in range(n):
+            local = data_lib.eval_batch(self.tokens.val, i, n, t.batch_size, t.seq_len, proc, nproc)
+            losses.append(self.setup.eval(params, global_batch(local, batch_sh, (t.batch_size, t.seq_len + 1))))
+        return float(np.mean(jax.device_get(losses)))
+
+    def sample(self, params) -> str:
+        e, m, tok = self.cfg.eval, self.setup.model_cfg, self.tokens.tokenizer
+        if e.sample_tokens <= 0:
+            return ""
+        prompt_text = e.sample_prompt or tok.decode(self.tokens.val[:16].tolist())
+        prompt = tok.encode(prompt_text)[: m.max_seq_len // 2]
+        n_new = min(e.sample_tokens, m.max_seq_len - len(prompt))
+        out = generate.generate_tokens(self.apply_fn, params, prompt, n_new, m.max_seq_len, e.temperature, e.top_k, seed=self.cfg.train.seed)
+        return prompt_text + tok.decode(out)
+
+    def __call__(self, state: TrainState, step: int) -> tuple[dict, str]:
+        eval_loss = self.loss(state.params)
+        text = self.sample(state.params)
+        ppl = math.exp(min(eval_loss, 50.0))
+        shown = f"step {step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}"
+        if text:
+            shown += f"\n--- sample ---\n{text}\n--------------"
+        return {"eval_loss": eval_loss, "eval_ppl": ppl, "sample": text}, shown
+
+
+def save_state(checkpointer: ckpt.Checkpointer, model: dict, config: dict, step: int, state: TrainState) -> None:
+    checkpointer.save(step, state, {"step": step, "data_step": step, "model": model, "config": config})
+
+
+def model_flops_utilisation(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, seq_len: int, peak_flops: float) -> Callable:
+    """``tokens/s -> MFU`` over the mesh's devices. Faked CPU devices share the host's cores: the peak
+    is per process there, per device elsewhere."""
+    device = mesh.devices.flat[0]
+    per_device = flops.peak_flops(device, peak_flops)
+    total = per_device * (jax.process_count() if device.platform == "cpu" else mesh.devices.size)
+    return functools.partial(flops.mfu, cfg=model_cfg, seq_len=seq_len, total_peak=total)
+
+
+def banner(cfg: Config, setup: Setup, tokens: data_lib.TokenData, start: int, restored: bool) -> None:
+    m, counts = setup.model_cfg, flops.param_counts(setup.model_cfg)
+    print(
+        f"jaxllm: {m.arch} {m.n_layer}x{m.d_model}, {counts['total'] / 1e6:.2f}M params "
+        f"({counts['non_embedding'] / 1e6:.2f}M non-embedding), vocab {m.vocab_size}, "
+        f"{len(tokens.train) / 1e6:.2f}M train tokens, mesh {dict(setup.mesh.shape)}, "
+        + (f"resuming at step {start}" if restored else "from scratch"),
+        file=sys.stderr,
+    )
+    if setup.mesh.shape["pipe"] > 1:
+        print(pipeline.describe(cfg.pipeline, setup.mesh.shape["pipe"]), file=sys.stderr)
+    if cfg.data.source.startswith("synthetic:"):
+        rate = synthetic.entropy_rate(synthetic.parse(cfg.data.source))
+        print(f"jaxllm: true entropy rate of the source {rate:.4f} nats/character (= nats/token with byte or char "
+              "tokens): the lowest loss any model can reach", file=sys.stderr)
+
+
+def cadence(cfg: Config) -> loop.Cadence:
+    return loop.Cadence(cfg.train.steps, cfg.log.every, cfg.eval.every, cfg.checkpoint.every)
+
+
+# --------------------------------------------------------------------------- the run
+
+
 def train(cfg: Config, devices: list | None = None) -> dict:
     """Runs (or resumes) ``cfg`` on ``devices`` (default: all) and returns a summary."""
     tokens, model_cfg, mesh = prepare_run(cfg, devices)
     setup = build(cfg, model_cfg, mesh)  # may still refuse the run (mesh.rules), so before any write
     run_dir = Path(cfg.run.dir)
+    with lock(run_dir, "another training run"):
+        return _train(cfg, setup, tokens, run_dir)
+
+
+def _train(cfg: Config, setup: Setup, tokens: data_lib.TokenData, run_dir: Path) -> dict:
     is_main = jax.process_index() == 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = Config(**{**vars(cfg), "model": model_cfg})
-    if is_main:
-        save_config(resolved, run_dir / "config.yaml")
-        tokens.tokenizer.save(run_dir)
-
     checkpointer = ckpt.Checkpointer(run_dir, cfg.checkpoint.keep)
-    t = cfg.train
-    with setup.context():
-        abstract_state = ckpt.abstract(jax.eval_shape(setup.init), setup.state_shardings)
-        restored = checkpointer.restore_latest(abstract_state, model_cfg)
-        state = restored[0] if restored else setup.init()
-    start = int(restored[1]["step"]) if restored else 0
-    last_saved = start if restored else None
-
-    counts = flops.param_counts(model_cfg)
-    n_devices = mesh.devices.size
-    device = mesh.devices.flat[0]
-    per_device_peak = flops.peak_flops(device, cfg.log.peak_flops)
-    # Faked CPU devices share the host's cores: the peak is per process there, per device elsewhere.
-    total_peak = per_device_peak * (jax.process_count() if device.platform == "cpu" else n_devices)
-    tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
-    log = MetricsLog(run_dir / "metrics.jsonl", start, is_main, run_dir / "tb" if cfg.log.tensorboard else None)
-    if is_main:
-        print(
-            f"jaxllm: {model_cfg.arch} {model_cfg.n_layer}x{model_cfg.d_model}, {counts['total'] / 1e6:.2f}M params "
-            f"({counts['non_embedding'] / 1e6:.2f}M non-embedding), vocab {model_cfg.vocab_size}, "
-            f"{len(tokens.train) / 1e6:.2f}M train tokens, mesh {dict(mesh.shape)}, "
-            + (f"resuming at step {start}" if restored else "from scratch"),
-            file=sys.stderr,
-        )
-        if mesh.shape["pipe"] > 1:
-            print(pipeline.describe(cfg.pipeline, mesh.shape["pipe"]), file=sys.stderr)
-        if cfg.data.source.startswith("synthetic:"):
-            H = synthetic.entropy_rate(synthetic.parse(cfg.data.source))
-            print(f"jaxllm: true entropy rate of the source {H:.4f} nats/character (= nats/token with byte or char "
-                  "tokens): the lowest loss any model can reach", file=sys.stderr)
-
-    accum_shape = (t.grad_accum, t.batch_size, t.seq_len + 1)
-    proc, nproc = sharding.process_block(setup.batch_sharding, accum_shape, axis=1)  # this process's rows
-
-    def batch_at(step: int) -> jax.Array:
-        local = data_lib.train_batch(tokens.train, t.seed, step, t.grad_accum, t.batch_size, t.seq_len, proc, nproc)
-        return global_batch(local, setup.batch_sharding, accum_shape)
-
-    def evaluate() -> float:
-        losses = []
-        for i in range(cfg.eval.batches):
-            local = data_lib.eval_batch(tokens.val, i, cfg.eval.batches, t.batch_size, t.seq_len, proc, nproc)
-            batch = global_batch(local, sharding.batch_sharding(mesh, 0), (t.batch_size, t.seq_len + 1))
-            losses.append(setup.eval(state.params, batch))
-        return float(np.mean(jax.device_get(losses)))
-
-    apply_fn = _apply_fn(setup.model.clone(deterministic=True))
-
-    def sample() -> str:
-        if cfg.eval.sample_tokens <= 0:
-            return ""
-        prompt_text = cfg.eval.sample_prompt or tokens.tokenizer.decode(tokens.val[:16].tolist())
-        prompt = tokens.tokenizer.encode(prompt_text)[: model_cfg.max_seq_len // 2]
-        n_new = min(cfg.eval.sample_tokens, model_cfg.max_seq_len - len(prompt))
-        out = generate.generate_tokens(
-            apply_fn, state.params, prompt, n_new, model_cfg.max_seq_len, cfg.eval.temperature, cfg.eval.top_k, seed=t.seed
-        )
-        return prompt_text + tokens.tokenizer.decode(out)
-
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=t.steps, initial=start, disable=not (cfg.log.progress and is_main), unit="step", dynamic_ncols=True,
-        file=sys.stderr,
-    )
-    pending: list[tuple[int, dict]] = []
-    summary: dict = {"start_step": start}
-    eval_loss = math.nan
-    timer_start, timer_tokens, compile_s = None, 0, None
-
-    def save(step: int) -> None:
-        nonlocal last_saved
-        meta = {"step": step, "data_step": step, "model": to_dict(model_cfg), "config": to_dict(resolved)}
-        checkpointer.save(step, state, meta)
-        last_saved = step
-
-    def flush(step: int) -> None:
-        """Fetches the interval's metrics; stops at the first non-finite loss."""
-        nonlocal timer_start, timer_tokens
-        host = jax.device_get([m for _, m in pending])
-        for (s, _), m in zip(pending, host):
-            if not np.isfinite(m["loss"]):
-                where = f"step {last_saved} in {checkpointer.directory}" if last_saved else "none yet"
-                raise TrainingDiverged(
-                    f"loss became {float(m['loss'])} at step {s}; training stopped. Last good checkpoint: {where}"
-                )
-        now = time.perf_counter()
-        tps = timer_tokens / (now - timer_start) if timer_start is not None and timer_tokens else 0.0
-        s, m = pending[-1][0], host[-1]
-        record = {
-            "step": s,
-            "loss": float(m["loss"]),
-            "lr": float(m["lr"]),
-            "grad_norm": float(m["grad_norm"]),
-            "tokens_per_sec": tps,
-            "mfu": flops.mfu(tps, model_cfg, t.seq_len, total_peak),
-            "layer_grad_norms": [float(x) for x in m["layer_grad_norms"]],
-        }
-        log.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-        summary["loss"] = record["loss"]
-        pending.clear()
-        timer_start, timer_tokens = now, 0
-
-    step = start
+    log = None
     try:
-        with _Signals() as signals, setup.context():
-            next_batch = batch_at(step) if step < t.steps else None
-            while step < t.steps:
-                batch = next_batch
-                state, metrics = setup.step(state, batch)
-                step += 1
-                if step < t.steps:
-                    next_batch = batch_at(step)  # overlaps with the step running on the device
-                pending.append((step, metrics))
-                if compile_s is None:
-                    jax.block_until_ready(metrics)
-                    compile_s = time.perf_counter()
-                    timer_start, timer_tokens = compile_s, 0
-                else:
-                    timer_tokens += tokens_per_step
-                bar.update(1)
-                if step % cfg.log.every == 0 or step == t.steps:
-                    flush(step)
-                if step % cfg.eval.every == 0 or step == t.steps:
-                    if pending:
-                        flush(step)
-                    eval_loss = evaluate()
-                    text = sample()
-                    log.write({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)), "sample": text})
-                    if is_main:
-                        bar.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(min(eval_loss, 50)):.2f}")
-                        if text:
-                            bar.write(f"--- sample ---\n{text}\n--------------")
-                    timer_start, timer_tokens = time.perf_counter(), 0
-                if step % cfg.checkpoint.every == 0 or step == t.steps:
-                    save(step)
-                if signals.received is not None:
-                    if pending:
-                        flush(step)
-                    if last_saved != step:
-                        save(step)
-                    summary["interrupted"] = signal.Signals(signals.received).name
-                    break
+        state, start, restored = restore_or_init(checkpointer, setup)  # before any write: it may refuse
+        resolved = Config(**{**vars(cfg), "model": setup.model_cfg})
+        if is_main:
+            save_config(resolved, run_dir / "config.yaml")
+            tokens.tokenizer.save(run_dir)
+        log = MetricsLog(run_dir / "metrics.jsonl", start, is_main, run_dir / "tb" if cfg.log.tensorboard else None)
+        if is_main:
+            banner(cfg, setup, tokens, start, restored)
+        t = cfg.train
+        parts = loop.Parts(
+            step=setup.step, batch_at=functools.partial(batch_at, tokens.train, cfg, setup.batch_sharding),
+            save=functools.partial(save_state, checkpointer, to_dict(setup.model_cfg), to_dict(resolved)),
+            checkpoint_dir=checkpointer.directory, log=log, mfu=model_flops_utilisation(setup.model_cfg, setup.mesh, t.seq_len, cfg.log.peak_flops),
+            tokens_per_step=t.batch_size * t.grad_accum * t.seq_len, context=setup.context,
+            evaluate=Evaluator(cfg, setup, tokens, _apply_fn(setup.model.clone(deterministic=True))), is_main=is_main, progress=cfg.log.progress,
+        )
+        out = loop.run(parts, cadence(cfg), state, start, start if restored else None)
     finally:
-        bar.close()
         checkpointer.close()
-        log.close()
+        if log is not None:
+            log.close()
     if is_main and (run_dir / "metrics.jsonl").exists():
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    summary.update(step=step, eval_loss=eval_loss, params=counts["total"])
-    return summary
+    return summary(out, start, setup.model_cfg)
+
+
+def summary(out: loop.Outcome, start: int, model_cfg: ModelConfig) -> dict:
+    s = {"start_step": start, "step": out.step, "eval_loss": out.eval.get("eval_loss", math.nan),
+         "params": flops.param_counts(model_cfg)["total"], "first_step_s": out.first_step_s}
+    if not math.isnan(out.loss):
+        s["loss"] = out.loss
+    if out.interrupted:
+        s.update(interrupted=out.interrupted, signal=out.signal)
+    return s
 
 
 def _apply_fn(model: Transformer) -> Callable:

@@ -14,7 +14,7 @@ from jaxllm.config import ModelConfig, OptimConfig, resolve_model
 from jaxllm.model import Transformer
 from jaxllm.optim import optimizer
 from jaxllm.tokenizer import ByteTokenizer
-from jaxllm.trainer import TrainState, make_train_step
+from jaxllm.train_step import TrainState, make_train_step
 
 TOK = chat.chat_tokenizer(ByteTokenizer())
 SEQ = 32

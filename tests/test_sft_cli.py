@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -16,6 +22,7 @@ from conftest import ROOT, run_cli
 import jaxllm
 from jaxllm import checkpoint as ckpt
 from jaxllm.config import SFTConfig, load_config, resolve_model, save_config
+from jaxllm.fileio import dir_lock, read_jsonl
 from jaxllm.model import Transformer
 from jaxllm.tokenizer import ByteTokenizer
 
@@ -131,3 +138,80 @@ def test_prompt_tuned_run_loads_with_its_prompt_in_front_of_every_input(tmp_path
     assert len(loaded.generate("ab", max_new_tokens=3, temperature=0)) > 0
     with pytest.raises(jaxllm.errors.ConfigError, match="prompt-tuned model has no Hugging Face form"):
         loaded.save_hf(tmp_path / "hf")
+
+
+# --------------------------------------------------------------------------- the run directory
+
+
+SMALL = ["sft.n_train=20", "sft.n_eval=4", "sft.max_new_tokens=4", "train.steps=2", "train.batch_size=8", "log.every=1"]
+
+
+def snapshot(folder) -> dict:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_sft_into_its_own_init_from_is_refused_and_changes_nothing(base_run, capsys):
+    before = snapshot(base_run)
+    assert_one_line_error(*run(capsys, f"init.from={base_run}", f"run.dir={base_run}", *SMALL), "is init.from")
+    assert snapshot(base_run) == before
+
+
+def test_sft_into_a_pretraining_run_directory_is_refused(base_run, tmp_path, capsys):
+    other = tmp_path / "pretrained"
+    shutil.copytree(base_run, other)
+    before = snapshot(other)
+    assert_one_line_error(*run(capsys, f"init.from={base_run}", f"run.dir={other}", *SMALL), "no fine-tuning run")
+    assert snapshot(other) == before
+
+
+def test_the_same_sft_twice_into_one_directory_resumes_and_rewrites_nothing(base_run, tmp_path, capsys):
+    args = [f"init.from={base_run}", f"run.dir={tmp_path / 'sft'}", *SMALL]
+    assert run(capsys, *args)[0] == 0
+    first = snapshot(tmp_path / "sft" / "checkpoints")
+    eval_json = (tmp_path / "sft" / "eval.json").read_text()
+    code, err = run(capsys, *args)
+    assert code == 0, err
+    assert "resuming at step 2" in err
+    assert snapshot(tmp_path / "sft" / "checkpoints") == first
+    assert (tmp_path / "sft" / "eval.json").read_text() == eval_json
+    steps = [r["step"] for r in read_jsonl(tmp_path / "sft" / "metrics.jsonl")]
+    assert steps == [1, 2]
+
+
+def test_sft_of_another_config_into_an_existing_run_is_refused(base_run, tmp_path, capsys):
+    args = [f"init.from={base_run}", f"run.dir={tmp_path / 'sft'}", *SMALL]
+    assert run(capsys, *args)[0] == 0
+    before = snapshot(tmp_path / "sft")
+    assert_one_line_error(*run(capsys, *args, "sft.n_train=30"), "another config", "sft.n_train: 20 vs 30")
+    assert snapshot(tmp_path / "sft") == before
+
+
+def test_a_second_sft_on_one_run_directory_is_refused(base_run, tmp_path, capsys):
+    with dir_lock(tmp_path / "sft", "a running sft.py"):
+        assert_one_line_error(*run(capsys, f"init.from={base_run}", f"run.dir={tmp_path / 'sft'}", *SMALL), "is writing to")
+    assert [p.name for p in (tmp_path / "sft").iterdir()] == [".lock"]
+
+
+def sft_losses(run_dir) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_jsonl(run_dir / "metrics.jsonl", torn_tail_ok=True)]
+
+
+@pytest.mark.slow
+def test_sft_sigkill_after_a_checkpoint_then_rerun_gives_bitwise_identical_losses(base_run, tmp_path):
+    args = [f"init.from={base_run}", "train.seq_len=32", *SMALL, "train.steps=16", "checkpoint.every=4",
+            "checkpoint.keep=10", "sft.method=lora", "log.progress=false", "log.tensorboard=false"]
+    ref = run_cli("sft.py", *args, f"run.dir={tmp_path / 'ref'}")
+    assert ref.returncode == 0, ref.stderr
+    killed = tmp_path / "killed"
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sft.py"), *args, f"run.dir={killed}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "8").is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_cli("sft.py", *args, f"run.dir={killed}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step" in resumed.stderr
+    assert sft_losses(killed) == sft_losses(tmp_path / "ref")  # exact float equality, every step

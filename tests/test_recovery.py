@@ -1,0 +1,125 @@
+"""Never lose a run: config changes refused, damage set aside, only finite state saved, torn metrics
+trimmed, one writer per run directory (issue 12, items 2-7)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import pytest
+
+from jaxllm import checkpoint as ckpt
+from jaxllm import fileio, trainer
+from jaxllm.config import ModelConfig
+from jaxllm.errors import ConfigError, UserError
+
+
+def one_device():
+    return jax.devices()[:1]
+
+
+def listing(run_dir) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def steps_logged(run_dir) -> list[int]:
+    return [r["step"] for r in fileio.read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.fixture
+def two_checkpoints(tiny_cfg, tmp_path):
+    """A finished run of 4 steps with checkpoints 2 and 4; returns its run directory."""
+    trainer.train(tiny_cfg("checkpoint.every=2", "checkpoint.keep=3"), one_device())
+    assert [n for n in listing(tmp_path / "run") if n.isdigit()] == ["2", "4"]
+    return tmp_path / "run"
+
+
+def test_optimizer_change_is_refused_naming_the_keys_and_nothing_moves(two_checkpoints, tiny_cfg):
+    before = {p: p.read_bytes() for p in two_checkpoints.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"checkpoint 4 .* another configuration \(only in the checkpoint: opt_state\.1\.0\.count.*"
+                       r"only in this run: opt_state\.0\.0\.count") as e:
+        trainer.train(tiny_cfg("optim.clip_norm=0", "train.steps=6"), one_device())
+    assert "\n" not in str(e.value)
+    assert {p: p.read_bytes() for p in two_checkpoints.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("key", ["adapter_dim", "prompt_tokens"])
+def test_shape_keys_include_the_fine_tuning_shapes(key, tmp_path):
+    with pytest.raises(ConfigError, match=f"different model.*{key}: 0 vs 4"):
+        ckpt.check_same_model({key: 0}, ModelConfig(**{key: 4}), tmp_path)
+
+
+def damage(run_dir, step: int) -> None:
+    """Flips 64 bytes in the middle of the largest data file of checkpoint ``step`` (its size unchanged)."""
+    files = [p for p in (run_dir / "checkpoints" / str(step) / "state").rglob("*") if p.is_file()]
+    data = max(files, key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    mid = len(raw) // 2
+    raw[mid : mid + 64] = bytes(b ^ 0xFF for b in raw[mid : mid + 64])
+    data.write_bytes(bytes(raw))
+
+
+def test_flipped_bytes_fail_the_checksums_and_the_previous_checkpoint_is_used(two_checkpoints, tiny_cfg, capsys):
+    damage(two_checkpoints, 4)
+    summary = trainer.train(tiny_cfg("checkpoint.every=2", "checkpoint.keep=3", "train.steps=5"), one_device())
+    assert summary["start_step"] == 2
+    assert "checkpoint 4 fails its integrity check" in capsys.readouterr().err
+    assert "corrupt-4" in listing(two_checkpoints)
+
+
+def test_set_aside_names_never_collide(two_checkpoints, tiny_cfg):
+    (two_checkpoints / "checkpoints" / "corrupt-4").mkdir()  # left by an earlier fault
+    damage(two_checkpoints, 4)
+    trainer.train(tiny_cfg("checkpoint.every=2", "checkpoint.keep=3", "train.steps=5"), one_device())
+    assert {"corrupt-4", "corrupt-4-2"} <= set(listing(two_checkpoints))
+
+
+def test_no_intact_checkpoint_stops_the_run_instead_of_starting_over(two_checkpoints, tiny_cfg):
+    damage(two_checkpoints, 2)
+    damage(two_checkpoints, 4)
+    metrics = (two_checkpoints / "metrics.jsonl").read_bytes()
+    for _ in range(2):  # and the rerun after that does not start over either
+        with pytest.raises(UserError, match="no intact checkpoint .*corrupt-"):
+            trainer.train(tiny_cfg("checkpoint.every=2", "train.steps=6"), one_device())
+    assert (two_checkpoints / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_divergence_between_log_steps_leaves_a_finite_newest_checkpoint_that_resumes(two_checkpoints, tiny_cfg):
+    diverging = tiny_cfg("train.steps=12", "optim.lr=1e30", "log.every=10", "checkpoint.every=2", "checkpoint.keep=2")
+    with pytest.raises(trainer.TrainingDiverged, match=r"NaN or Inf by step 6 .*Last good checkpoint: step 4 in "):
+        trainer.train(diverging, one_device())
+    assert [n for n in listing(two_checkpoints) if n.isdigit()] == ["2", "4"]  # keep=2 deleted no finite one
+    summary = trainer.train(tiny_cfg("train.steps=6", "checkpoint.every=2"), one_device())
+    assert summary["start_step"] == 4 and math.isfinite(summary["loss"])
+
+
+def test_torn_last_metrics_line_is_trimmed_with_a_warning(two_checkpoints, tiny_cfg, capsys):
+    with (two_checkpoints / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # a crash in the middle of a write
+    trainer.train(tiny_cfg("train.steps=6", "checkpoint.every=2"), one_device())
+    assert "was cut short" in capsys.readouterr().err
+    assert steps_logged(two_checkpoints) == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_from_an_earlier_checkpoint_never_duplicates_steps(two_checkpoints, tiny_cfg):
+    damage(two_checkpoints, 4)  # resumes at 2 while the log holds steps 3 and 4
+    trainer.train(tiny_cfg("train.steps=6", "checkpoint.every=2", "checkpoint.keep=3"), one_device())
+    assert steps_logged(two_checkpoints) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_second_writer_of_a_run_directory_is_refused(tiny_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    with fileio.dir_lock(run_dir, "a running train.py"), pytest.raises(UserError, match=f"is writing to {run_dir}"):
+        trainer.train(tiny_cfg(), one_device())
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_folder(tiny_cfg, tmp_path, monkeypatch):
+    def no_space(*_args, **_kwargs):  # what tensorstore raises when a write hits ENOSPC
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x\": Failed to write 6761 bytes: "
+                         "No space left on device [os_error_code='28']\nmore detail")
+
+    monkeypatch.setattr(ckpt.ocp.CheckpointManager, "save", no_space)
+    with pytest.raises(UserError) as e:
+        trainer.train(tiny_cfg("checkpoint.every=2"), one_device())
+    assert str(e.value) == f"cannot write checkpoints to {tmp_path / 'run' / 'checkpoints'}: No space left on device"
