@@ -7,14 +7,16 @@ With no config, ``configs/tiny.yaml``. ``--help`` lists every key with its defau
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
+from jaxllm import hardware
 from jaxllm.config import help_text, load_config
-from jaxllm.errors import exit_on_user_error
+from jaxllm.errors import UserError, exit_on_user_error
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
-USAGE = "usage: python train.py [CONFIG.yaml] [section.key=value ...]"
+USAGE = "usage: python train.py [CONFIG.yaml] [section.key=value ...] [--plan TARGET [--search] [--plan-out FILE]]"
 
 
 def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -24,13 +26,48 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
+def plan_flags(argv: list[str]) -> tuple[list[str], dict | None]:
+    """Takes out ``--plan TARGET``, ``--search`` and ``--plan-out FILE``: the rest, and the flags (None: no plan)."""
+    rest, flags, args = [], {"target": None, "search": False, "out": None}, iter(argv)
+    for arg in args:
+        if arg in ("--plan", "--plan-out"):
+            value = next(args, None)
+            if value is None or value.startswith("--"):
+                raise UserError(f"{arg} needs a value; {USAGE}")
+            flags["target" if arg == "--plan" else "out"] = value
+        elif arg == "--search":
+            flags["search"] = True
+        else:
+            rest.append(arg)
+    if flags["target"] is None and (flags["search"] or flags["out"]):
+        raise UserError(f"--search and --plan-out go with --plan TARGET; {USAGE}")
+    return rest, flags if flags["target"] is not None else None
+
+
+def run_plan(cfg, target: str, search: bool, out: str | None) -> int:
+    """``--plan``: compile the step for TARGET, print the table (``--plan-out``: also as JSON); no training."""
+    parsed = hardware.parse_target(target)
+    if parsed.platform != "gpu":  # compiled on this host's CPU backend (libtpu needs no TPU backend)
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from jaxllm import plan
+
+    result = plan.run(cfg, parsed, search)
+    print(plan.search_table(result) if search else plan.table(result))
+    if out:
+        plan.write(result, out)
+    return 0
+
+
 @exit_on_user_error
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(f"{USAGE}\n\nConfig keys (default, meaning):\n{help_text()}")
         return 0
+    argv, plan_args = plan_flags(argv)
     path, overrides = split_args(argv)
     cfg = load_config(path, overrides, default=str(DEFAULT_CONFIG))
+    if plan_args is not None:
+        return run_plan(cfg, **plan_args)
 
     import jax  # after the config is known to be valid
 

@@ -8,23 +8,31 @@ backward matmuls); 12 L H Q T is the attention score and value products, which N
 
 from __future__ import annotations
 
+import re
+
 import jax
 
 from jaxllm.config import ModelConfig
 
-# Dense peak FLOP/s per device, by a substring of ``device.device_kind`` (lower-case), for 16-bit
-# inputs; float32 matmuls on GPUs run on TF32 tensor cores at half that. CPUs have no meaningful
-# vendor figure: 2.5e11 is XLA's float32 matmul peak measured on a 2-core x86 machine.
+# Dense peak FLOP/s per device, by a word of ``device.device_kind`` (lower-case; the first key found
+# as whole words wins, so "l4" does not match "NVIDIA L40S" and "tpu v5 lite" is tried before "tpu
+# v5", which is how v5p chips name themselves), for 16-bit inputs; float32 matmuls on GPUs run on
+# TF32 tensor cores at half that. CPUs have no meaningful vendor figure: 2.5e11 is XLA's float32
+# matmul peak measured on a 2-core x86 machine. Sources: jaxllm/hardware.py.
 PEAK_FLOPS = {
     "h200": 989e12,
     "h100": 989e12,
     "a100": 312e12,
+    "l40s": 362e12,
     "l4": 121e12,
+    "a10g": 125e12,
     "a10": 125e12,
     "v100": 125e12,
+    "tpu v6 lite": 918e12,
     "tpu v6": 918e12,
+    "tpu v5 lite": 197e12,  # v5e
     "tpu v5p": 459e12,
-    "tpu v5": 197e12,  # v5e / v5 lite
+    "tpu v5": 459e12,  # v5p reports itself as "TPU v5"
     "tpu v4": 275e12,
     "tpu v3": 123e12,
     "cpu": 2.5e11,
@@ -72,7 +80,7 @@ def peak_flops(device: jax.Device, override: float = 0.0) -> float:
         return override
     kind = device.device_kind.lower() if device.platform != "cpu" else "cpu"
     for key, value in PEAK_FLOPS.items():
-        if key in kind:
+        if re.search(rf"\b{re.escape(key)}\b", kind):
             return value
     return 0.0
 

@@ -1,0 +1,54 @@
+"""Every shipped config that names a TPU slice, compiled deviceless for it: memory, fit, predicted speed.
+
+    python bench/plan_configs.py [--only NAME]
+
+``configs/gpt2_124m.yaml`` on v5p-8, ``configs/llama_1b.yaml`` on v5p-32 and v5e-16: each compiles the
+real train step through libtpu's topology description (``python train.py CONFIG --plan TARGET``) and
+prints the plan's table; then one JSON line with the compiler's bytes per chip, the verdicts and the
+compile times (CPU seconds: wall-clock is shared with whatever else runs). Needs the ``tpu`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jaxllm import hardware, plan
+from jaxllm.config import load_config
+
+RUNS = [("gpt2_124m", "v5p-8"), ("llama_1b", "v5p-32"), ("llama_1b", "v5e-16")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="run only the plans whose config or target contains this")
+    args = ap.parse_args()
+    summary = {}
+    for name, target in RUNS:
+        if args.only and args.only not in f"{name} {target}":
+            continue
+        cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))
+        result = plan.run(cfg, hardware.parse_target(target), do_search=False)
+        print(f"== configs/{name}.yaml on {target}\n{plan.table(result)}\n", flush=True)
+        summary[f"{name} on {target}"] = {
+            "fits": result["fits"],
+            "headroom": round(result["headroom"], 3),
+            "compiled_gib": round(result["compiled_bytes"]["total"] / hardware.GiB, 3),
+            "analytic_gib": round(result["analytic_bytes"]["total"] / hardware.GiB, 3),
+            "compile_cpu_s": round(result["compile_cpu_s"], 1),
+            "step_time_s": round(result["step_time_s"], 4),
+            "mfu": round(result["mfu"], 3),
+            "bound": result["bound"],
+        }
+    print(json.dumps({"bench": "plan_configs", "plans": summary}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The planner (`train.py CONFIG --plan TARGET`): analytic memory against the compiler's, deviceless TPU
+compiles, the run directory left alone, and one-line exits for bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import pytest
+
+import train
+from jaxllm import checkpoint as ckpt
+from jaxllm import flops, hardware, plan, sharding, trainer
+from jaxllm.config import load_config
+
+# bench/sharding_memory.py's model and five parallel plans (and its sequence-parallel one), plus a pipeline
+SHARDING_MODEL = [
+    "model.arch=gpt2", "model.n_layer=4", "model.d_model=256", "model.n_head=8", "model.vocab_size=512",
+    "train.seq_len=128", "train.batch_size=16",
+]
+PLANS = {
+    "replicated": ["mesh.data=8"],
+    "zero1": ["mesh.data=8", "optim.shard_state=true"],
+    "fsdp": ["mesh.fsdp=8"],
+    "tensor": ["mesh.tensor=8"],
+    "data-fsdp-tensor": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+    "fsdp-tensor-sp": ["mesh.fsdp=4", "mesh.tensor=2", "mesh.sequence_parallel=true"],
+    "pipeline": ["mesh.data=2", "mesh.pipe=4", "pipeline.microbatches=8"],
+    "pipeline-fsdp-remat": ["mesh.fsdp=4", "mesh.pipe=2", "model.remat=true"],
+}
+TINY_TPU = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "train.seq_len=32", "train.batch_size=16",
+            "model.dtype=bfloat16"]
+needs_libtpu = pytest.mark.skipif(not plan.libtpu_installed(), reason="libtpu not installed (pip install -e '.[tpu]')")
+
+
+def run_plan(overrides: list[str], target: str) -> dict:
+    return plan.run(load_config(None, overrides), hardware.parse_target(target), do_search=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PLANS)
+def test_analytic_memory_within_10pct_of_cpu_compiler(name):
+    result = run_plan(SHARDING_MODEL + PLANS[name], "cpu:8")
+    analytic, compiled = result["analytic_bytes"]["total"], result["compiled_bytes"]["total"]
+    assert abs(analytic / compiled - 1) <= 0.10, (name, analytic, compiled)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero1", "fsdp-tensor-sp"])
+def test_analytic_state_bytes_equal_the_train_states_shards(name):
+    """Parameters and optimizer state come from the real shardings (ZeRO-1 included), without a mesh."""
+    cfg = load_config(None, SHARDING_MODEL + PLANS[name])
+    model_cfg = plan.resolve(cfg)
+    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, jax.devices()))
+    state = ckpt.abstract(jax.eval_shape(setup.init), setup.state_shardings)
+    boxed = plan.memory_model.boxed_params(model_cfg, cfg.train.seq_len)
+    analytic = plan.memory_model.estimate(cfg, model_cfg, boxed, dict(setup.mesh.shape))
+    assert analytic.params == sharding.per_device_bytes(state.params)
+    assert 0 <= sharding.per_device_bytes(state.opt_state) - analytic.optimizer <= 64  # + Adam's step counts
+
+
+@pytest.mark.slow
+@needs_libtpu
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("target", ["v5p-32", "v5e-16"])
+def test_reduced_model_compiles_for_tpu_slice_on_every_axis(arch, target):
+    mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.pipe=2", "pipeline.microbatches=2"]
+    result = run_plan(TINY_TPU + [f"model.arch={arch}"] + mesh, target)
+    assert result["devices"] == 16 and result["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "pipe": 2}
+    compiled = result["compiled_bytes"]
+    state = result["analytic_bytes"]["params"] + result["analytic_bytes"]["optimizer"]
+    assert compiled["argument"] >= state  # the donated state is an argument of the step
+    assert compiled["alias"] > 0 and compiled["temp"] > 0
+    assert result["fits"] and result["device_kind"].startswith("TPU v5")
+
+
+@needs_libtpu
+def test_tpu_slice_names_count_chips_as_cloud_does():
+    assert len(plan.tpu_devices(hardware.parse_target("v5p-8"))) == 4  # TensorCores: 2 per chip
+    assert len(plan.tpu_devices(hardware.parse_target("v5e-16"))) == 16  # chips
+
+
+def test_gpu_target_without_gpus_is_analytic_only_and_says_so():
+    result = run_plan(SHARDING_MODEL + ["mesh.fsdp=8"], "h100x8")
+    assert result["compiled_bytes"] is None and "analytic only" in result["note"]
+    assert result["device_memory_bytes"] == 80e9 and result["fits"]
+
+
+@pytest.mark.slow
+def test_plan_out_has_the_documented_keys_and_leaves_run_dir_alone(tmp_path, tiny_cfg):
+    run_dir, out = tmp_path / "run", tmp_path / "plan.json"
+    code = train.main(["model.n_layer=2", "model.d_model=32", "train.seq_len=16", "train.batch_size=8",
+                       f"run.dir={run_dir}", "--plan", "cpu:8", "--plan-out", str(out)])
+    assert code == 0 and not run_dir.exists()
+    result = json.loads(out.read_text())
+    for key in ("target", "device_kind", "devices", "mesh", "analytic_bytes", "compiled_bytes", "device_memory_bytes",
+                "fits", "step_time_s", "tokens_per_sec", "mfu", "bound"):
+        assert key in result
+    assert set(result["analytic_bytes"]) == {"params", "grads", "optimizer", "activations", "total"}
+    assert set(result["compiled_bytes"]) == {"argument", "output", "alias", "temp", "total"}
+
+
+@pytest.mark.slow
+def test_plan_leaves_an_existing_run_dir_untouched(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("model: {n_layer: 9}\n")
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.iterdir()}
+    code = train.main(["model.n_layer=2", "model.d_model=32", "train.seq_len=16", "train.batch_size=8",
+                       f"run.dir={run_dir}", "--plan", "cpu:8"])
+    assert code == 0
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.iterdir()} == before
+
+
+@pytest.mark.slow
+def test_search_ranks_fitting_meshes_by_step_time_and_compiles_the_top(tmp_path, capsys):
+    out = tmp_path / "search.json"
+    code = train.main(["model.n_layer=2", "model.d_model=32", "train.seq_len=16", "train.batch_size=8",
+                       "--plan", "cpu:8", "--search", "--plan-out", str(out)])
+    assert code == 0
+    ranked = json.loads(out.read_text())["candidates"]
+    times = [r["step_time_s"] for r in ranked if r["fits"]]
+    assert times == sorted(times) and len(ranked) > 8
+    assert all(r["compiled_bytes"] is not None for r in ranked[: plan.SEARCH_COMPILES])
+    assert "best: mesh.data=" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--plan", "v9-8"], "unknown target"),
+        (["--plan", "v5p-6"], "sizes"),
+        (["--plan", "h100x0"], "positive"),
+        (["mesh.data=3", "--plan", "v5p-8"], "mesh"),
+        (["model.n_head=2", "train.batch_size=1", "--plan", "v5p-8", "--search"], "no mesh"),
+        (["--search"], "--plan"),
+    ],
+)
+def test_bad_plan_input_exits_2_in_one_line(args, needle, capsys):
+    assert train.main(["model.n_layer=2", "model.d_model=32", "train.seq_len=16", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err
+
+
+def test_tpu_target_without_libtpu_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setattr(plan, "libtpu_installed", lambda: False)
+    assert train.main(["model.n_layer=2", "model.d_model=32", "train.seq_len=16", "--plan", "v5e-8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install" in err and "tpu" in err
+
+
+def test_peak_flops_table_tells_l4_from_l40s_and_v5e_from_v5p():
+    class Device:
+        platform = "gpu"
+
+        def __init__(self, kind):
+            self.device_kind = kind
+
+    assert flops.peak_flops(Device("NVIDIA L40S")) == hardware.DEVICE_KINDS["l40s"].peak_flops
+    assert flops.peak_flops(Device("NVIDIA L4")) == hardware.DEVICE_KINDS["l4"].peak_flops
+    assert flops.peak_flops(Device("TPU v5 lite")) == hardware.DEVICE_KINDS["v5e"].peak_flops
+    assert flops.peak_flops(Device("TPU v5")) == hardware.DEVICE_KINDS["v5p"].peak_flops
+
+
+def test_roofline_bound_moves_from_compute_to_tensor_collectives_on_slow_links():
+    """Same mesh, same FLOPs: only the interconnect slows down, and the tensor all-reduces take over."""
+    cfg = load_config(None, SHARDING_MODEL + ["mesh.tensor=8", "model.d_model=8192", "model.n_head=64",
+                                              "model.dtype=bfloat16"])
+    model_cfg = plan.resolve(cfg)
+    sizes = {"data": 1, "fsdp": 1, "tensor": 8, "pipe": 1}
+    h100 = hardware.DEVICE_KINDS["h100"]
+    slow_links = dataclasses.replace(h100, link_bw=h100.link_bw / 100)
+    assert plan.roofline.step_time(cfg, model_cfg, sizes, h100, 0).bound == "compute"
+    assert plan.roofline.step_time(cfg, model_cfg, sizes, slow_links, 0).bound == "tensor"
