@@ -153,18 +153,30 @@ def _read_run(run_dir: Path) -> tuple[Config, Any]:
         checkpointer.close()
 
 
+def _intact(state: Any, meta: dict) -> bool:
+    """Whether every array matches the checksum saved beside it (by name: a state restored for inference
+    is a plain dict, whose leaves come in another order than the saved train state's)."""
+    if "checksums" not in meta:  # written before checkpoints carried checksums
+        return True
+    saved = dict(zip(meta["layout"], meta["checksums"]))
+    return dict(zip(ckpt.layout(state), ckpt.fingerprint(state)[1])) == saved
+
+
 def _newest_readable(checkpointer: ckpt.Checkpointer, run_dir: Path) -> Any:
     """The newest checkpoint's state that restores, warning about each newer one that does not. Nothing
     is moved or renamed: loading only reads (training's restore sets unreadable ones aside)."""
     failures = []
     for step in reversed(checkpointer.steps()):
         try:
-            state = checkpointer.restore_single_device(step)
+            state, meta = checkpointer.restore_single_device(step), checkpointer.read_meta(step)
         except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many types for a damaged checkpoint)
             failures.append(f"{step} ({type(e).__name__})")
             continue
+        if not _intact(state, meta):
+            failures.append(f"{step} (fails its checksums)")
+            continue
         if failures:
-            print(f"warning: checkpoint {', '.join(failures)} of {run_dir} is unreadable; loaded step {step}",
+            print(f"warning: checkpoint {', '.join(failures)} of {run_dir} is damaged; loaded step {step}",
                   file=sys.stderr)
         return state
     raise ConfigError(f"{str(run_dir)!r} has no readable checkpoint (unreadable: {', '.join(failures) or 'none'})")

@@ -223,7 +223,8 @@ def _tree_bytes(folder):
 
 
 @pytest.mark.slow
-def test_load_falls_back_to_the_previous_checkpoint_when_the_newest_is_corrupt(run_dir, tmp_path, capsys):
+@pytest.mark.parametrize("flipped", [False, True], ids=["unreadable", "flipped_bytes"])
+def test_load_falls_back_to_the_previous_checkpoint_when_the_newest_is_corrupt(run_dir, tmp_path, capsys, flipped):
     """Item 8: jaxllm.load read only the newest checkpoint, and printed tensorstore tracebacks."""
     import shutil
 
@@ -236,13 +237,20 @@ def test_load_falls_back_to_the_previous_checkpoint_when_the_newest_is_corrupt(r
     expected = jax.tree.map(np.asarray, jaxllm.load(run).params)
     train(cfg, devices=jax.devices()[:1])
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "6"]
-    for f in (run / "checkpoints" / "6" / "state").rglob("*"):
-        if f.is_file():
+    files = [p for p in (run / "checkpoints" / "6" / "state").rglob("*") if p.is_file()]
+    if flipped:  # 64 bytes in the middle of the largest data file: it still restores, to wrong values
+        data = max(files, key=lambda p: p.stat().st_size)
+        raw = bytearray(data.read_bytes())
+        mid = len(raw) // 2
+        raw[mid : mid + 64] = bytes(b ^ 0xFF for b in raw[mid : mid + 64])
+        data.write_bytes(bytes(raw))
+    else:
+        for f in files:
             f.write_bytes(b"garbage")
     before = _tree_bytes(run)
     capsys.readouterr()
     params = jaxllm.load(run).params
     [warning] = capsys.readouterr().err.strip().splitlines()
-    assert warning.startswith("warning: checkpoint 6 (") and warning.endswith(f"of {run} is unreadable; loaded step 4")
+    assert warning.startswith("warning: checkpoint 6 (") and warning.endswith(f"of {run} is damaged; loaded step 4")
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), expected)
     assert _tree_bytes(run) == before  # loading moved, renamed and wrote nothing
