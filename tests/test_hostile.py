@@ -122,6 +122,17 @@ def _garble_state(step: int) -> Callable[[Path], None]:
     return damage
 
 
+def _all_flipped(run: Path) -> None:
+    """64 bytes flipped in the largest data file of each checkpoint: they restore, but to wrong values."""
+    for step in (1, 2):
+        files = [p for p in (run / "checkpoints" / str(step) / "state").rglob("*") if p.is_file()]
+        data = max(files, key=lambda p: p.stat().st_size)
+        raw = bytearray(data.read_bytes())
+        mid = len(raw) // 2
+        raw[mid : mid + 64] = bytes(b ^ 0xFF for b in raw[mid : mid + 64])
+        data.write_bytes(bytes(raw))
+
+
 def _all_garbled(run: Path) -> None:
     _garble_state(1)(run)
     _garble_state(2)(run)
@@ -219,6 +230,7 @@ CASES = [
     Case("sft_run_dir_is_init_from", "sft", lambda w: w.sft(f"run.dir={w.base / 'saved'}"), "init.from"),
     # ---- jaxllm.load and python -m jaxllm.generate
     Case("load_every_checkpoint_corrupt", "load", lambda w: [w.damaged_run(_all_garbled)], "has no readable checkpoint"),
+    Case("load_every_checkpoint_flipped", "load", lambda w: [w.damaged_run(_all_flipped)], "fails its checksums"),
     Case("load_config_self_alias", "load", lambda w: [w.damaged_run(_write("config.yaml", SELF_ALIAS))], "refers to itself"),
     Case("load_config_not_utf8", "load", lambda w: [w.damaged_run(_write("config.yaml", NOT_UTF8))], "is not UTF-8 text"),
     Case("load_config_unknown_key", "load", lambda w: [w.damaged_run(_write("config.yaml", b"model:\n  layers: 2\n"))],
