@@ -149,8 +149,15 @@ def _write_tokens(path: Path, ids: np.ndarray, vocab_size: int) -> None:
 
 
 def _read_tokens(path: Path, vocab_size: int) -> np.ndarray:
-    dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    return np.memmap(path, dtype=dtype, mode="r")
+    dtype = np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise DataError(f"cached tokens {path} cannot be read ({e.strerror}); delete {path.parent} to tokenize again") from None
+    if size % dtype.itemsize:
+        raise DataError(f"cached tokens {path} are damaged ({size} bytes is not a whole number of tokens); "
+                        f"delete {path.parent} to tokenize again")
+    return np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)  # no memmap of an empty file
 
 
 def prepare(

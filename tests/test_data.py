@@ -150,3 +150,13 @@ def test_a_corpus_with_bytes_that_are_not_utf8_is_refused_naming_the_file_and_of
     offset = 13 if suffix == ".jsonl" else 3
     with pytest.raises(DataError, match=rf"{path} is not UTF-8 text \(byte {offset}:"):
         data.read_corpus(data.locate(str(path)), 0.1)
+
+
+def test_an_empty_validation_split_is_a_data_error_not_a_memmap_traceback(tmp_path):
+    """A val_fraction so small that 1 - val_fraction == 1.0 leaves no validation text: numpy cannot memmap
+    the empty val.bin, which was a ValueError traceback."""
+    (tmp_path / "one.txt").write_text("x" * 3000)
+    tokens = data.prepare(str(tmp_path / "one.txt"), "byte", 1e-17, cache_dir=str(tmp_path / "cache"))
+    assert len(tokens.val) == 0 and len(tokens.train) == 3000
+    with pytest.raises(DataError, match="the validation split has 0 tokens"):
+        data.check_length(tokens.val, 16, "validation")

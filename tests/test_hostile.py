@@ -101,6 +101,13 @@ class W:
         """``key=PATH`` of a new file ``name`` holding ``content``."""
         return f"{key}={self.file(name, content)}"
 
+    def damaged_cache(self) -> list[str]:
+        """Overrides that read a copy of the corpus cache whose train.bin lost its last byte."""
+        shutil.copytree(self.base / "cache", self.tmp / "cache")
+        for train_bin in (self.tmp / "cache").rglob("train.bin"):
+            train_bin.write_bytes(train_bin.read_bytes()[:4095])
+        return [f"data.cache_dir={self.tmp / 'cache'}"]
+
     def hf_dir(self, config: bytes, weights: bytes) -> str:
         self.file("config.json", config)
         self.file("model.safetensors", weights)
@@ -179,6 +186,7 @@ CASES = [
     Case("lr_negative", "train", lambda w: w.train("optim.lr=-1"), "optim.lr must be positive"),
     Case("mesh_more_than_the_devices", "train", lambda w: w.train("mesh.data=16"), "16 devices but 8 are visible"),
     Case("corpus_empty", "train", lambda w: w.train(w.key("data.source", "empty.txt", b"  \n")), "the corpus is empty"),
+    Case("cached_tokens_damaged", "train", lambda w: w.train(*w.damaged_cache()), "are damaged (4095 bytes"),
     Case("seq_len_beyond_corpus", "train", lambda w: w.train("train.seq_len=4000"), "fewer than train.seq_len+2"),
     # ---- train.py: config files
     Case("config_missing", "train", lambda w: [str(w.tmp / "nope.yaml")], "not found"),
