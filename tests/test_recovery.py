@@ -4,13 +4,15 @@ trimmed, one writer per run directory (issue 12, items 2-7)."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import jax
 import pytest
+from conftest import TINY, corpus_text
 
 from jaxllm import checkpoint as ckpt
 from jaxllm import fileio, trainer
-from jaxllm.config import ModelConfig
+from jaxllm.config import ModelConfig, load_config
 from jaxllm.errors import ConfigError, UserError
 
 
@@ -26,10 +28,20 @@ def steps_logged(run_dir) -> list[int]:
     return [r["step"] for r in fileio.read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished run of 4 steps with checkpoints 2 and 4 (trained once for the whole module)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    (tmp / "corpus.txt").write_text(corpus_text())
+    base = TINY + [f"data.source={tmp / 'corpus.txt'}", f"data.cache_dir={tmp / 'cache'}", f"run.dir={tmp / 'run'}"]
+    trainer.train(load_config(None, [*base, "checkpoint.every=2", "checkpoint.keep=3"]), one_device())
+    return tmp / "run"
+
+
 @pytest.fixture
-def two_checkpoints(tiny_cfg, tmp_path):
-    """A finished run of 4 steps with checkpoints 2 and 4; returns its run directory."""
-    trainer.train(tiny_cfg("checkpoint.every=2", "checkpoint.keep=3"), one_device())
+def two_checkpoints(finished_run, tmp_path):
+    """A copy of ``finished_run`` as this test's run directory (``tiny_cfg``'s run.dir)."""
+    shutil.copytree(finished_run, tmp_path / "run")
     assert [n for n in listing(tmp_path / "run") if n.isdigit()] == ["2", "4"]
     return tmp_path / "run"
 
@@ -121,5 +133,5 @@ def test_a_full_disk_is_one_line_naming_the_folder(tiny_cfg, tmp_path, monkeypat
 
     monkeypatch.setattr(ckpt.ocp.CheckpointManager, "save", no_space)
     with pytest.raises(UserError) as e:
-        trainer.train(tiny_cfg("checkpoint.every=2"), one_device())
+        trainer.train(tiny_cfg("checkpoint.every=1", "train.steps=1"), one_device())
     assert str(e.value) == f"cannot write checkpoints to {tmp_path / 'run' / 'checkpoints'}: No space left on device"

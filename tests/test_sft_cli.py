@@ -164,9 +164,17 @@ def test_sft_into_a_pretraining_run_directory_is_refused(base_run, tmp_path, cap
     assert snapshot(other) == before
 
 
-def test_the_same_sft_twice_into_one_directory_resumes_and_rewrites_nothing(base_run, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def finished_sft(base_run, tmp_path_factory):
+    """A finished fine-tuning run of SMALL (run once for the module); copy it before changing it."""
+    run_dir = tmp_path_factory.mktemp("sft") / "run"
+    assert sft_cli.main(["train.seq_len=32", f"init.from={base_run}", f"run.dir={run_dir}", *SMALL]) == 0
+    return run_dir
+
+
+def test_the_same_sft_twice_into_one_directory_resumes_and_rewrites_nothing(base_run, finished_sft, tmp_path, capsys):
+    shutil.copytree(finished_sft, tmp_path / "sft")
     args = [f"init.from={base_run}", f"run.dir={tmp_path / 'sft'}", *SMALL]
-    assert run(capsys, *args)[0] == 0
     first = snapshot(tmp_path / "sft" / "checkpoints")
     eval_json = (tmp_path / "sft" / "eval.json").read_text()
     code, err = run(capsys, *args)
@@ -178,9 +186,9 @@ def test_the_same_sft_twice_into_one_directory_resumes_and_rewrites_nothing(base
     assert steps == [1, 2]
 
 
-def test_sft_of_another_config_into_an_existing_run_is_refused(base_run, tmp_path, capsys):
+def test_sft_of_another_config_into_an_existing_run_is_refused(base_run, finished_sft, tmp_path, capsys):
+    shutil.copytree(finished_sft, tmp_path / "sft")
     args = [f"init.from={base_run}", f"run.dir={tmp_path / 'sft'}", *SMALL]
-    assert run(capsys, *args)[0] == 0
     before = snapshot(tmp_path / "sft")
     assert_one_line_error(*run(capsys, *args, "sft.n_train=30"), "another config", "sft.n_train: 20 vs 30")
     assert snapshot(tmp_path / "sft") == before
