@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -83,7 +82,6 @@ def test_run_directory_holds_every_output(tiny_cfg, tmp_path):
         assert key in train_rows[-1], key
     assert len(train_rows[-1]["layer_grad_norms"]) == 2
     assert [r["step"] for r in eval_rows] == [2, 4]
-    assert eval_rows[-1]["eval_ppl"] == pytest.approx(math.exp(eval_rows[-1]["eval_loss"]))
     assert isinstance(eval_rows[-1]["sample"], str) and eval_rows[-1]["sample"]
 
 
