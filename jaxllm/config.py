@@ -18,6 +18,7 @@ from jaxllm.errors import ConfigError
 from jaxllm.fileio import atomic_write, check_folder_path, read_yaml
 
 POSITIVE, NON_NEGATIVE = "positive", ">= 0"
+INT32_MAX = 2**31 - 1
 
 
 def option(default: Any, help: str, sign: str | None = None) -> Any:
@@ -272,9 +273,12 @@ def _fields(obj: Any) -> dict[str, tuple[Any, str]]:
 
 
 def _check_value(key: str, value: Any, sign: str | None) -> None:
-    """Refuses a non-finite number anywhere, and a value of the wrong sign where the key declares one."""
+    """Refuses a non-finite number anywhere, an integer beyond 32 bits (JAX's step counter, seeds and
+    sizes are int32), and a value of the wrong sign where the key declares one."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{key} must be a finite number, got {value}")
+    if isinstance(value, int) and abs(value) > INT32_MAX:
+        raise ConfigError(f"{key}={value} is too large; at most {INT32_MAX}")
     if (sign == POSITIVE and value <= 0) or (sign == NON_NEGATIVE and value < 0):
         raise ConfigError(f"{key} must be {sign}, got {value}")
 

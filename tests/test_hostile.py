@@ -170,6 +170,8 @@ CASES = [
     Case("steps_zero", "train", lambda w: w.train("train.steps=0"), "train.steps must be positive"),
     Case("batch_negative", "train", lambda w: w.train("train.batch_size=-8"), "train.batch_size must be positive"),
     Case("seq_len_one", "train", lambda w: w.train("train.seq_len=1", "eval.sample_tokens=4"), "train.seq_len=1"),
+    Case("seed_beyond_64_bits", "train", lambda w: w.train(f"train.seed={2**70}"), "train.seed=1180591620717411303424 is too large"),
+    Case("steps_beyond_32_bits", "train", lambda w: w.train(f"train.steps={2**40}"), "is too large; at most 2147483647"),
     Case("log_every_zero", "train", lambda w: w.train("log.every=0"), "log.every must be positive"),
     Case("eval_batches_zero", "train", lambda w: w.train("eval.batches=0"), "eval.batches must be positive"),
     Case("bpe_vocab_zero", "train", lambda w: w.train("data.tokenizer=bpe", "data.bpe_vocab_size=0"),
