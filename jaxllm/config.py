@@ -121,9 +121,9 @@ class CheckpointConfig:
 @dataclass
 class MeshConfig:
     data: int = option(-1, "data-parallel ways; -1 = the devices the other axes leave (yields to another axis's -1)")
-    fsdp: int = option(1, "FSDP / ZeRO-3 ways: parameters and optimizer state sharded", POSITIVE)
-    tensor: int = option(1, "tensor-parallel ways: heads, MLP hidden and vocabulary split", POSITIVE)
-    pipe: int = option(1, "pipeline stages", POSITIVE)
+    fsdp: int = option(1, "FSDP / ZeRO-3 ways: parameters and optimizer state sharded; -1 = the devices the other axes leave")
+    tensor: int = option(1, "tensor-parallel ways: heads, MLP hidden and vocabulary split; -1 = the devices the other axes leave")
+    pipe: int = option(1, "pipeline stages; -1 = the devices the other axes leave")
     context: int = option(1, "context-parallel ways: the sequence split over devices (zig-zag), keys/values gathered", POSITIVE)
     sequence_parallel: bool = option(False, "shard activations along seq over the tensor axis outside attention/MLP")
     rules: dict | None = option(None, "overrides of the logical-axis rules, e.g. {embed: null, mlp: [tensor, fsdp]}")
