@@ -153,3 +153,23 @@ def test_new_token_rows_start_at_the_mean_and_append_to_the_base_table(tie):
         w_DxV = params["lm_head"]["kernel"]
         np.testing.assert_array_equal(plain["lm_head"]["kernel"][:, :BASE_VOCAB], w_DxV)
         np.testing.assert_allclose(plain["lm_head"]["kernel"][:, BASE_VOCAB:], np.stack([w_DxV.mean(1)] * len(chat.SPECIAL), 1), rtol=1e-6)
+
+
+def test_greedy_answers_equal_a_full_forward_argmax_decode_with_a_learned_prompt():
+    model, params = tiny(prompt_tokens=4)
+    params = peft.prompt_init(params, 4, jax.random.PRNGKey(3))
+    end, n_new = TOK.token_id("<|end|>"), 6
+    prompts = [[sft.PLACEHOLDER] * 4 + TOK.encode(text) for text in ("rev ab", "2+3 is what")]
+    answers = sft.make_greedy(model.cfg, 0.0, n_new, end)(params, prompts)
+    # No cache: the whole (right-padded, so causally unaffected) sequence again for every token.
+    full = jax.jit(lambda p, t_1xS: sft.forward(model, p, 0.0, t_1xS, jnp.arange(SEQ)[None]))
+    for prompt, answer in zip(prompts, answers):
+        tokens, expected = list(prompt), []
+        for _ in range(n_new):
+            logits = full(params, jnp.asarray([tokens + [0] * (SEQ - len(tokens))]))
+            token = int(jnp.argmax(logits[0, len(tokens) - 1]))
+            if token == end:
+                break
+            expected.append(token)
+            tokens.append(token)
+        assert answer == expected
