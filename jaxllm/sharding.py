@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -102,7 +103,10 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     sizes = mesh_shape(cfg, len(devices))
-    return jax.make_mesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes), devices=devices)
+    # Like jax.make_mesh, but a torus axis may be split over mesh axes (data=2 fsdp=2 tensor=2 pipe=2 on
+    # a v5p-32's 2x2x4 chips), which jax.make_mesh refuses though the mesh is valid
+    grid = mesh_utils.create_device_mesh(tuple(sizes.values()), devices, allow_split_physical_axes=True)
+    return Mesh(grid, tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes))
 
 
 def check_divisible(model: ModelConfig, mesh: Mesh, batch_size: int, process_count: int = 1) -> None:
