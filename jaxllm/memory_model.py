@@ -22,7 +22,6 @@ one layer at a time is recomputed. A pipeline stage keeps its input at every loo
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -61,7 +60,7 @@ def boxed_params(model_cfg: ModelConfig, seq_len: int) -> Any:
 
 
 def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
-    return AbstractMesh(tuple(sizes[a] for a in sharding.AXES), sharding.AXES, axis_types=(AxisType.Auto,) * 4)
+    return AbstractMesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes))
 
 
 def _shard_bytes(shape: tuple[int, ...], named, itemsize: int) -> int:
@@ -100,8 +99,12 @@ def layer_weight_bytes(m: ModelConfig, tensor: int, itemsize: int) -> int:
     return int((attn + (2 if m.arch == "gpt2" else 3) * m.d_model * m.d_ff) / tensor * itemsize)
 
 
-def activation_bytes(cfg: Config, m: ModelConfig, sizes: dict[str, int]) -> int:
-    """Bytes of activations per device for one micro-batch's forward and backward pass."""
+def activation_bytes(cfg: Config, m: ModelConfig, sizes: dict[str, int], fused_loss: bool) -> int:
+    """Bytes of activations per device for one micro-batch's forward and backward pass.
+
+    ``fused_loss``: the compiler fuses the loss's log-softmax and its gradient into one float32 copy
+    of the logits, as XLA:TPU and XLA:GPU do; XLA:CPU keeps three (logits, log-probabilities, gradient).
+    """
     t, p = sizes["tensor"], sizes["pipe"]
     c = 2 if m.dtype in ("bfloat16", "float16") else 4
     rows = cfg.train.batch_size // (sizes["data"] * sizes["fsdp"])
@@ -110,9 +113,9 @@ def activation_bytes(cfg: Config, m: ModelConfig, sizes: dict[str, int]) -> int:
     layer = rows * seq * (low * c + f32 * 4)
     residual = rows * seq * m.d_model * c / (t if cfg.mesh.sequence_parallel else 1)
     layers_here = m.n_layer // p
-    # logits in the compute dtype; the loss's float32 logits, log-probabilities and gradient; the
-    # embedding output and the final norm's input and output
-    head = rows * seq * (m.vocab_size / t * (c + 12) + 3 * m.d_model * c)
+    # logits in the compute dtype and the loss's float32 copies; the embedding output and the final
+    # norm's input and output
+    head = rows * seq * (m.vocab_size / t * (c + (4 if fused_loss else 12)) + 3 * m.d_model * c)
     if p > 1:
         micro, rounds = pipeline.microbatches(cfg.pipeline, p), pipeline.repeats(cfg.pipeline)
         saved = (micro * rounds + p - 1) * residual / micro + residual
@@ -127,13 +130,10 @@ def activation_bytes(cfg: Config, m: ModelConfig, sizes: dict[str, int]) -> int:
     return int(saved + max(head, recompute) + gathered)
 
 
-def estimate(cfg: Config, model_cfg: ModelConfig, boxed: Any, sizes: dict[str, int]) -> Memory:
-    """The four parts per device for this config on a mesh of these axis sizes."""
+def estimate(cfg: Config, model_cfg: ModelConfig, boxed: Any, sizes: dict[str, int], fused_loss: bool = False) -> Memory:
+    """The four parts per device for this config on a mesh of these axis sizes (``fused_loss``: see
+    :func:`activation_bytes`)."""
     params, optimizer = state_bytes(boxed, sizes, sharding.rules(cfg.mesh), cfg.optim.shard_state)
     grads = params * (2 if cfg.train.grad_accum > 1 else 1)
-    return Memory(params, grads, optimizer, activation_bytes(cfg, model_cfg, sizes))
+    return Memory(params, grads, optimizer, activation_bytes(cfg, model_cfg, sizes, fused_loss))
 
-
-def total_over(parts: Memory, capacity: int) -> float:
-    """Share of the device's memory the step needs (above 1: it does not fit)."""
-    return parts.total / capacity if capacity > 0 else math.inf

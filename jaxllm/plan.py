@@ -140,7 +140,7 @@ def compile_step(cfg: Config, model_cfg: ModelConfig, devices: list) -> dict:
 
 def evaluate(cfg: Config, model_cfg: ModelConfig, boxed: Any, target: Target, sizes: dict[str, int]) -> dict:
     """The analytic half of a plan: memory parts, fit and roofline for one mesh (nothing compiled)."""
-    mem = memory_model.estimate(cfg, model_cfg, boxed, sizes)
+    mem = memory_model.estimate(cfg, model_cfg, boxed, sizes, fused_loss=target.platform != "cpu")
     speed = roofline.step_time(cfg, model_cfg, sizes, target.kind, mem.activations)
     return {
         "target": target.name,
