@@ -100,3 +100,20 @@ def test_teacher_with_another_vocabulary_exits_2_with_one_line_and_writes_nothin
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "distillation needs the same tokenizer" in r.stderr
     assert not student.exists()
+
+
+def kl_on_validation_text(student_dir, teacher_dir) -> float:
+    import jaxllm
+
+    student, teacher = jaxllm.load(student_dir), jaxllm.load(teacher_dir)
+    tokens = np.frombuffer(corpus_text()[-2000:].encode(), np.uint8).astype(np.int32)[: 4 * 16].reshape(4, 16)
+    return float(distill.kl_to_teacher(student.logits(tokens), teacher.logits(tokens), 1.0))
+
+
+@pytest.mark.slow
+def test_training_with_a_teacher_at_alpha_1_brings_the_student_closer_to_it_than_plain_training(runs):
+    teacher, _ = runs("teacher", "model.d_model=64")
+    steps = ["train.steps=20", "optim.lr=3e-3", "log.every=10"]
+    plain, _ = runs("plain20", *steps)
+    taught, _ = runs("taught20", *steps, f"distill.teacher={teacher}", "distill.alpha=1", "distill.temperature=1")
+    assert kl_on_validation_text(taught, teacher) < 0.8 * kl_on_validation_text(plain, teacher)
