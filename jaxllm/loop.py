@@ -1,6 +1,6 @@
 """The training loop that pre-training, fine-tuning and distillation share.
 
-    state, start = restore or init                         (the caller: :class:`Parts`' save/restore)
+    state, start = restore or init                         (the caller: trainer/sft.restore_or_init)
     for step in start..steps:
         batch = batches(step)         built while the device runs the previous step
         state, metrics = step(state, batch)
