@@ -173,3 +173,11 @@ def test_roofline_bound_moves_from_compute_to_tensor_collectives_on_slow_links()
     slow_links = dataclasses.replace(h100, link_bw=h100.link_bw / 100)
     assert plan.roofline.step_time(cfg, model_cfg, sizes, h100, 0).bound == "compute"
     assert plan.roofline.step_time(cfg, model_cfg, sizes, slow_links, 0).bound == "tensor"
+
+
+@pytest.mark.slow
+def test_a_run_that_does_not_fit_gets_changes_that_make_it_fit():
+    cfg = load_config("configs/llama_1b.yaml", ["mesh.data=8", "mesh.fsdp=1", "model.remat=false"])
+    result = plan.run(cfg, hardware.parse_target("a100-40gbx8"), do_search=False)
+    assert not result["fits"]
+    assert {"changes": ["model.remat=true"], "fits": True} == {k: result["fixes"][0][k] for k in ("changes", "fits")}
