@@ -14,6 +14,9 @@ The blocks are one ``nn.scan``: every block parameter has a leading ``layers`` a
 stages can slice the stack and compile time does not grow with depth. Every parameter and the key
 activations carry logical axis names (batch, seq, embed, heads, kv_heads, head_dim, mlp, vocab,
 layers); the model knows nothing of meshes, ``jaxllm.sharding`` maps the names to mesh axes.
+Attention itself is ``jaxllm.attention`` (``model.attention``: xla, chunked, cudnn, splash, auto).
+When the plan splits the sequence (context parallelism: ``q_seq`` mapped to a mesh axis), the blocks
+run it in zig-zag order and the head gets it back in order; a token keeps its position throughout.
 Shape letters: B batch, T query positions, S key positions, D d_model, N query heads, K key/value
 heads, H head size, F MLP width, V vocabulary, L layers.
 

@@ -1,8 +1,9 @@
 """How the model is spread over devices: one mesh, one table of logical-axis rules.
 
 The model names its axes (``batch``, ``seq``, ``embed``, ``heads``, ``kv_heads``, ``head_dim``, ``mlp``,
-``vocab``, ``layers``); :func:`rules` maps each name to mesh axes (``data``, ``fsdp``, ``tensor``,
-``pipe``). A rule is skipped when its mesh axis is already used by an earlier name of the same array,
+``vocab``, ``layers``, and ``q_seq`` / ``kv_seq`` for the positions of queries and keys); :func:`rules`
+maps each name to mesh axes (``data``, ``fsdp``, ``tensor``, ``pipe``, and ``context`` when
+``mesh.context > 1``). A rule is skipped when its mesh axis is already used by an earlier name of the same array,
 so ``embed -> fsdp`` shards weights (FSDP / ZeRO-3) but not activations, whose ``batch`` already
 took ``fsdp``. Changing the parallel plan is editing :data:`DEFAULT_RULES` or ``mesh.rules``.
 

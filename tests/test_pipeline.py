@@ -45,9 +45,14 @@ LAYOUTS = {  # name -> (mesh and pipeline overrides, P); the rest of the 8 devic
         ["mesh.pipe=2", "mesh.data=-1", "pipeline.schedule=circular", "pipeline.repeats=2"],
         2,
     ),
+    "1f1b_pipe2": (["mesh.pipe=2", "mesh.data=-1", "pipeline.schedule=1f1b"], 2),
+    "1f1b_pipe4_tensor2": (["mesh.pipe=4", "mesh.tensor=2", "mesh.data=1", "pipeline.schedule=1f1b"], 4),
 }
-CASES = [(name, m_per_p) for name in LAYOUTS for m_per_p in (1, 2)]
-IDS = [f"{name}-M{m}P" for name, m in CASES]
+CASES = [
+    pytest.param(name, m_per_p, id=f"{name}-M{m_per_p}P", marks=[pytest.mark.slow] if "1f1b" in name else [])
+    for name in LAYOUTS
+    for m_per_p in (1, 2)
+]
 
 
 def make_setup(overrides: list[str], devices: list) -> tuple[Config, trainer.Setup]:
@@ -114,7 +119,7 @@ def pipelined_run(name: str, m_per_p: int, initial: trainer.TrainState) -> dict:
     return _runs[name, m_per_p]
 
 
-@pytest.mark.parametrize("name,m_per_p", CASES, ids=IDS)
+@pytest.mark.parametrize("name,m_per_p", CASES)
 def test_pipelined_loss_and_gradients_equal_single_device(reference, name, m_per_p):
     run = pipelined_run(name, m_per_p, reference["initial"])
     assert abs(run["loss"] - reference["loss"]) <= RTOL * abs(reference["loss"])
@@ -122,7 +127,7 @@ def test_pipelined_loss_and_gradients_equal_single_device(reference, name, m_per
     assert max(diffs.values()) <= RTOL, {k: v for k, v in diffs.items() if v > RTOL}
 
 
-@pytest.mark.parametrize("name,m_per_p", CASES, ids=IDS)
+@pytest.mark.parametrize("name,m_per_p", CASES)
 def test_pipelined_three_steps_equal_single_device(reference, name, m_per_p):
     diffs = relative_differences(pipelined_run(name, m_per_p, reference["initial"])["params"], reference["params"])
     assert max(diffs.values()) <= RTOL, {k: v for k, v in diffs.items() if v > RTOL}
@@ -152,6 +157,38 @@ def test_every_work_item_visits_every_stage_once_in_order():
         assert busy.tolist() == list(range(18))
 
 
+@pytest.mark.parametrize("stages,micro", [(2, 2), (2, 8), (4, 4), (4, 16)])
+def test_1f1b_runs_each_microbatch_through_every_stage_and_keeps_fewer_than_2p_alive(stages, micro):
+    forward_IxP, backward_IxP = pipeline.one_f_one_b(stages, micro)
+    for p in range(stages):
+        assert forward_IxP[:, p][forward_IxP[:, p] >= 0].tolist() == list(range(micro))
+        assert backward_IxP[:, p][backward_IxP[:, p] >= 0].tolist() == list(range(micro))
+        t_f = [int(np.flatnonzero(forward_IxP[:, p] == m)[0]) for m in range(micro)]
+        t_b = [int(np.flatnonzero(backward_IxP[:, p] == m)[0]) for m in range(micro)]
+        if p + 1 < stages:  # the forward reaches stage p+1 one iteration later, the gradient comes back one later
+            assert [int(np.flatnonzero(forward_IxP[:, p + 1] == m)[0]) for m in range(micro)] == [t + 1 for t in t_f]
+            assert [int(np.flatnonzero(backward_IxP[:, p + 1] == m)[0]) for m in range(micro)] == [t - 1 for t in t_b]
+        alive = [sum(f <= t <= b for f, b in zip(t_f, t_b)) for t in range(forward_IxP.shape[0])]
+        assert max(alive) == min(2 * (stages - p) - 1, micro)  # independent of M once M >= 2P
+
+
+def test_1f1b_bubble_is_counted_from_its_tables():
+    line = pipeline.describe(PipelineConfig(microbatches=8, schedule="1f1b"), 4)
+    assert "14 iterations" in line
+    assert float(re.search(r"bubble ([0-9.]+)", line).group(1)) == pytest.approx(6 / 14, abs=1e-4)
+
+
+def test_trainer_step_runs_the_1f1b_loop_for_gradients(monkeypatch):
+    calls = []
+    run = pipeline.run_1f1b
+    monkeypatch.setattr(pipeline, "run_1f1b", lambda *args: calls.append(args) or run(*args))
+    cfg, setup = make_setup(LAYOUTS["1f1b_pipe2"][0] + ["pipeline.microbatches=4"], jax.devices())
+    with setup.context():
+        state = jax.eval_shape(setup.init)
+        jax.eval_shape(setup.step, state, jax.ShapeDtypeStruct((1, BATCH, SEQ + 1), np.int32))
+    assert len(calls) == 1
+
+
 def test_trainer_step_runs_the_pipelined_forward_when_pipe_is_split(monkeypatch):
     calls = []
     monkeypatch.setattr(pipeline, "run_stages", lambda *args: calls.append(args) or args[2])
@@ -179,8 +216,9 @@ def test_layers_not_divisible_by_stages_times_repeats_exits_2(corpus, tmp_path):
     assert "model.n_layer=2 is not divisible by mesh.pipe*pipeline.repeats=4" in line
 
 
-def test_fewer_microbatches_than_stages_exits_2(corpus, tmp_path):
-    line = _cli_error(corpus, tmp_path, 4, "mesh.pipe=4", "model.n_layer=4", "pipeline.microbatches=2")
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_fewer_microbatches_than_stages_exits_2(corpus, tmp_path, schedule):
+    line = _cli_error(corpus, tmp_path, 4, "mesh.pipe=4", "model.n_layer=4", "pipeline.microbatches=2", f"pipeline.schedule={schedule}")
     assert "pipeline.microbatches=2 is smaller than mesh.pipe=4" in line
 
 
