@@ -152,3 +152,26 @@ def test_decoding_under_chunked_attention_equals_xla():
     }
     assert np.asarray(runs["chunked"][0]).tolist() == np.asarray(runs["xla"][0]).tolist()
     assert rel(runs["chunked"][1], runs["xla"][1]) <= RTOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
+def test_splash_wrapper_equals_xla_in_pallas_interpret_mode(monkeypatch, packed):
+    """The TPU kernel itself cannot run here; Pallas's interpreter runs it on the CPU, which checks
+    jaxllm's wrapper: layout, scaling, GQA by repeated heads, segment ids (values and gradients)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    make = sk.make_splash_mha
+    monkeypatch.setattr(sk, "make_splash_mha", lambda *a, **kw: make(*a, **kw, interpret=True))
+    q, k, v = qkv(2, 1, T=128, B=1, H=64)
+    pos = jnp.broadcast_to(jnp.arange(128), (1, 128))
+    seg = jnp.asarray(np.repeat([[0, 1]], 64, axis=1)) if packed else None
+    mask = attention.Mask(pos, pos, seg, seg, True)
+
+    def value_and_grads(impl):
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(attention.attend(impl, q, k, v, mask) * q), argnums=(0, 1, 2))(q, k, v)
+
+    (got, got_g), (want, want_g) = value_and_grads("splash"), value_and_grads("xla")
+    assert abs(got - want) <= RTOL * abs(want)
+    for g, w in zip(got_g, want_g):
+        assert rel(g, w) <= RTOL
