@@ -41,6 +41,7 @@ def test_layer_norms_average_the_early_logged_steps(tmp_path):
     assert norms["grad_last"] == [10.0, 20.0]
 
 
+@pytest.mark.slow
 def test_study_writes_csv_json_and_figures_with_per_layer_norms(tmp_path, corpus):
     overrides = [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=6", "log.every=2",
                  "depth.layers=2"]

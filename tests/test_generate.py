@@ -54,6 +54,7 @@ def decoded(request):
     return np.asarray(tokens_BxN), np.asarray(logits_BxNxV), refs
 
 
+@pytest.mark.slow
 def test_cached_greedy_tokens_equal_full_forward_for_batched_prompts_of_different_lengths(decoded):
     tokens_BxN, _, refs = decoded
     for row, (ref_tokens, _) in enumerate(refs):
@@ -87,6 +88,7 @@ def test_decoding_stops_each_row_at_end_of_sequence():
     assert out == [ref[: ref.index(eos)]]
 
 
+@pytest.mark.slow
 def test_sampling_with_top_k_1_gives_the_greedy_tokens():
     cfg, _, params = build("llama_gqa")
     decoder = Decoder(cfg)
@@ -101,6 +103,7 @@ def test_top_k_and_top_p_keep_exactly_the_most_likely_tokens():
     assert kept(top_k=0, top_p=0.76) == [False, True, True, True]
 
 
+@pytest.mark.slow
 def test_decoding_under_a_tensor_parallel_mesh_equals_single_device():
     cfg, _, params = build("llama_gqa")
     single, single_logits = Decoder(cfg).run(params, PROMPTS, N_NEW, temperature=0.0, with_logits=True)
@@ -133,6 +136,7 @@ def run_dir(tmp_path_factory):
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_loaded_model_generate_equals_greedy_full_forward(run_dir):
     import jaxllm
 
@@ -147,6 +151,7 @@ def test_loaded_model_generate_equals_greedy_full_forward(run_dir):
 # The command line in-process: ``main`` returns the exit status that ``python -m jaxllm.generate`` exits with.
 
 
+@pytest.mark.slow
 def test_cli_prints_the_prompt_and_the_same_completion_as_the_api(run_dir, capsys):
     import jaxllm
 

@@ -34,6 +34,7 @@ def tokens(seed=0, shape=(2, 16)):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.slow
 def test_changing_token_t_changes_no_logit_before_t(arch):
     model, params = make(arch)
     x = tokens()
@@ -46,6 +47,7 @@ def test_changing_token_t_changes_no_logit_before_t(arch):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("variant", [{}, {"residual": False}, {"norm_position": "post"}, {"tie_embeddings": False}])
+@pytest.mark.slow
 def test_flavours_and_ablations_give_finite_distinct_logits(arch, variant):
     model, params = make(arch, **variant)
     logits = logits_of(model, params, tokens())
@@ -94,6 +96,7 @@ def test_init_is_gpt2_normal_with_scaled_residual_projections():
     assert residual_std(model.cfg) == pytest.approx(0.02 / 2.0)
 
 
+@pytest.mark.slow
 def test_blocks_are_stacked_with_a_layers_axis():
     model, _ = make("llama", n_layer=3)
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"])
@@ -103,6 +106,7 @@ def test_blocks_are_stacked_with_a_layers_axis():
 
 
 @pytest.mark.parametrize("unroll", [2, 3])
+@pytest.mark.slow
 def test_unrolled_layer_loop_has_the_same_parameters_logits_and_gradients(unroll):
     model, params = make("gpt2", n_layer=3)
     unrolled, unrolled_params = make("gpt2", n_layer=3, scan_unroll=unroll)
