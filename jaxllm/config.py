@@ -44,6 +44,18 @@ class TrainConfig:
 
 
 @dataclass
+class MoEConfig:
+    n_experts: int = option(0, "experts per mixture-of-experts block; 0 = dense MLPs (jaxllm.moe)", NON_NEGATIVE)
+    top_k: int = option(2, "experts each token is sent to", POSITIVE)
+    every: int = option(1, "an MoE block every k layers (the k-th of each group), dense MLPs between", POSITIVE)
+    d_ff: int = option(0, "hidden width of one expert; 0 = model.d_ff", NON_NEGATIVE)
+    capacity_factor: float = option(0.0, "tokens an expert takes, as a multiple of its even share; beyond it they "
+                                    "are dropped (counted); 0 = dropless (grouped matmul)", NON_NEGATIVE)
+    aux_loss: float = option(0.01, "weight of the load-balancing loss (Switch/GShard: n_experts sum_e f_e p_e)", NON_NEGATIVE)
+    router_z_loss: float = option(0.001, "weight of the router z-loss (mean squared log-sum-exp of router logits)", NON_NEGATIVE)
+
+
+@dataclass
 class ModelConfig:
     arch: str = option("gpt2", "gpt2 (LayerNorm, GELU, learned positions, biases) | llama (RMSNorm, SwiGLU, RoPE, GQA)")
     n_layer: int = option(4, "transformer blocks", POSITIVE)
@@ -68,6 +80,7 @@ class ModelConfig:
     attention: str = option("xla", "xla (scores materialised, T^2 memory) | chunked (blockwise online softmax, O(T) memory, "
                             "any backend) | cudnn (GPU, bf16/fp16) | splash (TPU) | auto (the best this backend has)")
     attention_block: int = option(512, "chunked attention: query and key block length (positions)", POSITIVE)
+    moe: MoEConfig = field(default_factory=MoEConfig, metadata={"help": "mixture-of-experts blocks: model.moe.KEY, below"})
 
 
 @dataclass
@@ -125,6 +138,7 @@ class MeshConfig:
     tensor: int = option(1, "tensor-parallel ways: heads, MLP hidden and vocabulary split; -1 = the devices the other axes leave")
     pipe: int = option(1, "pipeline stages; -1 = the devices the other axes leave")
     context: int = option(1, "context-parallel ways: the sequence split over devices (zig-zag), keys/values gathered", POSITIVE)
+    expert: int = option(1, "expert-parallel ways: the experts of MoE blocks split over devices (and the batch with them)", POSITIVE)
     sequence_parallel: bool = option(False, "shard activations along seq over the tensor axis outside attention/MLP")
     rules: dict | None = option(None, "overrides of the logical-axis rules, e.g. {embed: null, mlp: [tensor, fsdp]}")
 
@@ -367,14 +381,21 @@ def save_config(cfg: Any, path: Path) -> None:
 
 def help_text(cls: type = Config) -> str:
     """Every key with its default and meaning (and the sign it must have, if any), one per line, grouped
-    by section."""
+    by section; a subsection (``model.moe``) is a line, then its keys."""
+
+    def keys(obj: Any, prefix: str) -> list[str]:
+        out = []
+        for f in dataclasses.fields(obj):
+            value, sign = getattr(obj, f.name), f" ({f.metadata['sign']})" if f.metadata.get("sign") else ""
+            shown = "{...}" if dataclasses.is_dataclass(value) else repr(value)
+            out.append(f"  {prefix}.{f.name} = {shown:<12}  {f.metadata.get('help', '')}{sign}")
+            if dataclasses.is_dataclass(value):
+                out += keys(value, f"{prefix}.{f.name}")
+        return out
+
     lines = []
     for section in dataclasses.fields(cls):
-        obj = section.default_factory()
-        lines.append(f"{section.name}:")
-        for f in dataclasses.fields(obj):
-            sign = f" ({f.metadata['sign']})" if f.metadata.get("sign") else ""
-            lines.append(f"  {section.name}.{f.name} = {getattr(obj, f.name)!r:<12}  {f.metadata.get('help', '')}{sign}")
+        lines += [f"{section.name}:"] + keys(section.default_factory(), section.name)
     return "\n".join(lines)
 
 
@@ -427,6 +448,11 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.prompt_tokens must be in [0, max_seq_len={m.max_seq_len}), got {m.prompt_tokens}")
     if m.attention not in ATTENTIONS:
         raise ConfigError(f"model.attention={m.attention!r} is unknown; choose one of {', '.join(ATTENTIONS)}")
+    e = m.moe
+    if e.n_experts and e.top_k > e.n_experts:
+        raise ConfigError(f"model.moe.top_k={e.top_k} exceeds model.moe.n_experts={e.n_experts}")
+    if e.n_experts and m.n_layer % e.every:
+        raise ConfigError(f"model.moe.every={e.every} does not divide model.n_layer={m.n_layer}")
 
 
 def validate(cfg: Config) -> None:
@@ -450,6 +476,8 @@ def validate(cfg: Config) -> None:
     if cfg.mesh.context > 1 and t.seq_len % (2 * cfg.mesh.context):
         raise ConfigError(f"train.seq_len={t.seq_len} is not divisible by 2*mesh.context={2 * cfg.mesh.context} "
                           "(context parallelism's zig-zag split)")
+    if cfg.model.moe.n_experts and cfg.mesh.pipe > 1:  # the pipeline's loss does not collect the router losses
+        raise ConfigError("model.moe.n_experts with mesh.pipe > 1 is not supported; use mesh.expert, fsdp or tensor")
     validate_pipeline(cfg.pipeline)
     validate_distill(cfg.distill)
     check_folder_path(cfg.run.dir, "run.dir")

@@ -44,34 +44,41 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 
     ``total``: every parameter. ``non_embedding``: Kaplan's N, without token and position embeddings
     (an untied output projection counts). ``matmul``: N of the FLOP formula, the non-embedding weights
-    plus the output projection (tied or not), without norm scales and biases.
+    plus the output projection (tied or not), without norm scales and biases. ``active``: the part of
+    ``matmul`` one token multiplies by (mixture-of-experts layers: top_k of their experts, and the router).
     """
-    D, L, V, F = cfg.d_model, cfg.n_layer, cfg.vocab_size, cfg.d_ff
+    D, L, V, F, e = cfg.d_model, cfg.n_layer, cfg.vocab_size, cfg.d_ff, cfg.moe
     head = D // cfg.n_head
-    q_o = 2 * D * cfg.n_head * head
-    k_v = 2 * D * cfg.n_kv_head * head
+    attn = 2 * D * cfg.n_head * head + 2 * D * cfg.n_kv_head * head
     mlp = (2 if cfg.arch == "gpt2" else 3) * D * F
-    matmul_block = q_o + k_v + mlp
+    L_moe = L // e.every if e.n_experts else 0
+    expert = (2 if cfg.arch == "gpt2" else 3) * D * (e.d_ff or F)
+    matmul_moe = e.n_experts * expert + D * e.n_experts  # the experts and the router
     if cfg.arch == "gpt2":
         biases = cfg.n_head * head + 2 * cfg.n_kv_head * head + D + F + D
+        biases_moe = biases - F - D + e.n_experts * ((e.d_ff or F) + D)
         norms = 2 * 2 * D
     else:
-        biases, norms = 0, 2 * D
+        biases = biases_moe = 0
+        norms = 2 * D
     final_norm = 0 if cfg.norm_position == "post" else (2 * D if cfg.arch == "gpt2" else D)
     lm_head = 0 if cfg.tie_embeddings else V * D
-    non_embedding = L * (matmul_block + biases + norms) + final_norm + lm_head
+    blocks = (L - L_moe) * (attn + mlp + biases + norms) + L_moe * (attn + matmul_moe + biases_moe + norms)
+    non_embedding = blocks + final_norm + lm_head
     embedding = V * D + (cfg.max_seq_len * D if cfg.arch == "gpt2" else 0)
+    matmul = L * attn + (L - L_moe) * mlp + L_moe * matmul_moe + V * D
     return {
         "total": non_embedding + embedding,
         "non_embedding": non_embedding,
-        "matmul": L * matmul_block + V * D,
+        "matmul": matmul,
+        "active": matmul - L_moe * (e.n_experts - e.top_k) * expert,
     }
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token, PaLM's 6 N + 12 L H Q T."""
+    """Training FLOPs per token, PaLM's 6 N + 12 L H Q T, N the active weights (MoE: top_k experts)."""
     head = cfg.d_model // cfg.n_head
-    return 6 * param_counts(cfg)["matmul"] + 12 * cfg.n_layer * cfg.n_head * head * seq_len
+    return 6 * param_counts(cfg)["active"] + 12 * cfg.n_layer * cfg.n_head * head * seq_len
 
 
 def peak_flops(device: jax.Device, override: float = 0.0) -> float:

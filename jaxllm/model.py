@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import attention
+from jaxllm import attention, moe
 from jaxllm.config import ModelConfig
 from jaxllm.quantize import QuantizedKernel, quantized_dot
 
@@ -214,16 +214,21 @@ def _then(sublayer: nn.Module, adapter: Adapter):
 
 
 class Block(nn.Module):
-    """One residual block; shaped ``(carry, _) -> (carry, None)`` for ``nn.scan``."""
+    """One residual block; shaped ``(carry, _) -> (carry, None)`` for ``nn.scan``. Its MLP is a mixture
+    of experts (``jaxllm.moe``) when ``model.moe.n_experts`` is set, unless ``dense``."""
 
     cfg: ModelConfig
     deterministic: bool = True
+    dense: bool = False
 
     @nn.compact
     def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array | None):
         c = self.cfg
         attn = Attention(c, self.deterministic, name="attn")
-        mlp = MLP(c, self.deterministic, name="mlp")
+        if c.moe.n_experts and not self.dense:
+            mlp = moe.MoEMLP(c, residual_std(c), self.deterministic, name="mlp")
+        else:
+            mlp = MLP(c, self.deterministic, name="mlp")
         if c.adapter_dim:  # fine-tuning: each sublayer's output passes through its own adapter
             attn = _then(attn, Adapter(c, name="adapter_attn"))
             mlp = _then(mlp, Adapter(c, name="adapter_mlp"))
@@ -241,17 +246,36 @@ class Block(nn.Module):
         return constrain(x_BxTxD, ("batch", "seq", "embed")), None
 
 
+class Group(nn.Module):
+    """``model.moe.every`` = k blocks, k - 1 dense then one MoE: what the scan repeats when k > 1."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array | None):
+        k = self.cfg.moe.every
+        for i in range(k):
+            block = Block(self.cfg, self.deterministic, dense=i < k - 1, name=f"block{i}")
+            x_BxTxD, _ = block(x_BxTxD, positions_BxT, segment_ids_BxT)
+        return x_BxTxD, None
+
+
 def block_stack(cfg: ModelConfig, deterministic: bool, name: str = "blocks", length: int | None = None) -> nn.Module:
-    """All n_layer blocks as one scanned module; parameters gain a leading ``layers`` axis.
+    """All n_layer blocks as one scanned module; parameters gain a leading ``layers`` axis (of n_layer / k
+    groups of k blocks when ``model.moe.every`` = k > 1).
 
     ``length``: scan only that many blocks (a pipeline stage applies its slice of the stack)."""
-    block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+    grouped = cfg.moe.n_experts and cfg.moe.every > 1
+    unit = Group if grouped else Block
+    block = nn.remat(unit, prevent_cse=False) if cfg.remat else unit
+    n_units = cfg.n_layer // cfg.moe.every if grouped else cfg.n_layer
     scanned = nn.scan(
         block,
-        variable_axes={"params": 0, "cache": 0},
+        variable_axes={"params": 0, "cache": 0, moe.COLLECTION: 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast),
-        length=cfg.n_layer if length is None else length,
+        length=n_units if length is None else length,
         metadata_params={nn.PARTITION_NAME: "layers"},
         unroll=cfg.scan_unroll,
     )

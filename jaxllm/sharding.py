@@ -30,6 +30,7 @@ from jaxllm.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor", "pipe")
 CONTEXT = "context"  # the context-parallel axis, in the mesh only when mesh.context > 1
+EXPERT = "expert"  # the expert-parallel axis, in the mesh only when mesh.expert > 1
 BATCH_AXES = ("data", "fsdp")
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -44,6 +45,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),
+    ("expert", None),  # the experts of an MoE block (jaxllm.moe): their weights' leading dimension
 )
 
 
@@ -55,6 +57,9 @@ def rules(cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:
     if cfg.context != 1:
         table["seq"] = (CONTEXT, "tensor") if cfg.sequence_parallel else CONTEXT
         table["q_seq"] = CONTEXT
+    if cfg.expert != 1:  # experts split over `expert`; outside MoE blocks it is one more data axis
+        table["expert"] = EXPERT
+        table["batch"] = BATCH_AXES + (EXPERT,)
     if cfg.pipe != 1:  # each pipeline stage stores its own slice of the stacked blocks
         table["layers"] = "pipe"
     for name, axes in (cfg.rules or {}).items():
@@ -69,8 +74,9 @@ def rules(cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:
 
 
 def mesh_axes(cfg: MeshConfig) -> tuple[str, ...]:
-    """The mesh's axes: ``context`` only when it splits, so meshes without it are as they always were."""
-    return AXES + (CONTEXT,) if cfg.context != 1 else AXES
+    """The mesh's axes: ``context`` and ``expert`` only when they split, so meshes without them are as
+    they always were."""
+    return AXES + ((CONTEXT,) if cfg.context != 1 else ()) + ((EXPERT,) if cfg.expert != 1 else ())
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
@@ -123,9 +129,13 @@ def check_divisible(model: ModelConfig, mesh: Mesh, batch_size: int, process_cou
         )
     if model.d_model % f:
         raise ConfigError(f"model.d_model={model.d_model} is not divisible by mesh.fsdp={f}")
-    ways = mesh.shape["data"] * f
+    e = mesh.shape.get(EXPERT, 1)
+    if model.moe.n_experts % e:
+        raise ConfigError(f"model.moe.n_experts={model.moe.n_experts} is not divisible by mesh.expert={e}")
+    ways = mesh.shape["data"] * f * e
     if batch_size % ways:
-        raise ConfigError(f"train.batch_size={batch_size} is not divisible by the data axes data*fsdp={ways}")
+        names = "data*fsdp*expert" if e > 1 else "data*fsdp"
+        raise ConfigError(f"train.batch_size={batch_size} is not divisible by the data axes {names}={ways}")
     if batch_size % process_count:
         raise ConfigError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes")
 

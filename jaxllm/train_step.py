@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxllm import moe
 from jaxllm.model import Transformer, cross_entropy
 
 
@@ -33,11 +34,14 @@ def layer_grad_norms(grads) -> jax.Array:
 
 
 def make_loss_fn(model: Transformer) -> Callable:
-    """``loss(params, tokens_BxT1, rng) -> mean next-token cross-entropy`` (nats)."""
+    """``loss(params, tokens_BxT1, rng) -> mean next-token cross-entropy`` (nats), plus the weighted
+    router losses of mixture-of-experts layers (``jaxllm.moe.loss``; none in a dense model)."""
 
     def loss_fn(params, tokens_BxT1, rng):
-        logits_BxTxV = model.apply({"params": params}, tokens_BxT1[:, :-1], rngs={"dropout": rng})
-        return cross_entropy(logits_BxTxV, tokens_BxT1[:, 1:])[0]
+        logits_BxTxV, sown = model.apply(
+            {"params": params}, tokens_BxT1[:, :-1], rngs={"dropout": rng}, mutable=[moe.COLLECTION]
+        )
+        return cross_entropy(logits_BxTxV, tokens_BxT1[:, 1:])[0] + moe.loss(sown)
 
     return loss_fn
 

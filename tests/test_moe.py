@@ -1,0 +1,203 @@
+"""Mixture-of-experts blocks (``model.moe.*``, ``jaxllm.moe``) and expert parallelism (``mesh.expert``).
+
+The routing functions are checked on crafted inputs (hand-counted drops, an even router), the MoE
+layer against references (one expert = the dense MLP; dropless = every expert on every token, weighted;
+capacity without drops = dropless), and expert parallelism by equality with one device: the trainer's
+own jitted step, loss and every gradient within rel 1e-5 (float32), as in test_context_parallel.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import TINY
+
+import train
+from jaxllm import flops, moe, sharding, trainer
+from jaxllm.config import load_config, resolve_model
+from jaxllm.model import Transformer
+
+VOCAB, SEQ, BATCH = 64, 16, 8
+MOE = ["model.n_layer=2", "model.d_model=32", "model.n_head=4", "model.moe.n_experts=4", "model.moe.top_k=2"]
+RTOL = 1e-5
+
+
+def rel(got, want) -> float:
+    return float(np.linalg.norm(np.asarray(got) - np.asarray(want)) / np.linalg.norm(np.asarray(want)))
+
+
+def model_and_params(overrides: list[str], seed: int = 0):
+    cfg = load_config(None, MOE + overrides)
+    model = Transformer(resolve_model(cfg.model, VOCAB, SEQ))
+    tokens = jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (2, SEQ)), jnp.int32)
+    params = jax.jit(lambda t: nn.unbox(model.init(jax.random.PRNGKey(seed), t))["params"])(tokens)
+    return model, params, tokens
+
+
+def apply(model, params, tokens, **kwargs):
+    return jax.jit(lambda p, t: model.apply({"params": p}, t, **kwargs))(params, tokens)
+
+
+def test_capacity_drops_match_a_hand_count_first_choices_first():
+    # 4 tokens, top-2 of 3 experts, capacity 2. Choice-major order: first choices 0,0,0,1 then second
+    # choices 1,1,2,2. Expert 0 keeps tokens 0,1 and drops token 2's first choice; expert 1 keeps token
+    # 3's first choice and token 0's second, dropping token 1's second; expert 2 keeps both: 2 of 8.
+    experts_GxK = jnp.array([[0, 1], [0, 1], [0, 2], [1, 2]])
+    weights_GxK = jnp.full((4, 2), 0.5)
+    x_GxD = jnp.arange(1.0, 5.0)[:, None] * jnp.ones((4, 3))
+    out_GxD, dropped = moe.with_capacity(x_GxD, weights_GxK, experts_GxK, lambda buf: buf, 3, 2)
+    assert float(dropped) == pytest.approx(2 / 8)
+    kept_GxK = np.array([[1, 1], [1, 0], [0, 1], [1, 1]])  # with an identity expert, out = 0.5 x * kept
+    np.testing.assert_allclose(out_GxD, 0.5 * np.asarray(x_GxD) * kept_GxK.sum(1)[:, None])
+
+
+def test_balance_loss_is_one_for_an_even_router_and_n_experts_for_a_collapsed_one():
+    n_tokens, n_experts = 64, 4
+    even_GxE = jnp.zeros((n_tokens, n_experts))
+    probs, _, experts = moe.route(even_GxE, 1)
+    assert float(moe.router_losses(even_GxE, probs, experts)["balance"]) == pytest.approx(1.0)
+    collapsed_GxE = jnp.zeros((n_tokens, n_experts)).at[:, 0].set(30.0)
+    probs, _, experts = moe.route(collapsed_GxE, 1)
+    assert float(moe.router_losses(collapsed_GxE, probs, experts)["balance"]) == pytest.approx(n_experts, rel=1e-6)
+    skewed_GxE = jax.random.normal(jax.random.PRNGKey(0), (n_tokens, n_experts)) + jnp.array([1.0, 0, 0, 0])
+    probs, _, experts = moe.route(skewed_GxE, 1)
+    assert float(moe.router_losses(skewed_GxE, probs, experts)["balance"]) > 1.0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
+def test_one_expert_top1_equals_the_dense_block(arch):
+    model, params, tokens = model_and_params([f"model.arch={arch}", "model.moe.n_experts=1", "model.moe.top_k=1"])
+    dense, dense_params, _ = model_and_params([f"model.arch={arch}", "model.moe.n_experts=0"])
+    mlp = dict(params["blocks"]["mlp"])
+    mlp.pop("router")
+    same = {**params, "blocks": {**params["blocks"], "mlp": jax.tree.map(lambda w: w[:, 0], mlp)}}  # [L, 1, ...] -> [L, ...]
+    assert jax.tree.structure(same) == jax.tree.structure(dense_params)
+    np.testing.assert_allclose(apply(model, params, tokens), apply(dense, same, tokens), rtol=1e-6, atol=1e-6)
+
+
+def experts_everywhere(model, params, tokens):
+    """Reference: every expert on every token (a dense einsum), combined with the router's top-k weights."""
+    c = model.cfg
+
+    def mlp_every_expert(mdl, x_BxTxD):
+        m = mdl.variables["params"]
+        x_GxD = x_BxTxD.reshape(-1, c.d_model)
+        _, weights_GxK, experts_GxK = moe.route(x_GxD @ m["router"]["kernel"], c.moe.top_k)
+        h_EGF = jnp.einsum("gd,edf->egf", x_GxD, m["up"]["kernel"])
+        h_EGF = jax.nn.silu(jnp.einsum("gd,edf->egf", x_GxD, m["gate"]["kernel"])) * h_EGF
+        y_EGD = jnp.einsum("egf,efd->egd", h_EGF, m["down"]["kernel"])
+        combine_GxE = jnp.sum(jax.nn.one_hot(experts_GxK, c.moe.n_experts) * weights_GxK[..., None], axis=1)
+        return jnp.einsum("egd,ge->gd", y_EGD, combine_GxE).reshape(x_BxTxD.shape)
+
+    def intercept(next_fn, args, kwargs, context):
+        if isinstance(context.module, moe.MoEMLP):
+            return mlp_every_expert(context.module, *args)
+        return next_fn(*args, **kwargs)
+
+    def run(p, t):
+        with nn.intercept_methods(intercept):
+            return model.apply({"params": p}, t)
+
+    return jax.jit(run)(params, tokens)
+
+
+@pytest.mark.slow
+def test_dropless_equals_every_expert_on_every_token_weighted():
+    model, params, tokens = model_and_params(["model.arch=llama"])
+    want = experts_everywhere(model, params, tokens)
+    np.testing.assert_allclose(apply(model, params, tokens), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_capacity_without_drops_equals_dropless():
+    overrides = ["model.arch=gpt2"]
+    model, params, tokens = model_and_params(overrides)
+    roomy, _, _ = model_and_params(overrides + ["model.moe.capacity_factor=2.0"])  # C = 2 G k / E = all of G
+    got, sown = apply(roomy, params, tokens, mutable=["moe"])
+    assert float(jnp.max(sown["moe"]["blocks"]["mlp"]["dropped"][0])) == 0.0
+    np.testing.assert_allclose(got, apply(model, params, tokens), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.moe.n_experts=4", "model.moe.top_k=5"], "model.moe.top_k=5 exceeds model.moe.n_experts=4"),
+        (["model.moe.n_experts=4", "model.moe.every=3"], "model.moe.every=3 does not divide model.n_layer=2"),
+        (["model.moe.n_experts=4", "mesh.expert=8"], "model.moe.n_experts=4 is not divisible by mesh.expert=8"),
+        (["model.moe.aux_loss=-1"], "model.moe.aux_loss must be >= 0"),
+        (["model.moe.n_experts=4", "mesh.pipe=2"], "model.moe.n_experts with mesh.pipe > 1 is not supported"),
+    ],
+    ids=["top_k", "every", "expert_axis", "negative_weight", "pipe"],
+)
+def test_bad_moe_config_exits_2_with_one_line(tmp_path, corpus, capsys, overrides, message):
+    args = TINY + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}"]
+    code = train.main([*args, *overrides])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- expert parallelism
+
+BASE = MOE + ["model.arch=llama", f"model.vocab_size={VOCAB}", f"train.seq_len={SEQ}", f"train.batch_size={BATCH}",
+              "optim.warmup_steps=1", "optim.clip_norm=0"]
+LAYOUTS = {
+    "expert2": ["mesh.expert=2", "mesh.data=-1"],
+    "expert4": ["mesh.expert=4", "mesh.data=-1"],
+    "expert8": ["mesh.expert=8", "model.moe.n_experts=8", "mesh.data=1"],
+    "expert2_fsdp2": ["mesh.expert=2", "mesh.fsdp=2", "mesh.data=-1"],
+    "expert2_tensor2": ["mesh.expert=2", "mesh.tensor=2", "mesh.data=-1"],
+    "expert2_data4": ["mesh.expert=2", "mesh.data=4"],
+}
+
+
+def one_step(overrides: list[str], devices: list, initial=None) -> dict:
+    """Loss and gradients of one trainer step; the initial state (host arrays) if none is given."""
+    cfg = load_config(None, BASE + overrides)
+    setup = trainer.build(cfg, resolve_model(cfg.model, VOCAB, SEQ), sharding.make_mesh(cfg.mesh, devices))
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (1, BATCH, SEQ + 1), dtype=np.int32)
+    with setup.context():
+        initial = jax.device_get(setup.init()) if initial is None else initial
+        state, metrics = setup.step(jax.device_put(initial, setup.state_shardings), jax.device_put(tokens, setup.batch_sharding))
+        mu = optax.tree_utils.tree_get(state.opt_state, "mu")
+        grads = jax.tree.map(lambda m: m / (1 - cfg.optim.b1), mu)
+        return jax.device_get({"loss": float(metrics["loss"]), "grads": grads, "initial": initial})
+
+
+@pytest.fixture(scope="module")
+def references() -> dict:
+    return {n: one_step(["model.moe.n_experts=8"] if n == 8 else [], jax.devices()[:1]) for n in (4, 8)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_expert_parallel_step_equals_single_device(references, name):
+    reference = references[8 if "model.moe.n_experts=8" in LAYOUTS[name] else 4]
+    run = one_step(LAYOUTS[name], jax.devices(), reference["initial"])
+    assert abs(run["loss"] - reference["loss"]) <= RTOL * abs(reference["loss"])
+    got = dict(jax.tree_util.tree_leaves_with_path(run["grads"]))
+    for path, want in jax.tree_util.tree_leaves_with_path(reference["grads"]):
+        assert rel(got[path], want) <= RTOL, jax.tree_util.keystr(path)
+
+
+def resolved(overrides: list[str]):
+    return resolve_model(load_config(None, MOE + overrides).model, VOCAB, SEQ)
+
+
+@pytest.mark.parametrize("overrides", [["model.arch=gpt2"], ["model.arch=llama", "model.moe.every=2", "model.moe.d_ff=48"]])
+def test_param_counts_match_the_parameter_tree(overrides):
+    m = resolved(overrides)
+    shapes = jax.eval_shape(lambda: Transformer(m).init(jax.random.PRNGKey(0), jnp.zeros((1, SEQ), jnp.int32)))
+    assert flops.param_counts(m)["total"] == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes["params"])))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_active_weights_are_a_dense_model_top_k_experts_wide_plus_the_router(arch):
+    m = resolved([f"model.arch={arch}", "model.moe.d_ff=48"])
+    wide = resolved([f"model.arch={arch}", "model.moe.n_experts=0", f"model.d_ff={m.moe.top_k * 48}"])
+    router = m.n_layer * m.d_model * m.moe.n_experts
+    assert flops.param_counts(m)["active"] == flops.param_counts(wide)["matmul"] + router
