@@ -41,7 +41,9 @@ LAYOUTS = {
     "context8": ["mesh.context=8", "mesh.data=1"],
     "context2_fsdp2_tensor2": ["mesh.context=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.data=1"],
     "context2_chunked": ["mesh.context=2", "mesh.data=-1", "model.attention=chunked", "model.attention_block=4"],
-    "context2_pipe2": ["mesh.context=2", "mesh.pipe=2", "mesh.data=-1", "model.n_layer=2"],
+    "context2_pipe2": ["mesh.context=2", "mesh.pipe=2", "mesh.data=-1"],
+    "context2_pipe2_1f1b": ["mesh.context=2", "mesh.pipe=2", "mesh.data=-1", "pipeline.schedule=1f1b", "pipeline.microbatches=4"],
+    "context2_tensor2_sequence_parallel": ["mesh.context=2", "mesh.tensor=2", "mesh.sequence_parallel=true", "mesh.data=-1"],
 }
 
 
