@@ -28,10 +28,10 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from jaxllm import sharding, trainer  # noqa: E402
-from jaxllm.config import load_config, resolve_model  # noqa: E402
+from jaxllm import sharding, trainer
+from jaxllm.config import load_config, resolve_model
 
 MODEL = [
     "model.arch=llama",

@@ -168,7 +168,6 @@ def chunked(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask: Mask, bl
 
 def _key_step(carry, q, kv, *, scale: float):
     """One key block folded into the running (max, normaliser, weighted sum) of one query block."""
-    m, l, acc = carry
     q_BxcxqxKxGxH, qpos_Bxcxq, qseg_Bxcxq = q
     k_BxsxKxH, v_BxsxKxH, kpos_Bxs, kseg_Bxs, visible = kv
 
@@ -195,7 +194,7 @@ def splash(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask: Mask) -> 
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    B, T, N, H = q_BxTxNxH.shape
+    T, N, H = q_BxTxNxH.shape[1:]
     S, K = k_BxSxKxH.shape[1:3]
     kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.CausalMask((T, S))] * N), head_shards=1, q_seq_shards=1)
     q_BxNxTxH = jnp.swapaxes(q_BxTxNxH * H**-0.5, 1, 2)

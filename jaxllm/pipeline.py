@@ -286,6 +286,17 @@ def make_loss_fn(model: Transformer, cfg: PipelineConfig, mesh: Mesh, rules: Any
     if cfg.schedule != "1f1b":
         return gpipe_loss
 
+    loss_and_grads = _loss_and_grads_1f1b(model, stage, micro, stages, state_spec, block_shardings)
+    loss_fn = jax.custom_vjp(gpipe_loss)
+    loss_fn.defvjp(loss_and_grads, lambda grads, ct: (jax.tree.map(lambda g: ct * g, grads), None, None))
+    return loss_fn
+
+
+def _loss_and_grads_1f1b(model: Transformer, stage: Callable, micro: int, stages: int, state_spec, block_shardings) -> Callable:
+    """``(params, tokens_BxT1, rng) -> (loss, grads)`` by :func:`run_1f1b`: embedding and head with the
+    loss per micro-batch at the two ends of the pipe, ``stage(w_CxZ, x_bxTxD, rng, positions_T)``
+    between them."""
+
     def loss_and_grads(params, tokens_BxT1, rng):
         rng = jax.random.PRNGKey(0) if rng is None else rng
         inputs_BxT, targets_BxT, positions_T = ordered(tokens_BxT1)
@@ -314,9 +325,7 @@ def make_loss_fn(model: Transformer, cfg: PipelineConfig, mesh: Mesh, rules: Any
         g_blocks = jax.tree.map(lambda g, w: g.reshape(w.shape), g_w, blocks)
         return loss, {**g_rest, "blocks": g_blocks}
 
-    loss_fn = jax.custom_vjp(gpipe_loss)
-    loss_fn.defvjp(loss_and_grads, lambda grads, ct: (jax.tree.map(lambda g: ct * g, grads), None, None))
-    return loss_fn
+    return loss_and_grads
 
 
 def ordered(tokens_BxT1: Array) -> tuple[Array, Array, Array]:

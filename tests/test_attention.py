@@ -4,6 +4,7 @@ choice of kernel refuses what a backend lacks, and decoding through the KV cache
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import flax.linen as nn
 import jax
@@ -36,8 +37,8 @@ def qkv(n_head: int, n_kv: int, T: int = 16, B: int = 2, H: int = 8):
 def packed_segments(B: int, T: int) -> tuple[jax.Array, jax.Array]:
     """Rows of three packed documents: segment ids, and positions restarting at each document."""
     cuts = [0, 5, 11, T]
-    seg = np.concatenate([np.full(b - a, i) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))])
-    pos = np.concatenate([np.arange(b - a) for a, b in zip(cuts, cuts[1:])])
+    seg = np.concatenate([np.full(b - a, i) for i, (a, b) in enumerate(itertools.pairwise(cuts))])
+    pos = np.concatenate([np.arange(b - a) for a, b in itertools.pairwise(cuts)])
     return jnp.asarray(np.tile(seg, (B, 1))), jnp.asarray(np.tile(pos, (B, 1)))
 
 

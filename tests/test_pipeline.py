@@ -182,7 +182,7 @@ def test_trainer_step_runs_the_1f1b_loop_for_gradients(monkeypatch):
     calls = []
     run = pipeline.run_1f1b
     monkeypatch.setattr(pipeline, "run_1f1b", lambda *args: calls.append(args) or run(*args))
-    cfg, setup = make_setup(LAYOUTS["1f1b_pipe2"][0] + ["pipeline.microbatches=4"], jax.devices())
+    _, setup = make_setup(LAYOUTS["1f1b_pipe2"][0] + ["pipeline.microbatches=4"], jax.devices())
     with setup.context():
         state = jax.eval_shape(setup.init)
         jax.eval_shape(setup.step, state, jax.ShapeDtypeStruct((1, BATCH, SEQ + 1), np.int32))
