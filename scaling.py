@@ -79,6 +79,9 @@ def _add_fit(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--entropy-rate", type=float, metavar="H",
                    help="the true irreducible loss in nats/token, when known (a synthetic corpus): "
                         "reported beside approach 3's E")
+    p.add_argument("--fix-E", action="store_true",
+                   help="fix approach 3's E at --entropy-rate and fit A, B, alpha, beta (a handful of budgets leaves "
+                        "E poorly determined)")
     p.set_defaults(run=run_fit)
 
 
@@ -202,7 +205,7 @@ def run_depth(args: argparse.Namespace) -> int:
 def run_fit(args: argparse.Namespace) -> int:
     settings = report_lib.FitSettings(
         csv=str(args.csv), drop_highest_loss=args.drop_highest_loss, resamples=args.bootstrap, seed=args.seed,
-        starts=args.starts, entropy_rate=args.entropy_rate,
+        starts=args.starts, entropy_rate=args.entropy_rate, fix_E=args.fix_E,
         columns={"params": args.params_column, "tokens": args.tokens_column, "flops": args.flops_column,
                  "loss": args.loss_column})
     runs = load_runs(args.csv, args.params_column, args.tokens_column, args.flops_column, args.loss_column,

@@ -352,13 +352,19 @@ def huber_objective(
 
 
 def fit_chinchilla(
-    runs: Runs, starts: np.ndarray = PAPER_STARTS, delta: float = HUBER_DELTA
+    runs: Runs, starts: np.ndarray = PAPER_STARTS, delta: float = HUBER_DELTA, E: float | None = None
 ) -> tuple[ChinchillaLaw, float]:
     """Approach 3: L-BFGS from each of ``starts`` [S, 5], keep the lowest Huber objective.
 
     Returns the law and its objective. Tolerances are tight because the objective is tiny (residuals
-    ~1e-2 times delta 1e-3): scipy's defaults stop far from the minimum.
+    ~1e-2 times delta 1e-3): scipy's defaults stop far from the minimum. ``E`` given fixes the
+    irreducible loss (a corpus of known entropy rate) and fits the other four parameters: a handful
+    of budgets leaves E poorly determined, and a free E may fall below what any model can reach.
     """
+    bounds = None
+    if E is not None:  # equal bounds pin e = log E; the starts' e column then only repeats starts
+        bounds = [(None, None)] * 2 + [(math.log(E), math.log(E))] + [(None, None)] * 2
+        starts = np.unique(np.column_stack([starts[:, :2], np.full(len(starts), math.log(E)), starts[:, 3:]]), axis=0)
     if len(runs) < MIN_LAW_RUNS:
         raise ConfigError(f"approach 3 fits 5 parameters and needs at least {MIN_LAW_RUNS} runs, got {len(runs)}")
     data = (np.log(runs.N), np.log(runs.D), np.log(runs.loss), delta)
@@ -368,7 +374,7 @@ def fit_chinchilla(
     with threadpool_limits(limits=1, user_api="blas"):
         for start in starts:
             result = scipy.optimize.minimize(
-                huber_objective, start, args=data, jac=True, method="L-BFGS-B",
+                huber_objective, start, args=data, jac=True, method="L-BFGS-B", bounds=bounds,
                 options={"maxiter": 1000, "ftol": 1e-15, "gtol": 1e-10},
             )
             # log A, log B, log E beyond ~700 overflow a float: a degenerate fit, not a law.

@@ -67,13 +67,13 @@ class ScalingFit:
         return out
 
 
-def fit_all(runs: Runs, starts: np.ndarray = PAPER_STARTS) -> ScalingFit:
+def fit_all(runs: Runs, starts: np.ndarray = PAPER_STARTS, E: float | None = None) -> ScalingFit:
     """Kaplan's three laws and Chinchilla's three approaches on the same runs.
 
     Kaplan's laws and approaches 1 and 2 are skipped (with the reason) rather than fatal: runs that
     are not an IsoFLOP sweep, such as an N x D grid, still get Kaplan's laws and approach 3.
     """
-    approach3, objective = fit_chinchilla(runs, starts)
+    approach3, objective = fit_chinchilla(runs, starts, E=E)
     profiles = fit_profiles(runs)
     skipped, kaplan = {}, {}
     for name, x in zip("NDC", (runs.N, runs.D, runs.C)):
@@ -104,20 +104,27 @@ class FitSettings:
     seed: int = 0
     starts: str = "paper"  # a key of STARTS
     entropy_rate: float | None = None  # the true irreducible loss, when known
+    fix_E: bool = False  # approach 3's E fixed at entropy_rate, not fitted
 
     def __post_init__(self) -> None:
         if self.resamples < 0:
             raise ConfigError(f"--bootstrap must be >= 0, got {self.resamples}")
+        if self.fix_E and self.entropy_rate is None:
+            raise ConfigError("--fix-E fixes approach 3's E at the true entropy rate: give it with --entropy-rate H")
+
+    @property
+    def fixed_E(self) -> float | None:
+        return self.entropy_rate if self.fix_E else None
 
 
 def fit_with_intervals(
     runs: Runs, settings: FitSettings, progress: Callable[[Iterable[int]], Iterable[int]] = iter
 ) -> tuple[ScalingFit, dict[str, sb.Interval], dict[str, list[float]]]:
     """Every fit of ``runs``, the 95% intervals of its numbers, and the bootstrap draws of each number."""
-    fit = fit_all(runs, STARTS[settings.starts])
+    fit = fit_all(runs, STARTS[settings.starts], settings.fixed_E)
     if not settings.resamples:
         return fit, {}, {}
-    draws = sb.bootstrap_draws(runs, lambda r: fit_all(r, BOOTSTRAP_STARTS).parameters(), settings.resamples,
+    draws = sb.bootstrap_draws(runs, lambda r: fit_all(r, BOOTSTRAP_STARTS, settings.fixed_E).parameters(), settings.resamples,
                                settings.seed, progress)
     found = sb.intervals(draws)
     for name, alloc in (("approach1", fit.approach1), ("approach2", fit.approach2)):
@@ -156,7 +163,7 @@ def fit_report(
     report["approach3"] = {
         "law": "L = E + A / N^alpha + B / D^beta; N_opt = G (C/6)^a, D_opt = C / (6 N_opt)",
         **{key: entry(f"approach3.{key}", params[f"approach3.{key}"]) for key in APPROACH3_KEYS},
-        "huber_objective": fit.objective, "starts": len(STARTS[settings.starts]),
+        "huber_objective": fit.objective, "starts": len(STARTS[settings.starts]), "E_fixed": settings.fix_E,
         "bootstrap_fits": samples("approach3."),
         "bootstrap_draws": {key: draws.get(f"approach3.{key}", []) for key in LAW_KEYS},
     }

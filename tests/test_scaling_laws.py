@@ -11,8 +11,10 @@ import pytest
 from conftest import SHARED_DATA, run_cli
 
 from jaxllm import scaling_laws as sl
+from jaxllm.errors import ConfigError
 from jaxllm.scaling_bootstrap import bootstrap_allocation
 from jaxllm.scaling_csv import load_runs
+from jaxllm.scaling_report import FitSettings
 
 CHINCHILLA_CSV = SHARED_DATA / "chinchilla_epoch_svg_extracted.csv"
 CHINCHILLA_COLUMNS = ["--params-column", "Model Size", "--flops-column", "Training FLOP"]
@@ -45,6 +47,22 @@ def test_approach3_recovers_known_law_parameters_within_5_percent():
     law, _ = sl.fit_chinchilla(runs, sl.BOOTSTRAP_STARTS)
     for name in ("E", "A", "B", "alpha", "beta"):
         assert getattr(law, name) == pytest.approx(getattr(PAPER_LAW, name), rel=0.05), name
+
+
+def test_approach3_with_E_fixed_recovers_the_other_parameters_and_keeps_E():
+    runs = isoflop_sweep(PAPER_LAW, seed=0, noise=0.001)
+    law, _ = sl.fit_chinchilla(runs, sl.BOOTSTRAP_STARTS, E=PAPER_LAW.E)
+    assert law.E == pytest.approx(PAPER_LAW.E, rel=1e-12)
+    for name in ("A", "B", "alpha", "beta"):
+        assert getattr(law, name) == pytest.approx(getattr(PAPER_LAW, name), rel=0.05), name
+    wrong, _ = sl.fit_chinchilla(runs, sl.BOOTSTRAP_STARTS, E=0.9 * PAPER_LAW.E)  # E is not refitted
+    assert wrong.E == pytest.approx(0.9 * PAPER_LAW.E, rel=1e-12)
+
+
+def test_fixing_E_without_a_known_entropy_rate_is_refused():
+    with pytest.raises(ConfigError, match="--entropy-rate"):
+        FitSettings(csv="r.csv", columns={}, fix_E=True)
+    assert FitSettings(csv="r.csv", columns={}, fix_E=True, entropy_rate=2.0).fixed_E == 2.0
 
 
 def test_approach3_optimal_N_minimises_the_law_at_fixed_compute():
