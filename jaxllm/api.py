@@ -1,7 +1,8 @@
 """``jaxllm.load(run_dir)``: a trained model for people, with its config, params and tokenizer.
 
-``jaxllm.load`` also reads a Hugging Face GPT-2 / LLaMA directory (config.json, *.safetensors,
-tokenizer.json), and ``model.save_hf(out_dir)`` writes one back (:mod:`jaxllm.hf`)."""
+``jaxllm.load`` also reads a Hugging Face GPT-2 / LLaMA directory (config.json, *.safetensors, and
+tokenizer.json if it has one: without, ``logits`` and ``generate_ids`` work on token ids), and
+``model.save_hf(out_dir)`` writes one back (:mod:`jaxllm.hf`)."""
 
 from __future__ import annotations
 
@@ -28,13 +29,27 @@ from jaxllm.model import Transformer
 PLACEHOLDER = 0  # token id at a prompt-tuned model's first model.prompt_tokens positions; the model replaces it
 
 
+@dataclass(frozen=True)
+class NoTokenizer:
+    """The tokenizer of a Hugging Face directory of weights alone (as ``transformers`` loads them):
+    every use of text is one line saying so; token ids work (``logits``, ``generate_ids``)."""
+
+    directory: str
+
+    def _refuse(self, *_args) -> Any:
+        raise ConfigError(f"{self.directory} has no {tokenizers.FILENAME}: this model reads and writes token ids "
+                          "only (logits, generate_ids), not text")
+
+    encode = decode = save = _refuse
+
+
 @dataclass
 class LoadedModel:
     """A model ready to use: ``.logits(tokens)`` and ``.generate(prompt, ...)``."""
 
     config: Config
     params: Any
-    tokenizer: tokenizers.Tokenizer
+    tokenizer: tokenizers.Tokenizer | NoTokenizer
 
     def __post_init__(self):
         self.module = Transformer(self.config.model, deterministic=True)
@@ -76,28 +91,33 @@ class LoadedModel:
         cached decoding; temperature 0 = greedy; stops at the tokenizer's end-of-sequence token if it
         has one. ``on_token(i, tokens_B)`` sees each step's tokens as they are chosen."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        ids = self.decoder(
-            self.params,
-            [self.prefix + self.tokenizer.encode(p) for p in prompts],
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_id=gen.eos_id(self.tokenizer),
-            seed=seed,
-            on_token=on_token,
+        ids = self.generate_ids(
+            [self.tokenizer.encode(p) for p in prompts], max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, on_token=on_token, eos_id=gen.eos_id(self.tokenizer),
         )
         texts = [self.tokenizer.decode(row) for row in ids]
         return texts[0] if isinstance(prompt, str) else texts
 
-    def save_hf(self, out_dir: str | Path) -> None:
+    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 100, eos_id: int | None = None,
+                     **sampling) -> list[list[int]]:
+        """The new token ids after each prompt of token ids (one batch), cut before ``eos_id`` if given;
+        ``sampling``: temperature, top_k, top_p, seed, on_token as for :meth:`generate`."""
+        m = self.config.model
+        for p in prompts:
+            gen.check_tokens(np.asarray([p]), m.vocab_size, m.max_seq_len - len(self.prefix))
+        return self.decoder(self.params, [self.prefix + list(p) for p in prompts], max_new_tokens, eos_id=eos_id,
+                            **sampling)
+
+    def save_hf(self, out_dir: str | Path, max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> None:
         """A Hugging Face directory that ``transformers`` loads (``GPT2LMHeadModel`` / ``LlamaForCausalLM``),
-        with this model's ``tokenizer.json`` (jaxllm's own format for byte and char tokenizers)."""
+        with this model's ``tokenizer.json`` if it has one (jaxllm's own format for byte and char
+        tokenizers); weights over ``max_shard_bytes`` go in several files and an index."""
         if self.config.model.prompt_tokens:
             raise ConfigError("a prompt-tuned model has no Hugging Face form (its learned prompt is not a weight "
                               "transformers knows); use it through jaxllm.load")
-        hf.write(self.config.model, self.params, out_dir)
-        self.tokenizer.save(Path(out_dir))
+        hf.write(self.config.model, self.params, out_dir, max_shard_bytes)
+        if not isinstance(self.tokenizer, NoTokenizer) and jax.process_index() == 0:
+            self.tokenizer.save(Path(out_dir))
 
 
 def load(path: str | Path, quantize: str | None = None, group_size: int = 64) -> LoadedModel:
@@ -109,11 +129,12 @@ def load(path: str | Path, quantize: str | None = None, group_size: int = 64) ->
     if quantize is not None:
         quant.check_mode(quantize)
     run_dir = Path(path)
+    tokenizer_optional = False
     if (run_dir / "config.yaml").is_file():
         cfg, params = _read_run(run_dir)
     elif hf.is_hf_dir(run_dir):
-        model_cfg, weights = hf.read(run_dir)
-        cfg, params = Config(model=model_cfg), jax.device_put(weights)
+        model_cfg, params = hf.read(run_dir)
+        cfg, tokenizer_optional = Config(model=model_cfg), True
     else:
         raise ConfigError(
             f"{str(run_dir)!r} is neither a jaxllm run directory (config.yaml) nor a Hugging Face model directory (config.json)"
@@ -121,6 +142,8 @@ def load(path: str | Path, quantize: str | None = None, group_size: int = 64) ->
     _check_params(cfg, params, run_dir)
     if quantize is not None:
         params = quant.quantize_params(Transformer(cfg.model), params, quantize, group_size)
+    if tokenizer_optional and not (run_dir / tokenizers.FILENAME).is_file():
+        return LoadedModel(cfg, params, NoTokenizer(str(run_dir)))
     return LoadedModel(cfg, params, tokenizers.load(run_dir))
 
 

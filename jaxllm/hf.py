@@ -1,17 +1,11 @@
 """Hugging Face weights in and out: ``GPT2LMHeadModel`` and ``LlamaForCausalLM`` directories.
 
-A Hugging Face model directory holds ``config.json``, weights in ``*.safetensors`` and a
-``tokenizer.json``. :func:`read` turns one into a jaxllm model config and parameter tree;
+A Hugging Face model directory holds ``config.json``, weights in ``*.safetensors`` (one file, or
+several named by ``model.safetensors.index.json``) and, optionally, tokenizer files. :func:`read`
+turns one into a jaxllm model config and parameters placed under the run's shardings, streamed a
+block at a time (:mod:`jaxllm.hf_stream`; the tensor layouts are :mod:`jaxllm.hf_layout`);
 :func:`write` does the reverse, and ``transformers`` loads the result. Only safetensors are read:
 pickled ``pytorch_model.bin`` files can run arbitrary code when loaded, so nothing here unpickles.
-
-Layout differences the conversion undoes (per layer ``i``; ours stack layers on a leading axis):
-
-- GPT-2 stores ``Conv1D`` weights as ``[in, out]`` (ours too) with q, k, v fused: ``c_attn [D, 3D]``
-  is split into ``q/k/v kernel [D, N, H]``; ``c_proj [D, D]`` is ``o kernel [N, H, D]`` flattened.
-- LLaMA stores ``nn.Linear`` weights as ``[out, in]``: transposed, then the head axes unflattened.
-  Its rotary embedding already uses the half-split layout of :func:`jaxllm.model.rope`, so q and k
-  need no permutation.
 """
 
 from __future__ import annotations
@@ -24,12 +18,14 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxllm import hf_stream
+from jaxllm import safetensors_io as st
 from jaxllm.config import ModelConfig, validate_model
 from jaxllm.errors import ConfigError
 from jaxllm.fileio import atomic_write, read_json
 
 CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
+MAX_SHARD_BYTES = 5 * 10**9  # per weights file, as transformers' save_pretrained
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -80,6 +76,8 @@ def model_config(hf: dict, where: str) -> ModelConfig:
 def _checked(m: ModelConfig, where: str) -> ModelConfig:
     """``m`` if every size read from ``config.json`` has the right type and makes a valid model."""
     for f in dataclasses.fields(m):
+        if f.default is dataclasses.MISSING:  # a nested config (model.moe): config.json never sets it
+            continue
         value, typ = getattr(m, f.name), type(f.default)
         if isinstance(value, bool) != (typ is bool) or not isinstance(value, (float, int) if typ is float else typ):
             raise ConfigError(f"{where}: {f.name} must be a {typ.__name__}, got {value!r}")
@@ -112,163 +110,42 @@ def hf_config(m: ModelConfig) -> dict:
     }
 
 
-# --------------------------------------------------------------------------- weights
-
-
-def _gpt2_params(w: dict[str, np.ndarray], m: ModelConfig) -> dict:
-    D, N, H, L = m.d_model, m.n_head, m.d_model // m.n_head, m.n_layer
-    w = {k.removeprefix("transformer."): v for k, v in w.items()}
-
-    def stack(name: str, fn=lambda x: x) -> np.ndarray:
-        return np.stack([fn(w[f"h.{i}.{name}"]) for i in range(L)])
-
-    qkv = [stack("attn.c_attn.weight", lambda x, j=j: x[:, j * D : (j + 1) * D].reshape(D, N, H)) for j in range(3)]
-    qkv_b = [stack("attn.c_attn.bias", lambda x, j=j: x[j * D : (j + 1) * D].reshape(N, H)) for j in range(3)]
-    params = {
-        "wte": {"embedding": w["wte.weight"]},
-        "wpe": {"embedding": w["wpe.weight"]},
-        "blocks": {
-            "attn": {
-                **{n: {"kernel": qkv[j], "bias": qkv_b[j]} for j, n in enumerate("qkv")},
-                "o": {"kernel": stack("attn.c_proj.weight", lambda x: x.reshape(N, H, D)), "bias": stack("attn.c_proj.bias")},
-            },
-            "mlp": {
-                "up": {"kernel": stack("mlp.c_fc.weight"), "bias": stack("mlp.c_fc.bias")},
-                "down": {"kernel": stack("mlp.c_proj.weight"), "bias": stack("mlp.c_proj.bias")},
-            },
-            "norm1": {"LayerNorm_0": {"scale": stack("ln_1.weight"), "bias": stack("ln_1.bias")}},
-            "norm2": {"LayerNorm_0": {"scale": stack("ln_2.weight"), "bias": stack("ln_2.bias")}},
-        },
-        "norm_f": {"LayerNorm_0": {"scale": w["ln_f.weight"], "bias": w["ln_f.bias"]}},
-    }
-    if not m.tie_embeddings:
-        params["lm_head"] = {"kernel": w["lm_head.weight"].T}
-    return params
-
-
-def _gpt2_weights(p: dict, m: ModelConfig) -> dict[str, np.ndarray]:
-    D = m.d_model
-    a, b = p["blocks"]["attn"], p["blocks"]["mlp"]
-    n1, n2 = p["blocks"]["norm1"]["LayerNorm_0"], p["blocks"]["norm2"]["LayerNorm_0"]
-    w = {"transformer.wte.weight": p["wte"]["embedding"], "transformer.wpe.weight": p["wpe"]["embedding"]}
-    for i in range(m.n_layer):
-        h = f"transformer.h.{i}."
-        w[h + "ln_1.weight"], w[h + "ln_1.bias"] = n1["scale"][i], n1["bias"][i]
-        w[h + "attn.c_attn.weight"] = np.concatenate([a[n]["kernel"][i].reshape(D, D) for n in "qkv"], axis=1)
-        w[h + "attn.c_attn.bias"] = np.concatenate([a[n]["bias"][i].reshape(D) for n in "qkv"])
-        w[h + "attn.c_proj.weight"], w[h + "attn.c_proj.bias"] = a["o"]["kernel"][i].reshape(D, D), a["o"]["bias"][i]
-        w[h + "ln_2.weight"], w[h + "ln_2.bias"] = n2["scale"][i], n2["bias"][i]
-        w[h + "mlp.c_fc.weight"], w[h + "mlp.c_fc.bias"] = b["up"]["kernel"][i], b["up"]["bias"][i]
-        w[h + "mlp.c_proj.weight"], w[h + "mlp.c_proj.bias"] = b["down"]["kernel"][i], b["down"]["bias"][i]
-    w["transformer.ln_f.weight"] = p["norm_f"]["LayerNorm_0"]["scale"]
-    w["transformer.ln_f.bias"] = p["norm_f"]["LayerNorm_0"]["bias"]
-    if not m.tie_embeddings:
-        w["lm_head.weight"] = p["lm_head"]["kernel"].T
-    return w
-
-
-def _llama_params(w: dict[str, np.ndarray], m: ModelConfig) -> dict:
-    D, N, K, H, L = m.d_model, m.n_head, m.n_kv_head, m.d_model // m.n_head, m.n_layer
-
-    def stack(name: str, fn) -> np.ndarray:
-        return np.stack([fn(w[f"model.layers.{i}.{name}"]) for i in range(L)])
-
-    params = {
-        "wte": {"embedding": w["model.embed_tokens.weight"]},
-        "blocks": {
-            "attn": {
-                "q": {"kernel": stack("self_attn.q_proj.weight", lambda x: x.T.reshape(D, N, H))},
-                "k": {"kernel": stack("self_attn.k_proj.weight", lambda x: x.T.reshape(D, K, H))},
-                "v": {"kernel": stack("self_attn.v_proj.weight", lambda x: x.T.reshape(D, K, H))},
-                "o": {"kernel": stack("self_attn.o_proj.weight", lambda x: x.T.reshape(N, H, D))},
-            },
-            "mlp": {n: {"kernel": stack(f"mlp.{n}_proj.weight", np.transpose)} for n in ("gate", "up", "down")},
-            "norm1": {"RMSNorm_0": {"scale": stack("input_layernorm.weight", lambda x: x)}},
-            "norm2": {"RMSNorm_0": {"scale": stack("post_attention_layernorm.weight", lambda x: x)}},
-        },
-        "norm_f": {"RMSNorm_0": {"scale": w["model.norm.weight"]}},
-    }
-    if not m.tie_embeddings:
-        params["lm_head"] = {"kernel": w["lm_head.weight"].T}
-    return params
-
-
-def _llama_weights(p: dict, m: ModelConfig) -> dict[str, np.ndarray]:
-    D = m.d_model
-    a, b = p["blocks"]["attn"], p["blocks"]["mlp"]
-    w = {"model.embed_tokens.weight": p["wte"]["embedding"], "model.norm.weight": p["norm_f"]["RMSNorm_0"]["scale"]}
-    for i in range(m.n_layer):
-        h = f"model.layers.{i}."
-        for n in "qkv":
-            w[h + f"self_attn.{n}_proj.weight"] = a[n]["kernel"][i].reshape(D, -1).T
-        w[h + "self_attn.o_proj.weight"] = a["o"]["kernel"][i].reshape(-1, D).T
-        for n in ("gate", "up", "down"):
-            w[h + f"mlp.{n}_proj.weight"] = b[n]["kernel"][i].T
-        w[h + "input_layernorm.weight"] = p["blocks"]["norm1"]["RMSNorm_0"]["scale"][i]
-        w[h + "post_attention_layernorm.weight"] = p["blocks"]["norm2"]["RMSNorm_0"]["scale"][i]
-    if not m.tie_embeddings:
-        w["lm_head.weight"] = p["lm_head"]["kernel"].T
-    return w
-
-
 # --------------------------------------------------------------------------- directories
 
 
-def read_weights(directory: Path) -> dict[str, np.ndarray]:
-    """Every tensor of the directory's ``*.safetensors`` files, as float32 numpy arrays."""
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        pickled = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt*"))
-        if pickled:
-            raise ConfigError(
-                f"{directory} holds only pickled weights ({pickled[0]}); jaxllm never unpickles (it can run code). "
-                "Convert them to safetensors, e.g. model.save_pretrained(dir, safe_serialization=True)"
-            )
-        raise ConfigError(f"{directory} has a config.json but no *.safetensors weights")
-    from safetensors import safe_open
-
-    weights = {}
-    for f in files:
-        try:
-            with safe_open(f, framework="flax") as st:  # flax: bfloat16 tensors load too
-                for k in st.keys():  # noqa: SIM118  (a safetensors handle, not a dict: no __iter__)
-                    weights[k] = np.asarray(st.get_tensor(k), dtype=np.float32)
-        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types, and OSError)
-            raise ConfigError(f"{f} is not a readable safetensors file ({' '.join(str(e).split())[:200]})") from None
-    return weights
-
-
-def read(directory: str | Path) -> tuple[ModelConfig, dict]:
-    """``(model config, params)`` of a Hugging Face GPT-2 or LLaMA directory (numpy, float32)."""
-    directory = Path(directory)
+def read_config(directory: Path) -> ModelConfig:
+    """The jaxllm model config of a Hugging Face directory's ``config.json``."""
     where = str(directory / CONFIG)
     hf = read_json(directory / CONFIG, "Hugging Face config")
-    weights = read_weights(directory)
     try:
-        m = _checked(model_config(hf, where), where)
+        return _checked(model_config(hf, where), where)
     except KeyError as e:
         raise ConfigError(f"{where} lacks {e.args[0]!r}") from None
     except TypeError:
         raise ConfigError(f"{where} holds a value of the wrong type for a {hf.get('model_type')} model") from None
-    try:
-        params = (_gpt2_params if m.arch == "gpt2" else _llama_params)(weights, m)
-    except KeyError as e:
-        raise ConfigError(f"{directory}: tensor {e.args[0]!r} is missing for a {hf['model_type']} model") from None
-    except ValueError as e:  # a reshape: the tensors' sizes disagree with config.json
-        raise ConfigError(f"{directory}: the weights' shapes disagree with {CONFIG} ({e})") from None
-    return m, params
 
 
-def write(m: ModelConfig, params: Any, directory: str | Path) -> None:
-    """``config.json`` + ``model.safetensors`` that ``transformers`` loads (the tokenizer is the caller's)."""
-    from safetensors.numpy import save_file
-
-    config = hf_config(m)
-    p = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-    weights = (_gpt2_weights if m.arch == "gpt2" else _llama_weights)(p, m)
+def read(directory: str | Path, shardings: Any = None, dtype=np.float32) -> tuple[ModelConfig, Any]:
+    """``(model config, params)`` of a Hugging Face GPT-2 or LLaMA directory, each parameter under its
+    leaf of ``shardings`` (default: the first device), in ``dtype``; host memory about one tensor."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (WEIGHTS + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(tmp), metadata={"format": "pt"})
-    tmp.replace(directory / WEIGHTS)
-    atomic_write(directory / CONFIG, json.dumps(config, indent=2))
+    m = read_config(directory)
+    return m, hf_stream.load_params(directory, m, shardings, dtype)
+
+
+def write(m: ModelConfig, params: Any, directory: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """``config.json`` + safetensors that ``transformers`` loads (the tokenizer is the caller's): one
+    ``model.safetensors``, or files of at most ``max_shard_bytes`` and an index. Gathers one tensor at a
+    time; in a multi-host run every process calls this and process 0 writes. Weight files an earlier
+    export left in ``directory`` are removed, so ``transformers`` cannot mix the two."""
+    config = hf_config(m)
+    shapes, tensor = hf_stream.stored_tensors(m, params)
+    directory = Path(directory)
+    writer = jax.process_index() == 0
+    if writer:
+        directory.mkdir(parents=True, exist_ok=True)
+    names = st.write(directory, shapes, tensor, np.float32, max_shard_bytes, writer)
+    if writer:
+        for old in st.stale(directory, names):
+            old.unlink()
+        atomic_write(directory / CONFIG, json.dumps(config, indent=2))

@@ -96,7 +96,7 @@ def _edit_config(directory, **changes):
         (lambda d: (d / "model.safetensors").write_bytes(b"PK\x03\x04 a zip, not safetensors"),
          "is not a readable safetensors file"),
         (lambda d: _edit_config(d, n_embd=64), "the weights' shapes disagree with config.json"),
-        (lambda d: _edit_config(d, vocab_size=256), r"parameter \['wte'\]\['embedding'\] is \(128, 32\) but its config"),
+        (lambda d: _edit_config(d, vocab_size=256), r"tensor 'transformer.wte.weight' is \(128, 32\) but config.json describes \(256, 32\)"),
         (lambda d: _edit_config(d, n_layer="two"), "n_layer must be a int, got 'two'"),
         (lambda d: _edit_config(d, n_layer=0), "n_layer must be positive"),
         (lambda d: _edit_config(d, n_embd=None), "holds a value of the wrong type"),

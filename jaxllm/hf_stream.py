@@ -1,0 +1,175 @@
+"""Hugging Face weights straight into sharded parameters, and back out, a tensor at a time.
+
+Import: each parameter is built with ``jax.make_array_from_callback`` under its sharding; the
+callback reads from the safetensors files only the block its device holds (:mod:`jaxllm.safetensors_io`)
+and maps it through the layout (:mod:`jaxllm.hf_layout`). A stacked parameter ``[L, ...]`` is filled
+one layer at a time on the devices (a donated in-place update), so the host never holds more than
+one stored tensor, whatever the model's size. Everything is checked (names, shapes, dtypes) from the
+files' headers before a byte of weights is read.
+
+Export: each stored tensor is gathered from its parameter's shards alone (all processes take part
+in a multi-host gather), and written by process 0.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+from jaxllm import hf_layout as layout
+from jaxllm import safetensors_io as st
+from jaxllm.config import ModelConfig
+from jaxllm.errors import ConfigError
+from jaxllm.model import Transformer
+
+
+def abstract_params(m: ModelConfig) -> Any:
+    """The model's parameters as ``jax.ShapeDtypeStruct`` leaves (boxed with their logical names)."""
+    dummy = jnp.zeros((1, m.max_seq_len), jnp.int32)
+    return jax.eval_shape(lambda: Transformer(m).init(jax.random.PRNGKey(0), dummy)["params"])
+
+
+def _check(directory: Path, key: str, src: layout.Source, shape: tuple, entries: dict, m: ModelConfig) -> None:
+    """The stored tensor ``src`` names exists for every layer, with a float dtype and the shape config.json implies."""
+    expected = src.stored_shape(shape[1:] if layout.is_stacked(key) else shape)
+    for layer in range(shape[0]) if layout.is_stacked(key) else [None]:
+        name = src.tensor(layer)
+        if name not in entries:
+            raise ConfigError(f"{directory}: tensor {name!r} is missing for a {m.arch} model")
+        e = entries[name]
+        if e.dtype not in st.DTYPES:
+            raise ConfigError(f"{e.path}: tensor {name!r} is {e.dtype}; jaxllm's parameters take floating-point "
+                              f"weights ({', '.join(st.DTYPES)})")
+        if e.shape != expected:
+            raise ConfigError(f"{directory}: tensor {name!r} is {e.shape} but config.json describes {expected}; "
+                              "the weights' shapes disagree with config.json")
+
+
+def _bounding(blocks: list[tuple[slice, ...]]) -> tuple[slice, ...]:
+    return tuple(slice(min(s.start for s in axis), max(s.stop for s in axis)) for axis in zip(*blocks))
+
+
+def _reader(src: layout.Source, e: st.Entry, shape: tuple, sharding, stacked: bool):
+    """A ``make_array_from_callback`` callback for ``src`` (of ``shape``; ``stacked``: the array has
+    one more, leading, axis of size 1) under ``sharding``. Reads once the bounding box of the blocks
+    this process's devices hold (the whole tensor on one host, a part of it on many) and hands each
+    device a view of it (the layout only transposes and splits axes: no copies)."""
+    lead = int(stacked)
+    indices = [i[lead:] for i in sharding.addressable_devices_indices_map((1,) * lead + shape).values()]
+    box = _bounding([src.stored_block(shape, index) for index in indices])
+    stored = st.read_block(e, box)
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        index = index[lead:]
+        block = src.stored_block(shape, index)
+        within = tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(block, box))
+        return src.to_param(stored[within], shape, index)[(None,) * lead]
+
+    return read
+
+
+def _layer_sharding(sharding):
+    """``sharding`` for one layer ``[1, ...]`` of a stacked parameter: its layers axis whole."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    return NamedSharding(sharding.mesh, PartitionSpec(None, *tuple(sharding.spec)[1:]))
+
+
+@functools.cache
+def _zeros(shape: tuple, dtype, sharding):
+    return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)
+
+
+@functools.cache
+def _cast(dtype, sharding):
+    return jax.jit(lambda x: x.astype(dtype), out_shardings=sharding)
+
+
+@functools.cache
+def _set_layer(sharding):
+    def update(stacked_LxS, layer_1xS, i):  # the layer arrives in the checkpoint's dtype: cast on the devices
+        return jax.lax.dynamic_update_slice_in_dim(stacked_LxS, layer_1xS.astype(stacked_LxS.dtype), i, 0)
+
+    return jax.jit(update, out_shardings=sharding, donate_argnums=0)
+
+
+def _load(key: str, src: layout.Source, shape: tuple, sharding, entries: dict, dtype) -> jax.Array:
+    """One parameter, in ``dtype``, read a stored tensor at a time in the checkpoint's dtype."""
+    if not layout.is_stacked(key):
+        stored = jax.make_array_from_callback(shape, sharding, _reader(src, entries[src.tensor(None)], shape, sharding, False))
+        if stored.dtype == np.dtype(dtype):
+            return stored
+        param = _cast(np.dtype(dtype), sharding)(stored)
+        stored.delete()  # as a layer's, below
+        return param
+    inner, one = shape[1:], _layer_sharding(sharding)
+    stacked = _zeros(shape, np.dtype(dtype), sharding)()
+    for i in range(shape[0]):
+        layer = jax.make_array_from_callback((1, *inner), one, _reader(src, entries[src.tensor(i)], inner, one, True))
+        stacked = _set_layer(sharding)(stacked, layer, np.int32(i))
+        # the CPU backend keeps the read buffer as the layer's own: free it before the next read
+        layer.delete()
+    return stacked
+
+
+def load_params(directory: Path, m: ModelConfig, shardings: Any = None, dtype=np.float32) -> Any:
+    """The model's parameters from a Hugging Face directory's safetensors, each placed under its leaf
+    of ``shardings`` (a tree like the params; default: all on the first device), in ``dtype``."""
+    directory = Path(directory)
+    boxed = abstract_params(m)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), nn.unbox(boxed))
+    table, entries = layout.sources(m), st.catalog(directory)
+    keys = [jax.tree_util.keystr(path) for path, _ in leaves]
+    missing = [k for k in keys if k not in table]
+    if missing:
+        raise ConfigError(f"parameter {missing[0]} of this {m.arch} model has no Hugging Face tensor")
+    for k, (_, leaf) in zip(keys, leaves):
+        _check(directory, k, table[k], leaf.shape, entries, m)
+    arrays = [_load(k, table[k], leaf.shape, s, entries, dtype)
+              for k, (_, leaf), s in zip(keys, leaves, jax.tree.leaves(shardings))]
+    return jax.tree_util.tree_unflatten(treedef, arrays)
+
+
+def _host(x) -> np.ndarray:
+    """``x`` whole on this host: a gather of every process's shards when no process holds them all."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def stored_tensors(m: ModelConfig, params: Any) -> tuple[dict[str, tuple], Any]:
+    """``(shapes, tensor)``: each Hugging Face tensor's shape, and ``tensor(name)`` that gathers and
+    lays out that one tensor from ``params`` (a fused GPT-2 ``c_attn`` from its three parameters).
+    Leaves need only a ``shape`` for the shapes (``jax.ShapeDtypeStruct`` will do)."""
+    table = layout.sources(m)
+    flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    parts: dict[str, list] = {}
+    for key, src in table.items():
+        layers = range(flat[key].shape[0]) if layout.is_stacked(key) else [None]
+        for i in layers:
+            parts.setdefault(src.tensor(i), []).append((src.part[0], key, i))
+
+    def inner_shape(key: str) -> tuple:
+        return flat[key].shape[1:] if layout.is_stacked(key) else flat[key].shape
+
+    shapes = {name: table[p[0][1]].stored_shape(inner_shape(p[0][1])) for name, p in parts.items()}
+
+    def tensor(name: str) -> np.ndarray:
+        pieces = []
+        for _, key, i in sorted(parts[name]):
+            value = _host(flat[key] if i is None else flat[key][i])
+            pieces.append(table[key].to_stored(value, inner_shape(key)))
+        return layout.fuse(pieces)
+
+    return shapes, tensor
