@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY, run_cli
 
 from jaxllm import attention
 from jaxllm.config import ModelConfig, resolve_model
@@ -98,6 +99,15 @@ def test_kernels_a_backend_lacks_are_refused_in_one_line():
         attention.resolve("cudnn", "tpu", "bfloat16")
     with pytest.raises(ConfigError, match="cudnn needs model.dtype=bfloat16"):
         attention.resolve("cudnn", "gpu", "float32")
+
+
+def test_train_py_on_a_backend_without_the_kernel_exits_2_in_one_line(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*TINY, f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={run_dir}"]
+    out = run_cli("train.py", *args, "model.attention=splash")
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: model.attention=splash needs a TPU (this is cpu); use chunked or auto"
+    assert not run_dir.exists()
 
 
 def test_auto_takes_the_fused_kernel_or_says_once_that_it_falls_back(capsys):
