@@ -120,9 +120,11 @@ class LoadedModel:
             self.tokenizer.save(Path(out_dir))
 
 
-def load(path: str | Path, quantize: str | None = None, group_size: int = 64) -> LoadedModel:
+def load(path: str | Path, quantize: str | None = None, group_size: int = 64, shardings: Any = None) -> LoadedModel:
     """Loads the latest checkpoint of a jaxllm run directory, or a Hugging Face GPT-2 / LLaMA directory
-    (safetensors only), onto the default device.
+    (safetensors only), onto the default device; a Hugging Face directory streams instead into
+    ``shardings`` when given (a tree like the params, e.g. ``sharding.logical_shardings`` of the run's
+    mesh), each device reading only its blocks.
 
     ``quantize``: ``"int8"`` (per output channel) or ``"int4"`` (per ``group_size`` input rows) stores
     every matmul weight as integers, dequantized inside the matmul (:mod:`jaxllm.quantize`)."""
@@ -133,7 +135,7 @@ def load(path: str | Path, quantize: str | None = None, group_size: int = 64) ->
     if (run_dir / "config.yaml").is_file():
         cfg, params = _read_run(run_dir)
     elif hf.is_hf_dir(run_dir):
-        model_cfg, params = hf.read(run_dir)
+        model_cfg, params = hf.read(run_dir, shardings)
         cfg, tokenizer_optional = Config(model=model_cfg), True
     else:
         raise ConfigError(

@@ -104,10 +104,10 @@ def _load(key: str, src: layout.Source, shape: tuple, sharding, entries: dict, d
     """One parameter, in ``dtype``, read a stored tensor at a time in the checkpoint's dtype."""
     if not layout.is_stacked(key):
         stored = jax.make_array_from_callback(shape, sharding, _reader(src, entries[src.tensor(None)], shape, sharding, False))
-        if stored.dtype == np.dtype(dtype):
-            return stored
+        # a copy even when the dtypes agree: on the CPU backend `stored` may alias the read buffer,
+        # shared by every device that holds the same block
         param = _cast(np.dtype(dtype), sharding)(stored)
-        stored.delete()  # as a layer's, below
+        stored.delete()
         return param
     inner, one = shape[1:], _layer_sharding(sharding)
     stacked = _zeros(shape, np.dtype(dtype), sharding)()
