@@ -120,6 +120,7 @@ def pipelined_run(name: str, m_per_p: int, initial: trainer.TrainState) -> dict:
 
 
 @pytest.mark.parametrize("name,m_per_p", CASES)
+@pytest.mark.slow
 def test_pipelined_loss_and_gradients_equal_single_device(reference, name, m_per_p):
     run = pipelined_run(name, m_per_p, reference["initial"])
     assert abs(run["loss"] - reference["loss"]) <= RTOL * abs(reference["loss"])

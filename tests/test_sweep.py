@@ -63,6 +63,7 @@ def test_a_budget_too_small_for_its_models_is_refused_before_training():
         plan([1e6], ladder(SHAPES), sizes=5, tokens_per_param=20, tokens_per_step=128, seq_len=16)
 
 
+@pytest.mark.slow
 def test_sweep_writes_results_csv_then_skips_finished_runs(tmp_path, corpus, monkeypatch):
     cfg = load_config(None, TINY_SWEEP + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
                                           "sweep.budgets=6e8"], cls=SweepConfig)
