@@ -332,7 +332,7 @@ def table(result: dict) -> str:
 def search_table(result: dict, top: int = 12) -> str:
     """The ranked candidates, then the winner's overrides on one line."""
     header = (f"{'#':>3} {'data':>5}{'fsdp':>5}{'tens':>5}{'pipe':>5}{'M':>4}{'remat':>6}{'GiB':>8}{'compiled':>9}"
-              f"{'fits':>6}{'ms/step':>9}{'tok/s':>10}{'MFU':>6}  bound")
+              f"{'fits':>6}{'ms/step':>9}{'tok/s':>11}{'MFU':>7}  bound")
     rows = [header]
     for i, r in enumerate(result["candidates"][:top], 1):
         m = r["mesh"]
@@ -340,8 +340,8 @@ def search_table(result: dict, top: int = 12) -> str:
         rows.append(
             f"{i:>3} {m['data']:>5}{m['fsdp']:>5}{m['tensor']:>5}{m['pipe']:>5}{r['microbatches'] or '-':>4}"
             f"{'on' if r['remat'] else 'off':>6}{_gib(r['analytic_bytes']['total']):>8}{compiled:>9}"
-            f"{'yes' if r['fits'] else 'no':>6}{r['step_time_s'] * 1e3:>9.1f}{r['tokens_per_sec']:>10,.0f}"
-            f"{r['mfu']:>6.1%}  {r['bound']}"
+            f"{'yes' if r['fits'] else 'no':>6}{r['step_time_s'] * 1e3:>9.1f}{r['tokens_per_sec']:>11,.0f}"
+            f"{r['mfu']:>7.1%}  {r['bound']}"
         )
     best = result["candidates"][0]
     if "note" in best:
