@@ -115,8 +115,10 @@ def hf_config(m: ModelConfig) -> dict:
 
 def read_config(directory: Path) -> ModelConfig:
     """The jaxllm model config of a Hugging Face directory's ``config.json``."""
-    where = str(directory / CONFIG)
-    hf = read_json(directory / CONFIG, "Hugging Face config")
+    return _config_of(read_json(directory / CONFIG, "Hugging Face config"), str(directory / CONFIG))
+
+
+def _config_of(hf: dict, where: str) -> ModelConfig:
     try:
         return _checked(model_config(hf, where), where)
     except KeyError as e:
@@ -129,8 +131,10 @@ def read(directory: str | Path, shardings: Any = None, dtype=np.float32) -> tupl
     """``(model config, params)`` of a Hugging Face GPT-2 or LLaMA directory, each parameter under its
     leaf of ``shardings`` (default: the first device), in ``dtype``; host memory about one tensor."""
     directory = Path(directory)
-    m = read_config(directory)
-    return m, hf_stream.load_params(directory, m, shardings, dtype)
+    raw = read_json(directory / CONFIG, "Hugging Face config")
+    entries = st.catalog(directory)  # before the config's keys: pickles or damaged files say so first
+    m = _config_of(raw, str(directory / CONFIG))
+    return m, hf_stream.load_params(directory, m, shardings, dtype, entries)
 
 
 def write(m: ModelConfig, params: Any, directory: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:

@@ -119,15 +119,17 @@ def _load(key: str, src: layout.Source, shape: tuple, sharding, entries: dict, d
     return stacked
 
 
-def load_params(directory: Path, m: ModelConfig, shardings: Any = None, dtype=np.float32) -> Any:
-    """The model's parameters from a Hugging Face directory's safetensors, each placed under its leaf
-    of ``shardings`` (a tree like the params; default: all on the first device), in ``dtype``."""
+def load_params(directory: Path, m: ModelConfig, shardings: Any = None, dtype=np.float32, entries=None) -> Any:
+    """The model's parameters from a Hugging Face directory's safetensors (``entries``: its
+    :func:`safetensors_io.catalog`, if already read), each placed under its leaf of ``shardings`` (a
+    tree like the params; default: all on the first device), in ``dtype``."""
     directory = Path(directory)
     boxed = abstract_params(m)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))
     if shardings is None:
         shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), nn.unbox(boxed))
-    table, entries = layout.sources(m), st.catalog(directory)
+    table = layout.sources(m)
+    entries = st.catalog(directory) if entries is None else entries
     keys = [jax.tree_util.keystr(path) for path, _ in leaves]
     missing = [k for k in keys if k not in table]
     if missing:
