@@ -38,6 +38,7 @@ def test_golden_loss_of_the_first_two_steps(tiny_cfg, tmp_path):
     assert l2 == pytest.approx(5.525421619415283, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_tiny_corpus(tiny_cfg, tmp_path):
     cfg = tiny_cfg("train.steps=60", "optim.lr=3e-3", "log.every=10", "eval.every=60")
     summary = trainer.train(cfg, one_device())
@@ -46,6 +47,7 @@ def test_loss_falls_on_a_tiny_corpus(tiny_cfg, tmp_path):
     assert summary["eval_loss"] < 3.0
 
 
+@pytest.mark.slow
 def test_accumulating_two_half_batches_equals_one_full_batch(tiny_cfg):
     import jax.numpy as jnp
 
@@ -110,6 +112,7 @@ def test_nan_loss_stops_training_naming_the_step(tiny_cfg):
         trainer.train(cfg, one_device())
 
 
+@pytest.mark.slow
 def test_sigkill_after_a_checkpoint_then_rerun_gives_bitwise_identical_losses(tmp_path, corpus):
     args = TINY + [
         f"data.source={corpus}",
@@ -137,6 +140,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_bitwise_identical_losses(tm
     assert losses(killed_dir) == losses(tmp_path / "ref")  # exact float equality, every step
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path, corpus):
     args = TINY + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=100000",
                    f"run.dir={tmp_path / 'run'}", "log.every=10"]
