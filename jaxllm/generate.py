@@ -133,11 +133,14 @@ def cache_slots(cfg: ModelConfig, width: int, n_new: int) -> int:
 def init_cache(cfg: ModelConfig, batch: int, slots: int | None = None) -> dict:
     """Zero keys and values ``[L, B, S, K, H]`` (S = ``slots``, default the whole context) in the compute
     dtype, laid out as the model's ``cache`` collection (mirrors ``params['blocks']['attn']``; the
-    scan adds the layers axis)."""
+    scan adds the layers axis). With ``model.moe.every`` = k > 1 the scan runs groups of k blocks:
+    ``[L / k, ...]`` per block of a group."""
     S = cfg.max_seq_len if slots is None else slots
-    shape = (cfg.n_layer, batch, S, cfg.n_kv_head, cfg.d_model // cfg.n_head)
+    k = cfg.moe.every if cfg.moe.n_experts else 1
+    shape = (cfg.n_layer // k, batch, S, cfg.n_kv_head, cfg.d_model // cfg.n_head)
     zeros = jnp.zeros(shape, compute_dtype(cfg))
-    return {"blocks": {"attn": {"key": zeros, "value": zeros}}}
+    attn = {"attn": {"key": zeros, "value": zeros}}
+    return {"blocks": attn if k == 1 else {f"block{i}": attn for i in range(k)}}
 
 
 def _decode(

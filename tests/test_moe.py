@@ -15,10 +15,12 @@ import numpy as np
 import optax
 import pytest
 from conftest import TINY
+from test_generate import greedy_by_full_forward
 
 import train
 from jaxllm import flops, moe, sharding, trainer
 from jaxllm.config import load_config, resolve_model
+from jaxllm.generate import Decoder
 from jaxllm.model import Transformer
 
 VOCAB, SEQ, BATCH = 64, 16, 8
@@ -201,3 +203,14 @@ def test_active_weights_are_a_dense_model_top_k_experts_wide_plus_the_router(arc
     wide = resolved([f"model.arch={arch}", "model.moe.n_experts=0", f"model.d_ff={m.moe.top_k * 48}"])
     router = m.n_layer * m.d_model * m.moe.n_experts
     assert flops.param_counts(m)["active"] == flops.param_counts(wide)["matmul"] + router
+
+
+@pytest.mark.slow
+def test_cached_decoding_of_grouped_moe_blocks_equals_greedy_full_forward():
+    # every=2: the scan runs groups of two blocks, and the KV cache must follow (generate.init_cache)
+    m = resolve_model(load_config(None, MOE + ["model.arch=llama", "model.n_layer=4", "model.moe.every=2"]).model, VOCAB, 32)
+    model = Transformer(m)
+    params = jax.jit(lambda t: nn.unbox(model.init(jax.random.PRNGKey(0), t))["params"])(jnp.zeros((1, 8), jnp.int32))
+    prompt = [3, 1, 4, 1, 5]
+    want, _ = greedy_by_full_forward(model, params, prompt, 6)
+    assert Decoder(m)(params, [prompt], 6, temperature=0.0) == [want]
