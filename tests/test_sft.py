@@ -54,6 +54,7 @@ def test_loss_mask_covers_exactly_the_assistant_tokens():
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.slow
 def test_packed_batch_gives_the_same_per_example_losses_as_unpacked(arch):
     model, params = tiny(arch)
     packed = batch()
@@ -105,6 +106,7 @@ def test_lora_with_zero_b_leaves_the_logits_unchanged():
     np.testing.assert_array_equal(logits(model, with_lora(params), 2.0), logits(model, params))
 
 
+@pytest.mark.slow
 def test_lora_trains_only_its_own_parameters():
     model, params = tiny()
     start = with_lora(params)
@@ -122,6 +124,7 @@ def test_lora_merges_into_plain_weights_with_the_same_logits():
     assert not np.allclose(plain, logits(model, params), atol=1e-4)  # the update did something
 
 
+@pytest.mark.slow
 def test_prompt_tuning_trains_only_the_virtual_tokens():
     model, params = tiny(prompt_tokens=4)
     start = peft.prompt_init(params, 4, jax.random.PRNGKey(3))

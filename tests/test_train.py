@@ -87,6 +87,7 @@ def test_run_directory_holds_every_output(tiny_cfg, tmp_path):
     assert isinstance(eval_rows[-1]["sample"], str) and eval_rows[-1]["sample"]
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_shape_is_refused_not_overwritten(tiny_cfg, tmp_path):
     trainer.train(tiny_cfg("train.steps=1", "checkpoint.every=1"), one_device())
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
@@ -95,6 +96,7 @@ def test_checkpoint_of_another_model_shape_is_refused_not_overwritten(tiny_cfg, 
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_cfg, tmp_path, capsys):
     trainer.train(tiny_cfg("train.steps=4", "checkpoint.every=2", "checkpoint.keep=3"), one_device())
     latest = tmp_path / "run" / "checkpoints" / "4" / "state"
@@ -106,6 +108,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_cfg, tmp_path
     assert "checkpoint 4 is unreadable" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_training_naming_the_step(tiny_cfg):
     cfg = tiny_cfg("train.steps=30", "optim.lr=1e12", "optim.clip_norm=0", "optim.warmup_steps=0")
     with pytest.raises(trainer.TrainingDiverged, match=r"loss became (nan|inf) at step \d+.*Last good checkpoint: none"):
