@@ -46,6 +46,7 @@ def two_checkpoints(finished_run, tmp_path):
     return tmp_path / "run"
 
 
+@pytest.mark.slow
 def test_optimizer_change_is_refused_naming_the_keys_and_nothing_moves(two_checkpoints, tiny_cfg):
     before = {p: p.read_bytes() for p in two_checkpoints.rglob("*") if p.is_file()}
     with pytest.raises(ConfigError, match=r"checkpoint 4 .* another configuration \(only in the checkpoint: opt_state\.1\.0\.count.*"
@@ -71,6 +72,7 @@ def damage(run_dir, step: int) -> None:
     data.write_bytes(bytes(raw))
 
 
+@pytest.mark.slow
 def test_flipped_bytes_fail_the_checksums_and_the_previous_checkpoint_is_used(two_checkpoints, tiny_cfg, capsys):
     damage(two_checkpoints, 4)
     summary = trainer.train(tiny_cfg("checkpoint.every=2", "checkpoint.keep=3", "train.steps=5"), one_device())
@@ -96,6 +98,7 @@ def test_no_intact_checkpoint_stops_the_run_instead_of_starting_over(two_checkpo
     assert (two_checkpoints / "metrics.jsonl").read_bytes() == metrics
 
 
+@pytest.mark.slow
 def test_divergence_between_log_steps_leaves_a_finite_newest_checkpoint_that_resumes(two_checkpoints, tiny_cfg):
     diverging = tiny_cfg("train.steps=12", "optim.lr=1e30", "log.every=10", "checkpoint.every=2", "checkpoint.keep=2")
     with pytest.raises(trainer.TrainingDiverged, match=r"NaN or Inf by step 6 .*Last good checkpoint: step 4 in "):
@@ -126,6 +129,7 @@ def test_a_second_writer_of_a_run_directory_is_refused(tiny_cfg, tmp_path):
     assert not (run_dir / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_folder(tiny_cfg, tmp_path, monkeypatch):
     def no_space(*_args, **_kwargs):  # what tensorstore raises when a write hits ENOSPC
         raise ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x\": Failed to write 6761 bytes: "

@@ -131,6 +131,7 @@ def test_prompt_tuning_trains_only_the_virtual_tokens():
     assert_only_trainable_changed(start, train_steps(model, start, "prompt"), "prompt")
 
 
+@pytest.mark.slow
 def test_adapters_start_as_the_identity_and_train_only_themselves():
     model, params = tiny(adapter_dim=8)
     base_model, base = tiny()
