@@ -80,6 +80,7 @@ def losses(run_dir) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
+@pytest.mark.slow
 def test_training_with_a_teacher_at_alpha_0_follows_training_without_one(runs):
     teacher, _ = runs("teacher", "model.d_model=64")
     plain, _ = runs("plain")
@@ -88,6 +89,7 @@ def test_training_with_a_teacher_at_alpha_0_follows_training_without_one(runs):
     assert len(losses(plain)) == 4
 
 
+@pytest.mark.slow
 def test_teacher_with_another_vocabulary_exits_2_with_one_line_and_writes_nothing(runs, tmp_path):
     teacher, _ = runs("char_teacher", "data.tokenizer=char", "train.steps=1")
     corpus = tmp_path / "corpus.txt"

@@ -70,7 +70,8 @@ def test_balance_loss_is_one_for_an_even_router_and_n_experts_for_a_collapsed_on
     assert float(moe.router_losses(skewed_GxE, probs, experts)["balance"]) > 1.0
 
 
-@pytest.mark.parametrize("arch", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_one_expert_top1_equals_the_dense_block(arch):
     model, params, tokens = model_and_params([f"model.arch={arch}", "model.moe.n_experts=1", "model.moe.top_k=1"])
     dense, dense_params, _ = model_and_params([f"model.arch={arch}", "model.moe.n_experts=0"])

@@ -103,6 +103,7 @@ def test_init_from_neither_run_nor_hf_directory_is_refused(tmp_path, capsys):
     assert_one_line_error(*run(capsys, f"init.from={tmp_path}"), "neither a jaxllm run directory", "nor a Hugging Face")
 
 
+@pytest.mark.slow
 def test_data_parallel_lora_run_writes_eval_json_and_a_loadable_merged_model(tmp_path, base_run, capsys):
     run_dir = tmp_path / "sft"
     code, err = run(
@@ -120,6 +121,7 @@ def test_data_parallel_lora_run_writes_eval_json_and_a_loadable_merged_model(tmp
     assert np.isfinite(np.asarray(loaded.logits(np.zeros((1, 4), np.int32)))).all()
 
 
+@pytest.mark.slow
 def test_prompt_tuned_run_loads_with_its_prompt_in_front_of_every_input(tmp_path, base_run, capsys):
     run_dir = tmp_path / "sft"
     code, err = run(
@@ -172,6 +174,7 @@ def finished_sft(base_run, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_the_same_sft_twice_into_one_directory_resumes_and_rewrites_nothing(base_run, finished_sft, tmp_path, capsys):
     shutil.copytree(finished_sft, tmp_path / "sft")
     args = [f"init.from={base_run}", f"run.dir={tmp_path / 'sft'}", *SMALL]
@@ -186,6 +189,7 @@ def test_the_same_sft_twice_into_one_directory_resumes_and_rewrites_nothing(base
     assert steps == [1, 2]
 
 
+@pytest.mark.slow
 def test_sft_of_another_config_into_an_existing_run_is_refused(base_run, finished_sft, tmp_path, capsys):
     shutil.copytree(finished_sft, tmp_path / "sft")
     args = [f"init.from={base_run}", f"run.dir={tmp_path / 'sft'}", *SMALL]
