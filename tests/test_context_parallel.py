@@ -8,16 +8,16 @@ moved by the zig-zag split would show.
 
 from __future__ import annotations
 
+import equality
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 import pytest
 from conftest import run_cli
+from equality import rel
 from test_attention import packed_segments
 
-from jaxllm import attention, sharding, trainer
+from jaxllm import attention, sharding
 from jaxllm.config import MeshConfig, load_config, resolve_model
 from jaxllm.model import Transformer
 
@@ -49,24 +49,12 @@ LAYOUTS = {
 
 def one_step(overrides: list[str], devices: list, initial=None) -> dict:
     """Loss and gradients of one trainer step; the initial state (host arrays) if none is given."""
-    cfg = load_config(None, BASE + overrides)
-    setup = trainer.build(cfg, resolve_model(cfg.model, VOCAB, SEQ), sharding.make_mesh(cfg.mesh, devices))
-    tokens = np.random.default_rng(0).integers(0, VOCAB, (1, BATCH, SEQ + 1), dtype=np.int32)
-    with setup.context():
-        initial = jax.device_get(setup.init()) if initial is None else initial
-        state, metrics = setup.step(jax.device_put(initial, setup.state_shardings), jax.device_put(tokens, setup.batch_sharding))
-        mu = optax.tree_utils.tree_get(state.opt_state, "mu")
-        grads = jax.tree.map(lambda m: m / (1 - cfg.optim.b1), mu)
-        return jax.device_get({"loss": float(metrics["loss"]), "grads": grads, "initial": initial})
+    return equality.one_step(BASE + overrides, devices, VOCAB, SEQ, BATCH, initial)
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
     return one_step([], jax.devices()[:1])
-
-
-def rel(got, want) -> float:
-    return float(np.linalg.norm(np.asarray(got) - np.asarray(want)) / np.linalg.norm(np.asarray(want)))
 
 
 @pytest.mark.slow

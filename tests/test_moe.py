@@ -8,17 +8,18 @@ own jitted step, loss and every gradient within rel 1e-5 (float32), as in test_c
 
 from __future__ import annotations
 
+import equality
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from conftest import TINY
+from equality import rel
 from test_generate import greedy_by_full_forward
 
 import train
-from jaxllm import flops, moe, sharding, trainer
+from jaxllm import flops, moe
 from jaxllm.config import load_config, resolve_model
 from jaxllm.generate import Decoder
 from jaxllm.model import Transformer
@@ -26,10 +27,6 @@ from jaxllm.model import Transformer
 VOCAB, SEQ, BATCH = 64, 16, 8
 MOE = ["model.n_layer=2", "model.d_model=32", "model.n_head=4", "model.moe.n_experts=4", "model.moe.top_k=2"]
 RTOL = 1e-5
-
-
-def rel(got, want) -> float:
-    return float(np.linalg.norm(np.asarray(got) - np.asarray(want)) / np.linalg.norm(np.asarray(want)))
 
 
 def model_and_params(overrides: list[str], seed: int = 0):
@@ -160,15 +157,7 @@ LAYOUTS = {
 
 def one_step(overrides: list[str], devices: list, initial=None) -> dict:
     """Loss and gradients of one trainer step; the initial state (host arrays) if none is given."""
-    cfg = load_config(None, BASE + overrides)
-    setup = trainer.build(cfg, resolve_model(cfg.model, VOCAB, SEQ), sharding.make_mesh(cfg.mesh, devices))
-    tokens = np.random.default_rng(0).integers(0, VOCAB, (1, BATCH, SEQ + 1), dtype=np.int32)
-    with setup.context():
-        initial = jax.device_get(setup.init()) if initial is None else initial
-        state, metrics = setup.step(jax.device_put(initial, setup.state_shardings), jax.device_put(tokens, setup.batch_sharding))
-        mu = optax.tree_utils.tree_get(state.opt_state, "mu")
-        grads = jax.tree.map(lambda m: m / (1 - cfg.optim.b1), mu)
-        return jax.device_get({"loss": float(metrics["loss"]), "grads": grads, "initial": initial})
+    return equality.one_step(BASE + overrides, devices, VOCAB, SEQ, BATCH, initial)
 
 
 @pytest.fixture(scope="module")
