@@ -1,7 +1,8 @@
 """Generating text: prefill the prompt into a key/value cache, then decode one token per step.
 
     prefill:  one forward pass over the (right-padded) prompts; every layer writes the keys and
-              values of positions 0..P-1 into its cache ``[L, B, S, K, H]`` (S = max_seq_len).
+              values of positions 0..P-1 into its cache ``[L, B, S, K, H]`` (S cache slots:
+              the longest prompt plus the new tokens, rounded up to 64, at most max_seq_len).
     decode:   a jitted ``lax.while_loop``; each step feeds one token per row at that row's own
               position, appends its keys/values, attends to the cache up to that position, samples.
 
