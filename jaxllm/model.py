@@ -307,13 +307,13 @@ class Transformer(nn.Module):
             self.lm_head = Linear((c.d_model,), (c.vocab_size,), ("embed", "vocab"), 0.02, False, compute_dtype(c))
 
     def embed(self, tokens_BxT: Array, positions_BxT: Array) -> Array:
-        # Lookups read whole rows: gather the tables' FSDP-sharded embed dimension first, as for any
-        # weight (otherwise XLA must move that sharding from D to the batch, which it does by full
-        # rematerialisation). The vocabulary stays split over tensor.
-        table_VxD = constrain(self.wte.embedding, ("vocab", None)).astype(compute_dtype(self.cfg))
+        # Lookups read whole rows: by default (the rules' "embed_rows") the tables' FSDP-sharded embed
+        # dimension is gathered first, as for any weight (otherwise XLA must move that sharding from D
+        # to the batch, which it does by full rematerialisation). The vocabulary stays split over tensor.
+        table_VxD = constrain(self.wte.embedding, ("vocab", "embed_rows")).astype(compute_dtype(self.cfg))
         x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0)
         if self.cfg.arch == "gpt2":
-            x_BxTxD = x_BxTxD + jnp.take(constrain(self.wpe.embedding, (None, None)), positions_BxT, axis=0).astype(x_BxTxD.dtype)
+            x_BxTxD = x_BxTxD + jnp.take(constrain(self.wpe.embedding, (None, "embed_rows")), positions_BxT, axis=0).astype(x_BxTxD.dtype)
         x_BxTxD = self.drop(x_BxTxD, deterministic=self.deterministic)
         if self.cfg.prompt_tokens:  # positions 0..P-1 hold the learned prompt, whatever their tokens
             P = self.cfg.prompt_tokens

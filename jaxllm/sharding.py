@@ -39,6 +39,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("q_seq", None),  # positions of queries, MLP hidden, logits (split by context parallelism only)
     ("kv_seq", None),  # positions of keys and values: whole on every device (context parallelism gathers them)
     ("embed", "fsdp"),
+    ("embed_rows", None),  # the embedding tables' width where rows are looked up: gathered first
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
