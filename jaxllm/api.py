@@ -178,15 +178,6 @@ def _read_run(run_dir: Path) -> tuple[Config, Any]:
         checkpointer.close()
 
 
-def _intact(state: Any, meta: dict) -> bool:
-    """Whether every array matches the checksum saved beside it (by name: a state restored for inference
-    is a plain dict, whose leaves come in another order than the saved train state's)."""
-    if "checksums" not in meta:  # written before checkpoints carried checksums
-        return True
-    saved = dict(zip(meta["layout"], meta["checksums"]))
-    return dict(zip(ckpt.layout(state), ckpt.fingerprint(state)[1])) == saved
-
-
 def _newest_readable(checkpointer: ckpt.Checkpointer, run_dir: Path) -> Any:
     """The newest checkpoint's state that restores, warning about each newer one that does not. Nothing
     is moved or renamed: loading only reads (training's restore sets unreadable ones aside)."""
@@ -197,7 +188,7 @@ def _newest_readable(checkpointer: ckpt.Checkpointer, run_dir: Path) -> Any:
         except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many types for a damaged checkpoint)
             failures.append(f"{step} ({type(e).__name__})")
             continue
-        if not _intact(state, meta):
+        if not ckpt.intact(state, meta):
             failures.append(f"{step} (fails its checksums)")
             continue
         if failures:

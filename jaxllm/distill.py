@@ -24,13 +24,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import yaml
 
 from jaxllm import checkpoint as ckpt
 from jaxllm import sharding
 from jaxllm import tokenizer as tokenizers
 from jaxllm.config import DistillConfig, ModelConfig, from_dict
 from jaxllm.errors import ConfigError
+from jaxllm.fileio import read_yaml
 from jaxllm.model import Transformer, cross_entropy
 
 
@@ -81,7 +81,7 @@ def _teacher_config(run_dir: Path) -> ModelConfig:
         raise ConfigError(f"distill.teacher={str(run_dir)!r} is not a jaxllm run directory (no config.yaml)")
     if not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").iterdir()):
         raise ConfigError(f"distill.teacher={str(run_dir)!r} has no checkpoint yet")
-    return from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())).model
+    return from_dict(read_yaml(run_dir / "config.yaml", "teacher run config")).model
 
 
 def check_teacher(path: str, student: ModelConfig, tokenizer: tokenizers.Tokenizer, seq_len: int, pipe: int) -> None:
