@@ -4,9 +4,11 @@ tests build their mesh from ``jax.devices()[:1]``), tiny configs, a tiny corpus,
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # Many tests (and their subprocesses, which inherit the environment) compile the very same programs:
@@ -86,3 +88,16 @@ def run_cli(script: str, *args: str, devices: int | None = 1, cwd: Path = ROOT, 
         [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
         check=False,
     )
+
+
+def kill_after_checkpoint(script: str, args: list[str], run_dir: Path, step: int) -> None:
+    """Runs ``python SCRIPT ARGS run.dir=RUN_DIR`` on one faked CPU device and SIGKILLs it as soon as
+    checkpoint ``step`` is on disk (or after 120 s): a crash that gives the process no chance to save."""
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *args, f"run.dir={run_dir}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / str(step)).is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

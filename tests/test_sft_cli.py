@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, kill_after_checkpoint, run_cli
 
 import jaxllm
 from jaxllm import checkpoint as ckpt
@@ -215,14 +210,7 @@ def test_sft_sigkill_after_a_checkpoint_then_rerun_gives_bitwise_identical_losse
     ref = run_cli("sft.py", *args, f"run.dir={tmp_path / 'ref'}")
     assert ref.returncode == 0, ref.stderr
     killed = tmp_path / "killed"
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sft.py"), *args, f"run.dir={killed}"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoints" / "8").is_dir() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint("sft.py", args, killed, 8)
     resumed = run_cli("sft.py", *args, f"run.dir={killed}")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step" in resumed.stderr

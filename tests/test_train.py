@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, run_cli
+from conftest import ROOT, TINY, kill_after_checkpoint, run_cli
 
 from jaxllm import trainer
 from jaxllm.errors import ConfigError
@@ -126,17 +126,8 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_bitwise_identical_losses(tm
     ]
     ref = run_cli("train.py", *args, f"run.dir={tmp_path / 'ref'}")
     assert ref.returncode == 0, ref.stderr
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu"}
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args, f"run.dir={killed_dir}"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while not (killed_dir / "checkpoints" / "10").is_dir() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint("train.py", args, killed_dir, 10)
     resumed = run_cli("train.py", *args, f"run.dir={killed_dir}")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step" in resumed.stderr
