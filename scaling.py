@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from jaxllm import scaling_report as report_lib
 from jaxllm.config import help_text, load_config
-from jaxllm.errors import ConfigError, UserError, exit_on_user_error
+from jaxllm.errors import ArgumentParser, ConfigError, UserError, exit_on_user_error
 from jaxllm.fileio import write_json
 from jaxllm.run_manager import Interrupted
 from jaxllm.scaling_csv import load_runs
@@ -38,16 +38,9 @@ DEPTH_CONFIG = CONFIGS / "depth_cpu.yaml"
 DEFAULT_OUT = Path("runs/scaling")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors become one ``error: ...`` line and exit 2, like every UserError."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="scaling.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser = ArgumentParser(prog="scaling.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     _add_fit(commands)
     _add_predict(commands)
     _add_forecast(commands)
