@@ -151,6 +151,7 @@ def report(pending: list[tuple[int, Any]], parts: Parts, meter: Throughput, save
         "tokens_per_sec": tps,
         "mfu": parts.mfu(tps),
         "layer_grad_norms": [float(x) for x in m["layer_grad_norms"]],
+        **{k: np.asarray(v).tolist() for k, v in m.items() if k.startswith("moe_")},  # per MoE layer
     }
 
 

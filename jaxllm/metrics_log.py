@@ -54,10 +54,52 @@ class MetricsLog:
                     self.writer.add_scalar(k, v, record["step"])
             for i, v in enumerate(record.get("layer_grad_norms", [])):
                 self.writer.add_scalar(f"layer_grad_norm/{i}", v, record["step"])
+            for tag, v in _moe_scalars(record):
+                self.writer.add_scalar(tag, v, record["step"])
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _moe_scalars(record: dict) -> list[tuple[str, float]]:
+    """TensorBoard tags of the router's per-layer statistics: ``moe_load/layer{i}/expert{e}``,
+    ``moe_dropped/layer{i}``, ``moe_balance/layer{i}``, ``moe_z/layer{i}``."""
+    tags = [(f"moe_load/layer{i}/expert{e}", f) for i, row in enumerate(record.get("moe_load", [])) for e, f in enumerate(row)]
+    for key in ("moe_dropped", "moe_balance", "moe_z"):
+        tags += [(f"{key}/layer{i}", v) for i, v in enumerate(record.get(key, []))]
+    return tags
+
+
+def plot_expert_load(metrics_path: Path, out: Path) -> None:
+    """Each MoE layer's expert load (fraction of assignments per expert) against the step, as a PNG;
+    nothing for a dense model. An even router holds every expert at 1 / E (dotted)."""
+    rows = [r for r in fileio.read_jsonl(metrics_path, "metrics file", torn_tail_ok=True) if "moe_load" in r]
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    n_layers, n_experts = len(rows[0]["moe_load"]), len(rows[0]["moe_load"][0])
+    fig, axes = plt.subplots(n_layers, 1, figsize=(7, 1.2 + 2.2 * n_layers), sharex=True, squeeze=False)
+    for i, ax in enumerate(axes[:, 0]):
+        for e in range(n_experts):
+            ax.plot(steps, [r["moe_load"][i][e] for r in rows], lw=1, label=f"expert {e}")
+        ax.axhline(1 / n_experts, ls=":", color="grey")
+        dropped = rows[-1].get("moe_dropped", [0.0] * n_layers)[i]
+        ax.set_ylabel(f"MoE layer {i}\nload")
+        ax.set_title(f"MoE layer {i}: {100 * dropped:.1f}% of assignments dropped at step {steps[-1]}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7, ncol=min(n_experts, 8))
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
 
 
 def plot_losses(metrics_path: Path, out: Path) -> None:

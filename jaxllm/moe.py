@@ -39,6 +39,7 @@ from jaxllm.config import ModelConfig
 
 Array = jax.Array
 COLLECTION = "moe"
+STATS = ("load", "dropped", "balance", "z")  # the sown statistics that training logs
 
 
 def _init(std: float, axes: tuple[str | None, ...]) -> Any:
@@ -209,3 +210,14 @@ def loss(collections: dict) -> Array:
     sown = collections.get(COLLECTION, {})
     leaves = jax.tree_util.tree_leaves_with_path(sown)
     return sum((jnp.sum(v) for p, v in leaves if getattr(p[-2], "key", None) == "loss"), jnp.zeros((), jnp.float32))
+
+
+def telemetry(collections: dict) -> dict[str, Array]:
+    """The sown statistics of every MoE layer, in layer order: ``moe_load`` ``[L_moe, E]``, ``moe_dropped``,
+    ``moe_balance`` and ``moe_z`` ``[L_moe]`` (unweighted); empty for a dense model."""
+    by_name: dict[str, list[Array]] = {}
+    for path, v in jax.tree_util.tree_leaves_with_path(collections.get(COLLECTION, {})):
+        name = getattr(path[-2], "key", None)
+        if name in STATS:  # scanned layers sow with a leading layers axis (groups of ``every`` blocks)
+            by_name.setdefault(name, []).append(v.reshape((-1, v.shape[-1]) if name == "load" else (-1,)))
+    return {f"moe_{name}": jnp.concatenate(parts).astype(jnp.float32) for name, parts in by_name.items()}

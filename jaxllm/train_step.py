@@ -34,16 +34,28 @@ def layer_grad_norms(grads) -> jax.Array:
 
 
 def make_loss_fn(model: Transformer) -> Callable:
-    """``loss(params, tokens_BxT1, rng) -> mean next-token cross-entropy`` (nats), plus the weighted
-    router losses of mixture-of-experts layers (``jaxllm.moe.loss``; none in a dense model)."""
+    """``loss(params, tokens_BxT1, rng) -> (loss, stats)``: the mean next-token cross-entropy (nats) plus
+    the weighted router losses of mixture-of-experts layers (``jaxllm.moe.loss``), and the router's
+    statistics to log (``jaxllm.moe.telemetry``); both extras are absent from a dense model."""
 
     def loss_fn(params, tokens_BxT1, rng):
         logits_BxTxV, sown = model.apply(
             {"params": params}, tokens_BxT1[:, :-1], rngs={"dropout": rng}, mutable=[moe.COLLECTION]
         )
-        return cross_entropy(logits_BxTxV, tokens_BxT1[:, 1:])[0] + moe.loss(sown)
+        return cross_entropy(logits_BxTxV, tokens_BxT1[:, 1:])[0] + moe.loss(sown), moe.telemetry(sown)
 
     return loss_fn
+
+
+def with_stats(loss_fn: Callable) -> Callable:
+    """``loss_fn`` returning ``(loss, stats)``: a loss function may return the loss alone (fine-tuning,
+    distillation, the pipeline), or with a dict of arrays to log, averaged over micro-batches."""
+
+    def loss_and_stats(*args):
+        out = loss_fn(*args)
+        return out if isinstance(out, tuple) else (out, {})
+
+    return loss_and_stats
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr_schedule: optax.Schedule) -> Callable:
@@ -55,12 +67,14 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr_sche
         def micro(carry, xs):
             grads_sum, loss_sum = carry
             tokens_BxT1, i = xs
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens_BxT1, jax.random.fold_in(rng, i))
-            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), None
+            (loss, stats), grads = jax.value_and_grad(with_stats(loss_fn), has_aux=True)(
+                state.params, tokens_BxT1, jax.random.fold_in(rng, i)
+            )
+            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), stats
 
         accum = tokens_AxBxT1.shape[0]
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, loss), _ = jax.lax.scan(micro, (zeros, 0.0), (tokens_AxBxT1, jnp.arange(accum)))
+        (grads, loss), stats_A = jax.lax.scan(micro, (zeros, 0.0), (tokens_AxBxT1, jnp.arange(accum)))
         grads = jax.tree.map(lambda g: g / accum, grads)
         loss = loss / accum
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -70,6 +84,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr_sche
             "grad_norm": optax.tree.norm(grads),
             "lr": lr_schedule(state.step),
             "layer_grad_norms": layer_grad_norms(grads),
+            **jax.tree.map(lambda s_A: jnp.mean(s_A, axis=0), stats_A),
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

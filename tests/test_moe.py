@@ -19,9 +19,9 @@ from equality import rel
 from test_generate import greedy_by_full_forward
 
 import train
-from jaxllm import flops, moe
+from jaxllm import fileio, flops, moe
 from jaxllm.config import load_config, resolve_model
-from jaxllm.generate import Decoder
+from jaxllm.decode import Decoder
 from jaxllm.model import Transformer
 
 VOCAB, SEQ, BATCH = 64, 16, 8
@@ -204,3 +204,62 @@ def test_cached_decoding_of_grouped_moe_blocks_equals_greedy_full_forward():
     prompt = [3, 1, 4, 1, 5]
     want, _ = greedy_by_full_forward(model, params, prompt, 6)
     assert Decoder(m)(params, [prompt], 6, temperature=0.0) == [want]
+
+
+def crafted_router_params(params, even_logits_E, constant_logits_E):
+    """Layer 0 routes a token by its parity (even ids get ``even_logits_E``, odd ids their negation);
+    layer 1 routes every token by ``constant_logits_E``. Layer 0 sees the embedding alone (positions,
+    attention and its experts zeroed); the embedding of token t is +-(e0 - e1), which LayerNorm turns
+    into +-sqrt(D/2) (e0 - e1); layer 1's norm2 has scale 0 and bias e0, so every token routes alike."""
+    p = jax.tree.map(np.array, params)
+    D = p["wte"]["embedding"].shape[1]
+    sign_V = np.where(np.arange(p["wte"]["embedding"].shape[0]) % 2 == 0, 1.0, -1.0)
+    p["wte"]["embedding"][:] = 0.0
+    p["wte"]["embedding"][:, 0], p["wte"]["embedding"][:, 1] = sign_V, -sign_V
+    p["wpe"]["embedding"][:] = 0.0
+    p["blocks"]["attn"]["o"]["kernel"][0] = 0.0
+    for name in ("up", "down"):
+        p["blocks"]["mlp"][name]["kernel"][0] = 0.0
+    router = p["blocks"]["mlp"]["router"]["kernel"]
+    router[:] = 0.0
+    router[0, 0] = np.asarray(even_logits_E) / np.sqrt(D / 2)
+    norm2 = p["blocks"]["norm2"]
+    norm2["scale"][1], norm2["bias"][1] = 0.0, np.eye(D)[0]
+    router[1, 0] = constant_logits_E
+    return p
+
+
+@pytest.mark.slow
+def test_logged_expert_load_and_drops_match_a_hand_count(tmp_path):
+    # Two micro-batches of 2 x 8 tokens (G = 16 each), 4 experts, top-2, capacity factor 1: C = 8.
+    # Layer 0: even tokens go to experts 0 and 1, odd ones to 2 and 3. Micro-batch 0 holds 10 even
+    # tokens (experts 0, 1 get 10 each, 2 dropped from each), micro-batch 1 holds 4 (experts 2, 3 get
+    # 12 each, 4 dropped from each). Layer 1: every token to experts 1 and 3 (16 each, 8 dropped each).
+    import optax
+
+    from jaxllm import loop
+    from jaxllm.metrics_log import MetricsLog, plot_expert_load
+    from jaxllm.train_step import TrainState, make_loss_fn, make_train_step
+
+    model, params, _ = model_and_params(["model.arch=gpt2", "model.moe.capacity_factor=1.0"])
+    params = crafted_router_params(params, [3.0, 2.0, -2.0, -3.0], [0.0, 3.0, 1.0, 2.0])
+    odd_AxG = np.arange(16)[None, :] < np.array([[6], [12]])  # 10 and 4 even tokens
+    inputs_AxBxT = (2 * np.arange(16) + odd_AxG).reshape(2, 2, 8)
+    tokens_AxBxT1 = np.concatenate([inputs_AxBxT, np.zeros((2, 2, 1), int)], axis=-1).astype(np.int32)
+    tx = optax.sgd(0.0)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
+    step = jax.jit(make_train_step(make_loss_fn(model), tx, optax.constant_schedule(0.0)))
+    _, metrics = step(state, jnp.asarray(tokens_AxBxT1))
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", 0, True, None)
+    parts = loop.Parts(step=None, batch_at=None, save=None, checkpoint_dir=tmp_path, log=log, mfu=lambda tps: 0.0,
+                       tokens_per_step=64, context=None)
+    log.write(loop.report([(1, metrics)], parts, loop.Throughput(64), None))
+    record = fileio.read_jsonl(tmp_path / "metrics.jsonl", "metrics")[0]
+
+    want_load = np.mean([[10, 10, 6, 6], [4, 4, 12, 12]], axis=0) / 32
+    np.testing.assert_allclose(record["moe_load"], [want_load, [0, 0.5, 0, 0.5]], rtol=1e-6)
+    np.testing.assert_allclose(record["moe_dropped"], [np.mean([4 / 32, 8 / 32]), 16 / 32], rtol=1e-6)
+    assert len(record["moe_balance"]) == len(record["moe_z"]) == 2
+    plot_expert_load(tmp_path / "metrics.jsonl", tmp_path / "expert_load.png")
+    assert (tmp_path / "expert_load.png").stat().st_size > 0
