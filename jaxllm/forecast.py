@@ -2,9 +2,10 @@
 
 For a budget C, approach 3's law L = E + A/N^alpha + B/D^beta (fitted to the sweep's runs, read
 from fit.json) gives the compute-optimal N_opt. The run takes the shape of the sweep's own family
-nearest to N_opt in log N: the sweep's ladder ``sweep.shapes``, continued past its largest model at
-the same depth in steps of one head's width. Its steps give D = C / 6N tokens with the shape's own
-N (the sweep's counting, ``flops.param_counts()["matmul"]``), and the rest of its config is the
+nearest to N_opt in log N: the sweep's ladder ``sweep.shapes`` with the gaps between its rungs filled
+one head's width at a time, continued past its largest model at the same depth in the same steps.
+Its steps give D = C / 6N tokens with the shape's own N (the sweep's counting,
+``flops.param_counts()["matmul"]``), and the rest of its config is the
 sweep's (``sweep.json``), as a sweep run of that shape would be. The predicted loss is the law at
 that run's N and D, and its 95% interval the same from each bootstrap refit of the law stored in
 fit.json. The interval is the fit's uncertainty given the sweep's runs; it knows nothing of the
@@ -98,9 +99,20 @@ def check_budget(C: float, budgets: list[float]) -> None:
 
 
 def shape_family(ladder: list[Shape], count: Callable[[Shape], int], N_target: float) -> list[Shape]:
-    """The sweep's ladder, then its largest model's depth at widths growing by one head until N >= N_target."""
-    largest = max(ladder, key=count)
-    family, shape = list(ladder), largest
+    """The sweep's ladder, its gaps filled one head wider at a time at the depth of the smaller rung, then
+    its largest model's depth at widths growing by one head until N >= N_target.
+
+    The fill is there because a sweep's ladder is coarse (1x96 to 1x128 is 1.75x in N): the nearest rung
+    can be 30% off N_opt, and a run off the frontier tests the law away from where the forecast is made.
+    """
+    rungs = sorted(ladder, key=count)
+    family = list(ladder)
+    for small, big in zip(rungs, rungs[1:]):
+        widths = range(small.d_model + HEAD_SIZE, big.d_model, HEAD_SIZE)
+        family += [s for s in (Shape(small.n_layer, w) for w in widths)
+                   if count(small) < count(s) < count(big) and s not in family]
+    largest = rungs[-1]
+    shape = largest
     while count(shape) < N_target:
         shape = Shape(largest.n_layer, shape.d_model + HEAD_SIZE)
         family.append(shape)

@@ -79,6 +79,24 @@ def test_the_family_continues_the_largest_shape_of_the_ladder_one_head_wider_at_
     assert forecast.shape_family(ladder, count, 10.0) == ladder
 
 
+def test_the_family_fills_the_ladders_gaps_one_head_wider_at_a_time_at_the_smaller_rungs_depth():
+    ladder = [Shape(1, 96), Shape(1, 128), Shape(3, 32), Shape(2, 64)]
+    family = forecast.shape_family(ladder, count, 10.0)
+    assert family[:4] == ladder
+    assert set(family[4:]) == {Shape(3, 40), Shape(3, 48), Shape(1, 104), Shape(1, 112), Shape(1, 120)}
+    # only shapes between the two rungs in N: 3x56 outgrows 2x64, and 2x72 outgrows 1x96
+    assert count(Shape(3, 56)) > count(Shape(2, 64)) and count(Shape(2, 72)) > count(Shape(1, 96))
+
+
+def test_a_run_between_two_rungs_is_within_half_a_head_step_of_N_opt_not_the_rungs_gap():
+    C = 1.5e14  # N_opt ~ 8e4, between the ladder's 1x64 (53k) and 1x96 (117k)
+    p = forecast.plan(LAW, [LAW], C, LADDER, count, TOKENS_PER_STEP)
+    assert count(Shape(1, 64)) < p.N_opt < count(Shape(1, 96))
+    step = math.log(count(Shape(1, p.shape.d_model + 8)) / count(Shape(1, p.shape.d_model - 8))) / 2
+    assert abs(math.log(p.N / p.N_opt)) <= step / 2 + 1e-9
+    assert p.shape not in LADDER
+
+
 # --- the command, on a tiny sweep ----------------------------------------------------------------------
 
 TINY_SWEEP = ["train.seq_len=16", "train.batch_size=8", "eval.batches=2", "log.every=5", "optim.warmup_steps=2",
