@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm import checkpoint as ckpt
-from jaxllm import sharding
+from jaxllm import moe, sharding
 from jaxllm import tokenizer as tokenizers
 from jaxllm.config import DistillConfig, ModelConfig, from_dict
 from jaxllm.errors import ConfigError
@@ -49,15 +49,18 @@ def kl_to_teacher(student_BxTxV: jax.Array, teacher_BxTxV: jax.Array, temperatur
 
 
 def make_loss_fn(student: Transformer, teacher: Transformer, temperature: float, alpha: float) -> Callable:
-    """``loss(params, tokens_BxT1, rng, teacher_params) -> the mixed loss`` (nats)."""
+    """``loss(params, tokens_BxT1, rng, teacher_params) -> the mixed loss`` (nats), plus the weighted
+    router losses of a mixture-of-experts student (``jaxllm.moe.loss``), whatever ``alpha``."""
 
     def loss_fn(params, tokens_BxT1, rng, teacher_params):
         inputs_BxT, targets_BxT = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
-        logits_BxTxV = student.apply({"params": params}, inputs_BxT, rngs={"dropout": rng})
+        logits_BxTxV, sown = student.apply(
+            {"params": params}, inputs_BxT, rngs={"dropout": rng}, mutable=[moe.COLLECTION]
+        )
         teacher_BxTxV = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, inputs_BxT))
         ce = cross_entropy(logits_BxTxV, targets_BxT)[0]
         kl = kl_to_teacher(logits_BxTxV, teacher_BxTxV, temperature)
-        return (1.0 - alpha) * ce + alpha * temperature**2 * kl
+        return (1.0 - alpha) * ce + alpha * temperature**2 * kl + moe.loss(sown)
 
     return loss_fn
 

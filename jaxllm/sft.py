@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import api, chat, loop, peft, sharding, tasks, trainer
+from jaxllm import api, chat, loop, moe, peft, sharding, tasks, trainer
 from jaxllm import checkpoint as ckpt
 from jaxllm import generate as gen
 from jaxllm.config import (
@@ -99,20 +99,24 @@ def validate_sft(cfg: SFTConfig) -> None:
 # --------------------------------------------------------------------------- the model
 
 
-def forward(model: Transformer, params: dict, lora_scale: float, tokens_BxT, positions_BxT, segments_BxT=None, rngs=None):
-    """Logits ``[B, T, V]`` of the fine-tuned model, whatever the method (see :mod:`jaxllm.peft`)."""
+def forward(model: Transformer, params: dict, lora_scale: float, tokens_BxT, positions_BxT, segments_BxT=None, rngs=None,
+            mutable=False):
+    """Logits ``[B, T, V]`` of the fine-tuned model, whatever the method (see :mod:`jaxllm.peft`); with
+    ``mutable`` (``[moe.COLLECTION]``), ``(logits, collections)`` as ``Module.apply`` returns them."""
     variables = {"params": peft.model_params(params, lora_scale)}
-    return model.apply(variables, tokens_BxT, positions_BxT, segments_BxT, rngs=rngs)
+    return model.apply(variables, tokens_BxT, positions_BxT, segments_BxT, rngs=rngs, mutable=mutable)
 
 
 def make_loss_fn(model: Transformer, mask: dict, lora_scale: float) -> Callable:
-    """``loss(params, batch_Bx5xT, rng)``: cross-entropy over the assistant tokens of a packed batch."""
+    """``loss(params, batch_Bx5xT, rng) -> (loss, stats)``: cross-entropy over the assistant tokens of a
+    packed batch, plus a mixture of experts' router losses; ``stats``: the router's (``moe.telemetry``)."""
 
     def loss_fn(params, batch_Bx5xT, rng):
         params = peft.stop_frozen(params, mask)
         b = batch_Bx5xT
-        logits = forward(model, params, lora_scale, b[:, chat.INPUTS], b[:, chat.POSITIONS], b[:, chat.SEGMENTS], {"dropout": rng})
-        return cross_entropy(logits, b[:, chat.TARGETS], b[:, chat.MASK].astype(jnp.float32))[0]
+        logits, sown = forward(model, params, lora_scale, b[:, chat.INPUTS], b[:, chat.POSITIONS], b[:, chat.SEGMENTS],
+                               {"dropout": rng}, mutable=[moe.COLLECTION])
+        return cross_entropy(logits, b[:, chat.TARGETS], b[:, chat.MASK].astype(jnp.float32))[0] + moe.loss(sown), moe.telemetry(sown)
 
     return loss_fn
 

@@ -263,3 +263,42 @@ def test_logged_expert_load_and_drops_match_a_hand_count(tmp_path):
     assert len(record["moe_balance"]) == len(record["moe_z"]) == 2
     plot_expert_load(tmp_path / "metrics.jsonl", tmp_path / "expert_load.png")
     assert (tmp_path / "expert_load.png").stat().st_size > 0
+
+
+def pretraining_loss_and_router_term(model, params, tokens_BxT1):
+    """``(pre-training loss, its router term)``: ``train_step``'s MoE loss and that loss minus the cross-entropy."""
+    from jaxllm.model import cross_entropy
+    from jaxllm.train_step import make_loss_fn
+
+    loss, _ = jax.jit(make_loss_fn(model))(params, tokens_BxT1, jax.random.PRNGKey(0))
+    ce = cross_entropy(apply(model, params, tokens_BxT1[:, :-1]), tokens_BxT1[:, 1:])[0]
+    return float(loss), float(loss - ce)
+
+
+@pytest.mark.slow
+def test_distillation_loss_carries_the_router_losses():
+    from jaxllm import distill
+
+    model, params, tokens = model_and_params(["model.moe.aux_loss=1.0", "model.moe.router_z_loss=1.0"])
+    tokens_BxT1 = jnp.concatenate([tokens, tokens[:, :1]], axis=1)[:, : SEQ]
+    want, router_term = pretraining_loss_and_router_term(model, params, tokens_BxT1)
+    assert router_term > 0.5  # the balance loss alone is >= 1 at weight 1
+    got = jax.jit(distill.make_loss_fn(model, model, 2.0, 0.0))(params, tokens_BxT1, jax.random.PRNGKey(0), params)
+    assert float(got) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_fine_tuning_loss_carries_the_router_losses():
+    from jaxllm import chat, peft, sft
+
+    model, params, tokens = model_and_params(["model.moe.aux_loss=1.0", "model.moe.router_z_loss=1.0"])
+    tokens_BxT1 = jnp.concatenate([tokens, tokens[:, :1]], axis=1)[:, : SEQ]
+    want, router_term = pretraining_loss_and_router_term(model, params, tokens_BxT1)
+    assert router_term > 0.5
+    B, T = tokens_BxT1.shape[0], SEQ - 1
+    rows = {chat.INPUTS: tokens_BxT1[:, :-1], chat.TARGETS: tokens_BxT1[:, 1:], chat.MASK: jnp.ones((B, T), jnp.int32),
+            chat.POSITIONS: jnp.broadcast_to(jnp.arange(T), (B, T)), chat.SEGMENTS: jnp.ones((B, T), jnp.int32)}
+    batch_Bx5xT = jnp.stack([rows[i] for i in range(5)], axis=1)  # one example per row, every target counted
+    loss_fn = sft.make_loss_fn(model, peft.trainable_mask(params, "full"), 0.0)
+    got, _ = jax.jit(loss_fn)(params, batch_Bx5xT, jax.random.PRNGKey(0))
+    assert float(got) == pytest.approx(want, rel=1e-6)
