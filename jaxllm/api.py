@@ -17,14 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import checkpoint as ckpt
-from jaxllm import generate as gen
+from jaxllm import decode as gen
 from jaxllm import hf
 from jaxllm import quantize as quant
 from jaxllm import tokenizer as tokenizers
 from jaxllm.config import Config, from_dict, resolve_model, validate_model
 from jaxllm.errors import ConfigError
 from jaxllm.fileio import read_yaml
-from jaxllm.model import Transformer
+from jaxllm.model import Transformer, linear_axes
 
 PLACEHOLDER = 0  # token id at a prompt-tuned model's first model.prompt_tokens positions; the model replaces it
 
@@ -143,7 +143,7 @@ def load(path: str | Path, quantize: str | None = None, group_size: int = 64, sh
         )
     _check_params(cfg, params, run_dir)
     if quantize is not None:
-        params = quant.quantize_params(Transformer(cfg.model), params, quantize, group_size)
+        params = quant.quantize_params(params, linear_axes(Transformer(cfg.model), params), quantize, group_size)
     if tokenizer_optional and not (run_dir / tokenizers.FILENAME).is_file():
         return LoadedModel(cfg, params, NoTokenizer(str(run_dir)))
     return LoadedModel(cfg, params, tokenizers.load(run_dir))

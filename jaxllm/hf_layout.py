@@ -94,12 +94,12 @@ def _gpt2() -> dict[str, Source]:
         "['blocks']['mlp']['up']['bias']": Source(h + "mlp.c_fc.bias", one),
         "['blocks']['mlp']['down']['kernel']": Source(h + "mlp.c_proj.weight", ((0,), (1,))),
         "['blocks']['mlp']['down']['bias']": Source(h + "mlp.c_proj.bias", one),
-        "['norm_f']['LayerNorm_0']['scale']": Source("transformer.ln_f.weight", one),
-        "['norm_f']['LayerNorm_0']['bias']": Source("transformer.ln_f.bias", one),
+        "['norm_f']['scale']": Source("transformer.ln_f.weight", one),
+        "['norm_f']['bias']": Source("transformer.ln_f.bias", one),
     }
     for k in "12":
-        table[f"['blocks']['norm{k}']['LayerNorm_0']['scale']"] = Source(h + f"ln_{k}.weight", one)
-        table[f"['blocks']['norm{k}']['LayerNorm_0']['bias']"] = Source(h + f"ln_{k}.bias", one)
+        table[f"['blocks']['norm{k}']['scale']"] = Source(h + f"ln_{k}.weight", one)
+        table[f"['blocks']['norm{k}']['bias']"] = Source(h + f"ln_{k}.bias", one)
     return table
 
 
@@ -113,9 +113,9 @@ def _llama() -> dict[str, Source]:
         "['blocks']['attn']['o']['kernel']": Source(h + "self_attn.o_proj.weight", ((0, 1), (2,)), True),
         **{f"['blocks']['mlp']['{n}']['kernel']": Source(h + f"mlp.{n}_proj.weight", ((0,), (1,)), True)
            for n in ("gate", "up", "down")},
-        "['blocks']['norm1']['RMSNorm_0']['scale']": Source(h + "input_layernorm.weight", one),
-        "['blocks']['norm2']['RMSNorm_0']['scale']": Source(h + "post_attention_layernorm.weight", one),
-        "['norm_f']['RMSNorm_0']['scale']": Source("model.norm.weight", one),
+        "['blocks']['norm1']['scale']": Source(h + "input_layernorm.weight", one),
+        "['blocks']['norm2']['scale']": Source(h + "post_attention_layernorm.weight", one),
+        "['norm_f']['scale']": Source("model.norm.weight", one),
     }
     return table
 

@@ -21,7 +21,7 @@ Shape letters: B batch, T query positions, S key positions, D d_model, N query h
 heads, H head size, F MLP width, V vocabulary, L layers.
 
 Inference hooks, both inert in training: given a ``cache`` collection (``apply(..., mutable=["cache"])``,
-built by ``jaxllm.generate``), attention writes this call's keys/values at ``positions`` and attends to
+built by ``jaxllm.decode``), attention writes this call's keys/values at ``positions`` and attends to
 every cached slot up to each query's position; a ``Linear`` whose stored kernel is a
 ``QuantizedKernel`` (``jaxllm.quantize``) multiplies by its integers instead.
 """
@@ -82,19 +82,14 @@ def write_cache(cache_BxSxKxH: Array, new_BxTxKxH: Array, positions_BxT: Array) 
     return cache_BxSxKxH.at[rows_Bx1, positions_BxT].set(new_BxTxKxH.astype(cache_BxSxKxH.dtype))
 
 
-class Norm(nn.Module):
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self, x_BxTxD: Array) -> Array:
-        c = self.cfg
-        if c.arch == "gpt2":
-            norm = nn.LayerNorm(
-                epsilon=c.norm_eps, dtype=compute_dtype(c), scale_init=_ones(("embed",)), bias_init=_zeros(("embed",))
-            )
-        else:
-            norm = nn.RMSNorm(epsilon=c.norm_eps, dtype=compute_dtype(c), scale_init=_ones(("embed",)))
-        return norm(x_BxTxD)
+def norm(c: ModelConfig, name: str | None = None) -> nn.Module:
+    """The model's LayerNorm (gpt2) or RMSNorm (llama) under ``name`` itself: its parameters are
+    ``<name>/scale`` (and ``<name>/bias``), the names checkpoints and ``jaxllm.hf_layout`` use (checkpoints
+    from before they were named hold ``<name>/LayerNorm_0/scale``: ``checkpoint.current_name``)."""
+    if c.arch == "gpt2":
+        return nn.LayerNorm(epsilon=c.norm_eps, dtype=compute_dtype(c), scale_init=_ones(("embed",)),
+                            bias_init=_zeros(("embed",)), name=name)
+    return nn.RMSNorm(epsilon=c.norm_eps, dtype=compute_dtype(c), scale_init=_ones(("embed",)), name=name)
 
 
 class Linear(nn.Module):
@@ -126,6 +121,26 @@ class Linear(nn.Module):
         return y
 
 
+def linear_axes(model: nn.Module, params: Any) -> dict[tuple[str, ...], tuple[int, int]]:
+    """``{path of a Linear module: (input axes, input + output axes) of its kernel}``, found by tracing
+    one call on one token (a layer-stacked kernel has one more axis than the module sees).
+
+    Whether an axis of a kernel is an input or an output is known only to the module that multiplies
+    by it, so the model is run abstractly and every ``Linear`` call is recorded.
+    """
+    found: dict[tuple[str, ...], tuple[int, int]] = {}
+
+    def record(next_fn, args, kwargs, context):
+        if isinstance(context.module, Linear) and context.method_name == "__call__":
+            m = context.module
+            found[tuple(m.path)] = (len(m.in_shape), len(m.in_shape) + len(m.out_shape))
+        return next_fn(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda p: model.apply({"params": p}, jnp.zeros((1, 1), jnp.int32)), params)
+    return found
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     deterministic: bool = True
@@ -149,7 +164,7 @@ class Attention(nn.Module):
         # In order unless the sequence runs in context parallelism's zig-zag layout (Transformer.__call__).
         in_order = attention.zigzag_order(positions_BxT.shape[1], attention.sequence_shards()) is None
         mask = attention.Mask(positions_BxT, positions_BxT, segment_ids_BxT, segment_ids_BxT, in_order)
-        if self.has_variable("cache", "key"):  # decoding (jaxllm.generate): attend to every cached position
+        if self.has_variable("cache", "key"):  # decoding (jaxllm.decode): attend to every cached position
             cache_k, cache_v = self.variable("cache", "key"), self.variable("cache", "value")
             cache_k.value = write_cache(cache_k.value, k_BxSxKxH, positions_BxT)
             cache_v.value = write_cache(cache_v.value, v_BxSxKxH, positions_BxT)
@@ -232,7 +247,7 @@ class Block(nn.Module):
         if c.adapter_dim:  # fine-tuning: each sublayer's output passes through its own adapter
             attn = _then(attn, Adapter(c, name="adapter_attn"))
             mlp = _then(mlp, Adapter(c, name="adapter_mlp"))
-        norm1, norm2 = Norm(c, name="norm1"), Norm(c, name="norm2")
+        norm1, norm2 = norm(c, "norm1"), norm(c, "norm2")
 
         def add(x: Array, h: Array) -> Array:
             return x + h if c.residual else h
@@ -302,7 +317,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.blocks = block_stack(c, self.deterministic)
         if c.norm_position == "pre":
-            self.norm_f = Norm(c)
+            self.norm_f = norm(c)  # named norm_f by the attribute
         if not c.tie_embeddings:
             self.lm_head = Linear((c.d_model,), (c.vocab_size,), ("embed", "vocab"), 0.02, False, compute_dtype(c))
 

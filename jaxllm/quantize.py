@@ -26,7 +26,6 @@ import math
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -88,34 +87,14 @@ def quantized_dot(x: jax.Array, k: QuantizedKernel, n_in: int, dtype: Any) -> ja
     return y_xO.reshape(batch + outs)
 
 
-def linear_axes(model: nn.Module, params: Any, tokens_BxT: jax.Array) -> dict[tuple[str, ...], tuple[int, int]]:
-    """``{path of a Linear module: (input axes, input + output axes) of its kernel}``, found by tracing
-    one call (a layer-stacked kernel has one more axis than the module sees).
-
-    Whether an axis of a kernel is an input or an output is known only to the module that multiplies
-    by it, so the model is run abstractly and every ``Linear`` call is recorded.
-    """
-    from jaxllm.model import Linear  # the model imports this module for the matmul
-
-    found: dict[tuple[str, ...], tuple[int, int]] = {}
-
-    def record(next_fn, args, kwargs, context):
-        if isinstance(context.module, Linear) and context.method_name == "__call__":
-            m = context.module
-            found[tuple(m.path)] = (len(m.in_shape), len(m.in_shape) + len(m.out_shape))
-        return next_fn(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda p: model.apply({"params": p}, tokens_BxT), params)
-    return found
-
-
-def quantize_params(model: nn.Module, params: Any, mode: str, group_size: int = 64) -> Any:
-    """``params`` with every ``Linear`` kernel replaced by a :class:`QuantizedKernel` (a new tree)."""
+def quantize_params(params: Any, axes_by_path: dict[tuple[str, ...], tuple[int, int]], mode: str,
+                    group_size: int = 64) -> Any:
+    """``params`` with the kernel of every module in ``axes_by_path`` (``{module path: (input axes,
+    input + output axes)}``, :func:`jaxllm.model.linear_axes`) replaced by a :class:`QuantizedKernel`
+    (a new tree)."""
     check_mode(mode)
     if group_size <= 0:
         raise ConfigError(f"the int4 group size must be positive, got {group_size}")
-    axes_by_path = linear_axes(model, params, jnp.zeros((1, 1), jnp.int32))
 
     def convert(path: tuple[str, ...], node: Any) -> Any:
         if not isinstance(node, dict):

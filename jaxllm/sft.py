@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxllm import api, chat, loop, moe, peft, sharding, tasks, trainer
 from jaxllm import checkpoint as ckpt
-from jaxllm import generate as gen
+from jaxllm import decode as gen
 from jaxllm.config import (
     Config,
     ModelConfig,
@@ -160,7 +160,7 @@ def packed_rows(chats: list[chat.Chat], tok: Tokenizer, seq_len: int, prefix: in
 
 def make_greedy(model_cfg: ModelConfig, lora_scale: float, max_new: int, end_id: int) -> Callable:
     """``greedy(params, prompts) -> answers``: greedy token ids of all prompts as one batch, cut at
-    ``end_id``, by :mod:`jaxllm.generate`'s cached decoder on the method's merged weights (a learned
+    ``end_id``, by :mod:`jaxllm.decode`'s cached decoder on the method's merged weights (a learned
     prompt is a model parameter, so prompt tuning decodes the same way)."""
     decoder = gen.Decoder(model_cfg)
 

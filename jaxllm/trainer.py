@@ -28,7 +28,7 @@ import optax
 
 from jaxllm import checkpoint as ckpt
 from jaxllm import data as data_lib
-from jaxllm import distill, flops, generate, loop, pipeline, sharding, synthetic
+from jaxllm import decode, distill, flops, loop, pipeline, sharding, synthetic
 from jaxllm.config import Config, ModelConfig, resolve_model, save_config, to_dict, validate
 from jaxllm.errors import UserError
 from jaxllm.loop import TrainingDiverged
@@ -167,7 +167,7 @@ def prepare_run(cfg: Config, devices: list | None = None) -> tuple[data_lib.Toke
     tokens = _prepare_tokens(cfg)
     data_lib.check_length(tokens.train, cfg.train.seq_len, "train")
     data_lib.check_length(tokens.val, cfg.train.seq_len, "validation")
-    generate.check_sample_prompt(tokens.tokenizer, cfg.eval)
+    decode.check_sample_prompt(tokens.tokenizer, cfg.eval)
     model_cfg = resolve_model(cfg.model, tokens.tokenizer.vocab_size, cfg.train.seq_len)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_divisible(model_cfg, mesh, cfg.train.batch_size, jax.process_count())
@@ -238,7 +238,7 @@ class Evaluator:
         prompt_text = e.sample_prompt or tok.decode(self.tokens.val[:16].tolist())
         prompt = tok.encode(prompt_text)[: m.max_seq_len // 2]
         n_new = min(e.sample_tokens, m.max_seq_len - len(prompt))
-        out = generate.generate_tokens(self.apply_fn, params, prompt, n_new, m.max_seq_len, e.temperature, e.top_k, seed=self.cfg.train.seed)
+        out = decode.generate_tokens(self.apply_fn, params, prompt, n_new, m.max_seq_len, e.temperature, e.top_k, seed=self.cfg.train.seed)
         return prompt_text + tok.decode(out)
 
     def __call__(self, state: TrainState, step: int) -> tuple[dict, str]:

@@ -16,7 +16,7 @@ from conftest import TINY, run_cli
 from jaxllm import attention
 from jaxllm.config import ModelConfig, resolve_model
 from jaxllm.errors import ConfigError
-from jaxllm.generate import Decoder
+from jaxllm.decode import Decoder
 from jaxllm.model import Transformer
 
 RTOL = 1e-5

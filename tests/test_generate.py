@@ -12,7 +12,7 @@ from conftest import TINY, corpus_text
 from jaxllm import generate, sharding
 from jaxllm.config import MeshConfig, ModelConfig, load_config, resolve_model
 from jaxllm.errors import ConfigError
-from jaxllm.generate import Decoder, cache_slots, filter_logits, generate_tokens
+from jaxllm.decode import Decoder, cache_slots, filter_logits, generate_tokens
 from jaxllm.model import Transformer
 
 FLAVOURS = {

@@ -17,7 +17,7 @@ import pytest
 from jaxllm import quantize as quant
 from jaxllm.config import ModelConfig, resolve_model
 from jaxllm.errors import ConfigError
-from jaxllm.model import Transformer
+from jaxllm.model import Transformer, linear_axes
 
 CFG = resolve_model(ModelConfig(arch="llama", n_layer=2, d_model=64, n_head=4, n_kv_head=2), vocab_size=64, seq_len=32)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 32)), jnp.int32)
@@ -30,7 +30,8 @@ def float_model():
 
 
 def quantized(model, params, mode: str, group_size: int = 64):
-    return jax.jit(functools.partial(quant.quantize_params, model, mode=mode, group_size=group_size))(params)
+    convert = functools.partial(quant.quantize_params, axes_by_path=linear_axes(model, params), mode=mode, group_size=group_size)
+    return jax.jit(convert)(params)
 
 
 def kernels(params) -> list[quant.QuantizedKernel]:
@@ -113,6 +114,6 @@ def test_int4_smaller_groups_track_the_weights_more_closely(float_model):
 def test_unknown_mode_and_non_dividing_group_are_refused(float_model):
     model, params = float_model
     with pytest.raises(ConfigError, match="unknown quantization mode 'int2'"):
-        quant.quantize_params(model, params, "int2")
+        quant.quantize_params(params, linear_axes(model, params), "int2")
     with pytest.raises(ConfigError, match="group size 48 does not divide"):
-        quant.quantize_params(model, params, "int4", group_size=48)
+        quant.quantize_params(params, linear_axes(model, params), "int4", group_size=48)
