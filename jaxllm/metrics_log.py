@@ -12,6 +12,7 @@ from pathlib import Path
 
 from jaxllm import fileio
 from jaxllm.errors import UserError
+from jaxllm.tb_events import ScalarWriter
 
 
 def _trimmed(path: Path, resume_step: int) -> None:
@@ -36,9 +37,7 @@ class MetricsLog:
         if path.exists():
             _trimmed(path, resume_step)
         if tensorboard_dir is not None:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(str(tensorboard_dir))
+            self.writer = ScalarWriter(tensorboard_dir)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -49,13 +48,10 @@ class MetricsLog:
         except OSError as e:
             raise UserError(f"cannot write {self.path}: {e.strerror or e}") from None
         if self.writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.writer.add_scalar(k, v, record["step"])
-            for i, v in enumerate(record.get("layer_grad_norms", [])):
-                self.writer.add_scalar(f"layer_grad_norm/{i}", v, record["step"])
-            for tag, v in _moe_scalars(record):
-                self.writer.add_scalar(tag, v, record["step"])
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            scalars.update({f"layer_grad_norm/{i}": v for i, v in enumerate(record.get("layer_grad_norms", []))})
+            scalars.update(_moe_scalars(record))
+            self.writer.add_scalars(scalars, record["step"])
 
     def close(self) -> None:
         if self.writer is not None:
