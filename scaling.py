@@ -69,7 +69,7 @@ def _add_fit(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--starts", choices=sorted(starts), default="paper",
                    help=f"L-BFGS starting grid of approach 3: paper = Chinchilla's {len(starts['paper'])} starts, "
                         f"coarse = {len(starts['coarse'])} (bootstrap refits always use coarse)")
-    p.add_argument("--entropy-rate", type=float, metavar="H",
+    p.add_argument("--entropy-rate", type=float, metavar="RATE",
                    help="the true irreducible loss in nats/token, when known (a synthetic corpus): "
                         "reported beside approach 3's E")
     p.add_argument("--fix-E", action="store_true",
@@ -152,10 +152,10 @@ def run_sweep(args: argparse.Namespace) -> int:
         return 0
     cfg = _load(args.settings, sweep.SweepConfig, SWEEP_CONFIG)
     specs = sweep.sweep_plan(cfg)
-    H = sweep.entropy_rate(cfg.data.source)
+    rate = sweep.entropy_rate(cfg.data.source)
     print(sweep.describe(specs, args.out), file=sys.stderr)
-    if H is not None:
-        print(f"true entropy rate of {cfg.data.source}: {H:.4f} nats/token (with {cfg.data.tokenizer} tokens)",
+    if rate is not None:
+        print(f"true entropy rate of {cfg.data.source}: {rate:.4f} nats/token (with {cfg.data.tokenizer} tokens)",
               file=sys.stderr)
     try:
         sweep.run_sweep(cfg, specs, args.out, _bar("sweep"))
@@ -166,7 +166,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     print(f"wrote {csv_path}")
     if not args.fit:
         return 0
-    known = [] if H is None else ["--entropy-rate", repr(H)]
+    known = [] if rate is None else ["--entropy-rate", repr(rate)]
     # 30 resamples, not fit's 100: on 2 CPU cores the bootstrap would otherwise rival the sweep itself.
     fit_argv = ["fit", str(csv_path), "--out", str(args.out), "--bootstrap", "30", *known]
     return run_fit(build_parser().parse_args(fit_argv))

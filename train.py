@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from jaxllm import hardware
-from jaxllm.config import help_text, load_config
+from jaxllm.config import help_text, load_config, validate
 from jaxllm.errors import UserError, exit_on_user_error
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
@@ -69,7 +69,8 @@ def main(argv: list[str]) -> int:
     if plan_args is not None:
         return run_plan(cfg, **plan_args)
 
-    import jax  # after the config is known to be valid
+    validate(cfg)  # every check that needs no device or data, so a bad config exits before JAX starts
+    import jax
 
     from jaxllm.trainer import train
 

@@ -13,7 +13,7 @@ predicted and actual final loss, the relative error and whether the 95% interval
 loss, and one JSON line per corpus; exits 1 when an error exceeds its target (1% of the loss on the
 known-entropy corpus, 2% on stdlib) or the interval misses, 2 when a command failed. With
 ``--fix-E`` the known-entropy sweep is refitted with approach 3's E fixed at the corpus's entropy
-rate (``fit --entropy-rate H --fix-E``, into DIR/fixE) and the forecast made from that fit.
+rate (``fit --entropy-rate RATE --fix-E``, into DIR/fixE) and the forecast made from that fit.
 """
 
 from __future__ import annotations

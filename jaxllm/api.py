@@ -58,9 +58,9 @@ class LoadedModel:
 
     def _prefixed_logits(self, params, tokens_BxT: jax.Array) -> jax.Array:
         """float32 logits of ``tokens`` after the placeholders of a learned prompt, if the model has one."""
-        P = len(self.prefix)
-        tokens_BxT = jnp.pad(tokens_BxT, ((0, 0), (P, 0)), constant_values=PLACEHOLDER)
-        return self.module.apply({"params": params}, tokens_BxT)[:, P:].astype(jnp.float32)
+        n_prefix = len(self.prefix)
+        tokens_BxT = jnp.pad(tokens_BxT, ((0, 0), (n_prefix, 0)), constant_values=PLACEHOLDER)
+        return self.module.apply({"params": params}, tokens_BxT)[:, n_prefix:].astype(jnp.float32)
 
     @property
     def prefix(self) -> list[int]:

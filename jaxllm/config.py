@@ -339,6 +339,6 @@ def validate_pipeline(p: PipelineConfig) -> None:
 
 
 def validate_distill(d: DistillConfig) -> None:
-    """The distillation keys alone; the teacher's run is checked by ``jaxllm.distill.load_teacher``."""
+    """The distillation keys alone; the teacher's run is checked by ``jaxllm.distill.check_teacher``."""
     if not 0.0 <= d.alpha <= 1.0:
         raise ConfigError(f"distill.alpha must be in [0, 1], got {d.alpha}")

@@ -60,14 +60,14 @@ class ModelConfig:
     residual: bool = option(True, "keep the skip connections; false is the no-residual ablation")
     norm_position: str = option("pre", "pre (pre-LN, modern) | post (post-LN, the original transformer)")
     dropout: float = option(0.0, "dropout rate on attention and MLP outputs and embeddings")
-    dtype: str = option("float32", "compute dtype: float32 | bfloat16 (parameters stay float32)")
+    dtype: str = option("float32", "compute dtype: float32 | bfloat16 | float16 (parameters stay float32)")
     remat: bool = option(False, "recompute each block's activations in the backward pass (saves memory)")
     scan_unroll: int = option(1, "blocks per iteration of the layer loop; n_layer unrolls it (small models run faster, compile slower)", POSITIVE)
     tie_embeddings: bool = option(True, "share the token embedding with the output projection")
     rope_theta: float = option(10000.0, "RoPE base frequency (llama)", POSITIVE)
     norm_eps: float = option(1e-5, "epsilon of LayerNorm / RMSNorm", POSITIVE)
     adapter_dim: int = option(0, "bottleneck adapter width after attention and MLP (fine-tuning, sft.method=adapter); 0 = none", NON_NEGATIVE)
-    prompt_tokens: int = option(0, "learned vectors that replace the embeddings of positions 0..P-1 (prompt tuning, "
+    prompt_tokens: int = option(0, "learned vectors that replace the embeddings of the first prompt_tokens positions (prompt tuning, "
                                "sft.method=prompt; jaxllm.load puts placeholders there); 0 = none", NON_NEGATIVE)
     attention: str = option("xla", "xla (scores materialised, T^2 memory) | chunked (blockwise online softmax, O(T) memory, "
                             "any backend) | cudnn (GPU, bf16/fp16) | splash (TPU) | auto (the best this backend has)")

@@ -209,7 +209,7 @@ def train_batch(
     process_index: int = 0,
     process_count: int = 1,
 ) -> np.ndarray:
-    """This process's rows of step ``step``'s global batch: int32 ``[accum, batch_size/P, seq_len+1]``.
+    """This process's rows of step ``step``'s global batch: int32 ``[accum, batch_size / process_count, seq_len+1]``.
 
     Windows start at offsets drawn from a generator seeded by ``(seed, step)`` alone, so the batch
     does not depend on history (exact resume) or on how many processes share it (exact multi-host).
@@ -225,7 +225,7 @@ def train_batch(
 def eval_batch(
     tokens: np.ndarray, index: int, n_batches: int, batch_size: int, seq_len: int, process_index: int = 0, process_count: int = 1
 ) -> np.ndarray:
-    """Batch ``index`` of ``n_batches`` evenly spaced windows over the split: int32 ``[batch/P, seq_len+1]``."""
+    """Batch ``index`` of ``n_batches`` evenly spaced windows over the split: int32 ``[batch_size / process_count, seq_len+1]``."""
     starts = np.linspace(0, len(tokens) - seq_len - 1, n_batches * batch_size).astype(np.int64)
     rows = starts[index * batch_size : (index + 1) * batch_size]
     per = batch_size // process_count

@@ -1,7 +1,7 @@
 """Generating text: prefill the prompt into a key/value cache, then decode one token per step.
 
-    prefill:  one forward pass over the (right-padded) prompts; every layer writes the keys and
-              values of positions 0..P-1 into its cache ``[L, B, S, K, H]`` (S cache slots:
+    prefill:  one forward pass over the (right-padded) prompts ``[B, T]``; every layer writes the keys and
+              values of positions 0..T-1 into its cache ``[L, B, S, K, H]`` (S cache slots:
               the longest prompt plus the new tokens, rounded up to 64, at most max_seq_len).
     decode:   a jitted ``lax.while_loop``; each step feeds one token per row at that row's own
               position, appends its keys/values, attends to the cache up to that position, samples.
@@ -144,7 +144,7 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int | None = None) -> dict:
 def _decode(
     model: Transformer,
     params: Any,
-    prompt_BxP: jax.Array,
+    prompt_BxT: jax.Array,
     lengths_B: jax.Array,
     rng: jax.Array,
     *,
@@ -156,9 +156,9 @@ def _decode(
     with_logits: bool,
     on_token: Callable | None,
 ):
-    """Prefill + decode loop. Returns ``(tokens_BxN, logits_BxNxV or None)``: the N = n_new tokens
+    """Prefill + decode loop. Returns ``(tokens_BxU, logits_BxUxV or None)``: the U = n_new tokens
     (``eos_id`` after a row's end) and, if asked, the float32 logits each was chosen from."""
-    B, P = prompt_BxP.shape
+    B, T = prompt_BxT.shape
     rows_B = jnp.arange(B)
 
     def forward(cache, tokens_BxT, positions_BxT):
@@ -167,23 +167,23 @@ def _decode(
         )
         return logits_BxTxV.astype(jnp.float32), updated["cache"]
 
-    def choose(i, logits_BxV, rng, done_B, tokens_BxN, logits_BxNxV):
+    def choose(i, logits_BxV, rng, done_B, tokens_BxU, logits_BxUxV):
         tok_B = jnp.where(done_B, eos_id, next_token(logits_BxV, rng, temperature, top_k, top_p))
         if on_token is not None:
             jax.debug.callback(on_token, i, tok_B, ordered=True)
-        tokens_BxN = tokens_BxN.at[:, i].set(tok_B)
+        tokens_BxU = tokens_BxU.at[:, i].set(tok_B)
         if with_logits:
-            logits_BxNxV = logits_BxNxV.at[:, i].set(logits_BxV)
-        return tok_B, done_B | (tok_B == eos_id), tokens_BxN, logits_BxNxV
+            logits_BxUxV = logits_BxUxV.at[:, i].set(logits_BxV)
+        return tok_B, done_B | (tok_B == eos_id), tokens_BxU, logits_BxUxV
 
-    positions_BxP = jnp.broadcast_to(jnp.arange(P), (B, P))
-    logits_BxPxV, cache = forward(init_cache(model.cfg, B, cache_slots(model.cfg, P, n_new)), prompt_BxP, positions_BxP)
-    last_BxV = logits_BxPxV[rows_B, lengths_B - 1]
-    tokens_BxN = jnp.full((B, n_new), eos_id, jnp.int32)
-    logits_BxNxV = jnp.zeros((B, n_new, last_BxV.shape[-1]), jnp.float32) if with_logits else None
+    positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    logits_BxTxV, cache = forward(init_cache(model.cfg, B, cache_slots(model.cfg, T, n_new)), prompt_BxT, positions_BxT)
+    last_BxV = logits_BxTxV[rows_B, lengths_B - 1]
+    tokens_BxU = jnp.full((B, n_new), eos_id, jnp.int32)
+    logits_BxUxV = jnp.zeros((B, n_new, last_BxV.shape[-1]), jnp.float32) if with_logits else None
     rng, sub = jax.random.split(rng)
-    tok_B, done_B, tokens_BxN, logits_BxNxV = choose(
-        0, last_BxV, sub, jnp.zeros((B,), bool), tokens_BxN, logits_BxNxV
+    tok_B, done_B, tokens_BxU, logits_BxUxV = choose(
+        0, last_BxV, sub, jnp.zeros((B,), bool), tokens_BxU, logits_BxUxV
     )
 
     def cond(carry):
@@ -191,15 +191,15 @@ def _decode(
         return (i < n_new) & ~jnp.all(done_B)
 
     def body(carry):
-        i, tok_B, done_B, cache, rng, tokens_BxN, logits_BxNxV = carry
+        i, tok_B, done_B, cache, rng, tokens_BxU, logits_BxUxV = carry
         logits_Bx1xV, cache = forward(cache, tok_B[:, None], (lengths_B + i - 1)[:, None])
         rng, sub = jax.random.split(rng)
-        tok_B, done_B, tokens_BxN, logits_BxNxV = choose(i, logits_Bx1xV[:, 0], sub, done_B, tokens_BxN, logits_BxNxV)
-        return i + 1, tok_B, done_B, cache, rng, tokens_BxN, logits_BxNxV
+        tok_B, done_B, tokens_BxU, logits_BxUxV = choose(i, logits_Bx1xV[:, 0], sub, done_B, tokens_BxU, logits_BxUxV)
+        return i + 1, tok_B, done_B, cache, rng, tokens_BxU, logits_BxUxV
 
-    carry = (jnp.int32(1), tok_B, done_B, cache, rng, tokens_BxN, logits_BxNxV)
-    *_, tokens_BxN, logits_BxNxV = jax.lax.while_loop(cond, body, carry)
-    return tokens_BxN, logits_BxNxV
+    carry = (jnp.int32(1), tok_B, done_B, cache, rng, tokens_BxU, logits_BxUxV)
+    *_, tokens_BxU, logits_BxUxV = jax.lax.while_loop(cond, body, carry)
+    return tokens_BxU, logits_BxUxV
 
 
 class Decoder:
@@ -229,7 +229,7 @@ class Decoder:
         with_logits: bool = False,
         on_token: Callable[[Any, Any], None] | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """The raw ``(tokens_BxN, logits_BxNxV or None)`` of :func:`_decode` for a batch of prompts.
+        """The raw ``(tokens_BxU, logits_BxUxV or None)`` of :func:`_decode` for a batch of prompts.
 
         ``eos_id`` None never stops early. ``on_token(i, tokens_B)`` is called from inside the loop
         as each step's tokens are chosen (for streaming)."""
@@ -259,10 +259,10 @@ class Decoder:
 
     def __call__(self, params: Any, prompts: list[list[int]], max_new_tokens: int, **sampling) -> list[list[int]]:
         """The new tokens of each prompt, cut before its end-of-sequence token."""
-        tokens_BxN, _ = self.run(params, prompts, max_new_tokens, **sampling)
+        tokens_BxU, _ = self.run(params, prompts, max_new_tokens, **sampling)
         eos_id = sampling.get("eos_id")
         out = []
-        for row in np.asarray(tokens_BxN).tolist():
+        for row in np.asarray(tokens_BxU).tolist():
             out.append(row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row)
         return out
 

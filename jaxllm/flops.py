@@ -1,9 +1,10 @@
 """Counting parameters and FLOPs, and model FLOPs utilisation (MFU).
 
-Training FLOPs per token follow PaLM (appendix B): 6 N + 12 L H Q T, where N counts the weights that
-multiply activations (every matrix, including the output projection, excluding embedding lookups),
-L layers, H heads, Q head size, T context length. The 6 is 2 (multiply-add) x 3 (forward + two
-backward matmuls); 12 L H Q T is the attention score and value products, which N does not see.
+Training FLOPs per token follow PaLM (appendix B), written in this repository's letters: 6 N + 12 L D T,
+where N counts the weights that multiply activations (every matrix, including the output projection,
+excluding embedding lookups), L layers, D = heads x head size (PaLM's H Q), T context length. The 6 is
+2 (multiply-add) x 3 (forward + two backward matmuls); 12 L D T is the attention score and value
+products, which N does not see.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token, PaLM's 6 N + 12 L H Q T, N the active weights (MoE: top_k experts)."""
+    """Training FLOPs per token, PaLM's 6 N + 12 L D T, N the active weights (MoE: top_k experts)."""
     head = cfg.d_model // cfg.n_head
     return 6 * param_counts(cfg)["active"] + 12 * cfg.n_layer * cfg.n_head * head * seq_len
 

@@ -1,7 +1,7 @@
 """The command line: continue a prompt with a trained run (or a Hugging Face directory), streaming the text.
 
-    python -m jaxllm.generate RUN_DIR --prompt "def " [--max-new-tokens N --temperature T
-        --top-k K --top-p P --quantize int8|int4 --group-size G --seed S]
+    python -m jaxllm.generate RUN_DIR --prompt "def " [--max-new-tokens COUNT --temperature TEMP
+        --top-k COUNT --top-p MASS --quantize int8|int4 --group-size ROWS --seed SEED]
 
 The decoding itself is :mod:`jaxllm.decode`; the loading is :func:`jaxllm.load`.
 """

@@ -330,10 +330,9 @@ class Transformer(nn.Module):
         if self.cfg.arch == "gpt2":
             x_BxTxD = x_BxTxD + jnp.take(constrain(self.wpe.embedding, (None, "embed_rows")), positions_BxT, axis=0).astype(x_BxTxD.dtype)
         x_BxTxD = self.drop(x_BxTxD, deterministic=self.deterministic)
-        if self.cfg.prompt_tokens:  # positions 0..P-1 hold the learned prompt, whatever their tokens
-            P = self.cfg.prompt_tokens
-            virtual_BxTxD = self.prompt[jnp.minimum(positions_BxT, P - 1)].astype(x_BxTxD.dtype)
-            x_BxTxD = jnp.where((positions_BxT < P)[..., None], virtual_BxTxD, x_BxTxD)
+        if n_prompt := self.cfg.prompt_tokens:  # the first n_prompt positions hold the learned prompt, whatever their tokens
+            virtual_BxTxD = self.prompt[jnp.minimum(positions_BxT, n_prompt - 1)].astype(x_BxTxD.dtype)
+            x_BxTxD = jnp.where((positions_BxT < n_prompt)[..., None], virtual_BxTxD, x_BxTxD)
         return constrain(x_BxTxD, ("batch", "seq", "embed"))
 
     def head(self, x_BxTxD: Array) -> Array:

@@ -9,10 +9,11 @@ All methods keep ONE parameter tree, the model's own, plus the method's extra le
   knows nothing of LoRA. B starts at zero: the fine-tuned model starts as the pre-trained one.
   (Unmerged, per-token LoRA would allow dropout on the LoRA branch's input; merged, it cannot, and
   for these sizes the merge also costs no more than the side branch.)
-- Prompt tuning: ``prompt [P, D]``, learned vectors that replace the embeddings at positions
-  0..P-1 of every example (the data puts P placeholders there; see :func:`jaxllm.sft.forward`).
+- Prompt tuning: ``prompt [prompt_tokens, D]``, learned vectors that replace the embeddings at the
+  first ``prompt_tokens`` positions of every example (the data puts placeholders there; see
+  :func:`jaxllm.sft.forward`).
 - Adapters: part of the model (``model.adapter_dim``): ``blocks/adapter_attn``, ``blocks/adapter_mlp``.
-- New tokens (every method): ``new_tokens/embedding [N, D]`` (and ``new_tokens/lm_head [D, N]`` when
+- New tokens (every method): ``new_tokens/embedding [n_new, D]`` (and ``new_tokens/lm_head [D, n_new]`` when
   the output layer is untied), the rows of the chat markers the base vocabulary lacks. They are
   their own leaves, concatenated to the frozen table before each forward pass, and they train under
   every method, as Hugging Face PEFT's trainable new-token embeddings do: a frozen table would
@@ -100,7 +101,7 @@ def lora_merge(params: dict, scale: float) -> dict:
 
 
 def prompt_init(params: dict, n_virtual: int, key: jax.Array) -> dict:
-    """``params`` plus ``prompt [P, D]``, initialised as copies of random vocabulary embeddings."""
+    """``params`` plus ``prompt [n_virtual, D]``, initialised as copies of random vocabulary embeddings."""
     table_VxD = params["wte"]["embedding"]
     rows = jax.random.randint(key, (n_virtual,), 0, table_VxD.shape[0])
     return {**params, "prompt": table_VxD[rows]}

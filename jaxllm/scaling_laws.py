@@ -60,7 +60,7 @@ BOOTSTRAP_STARTS = start_grid(a=(5, 10), b=(5, 10), e=(0, 1), alpha=(0.3, 1), be
 
 @dataclass(frozen=True)
 class Runs:
-    """Final results of P training runs; every array has shape [P], float64, all entries > 0."""
+    """Final results of a study's training runs; every array has shape [runs], float64, all entries > 0."""
 
     N: np.ndarray  # parameters
     D: np.ndarray  # training tokens
@@ -78,7 +78,7 @@ class Runs:
 def make_runs(
     N: np.ndarray, loss: np.ndarray, D: np.ndarray | None = None, C: np.ndarray | None = None
 ) -> Runs:
-    """Validated :class:`Runs` from arrays of shape [P]; the missing one of D, C is C = 6ND."""
+    """Validated :class:`Runs` from arrays of shape [runs]; the missing one of D, C is C = 6ND."""
     if D is None and C is None:
         raise ConfigError("runs need tokens D or FLOPs C (D = C / 6N when only C is given)")
     arrays = {"N": N, "loss": loss, "D": D, "C": C}
@@ -134,7 +134,7 @@ class KaplanLaw:
 
 
 def lower_envelope(x: np.ndarray, loss: np.ndarray) -> np.ndarray:
-    """Boolean mask [P] of runs with lower loss than every run at smaller or equal x.
+    """Boolean mask [runs] of runs with lower loss than every run at smaller or equal x.
 
     Kaplan's laws describe loss when X is the only bottleneck; in a sweep the nearest thing is the
     best loss reached with at most that X (for X = C this is his compute-efficient frontier).
@@ -147,7 +147,7 @@ def lower_envelope(x: np.ndarray, loss: np.ndarray) -> np.ndarray:
 
 
 def fit_kaplan(x: np.ndarray, loss: np.ndarray, what: str) -> KaplanLaw:
-    """Kaplan's L = (X_c / X)^alpha through the lower envelope of runs [P]; log L is linear in log X."""
+    """Kaplan's L = (X_c / X)^alpha through the lower envelope of runs [runs]; log L is linear in log X."""
     on = lower_envelope(x, loss)
     law = fit_power_law(x[on], loss[on], f"Kaplan {what} (on the loss envelope)", need=MIN_ENVELOPE_POINTS)
     alpha = -law.exponent
@@ -161,13 +161,13 @@ def fit_kaplan(x: np.ndarray, loss: np.ndarray, what: str) -> KaplanLaw:
 
 
 def isoflop_groups(C: np.ndarray, tolerance_dex: float = ISOFLOP_TOLERANCE_DEX) -> list[np.ndarray]:
-    """Runs [P] grouped by budget: lists of indices, each within ``tolerance_dex`` of its centre.
+    """Runs [runs] grouped by budget: lists of indices, each within ``tolerance_dex`` of its centre.
 
     Greedy from the densest budget: its centre is the run with most neighbours within the tolerance,
     so groups sit on the budgets a sweep used rather than on arbitrary bin edges. Sorted by C.
     """
     log_c = np.log10(C)
-    near = np.abs(log_c[:, None] - log_c[None, :]) <= tolerance_dex  # [P, P]
+    near = np.abs(log_c[:, None] - log_c[None, :]) <= tolerance_dex  # [runs, runs]
     free = np.ones(len(C), dtype=bool)
     groups = []
     while free.any():
@@ -331,22 +331,22 @@ class ChinchillaLaw:
 def huber_objective(
     theta: np.ndarray, log_N: np.ndarray, log_D: np.ndarray, log_loss: np.ndarray, delta: float = HUBER_DELTA
 ) -> tuple[float, np.ndarray]:
-    """Sum over runs [P] of Huber(log L_pred - log L), and its gradient [5].
+    """Sum over runs [runs] of Huber(log L_pred - log L), and its gradient [5].
 
     ``theta`` = (a, b, e, alpha, beta) with A = exp(a), B = exp(b), E = exp(e), so that
     log L_pred = logsumexp(a - alpha log N, b - beta log D, e): positive A, B, E for free, and the
     three terms are summed without overflow.
     """
     a, b, e, alpha, beta = theta
-    terms = np.stack([a - alpha * log_N, b - beta * log_D, np.full_like(log_N, e)])  # [3, P]
+    terms = np.stack([a - alpha * log_N, b - beta * log_D, np.full_like(log_N, e)])  # [3, runs]
     top = terms.max(axis=0)
     weights = np.exp(terms - top)
     total = weights.sum(axis=0)
-    residual = top + np.log(total) - log_loss  # [P]
+    residual = top + np.log(total) - log_loss  # [runs]
     small = np.abs(residual) <= delta
     value = np.where(small, 0.5 * residual**2, delta * (np.abs(residual) - 0.5 * delta)).sum()
     # d log L_pred / d term_k is the softmax weight of term k.
-    dterm = np.clip(residual, -delta, delta) * weights / total  # [3, P]
+    dterm = np.clip(residual, -delta, delta) * weights / total  # [3, runs]
     grad = np.array([*dterm.sum(axis=1), -(dterm[0] * log_N).sum(), -(dterm[1] * log_D).sum()])
     return float(value), grad
 

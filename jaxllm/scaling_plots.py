@@ -63,7 +63,7 @@ def plot_isoflop(runs: Runs, fit: ScalingFit, path: Path, entropy_rate: float | 
         Line2D([], [], ls="", marker="o", color="0.8", label="run in no profile (too few model sizes at its budget)"),
     ]
     if entropy_rate is not None:
-        ax.axhline(entropy_rate, color="black", lw=1.5, label=f"true entropy rate H = {entropy_rate:.3f}")
+        ax.axhline(entropy_rate, color="black", lw=1.5, label=f"true entropy rate = {entropy_rate:.3f}")
         E = fit.approach3.E
         ax.axhline(E, color="tab:red", lw=1.5, ls="--", label=f"approach 3's fitted E = {E:.3f}")
         handles += ax.get_legend_handles_labels()[0]

@@ -110,7 +110,7 @@ class FitSettings:
         if self.resamples < 0:
             raise ConfigError(f"--bootstrap must be >= 0, got {self.resamples}")
         if self.fix_E and self.entropy_rate is None:
-            raise ConfigError("--fix-E fixes approach 3's E at the true entropy rate: give it with --entropy-rate H")
+            raise ConfigError("--fix-E fixes approach 3's E at the true entropy rate: give it with --entropy-rate RATE")
 
     @property
     def fixed_E(self) -> float | None:
@@ -227,8 +227,8 @@ def format_table(report: dict[str, Any]) -> str:
     for i, key in enumerate(APPROACH3_KEYS):
         row("Chinchilla 3" if i == 0 else "", key, a3[key])
     if "true_entropy_rate" in a3:
-        H, gap = a3["true_entropy_rate"], a3["E_minus_entropy_rate"]
-        lines.append(f"{'':<14}{'true H':<11}{_num(H):>12}   E - H = {gap:+.4f} nats/token ({gap / H:+.1%})")
+        rate, gap = a3["true_entropy_rate"], a3["E_minus_entropy_rate"]
+        lines.append(f"{'':<14}{'true rate':<11}{_num(rate):>12}   E - rate = {gap:+.4f} nats/token ({gap / rate:+.1%})")
     used = sum(p["skipped"] is None for p in report["approach2_profiles"])
     lines.append(f"\nIsoFLOP profiles: {used} of {len(report['approach2_profiles'])} budgets used by approach 2")
     return "\n".join(lines)

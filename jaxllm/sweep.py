@@ -7,7 +7,7 @@ the budget is C = 6 N D with that same N, so ``results.csv`` satisfies D = C / (
 leaves the output projection out, is the ``N_nonembed`` column. For byte-level models a few dozen
 wide the output projection (256 x d_model) is as large as the blocks: counted Kaplan's way, the
 smallest models would get that compute for free and every IsoFLOP profile would favour them. The
-attention term of PaLM's count (12 L H Q T per token) is not in C; the ``C_palm`` column has it.
+attention term of PaLM's count (12 L D T per token, :mod:`jaxllm.flops`) is not in C; the ``C_palm`` column has it.
 
 Planning. Each budget trains ``sweep.sizes`` consecutive shapes of the ladder ``sweep.shapes``,
 centred on the N where D / N = ``sweep.tokens_per_param`` (Chinchilla's ~20), so that the loss
@@ -232,8 +232,7 @@ def run_sweep(
     """Trains ``specs`` (from :func:`sweep_plan`) into ``out``, skipping finished runs; writes and returns
     the rows of results.csv. ``progress`` wraps the loop over runs, as in :func:`run_manager.run_in_order`."""
     with study_folder(out, "another sweep") as runs_dir:
-        H = entropy_rate(cfg.data.source)
-        write_json(out / "sweep.json", {"runs": len(specs), "entropy_rate": H,
+        write_json(out / "sweep.json", {"runs": len(specs), "entropy_rate": entropy_rate(cfg.data.source),
                                         "counting": "N = flops.param_counts()['matmul'], C = 6 N D",
                                         "config": to_dict(cfg)})
         by_name = {s.name: s for s in specs}

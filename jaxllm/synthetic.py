@@ -1,13 +1,13 @@
 """A corpus with a known entropy rate: text sampled from a random Markov chain over a small alphabet.
 
-The best possible next-token loss on it is the chain's entropy rate H = sum_s pi(s) H(P(. | s))
-(nats per token, with pi the stationary distribution over contexts), so a scaling-law fit of
-L = E + A/N^alpha + B/D^beta on such a corpus should find E close to H. With the byte tokenizer one
-character is one token, so H is also the entropy per token.
+The best possible next-token loss on it is the chain's entropy rate, sum_s pi(s) entropy(P(. | s))
+(nats per token, with pi the stationary distribution over contexts and P the transition matrix), so
+a scaling-law fit of L = E + A/N^alpha + B/D^beta on such a corpus should find E close to that rate.
+With the byte tokenizer one character is one token, so the rate is also the entropy per token.
 
 Spec: ``synthetic:markov:vocab=16,order=2,concentration=0.3,tokens=2000000,seed=0``; every field is
 optional. ``concentration`` is the Dirichlet parameter of each row: small values give peaked rows
-(low entropy), large values near-uniform ones (H near log(vocab)).
+(low entropy), large values near-uniform ones (an entropy rate near log(vocab)).
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ edge. ``import jaxllm`` and ``from jaxllm import load`` are edges to the package
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,3 +127,13 @@ def test_a_dag_has_no_cycle(tmp_path):
         "pkg/c.py": "import os\n",
     })
     assert find_cycle(import_graph(tmp_path, "pkg")) is None
+
+
+def test_train_py_refuses_a_bad_config_before_importing_jax():
+    # min_lr > lr is a relation between keys, found by config.validate, not by parsing
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import train; "
+             "status = train.main(['optim.lr=0.1', 'optim.min_lr=1']); print(status, 'jax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe, str(ROOT)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.stdout.split() == ["2", "False"], out.stderr
+    assert "optim.min_lr" in out.stderr
