@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
     path, overrides = (argv[0], argv[1:]) if argv and "=" not in argv[0] else (None, argv)
     cfg = load_config(path, overrides, cls=SFTConfig, default=str(DEFAULT_CONFIG))
 
-    from jaxllm.sft import finetune  # imports JAX: after the config is known to be valid
+    from jaxllm.sft import finetune  # imports JAX: once the config has parsed (finetune checks the rest)
 
     s = finetune(cfg)
     if "interrupted" in s:

@@ -182,17 +182,12 @@ def _newest_readable(checkpointer: ckpt.Checkpointer, run_dir: Path) -> Any:
     """The newest checkpoint's state that restores, warning about each newer one that does not. Nothing
     is moved or renamed: loading only reads (training's restore sets unreadable ones aside)."""
     failures = []
-    for step in reversed(checkpointer.steps()):
-        try:
-            state, meta = checkpointer.restore_single_device(step), checkpointer.read_meta(step)
-        except Exception as e:  # noqa: BLE001  (orbax and tensorstore raise many types for a damaged checkpoint)
-            failures.append(f"{step} ({type(e).__name__})")
-            continue
-        if not ckpt.intact(state, meta):
-            failures.append(f"{step} (fails its checksums)")
+    for found in checkpointer.newest_first(lambda step, _meta: checkpointer.restore_single_device(step)):
+        if not found.intact:
+            failures.append(f"{found.step} ({found.unreadable or 'fails its checksums'})")
             continue
         if failures:
-            print(f"warning: checkpoint {', '.join(failures)} of {run_dir} is damaged; loaded step {step}",
+            print(f"warning: checkpoint {', '.join(failures)} of {run_dir} is damaged; loaded step {found.step}",
                   file=sys.stderr)
-        return state
+        return found.state
     raise ConfigError(f"{str(run_dir)!r} has no readable checkpoint (unreadable: {', '.join(failures) or 'none'})")

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,23 @@ def layout_difference(saved: dict[str, list], current: dict[str, list]) -> str:
 # --------------------------------------------------------------------------- the checkpoints
 
 
+@dataclasses.dataclass(frozen=True)
+class Found:
+    """One checkpoint as :meth:`Checkpointer.newest_first` read it: its state and meta when intact,
+    else what is wrong: ``unreadable`` (the type of the error reading it) or ``corrupt`` (read, but
+    its arrays' checksums differ from those saved with it)."""
+
+    step: int
+    state: Any = None
+    meta: dict | None = None
+    unreadable: str = ""
+    corrupt: bool = False
+
+    @property
+    def intact(self) -> bool:
+        return not (self.unreadable or self.corrupt)
+
+
 class Checkpointer:
     """``run_dir/checkpoints/<step>/{state,meta}``, keeping the newest ``keep``."""
 
@@ -191,6 +209,21 @@ class Checkpointer:
             check_same_model(meta.get("model", {}), model, self.directory)
             return
 
+    def newest_first(self, read: Callable[[int, dict], Any]) -> Iterator[Found]:
+        """Every checkpoint, newest first, read by ``read(step, meta)`` and checked against its checksums:
+        what both training's restore and ``jaxllm.load`` walk until the first intact one. A ConfigError
+        from ``read`` (a checkpoint of another config) is raised, not reported as damage."""
+        for step in reversed(self.steps()):
+            try:
+                meta = self.read_meta(step)
+                state = read(step, meta)
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001  (orbax raises many types for a damaged directory)
+                yield Found(step, unreadable=type(e).__name__)
+                continue
+            yield Found(step, state, meta) if intact(state, meta) else Found(step, corrupt=True)
+
     def restore_latest(self, abstract_state: Any, model: ModelConfig) -> tuple[Any, dict] | None:
         """The newest intact checkpoint as ``(state, meta)``, or None when the run has none yet.
 
@@ -198,12 +231,12 @@ class Checkpointer:
         moved; a damaged one is set aside and the one before it used. When checkpoints were written
         but none is intact the run stops (UserError) rather than start over."""
         set_aside = []
-        for step in reversed(self.steps()):
-            restored = self._restore(step, abstract_state, model)
-            if isinstance(restored, str):
-                set_aside.append(self._set_aside(step, restored))
-                continue
-            return restored
+        for found in self.newest_first(lambda step, meta: self._restore(step, meta, abstract_state, model)):
+            if found.intact:
+                return found.state, found.meta
+            why = (f"is unreadable ({found.unreadable})" if found.unreadable else
+                   "fails its integrity check (its arrays' checksums differ from those saved with it)")
+            set_aside.append(self._set_aside(found.step, why))
         earlier = sorted(p.name for p in self.directory.glob("corrupt-*")) if self.directory.is_dir() else []
         if set_aside or earlier:
             raise UserError(
@@ -212,32 +245,20 @@ class Checkpointer:
             )
         return None
 
-    def _restore(self, step: int, abstract_state: Any, model: ModelConfig) -> tuple[Any, dict] | str:
-        """``(state, meta)``, or why checkpoint ``step`` is damaged; raises if it is another config's."""
-        try:
-            meta = self.read_meta(step)
-            check_same_model(meta.get("model", {}), model, self.directory)
-            saved = meta.get("layout") or layout(self.manager.item_metadata(step)["state"])
-        except ConfigError:
-            raise
-        except Exception as e:  # noqa: BLE001  (orbax raises many types for a damaged directory)
-            return f"is unreadable ({type(e).__name__})"
+    def _restore(self, step: int, meta: dict, abstract_state: Any, model: ModelConfig) -> Any:
+        """Checkpoint ``step``'s state in ``abstract_state``'s tree and shardings; raises ConfigError if
+        it is another config's."""
+        check_same_model(meta.get("model", {}), model, self.directory)
+        saved = meta.get("layout") or layout(self.manager.item_metadata(step)["state"])
         diff = layout_difference({current_name(k): v for k, v in saved.items()}, layout(abstract_state))
         if diff:
             raise ConfigError(
                 f"checkpoint {step} in {self.directory} was written by another configuration ({diff}); "
                 "run with the config it was written with, or choose another run.dir"
             )
-        try:
-            if any(current_name(k) != k for k in saved):
-                state = self._restore_renamed(step, abstract_state)
-            else:
-                state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
-        except Exception as e:  # noqa: BLE001  (as above)
-            return f"is unreadable ({type(e).__name__})"
-        if not intact(state, meta):
-            return "fails its integrity check (its arrays' checksums differ from those saved with it)"
-        return state, meta
+        if any(current_name(k) != k for k in saved):
+            return self._restore_renamed(step, abstract_state)
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
 
     def _set_aside(self, step: int, why: str) -> str:
         """Renames checkpoint ``step`` to a ``corrupt-<step>`` name no earlier one holds (kept for

@@ -30,8 +30,7 @@ import numpy as np
 from jaxllm.config import Config, option, validate
 from jaxllm.errors import ConfigError
 from jaxllm.fileio import atomic_write, read_jsonl
-from jaxllm.run_manager import run_in_order, study_folder, study_run_config, train_once
-from jaxllm.sweep import csv_text
+from jaxllm.run_manager import run_in_order, study_folder, study_run_config, train_once, write_csv
 
 # The first this share of logged steps is "early training", where vanishing gradients show before
 # the optimizer has adapted to them.
@@ -155,7 +154,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def write_outputs(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     """depth.csv, depth.json and the two figures; returns their paths."""
-    atomic_write(out / "depth.csv", csv_text(COLUMNS, rows))
+    write_csv(out / "depth.csv", COLUMNS, rows)
     atomic_write(out / "depth.json", json.dumps(rows, indent=1) + "\n")  # NaN kept: a diverged run's loss
     paths = [out / "depth.csv", out / "depth.json", out / "depth_loss.png", out / "depth_grad_norms.png"]
     plot_loss(rows, paths[2])

@@ -10,7 +10,9 @@ checkpoint is at the end).
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
+import io
 import json
 import math
 import shutil
@@ -27,6 +29,16 @@ RESULT = "result.json"
 
 class Interrupted(Exception):
     """A run stopped on SIGINT/SIGTERM; its study stops too and resumes on the next invocation."""
+
+
+def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    """A study's table of runs: ``rows`` (dicts holding at least ``columns``) as CSV, replaced atomically;
+    floats written exactly (repr), so a fit reads back the very numbers the runs produced."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([repr(r[c]) if isinstance(r[c], float) else r[c] for c in columns] for r in rows)
+    atomic_write(path, buffer.getvalue())
 
 
 def study_run_config(cfg: Config, run_dir: Path, steps: int, model: Any) -> Config:

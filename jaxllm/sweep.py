@@ -24,9 +24,7 @@ forecast (``jaxllm.forecast``) builds a larger run of the same family.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,8 +34,8 @@ from typing import Any
 from jaxllm import flops, synthetic
 from jaxllm.config import Config, ModelConfig, option, resolve_model, to_dict, validate
 from jaxllm.errors import ConfigError
-from jaxllm.fileio import atomic_write, write_json
-from jaxllm.run_manager import run_in_order, study_folder, study_run_config, train_once
+from jaxllm.fileio import write_json
+from jaxllm.run_manager import run_in_order, study_folder, study_run_config, train_once, write_csv
 from jaxllm.scaling_laws import FLOPS_PER_PARAM_TOKEN, MIN_PROFILE_SIZES
 
 HEAD_SIZE = 8  # every shape of the ladder uses heads of 8 dimensions: n_head = d_model / 8
@@ -191,15 +189,6 @@ def run_config(cfg: Config, shape: Shape, steps: int, run_dir: Path) -> Config:
 # --- running -----------------------------------------------------------------------------------------
 
 
-def csv_text(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
-    """A CSV document of ``rows`` (dicts holding at least ``columns``); floats written exactly (repr)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows([repr(r[c]) if isinstance(r[c], float) else r[c] for c in columns] for r in rows)
-    return buffer.getvalue()
-
-
 def vocab_size(cfg: Config) -> int:
     """The tokenizer's vocabulary for ``cfg.data`` (tokenizes the corpus once; cached afterwards)."""
     from jaxllm import data as data_lib
@@ -261,7 +250,7 @@ def _row(spec: RunSpec, result: dict[str, Any]) -> dict[str, Any]:
 
 def _write_results(path: Path, rows: list[dict[str, Any]]) -> None:
     """results.csv; a diverged run (loss NaN) is left out, as no fit could use it."""
-    atomic_write(path, csv_text(COLUMNS, [r for r in rows if math.isfinite(r["loss"])]))
+    write_csv(path, COLUMNS, [r for r in rows if math.isfinite(r["loss"])])
 
 
 def describe(specs: list[RunSpec], out: Path) -> str:
