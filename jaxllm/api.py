@@ -21,7 +21,7 @@ from jaxllm import decode as gen
 from jaxllm import hf
 from jaxllm import quantize as quant
 from jaxllm import tokenizer as tokenizers
-from jaxllm.config import Config, from_dict, resolve_model, validate_model
+from jaxllm.config import Config, ModelConfig, from_dict, resolve_model, validate_model
 from jaxllm.errors import ConfigError
 from jaxllm.fileio import read_yaml
 from jaxllm.model import Transformer, linear_axes
@@ -149,6 +149,19 @@ def load(path: str | Path, quantize: str | None = None, group_size: int = 64, sh
     return LoadedModel(cfg, params, tokenizers.load(run_dir))
 
 
+def model_config(path: str | Path) -> ModelConfig:
+    """The model config of a jaxllm run directory or a Hugging Face directory, no weights read: what
+    a caller needs to lay out the parameters' shardings before :func:`load` streams them in."""
+    path = Path(path)
+    if (path / "config.yaml").is_file():
+        return _run_config(path).model
+    if hf.is_hf_dir(path):
+        return hf.read_config(path)
+    raise ConfigError(
+        f"{str(path)!r} is neither a jaxllm run directory (config.yaml) nor a Hugging Face model directory (config.json)"
+    )
+
+
 def _check_params(cfg: Config, params: Any, where: Path) -> None:
     """Refuses parameters whose names or shapes are not those of the model the config describes."""
     m = cfg.model
@@ -164,10 +177,15 @@ def _check_params(cfg: Config, params: Any, where: Path) -> None:
             )
 
 
-def _read_run(run_dir: Path) -> tuple[Config, Any]:
+def _run_config(run_dir: Path) -> Config:
     cfg = from_dict(read_yaml(run_dir / "config.yaml", "run config"))
     cfg.model = resolve_model(cfg.model, 0, cfg.train.seq_len)  # training saves it resolved; a hand edit may not
     validate_model(cfg.model)
+    return cfg
+
+
+def _read_run(run_dir: Path) -> tuple[Config, Any]:
+    cfg = _run_config(run_dir)
     folder = run_dir / "checkpoints"
     if not (folder.is_dir() and any(folder.iterdir())):  # checked first: orbax would create the folder
         raise ConfigError(f"{str(run_dir)!r} has no checkpoint yet")

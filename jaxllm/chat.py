@@ -6,7 +6,12 @@ encoded without recognising them (``Tokenizer.encode_ordinary``), so no content 
 A prompt for generation ends with ``<|assistant|>``; the model answers and closes with ``<|end|>``.
 
 Loss mask: 1 on the assistant's content and its closing ``<|end|>`` (the model must learn to stop),
-0 on everything else, including the ``<|assistant|>`` marker, which is part of the prompt.
+0 on everything else, including the ``<|assistant|>`` marker, which is part of the prompt. A tokenizer
+with a ``bos_token`` starts every conversation with it (masked).
+
+A Hugging Face tokenizer with a chat template uses that template instead of the markers, as the model
+was trained (:mod:`jaxllm.chat_template`): the same mask, the template's end of turn in place of
+``<|end|>``, its ``eos_token`` ending generation. Packing fills unused positions with its ``pad_token``.
 
 Packing: examples are laid end to end in rows of ``seq_len`` positions. A packed batch is one int32
 array ``[B, 5, T]`` whose rows are ``inputs, targets, loss mask, positions, segment ids``: positions
@@ -22,7 +27,8 @@ import numpy as np
 
 from jaxllm.errors import DataError
 from jaxllm.fileio import read_jsonl_numbered
-from jaxllm.tokenizer import Tokenizer
+from jaxllm import chat_template
+from jaxllm.tokenizer import HFTokenizer, Tokenizer
 
 SPECIAL = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 ROLES = ("system", "user", "assistant")
@@ -32,7 +38,25 @@ Chat = list[dict[str, str]]
 
 
 def chat_tokenizer(tok: Tokenizer) -> Tokenizer:
-    return tok.with_special(SPECIAL)
+    """``tok`` able to write chats: its own template if it has one, else with the jaxllm markers."""
+    return tok if tok.chat_template else tok.with_special(SPECIAL)
+
+
+def _role_id(tok: Tokenizer, role: str) -> int | None:
+    return tok.role_id(role) if isinstance(tok, HFTokenizer) else None
+
+
+def end_id(tok: Tokenizer) -> int:
+    """The token that ends an answer: the template's ``eos_token``, or ``<|end|>``."""
+    eos = _role_id(tok, "eos_token") if tok.chat_template else None
+    if tok.chat_template and eos is None:
+        raise DataError("the tokenizer has a chat template but no eos_token in its tokenizer_config.json to end answers")
+    return tok.token_id("<|end|>") if eos is None else eos
+
+
+def pad_id(tok: Tokenizer) -> int:
+    pad = _role_id(tok, "pad_token")
+    return 0 if pad is None else pad
 
 
 def _marker(tok: Tokenizer, role: str) -> int:
@@ -41,7 +65,10 @@ def _marker(tok: Tokenizer, role: str) -> int:
 
 def encode(tok: Tokenizer, messages: Chat) -> tuple[list[int], list[int]]:
     """Token ids of a whole conversation and its loss mask (1 = an assistant token to learn)."""
-    ids, mask = [], []
+    if tok.chat_template:
+        return chat_template.encode(tok, messages)
+    bos = _role_id(tok, "bos_token")
+    ids, mask = ([bos], [0]) if bos is not None else ([], [])
     end = tok.token_id("<|end|>")
     for m in messages:
         content = tok.encode_ordinary(m["content"]) + [end]  # markers in the content stay text
@@ -54,6 +81,8 @@ def encode(tok: Tokenizer, messages: Chat) -> tuple[list[int], list[int]]:
 def prompt_and_answer(tok: Tokenizer, messages: Chat) -> tuple[list[int], str]:
     """Everything before the last assistant message, then ``<|assistant|>``; and that message's text."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if tok.chat_template:
+        return chat_template.prompt(tok, messages[:last]), messages[last]["content"]
     ids, _ = encode(tok, messages[:last])
     return ids + [_marker(tok, "assistant")], messages[last]["content"]
 
@@ -97,8 +126,9 @@ def shift(ids: list[int], mask: list[int], prefix: int = 0) -> np.ndarray:
     return np.stack([ids[:-1], ids[1:], mask[1:], np.arange(n), np.ones(n, int)]).astype(np.int32)
 
 
-def pack(examples: list[np.ndarray], seq_len: int) -> np.ndarray:
-    """Examples from :func:`shift` laid end to end, in order, into ``[R, 5, seq_len]``.
+def pack(examples: list[np.ndarray], seq_len: int, pad: int = 0) -> np.ndarray:
+    """Examples from :func:`shift` laid end to end, in order, into ``[R, 5, seq_len]``; the inputs and
+    targets of unused positions are ``pad``.
 
     An example longer than ``seq_len`` is cut to its first ``seq_len`` positions."""
     rows: list[list[np.ndarray]] = []
@@ -117,6 +147,7 @@ def pack(examples: list[np.ndarray], seq_len: int) -> np.ndarray:
         rows[slot].append(ex)
         free[slot] -= n
     out = np.zeros((len(rows), 5, seq_len), np.int32)
+    out[:, [INPUTS, TARGETS]] = pad
     for r, parts in enumerate(rows):
         row = np.concatenate(parts, axis=1)
         out[r, :, : row.shape[1]] = row

@@ -1,4 +1,4 @@
-"""Hugging Face weights in and out: ``GPT2LMHeadModel`` and ``LlamaForCausalLM`` directories.
+"""Hugging Face weights in and out: ``GPT2LMHeadModel``, ``LlamaForCausalLM`` and ``MixtralForCausalLM`` directories.
 
 A Hugging Face model directory holds ``config.json``, weights in ``*.safetensors`` (one file, or
 several named by ``model.safetensors.index.json``) and, optionally, tokenizer files. :func:`read`
@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxllm import hf_stream
 from jaxllm import safetensors_io as st
-from jaxllm.config import ModelConfig, validate_model
+from jaxllm.config import ModelConfig, MoEConfig, validate_model
 from jaxllm.errors import ConfigError
 from jaxllm.fileio import atomic_write, read_json
 
@@ -55,9 +55,11 @@ def model_config(hf: dict, where: str) -> ModelConfig:
             d_ff=hf.get("n_inner") or 4 * d, vocab_size=hf["vocab_size"], max_seq_len=hf["n_positions"],
             tie_embeddings=hf.get("tie_word_embeddings", True), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         )
+    if kind == "mixtral":
+        return _mixtral(hf, where)
     if kind == "llama":
         d, heads = hf["hidden_size"], hf["num_attention_heads"]
-        if hf.get("head_dim", d // heads) != d // heads:
+        if (hf.get("head_dim") or d // heads) != d // heads:
             raise ConfigError(f"{where}: head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads; not supported")
         if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{where}: LLaMA with biases or an activation other than silu is not supported")
@@ -70,7 +72,23 @@ def model_config(hf: dict, where: str) -> ModelConfig:
             max_seq_len=hf["max_position_embeddings"], tie_embeddings=hf.get("tie_word_embeddings", False),
             rope_theta=_rope_theta(hf), norm_eps=hf.get("rms_norm_eps", 1e-6),
         )
-    raise ConfigError(f"{where}: model_type {kind!r} is not supported; jaxllm reads gpt2 and llama")
+    raise ConfigError(f"{where}: model_type {kind!r} is not supported; jaxllm reads gpt2, llama and mixtral")
+
+
+def _mixtral(hf: dict, where: str) -> ModelConfig:
+    """Mixtral: LLaMA whose every MLP is ``num_local_experts`` SwiGLU experts, a token's top
+    ``num_experts_per_tok`` weighted by their router probabilities renormalised to sum to 1, as
+    :func:`jaxllm.moe.route` does for top_k > 1, dropless. With one expert per token Mixtral gives it
+    weight 1 where jaxllm (Switch) weighs it by its probability: refused rather than run differently."""
+    if hf.get("sliding_window") is not None:
+        raise ConfigError(f"{where}: Mixtral with sliding_window={hf['sliding_window']} is not supported (jaxllm attends to every earlier position)")
+    if hf["num_experts_per_tok"] == 1:
+        raise ConfigError(f"{where}: Mixtral with num_experts_per_tok=1 weighs its expert by 1, jaxllm's top-1 routing by the "
+                          "router probability (Switch); not supported")
+    base = model_config({**hf, "model_type": "llama"}, where)
+    moe = MoEConfig(n_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
+                    aux_loss=float(hf.get("router_aux_loss_coef", 0.001)), router_z_loss=0.0)
+    return dataclasses.replace(base, moe=moe)
 
 
 def _checked(m: ModelConfig, where: str) -> ModelConfig:
@@ -100,6 +118,8 @@ def hf_config(m: ModelConfig) -> dict:
             "n_head": m.n_head, "n_inner": m.d_ff, "n_positions": m.max_seq_len, "activation_function": "gelu_new",
             "layer_norm_epsilon": m.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **common,
         }
+    if m.moe.n_experts:
+        return _mixtral_config(m, common)
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": m.n_layer,
         "hidden_size": m.d_model, "num_attention_heads": m.n_head, "num_key_value_heads": m.n_kv_head,
@@ -110,12 +130,25 @@ def hf_config(m: ModelConfig) -> dict:
     }
 
 
+def _mixtral_config(m: ModelConfig, common: dict) -> dict:
+    e = m.moe
+    if m.arch != "llama" or e.every != 1 or e.top_k == 1 or (e.d_ff and e.d_ff != m.d_ff):
+        raise ConfigError("only a llama MoE with every block MoE (model.moe.every=1), top_k > 1 and experts of "
+                          "model.d_ff has a Hugging Face (Mixtral) equivalent")
+    llama = hf_config(dataclasses.replace(m, moe=MoEConfig()))
+    return {**llama, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": e.n_experts,
+            "num_experts_per_tok": e.top_k, "router_aux_loss_coef": e.aux_loss, "sliding_window": None, **common}
+
+
 # --------------------------------------------------------------------------- directories
 
 
 def read_config(directory: Path) -> ModelConfig:
-    """The jaxllm model config of a Hugging Face directory's ``config.json``."""
-    return _config_of(read_json(directory / CONFIG, "Hugging Face config"), str(directory / CONFIG))
+    """The jaxllm model config of a Hugging Face directory's ``config.json``, once the weight files'
+    headers are known to be readable safetensors (as :func:`read` checks them, in the same order)."""
+    raw = read_json(directory / CONFIG, "Hugging Face config")
+    st.catalog(directory)
+    return _config_of(raw, str(directory / CONFIG))
 
 
 def _config_of(hf: dict, where: str) -> ModelConfig:

@@ -10,13 +10,16 @@
 The train step is the pre-training one (:func:`jaxllm.train_step.make_train_step`) and so is the
 loop (:mod:`jaxllm.loop`): a batch is one int32 array, so gradient accumulation, metrics, periodic
 checkpoints, bitwise resume, the SIGTERM save and the NaN stop carry over unchanged; only the loss
-differs (masked, packed). The data-parallel axes of ``mesh`` split the batch; parameters are replicated.
+differs (masked, packed). The data-parallel axes of ``mesh`` split the batch; parameters and optimizer
+state are sharded as pre-training shards them, and a Hugging Face base streams straight into its
+shards (:mod:`jaxllm.sft_base`).
 A checkpoint holds the merged model (``params``, what :func:`jaxllm.load` reads) and the training state
 (``train``, what a resumed run continues from). ``run.dir`` is new or holds this very fine-tuning run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -31,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import api, chat, loop, moe, peft, sharding, tasks, trainer
+from jaxllm import api, chat, loop, moe, peft, sft_base, sharding, tasks, trainer
 from jaxllm import checkpoint as ckpt
 from jaxllm import decode as gen
 from jaxllm.config import (
@@ -152,7 +155,7 @@ def load_data(cfg: SFTConfig, tok: Tokenizer) -> tuple[list[chat.Chat], EvalSet]
 
 
 def packed_rows(chats: list[chat.Chat], tok: Tokenizer, seq_len: int, prefix: int) -> np.ndarray:
-    return chat.pack([chat.shift(*chat.encode(tok, c), prefix=prefix) for c in chats], seq_len)
+    return chat.pack([chat.shift(*chat.encode(tok, c), prefix=prefix) for c in chats], seq_len, chat.pad_id(tok))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -195,14 +198,19 @@ class Prepared:
     rows: np.ndarray  # [R, 5, seq_len] packed training rows
     eval_set: EvalSet
     prefix: int  # placeholder positions before every example (prompt tuning)
+    mesh: jax.sharding.Mesh
+    rules: Any  # the logical-axis rules table (sharding.rules)
+    shardings: dict  # of params, leaf by leaf
 
 
-def prepare(cfg: SFTConfig) -> Prepared:
-    """Loads the base model and the data and adds the method's parameters; raises on any bad input."""
+def prepare(cfg: SFTConfig, devices: list | None = None) -> Prepared:
+    """Loads the base model (a Hugging Face one straight into its shardings on the run's mesh) and the
+    data, and adds the method's parameters; raises on any bad input."""
     validate_sft(cfg)
     init_compile_cache(cfg.run.compile_cache)  # before the base model compiles or touches a device
     init_cpu_devices(cfg.dist.cpu_devices)
-    base = api.load(init_from(cfg))
+    mesh, rule_table = sharding.make_mesh(cfg.mesh, devices), sharding.rules(cfg.mesh)
+    base = sft_base.load(init_from(cfg), cfg.model, mesh, rule_table)
     tok = chat.chat_tokenizer(base.tokenizer)
     method = cfg.sft.method
     m = base.config.model
@@ -234,7 +242,9 @@ def prepare(cfg: SFTConfig) -> Prepared:
             f"the longest held-out prompt plus sft.max_new_tokens needs {longest} positions; the model has {model_cfg.max_seq_len}"
         )
     rows = packed_rows(train_chats, tok, cfg.train.seq_len, prefix)
-    return Prepared(model_cfg, base.config, tok, params, peft.trainable_mask(params, method), lora_scale, rows, eval_set, prefix)
+    shardings = sft_base.param_shardings(params, dataclasses.replace(model_cfg, vocab_size=m.vocab_size), mesh, rule_table)
+    return Prepared(model_cfg, base.config, tok, params, peft.trainable_mask(params, method), lora_scale, rows, eval_set,
+                    prefix, mesh, rule_table, shardings)
 
 
 def _export_config(cfg: SFTConfig, p: Prepared) -> Config:
@@ -251,19 +261,28 @@ def _print_table(before: dict, after: dict) -> None:
 
 @dataclass(frozen=True)
 class Job:
-    """A fine-tuning run compiled for a mesh: the jitted step and its initial state (replicated)."""
+    """A fine-tuning run compiled for a mesh: the jitted step and its initial state, parameters and
+    optimizer state sharded as pre-training shards them (:func:`jaxllm.sft_base.param_shardings`)."""
 
     mesh: jax.sharding.Mesh
+    rules: Any
     step: Callable  # (state, batch_AxBx5xT) -> (state, metrics)
     init: Callable  # () -> TrainState
     batch_sharding: Any
     replicated: Any
+    state_shardings: TrainState
+    merged_shardings: dict  # of the merged model params a checkpoint holds
     lora_scale: float
 
+    @contextlib.contextmanager
+    def context(self):
+        """The mesh and logical-axis rules that the model's constraints resolve against."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
 
-def build(cfg: SFTConfig, p: Prepared, devices: list | None) -> Job:
-    t = cfg.train
-    mesh = sharding.make_mesh(cfg.mesh, devices)
+
+def build(cfg: SFTConfig, p: Prepared) -> Job:
+    t, mesh = cfg.train, p.mesh
     n_data = mesh.shape["data"] * mesh.shape["fsdp"]
     if t.batch_size % n_data:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {n_data} data-parallel devices")
@@ -271,17 +290,22 @@ def build(cfg: SFTConfig, p: Prepared, devices: list | None) -> Job:
     optim_cfg = method_optim(cfg)
     tx = peft.masked(optimizer(optim_cfg, t.steps), p.mask)
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh, leading=1)
-    step_fn = jax.jit(
-        make_train_step(make_loss_fn(model, p.mask, p.lora_scale), tx, schedule(optim_cfg, t.steps)),
-        in_shardings=(repl, batch_sh), out_shardings=(repl, repl), donate_argnums=0,
-    )
+    opt_sh = sft_base.like_params(jax.eval_shape(tx.init, p.params), p.shardings, mesh)
+    state_sh = TrainState(step=repl, params=p.shardings, opt_state=opt_sh, rng=repl)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(p.rules):
+        step_fn = jax.jit(
+            make_train_step(make_loss_fn(model, p.mask, p.lora_scale), tx, schedule(optim_cfg, t.steps)),
+            in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0,
+        )
 
     def init() -> TrainState:
-        params = jax.device_put(p.params, repl)
+        params = jax.device_put(p.params, p.shardings)
         rng = jax.random.fold_in(jax.random.PRNGKey(t.seed), 1)
-        return jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng), repl)
+        return jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng), state_sh)
 
-    return Job(mesh, step_fn, init, batch_sh, repl, p.lora_scale)
+    merged = jax.eval_shape(lambda x: peft.model_params(x, p.lora_scale), p.params)
+    merged_sh = sft_base.param_shardings(merged, p.model_cfg, mesh, p.rules)
+    return Job(mesh, p.rules, step_fn, init, batch_sh, repl, state_sh, merged_sh, p.lora_scale)
 
 
 def batch_order(n_rows: int, t: TrainConfig) -> np.ndarray:
@@ -308,7 +332,7 @@ def save_state(checkpointer: ckpt.Checkpointer, job: Job, model: dict, step: int
 
 def restore_or_init(checkpointer: ckpt.Checkpointer, job: Job, model_cfg: ModelConfig) -> tuple[TrainState, int, bool]:
     abstract_tree = jax.eval_shape(lambda: saved_tree(job.init(), job.lora_scale))
-    target = ckpt.abstract(abstract_tree, jax.tree.map(lambda _: job.replicated, abstract_tree))
+    target = ckpt.abstract(abstract_tree, {"params": job.merged_shardings, "train": job.state_shardings})
     restored = checkpointer.restore_latest(target, model_cfg)
     if restored is None:
         return job.init(), 0, False
@@ -317,20 +341,20 @@ def restore_or_init(checkpointer: ckpt.Checkpointer, job: Job, model_cfg: ModelC
 
 def finetune(cfg: SFTConfig, devices: list | None = None) -> dict:
     """Fine-tunes ``init.from`` as ``cfg`` says; writes (or resumes) ``run.dir``; returns a summary."""
-    p = prepare(cfg)
+    p = prepare(cfg, devices)
     check_finetune_dir(Path(cfg.run.dir), Path(init_from(cfg)), cfg)
-    job = build(cfg, p, devices)
+    job = build(cfg, p)
     with lock(Path(cfg.run.dir), "another fine-tuning run"):
         return _finetune(cfg, p, job, Path(cfg.run.dir))
 
 
 def _finetune(cfg: SFTConfig, p: Prepared, job: Job, run_dir: Path) -> dict:
     t = cfg.train
-    greedy = make_greedy(p.model_cfg, p.lora_scale, cfg.sft.max_new_tokens, p.tokenizer.token_id("<|end|>"))
+    greedy = make_greedy(p.model_cfg, p.lora_scale, cfg.sft.max_new_tokens, chat.end_id(p.tokenizer))
     prompts = [[PLACEHOLDER] * p.prefix + q for q in p.eval_set.prompts]
 
     def evaluate(params) -> dict[str, float]:
-        with jax.set_mesh(job.mesh):
+        with job.context():
             ids = greedy(params, prompts)
         return exact_match(p.eval_set.tasks, [p.tokenizer.decode(i) for i in ids], p.eval_set.answers)
 
@@ -347,12 +371,12 @@ def _finetune(cfg: SFTConfig, p: Prepared, job: Job, run_dir: Path) -> dict:
               f"({trainable / total:.2%}); {len(p.rows)} packed rows of {t.seq_len} tokens; peak lr {method_optim(cfg).lr:g}; "
               + (f"resuming at step {start}" if restored else "from the start"), file=sys.stderr)
         t0 = time.perf_counter()
-        before = evaluate(jax.device_put(p.params, job.replicated))
+        before = evaluate(jax.device_put(p.params, p.shardings))
         parts = loop.Parts(
             step=job.step, batch_at=functools.partial(batch_at, p.rows, batch_order(len(p.rows), t), job.batch_sharding),
             save=functools.partial(save_state, checkpointer, job, to_dict(p.model_cfg)), checkpoint_dir=checkpointer.directory,
             log=log, mfu=trainer.model_flops_utilisation(p.model_cfg, job.mesh, t.seq_len, cfg.log.peak_flops),
-            tokens_per_step=t.batch_size * t.grad_accum * t.seq_len, context=functools.partial(jax.set_mesh, job.mesh),
+            tokens_per_step=t.batch_size * t.grad_accum * t.seq_len, context=job.context,
             progress=cfg.log.progress,
         )
         out = loop.run(parts, trainer.cadence(cfg), state, start, start if restored else None)

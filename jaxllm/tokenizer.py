@@ -2,8 +2,9 @@
 
 All three save as one ``tokenizer.json`` in the run directory and load back with :func:`load`.
 Byte and char tokenizers use a small jaxllm format (``{"jaxllm_tokenizer": "byte" | "char", ...}``);
-BPE uses Hugging Face's own format, so any ``tokenizer.json`` from the Hub loads as well. Special
-tokens (chat templates) are appended after the base vocabulary.
+BPE uses Hugging Face's own format, so any ``tokenizer.json`` from the Hub loads as well, with the
+special tokens (bos, eos, pad, unk) and the Jinja chat template of the ``tokenizer_config.json`` (or
+``chat_template.jinja``) beside it. jaxllm's own chat markers are appended after the base vocabulary.
 """
 
 from __future__ import annotations
@@ -15,15 +16,20 @@ from pathlib import Path
 import numpy as np
 
 from jaxllm.errors import ConfigError, DataError
-from jaxllm.fileio import atomic_write, read_json
+from jaxllm.fileio import atomic_write, read_json, read_text
 
 FILENAME = "tokenizer.json"
+CONFIG = "tokenizer_config.json"  # Hugging Face's: special tokens and the chat template
+TEMPLATE = "chat_template.jinja"  # where transformers >= 4.43 saves the chat template
+ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
 class Tokenizer:
     """``encode(str) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``save(dir)``."""
 
     kind: str
+    chat_template: str | None = None  # a Hugging Face tokenizer's Jinja template (jaxllm.chat_template)
+    roles: dict[str, str] = {}  # {"bos_token": "<s>", ...}: the special tokens a Hugging Face tokenizer names
 
     def __init__(self, special: Sequence[str] = ()):
         self.special = list(special)
@@ -174,13 +180,32 @@ class CharTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A Hugging Face ``tokenizers`` tokenizer (byte-level BPE when trained here)."""
+    """A Hugging Face ``tokenizers`` tokenizer (byte-level BPE when trained here), with the special
+    tokens and chat template of its ``tokenizer_config.json`` when it came with one."""
 
     kind = "bpe"
 
-    def __init__(self, tok, special: Sequence[str] = ()):
+    def __init__(self, tok, special: Sequence[str] = (), roles: dict | None = None, chat_template: str | None = None):
         super().__init__(special)
         self.tok = tok
+        self.roles = dict(roles or {})
+        self.chat_template = chat_template
+
+    def role_id(self, role: str) -> int | None:
+        """The id of the special token named ``role`` (``"eos_token"``, ...), None if there is none."""
+        return self.tok.token_to_id(self.roles[role]) if role in self.roles else None
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of ``text``, special tokens recognised (as ``transformers`` tokenizes a rendered chat
+        template), and each token's ``(start, end)`` characters in ``text``."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def save(self, directory: Path) -> None:
+        super().save(directory)
+        if self.roles or self.chat_template:
+            config = {**self.roles, **({"chat_template": self.chat_template} if self.chat_template else {})}
+            atomic_write(Path(directory) / CONFIG, json.dumps(config, indent=2))
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> HFTokenizer:
@@ -214,7 +239,7 @@ class HFTokenizer(Tokenizer):
         return json.dumps(tree)
 
     def _copy(self) -> HFTokenizer:
-        return HFTokenizer(self.tok, self.special)
+        return HFTokenizer(self.tok, self.special, self.roles, self.chat_template)
 
 
 def load(path: str | Path) -> Tokenizer:
@@ -238,7 +263,31 @@ def load(path: str | Path) -> Tokenizer:
         tok = _Tok.from_str(json.dumps(tree))
     except Exception as e:  # noqa: BLE001  (the tokenizers library raises its own exception types)
         raise DataError(f"{str(path)!r} is not a valid tokenizer.json: {' '.join(str(e).split())[:200]}") from None
-    return HFTokenizer(tok, special)
+    return HFTokenizer(tok, special, *_hf_config(path.parent))
+
+
+def _token(value: object, where: Path, key: str) -> str | None:
+    """A special token as ``tokenizer_config.json`` writes it: a string, or an AddedToken's dict."""
+    if value is None or isinstance(value, str):
+        return value or None
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise DataError(f"{where}: {key!r} must be a token string, got {value!r}")
+
+
+def _hf_config(directory: Path) -> tuple[dict[str, str], str | None]:
+    """The special tokens and chat template of a Hugging Face ``tokenizer_config.json`` (and
+    ``chat_template.jinja``) in ``directory``; none when it has neither."""
+    config = read_json(directory / CONFIG, "tokenizer config") if (directory / CONFIG).is_file() else {}
+    roles = {k: t for k in ROLES if (t := _token(config.get(k), directory / CONFIG, k)) is not None}
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one is the chat template
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    if (directory / TEMPLATE).is_file():
+        template = read_text(directory / TEMPLATE, "chat template")
+    if template is not None and not isinstance(template, str):
+        raise DataError(f"{directory / CONFIG}: 'chat_template' must be a Jinja template string")
+    return roles, template
 
 
 def _strings(tree: dict, key: str, path: Path) -> list[str]:

@@ -9,12 +9,12 @@ import numpy as np
 import optax
 import pytest
 
-from jaxllm import chat, peft, sft
-from jaxllm.config import ModelConfig, OptimConfig, resolve_model
+from jaxllm import chat, hf, peft, sft, sharding
+from jaxllm.config import ModelConfig, OptimConfig, SFTConfig, load_config, resolve_model
 from jaxllm.errors import ConfigError
 from jaxllm.model import Transformer
 from jaxllm.optim import optimizer
-from jaxllm.tokenizer import ByteTokenizer
+from jaxllm.tokenizer import ByteTokenizer, HFTokenizer
 from jaxllm.train_step import TrainState, make_train_step
 
 TOK = chat.chat_tokenizer(ByteTokenizer())
@@ -177,3 +177,89 @@ def test_greedy_answers_equal_a_full_forward_argmax_decode_with_a_learned_prompt
             expected.append(token)
             tokens.append(token)
         assert answer == expected
+
+
+# --------------------------------------------------------------------------- a Hugging Face base on a mesh
+
+
+def write_hf_base(directory, tok):
+    """A random tiny LLaMA over ``tok``'s vocabulary as a Hugging Face directory (several safetensors
+    files and an index) with ``tok`` beside it: what `sft.py init.from=HF_DIR` starts from."""
+    m = resolve_model(ModelConfig(arch="llama", n_layer=2, d_model=32, n_head=4, n_kv_head=2, tie_embeddings=False), tok.vocab_size, 96)
+    params = nn.unbox(Transformer(m).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    hf.write(m, params, directory, max_shard_bytes=40_000)
+    tok.save(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory):
+    return write_hf_base(tmp_path_factory.mktemp("hf_base"), ByteTokenizer())
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def hf_chat_base(tmp_path_factory):
+    """The same with a BPE tokenizer whose tokenizer_config.json names its special tokens and a chat template."""
+    tok = HFTokenizer.train(["rev ab is ba; 2+3 is 5; the user asks, the assistant answers"] * 20, 300)
+    tok.tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<pad>"])
+    tok = HFTokenizer(tok.tok, roles={"eos_token": "<|im_end|>", "pad_token": "<pad>"}, chat_template=CHATML)
+    return write_hf_base(tmp_path_factory.mktemp("hf_chat_base"), tok)
+
+
+def sft_cfg(directory, *overrides: str):
+    return load_config(None, [f"init.from={directory}", "sft.n_train=2", "sft.n_eval=1", "train.seq_len=32",
+                              "train.batch_size=8", "train.steps=2", "optim.warmup_steps=0", *overrides], cls=SFTConfig)
+
+
+def first_losses(cfg, p: sft.Prepared) -> list[float]:
+    job = sft.build(cfg, p)
+    state, order, losses = job.init(), sft.batch_order(len(p.rows), cfg.train), []
+    with job.context():
+        for step in range(2):
+            state, metrics = job.step(state, sft.batch_at(p.rows, order, job.batch_sharding, step))
+            losses.append(float(metrics["loss"]))
+    return losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [pytest.param(["mesh.data=1", "mesh.fsdp=8"], id="fsdp"),
+                                  pytest.param(["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], id="fsdp_tensor")])
+def test_hf_base_streams_into_the_mesh_and_fine_tunes_as_on_one_device(hf_base, mesh):
+    assert (hf_base / "model.safetensors.index.json").is_file()
+    one_cfg, cfg = sft_cfg(hf_base, "mesh.data=1"), sft_cfg(hf_base, *mesh)
+    p = sft.prepare(cfg, jax.devices())
+    up = p.params["blocks"]["mlp"]["up"]["kernel"]  # [L, D, F]: D over fsdp, F over tensor, as pre-training
+    assert up.sharding.spec == sharding.logical_shardings(nn.Partitioned(up, ("layers", "embed", "mlp")), p.mesh, p.rules).spec
+    assert all(s.data.size < up.size for s in up.addressable_shards)  # no device holds the whole parameter
+    one = first_losses(one_cfg, sft.prepare(one_cfg, jax.devices()[:1]))
+    np.testing.assert_allclose(first_losses(cfg, p), one, rtol=1e-5)  # the first loss and the one after an update
+
+
+def test_compute_options_apply_to_a_hf_base_and_its_weights_stay_float32(hf_base):
+    p = sft.prepare(sft_cfg(hf_base, "model.dtype=bfloat16", "model.remat=true", "model.n_layer=2", "mesh.data=1"),
+                    jax.devices()[:1])
+    assert (p.model_cfg.dtype, p.model_cfg.remat, p.model_cfg.n_layer) == ("bfloat16", True, 2)
+    assert {x.dtype for x in jax.tree.leaves(p.params)} == {jnp.dtype("float32")}
+
+
+@pytest.mark.parametrize("override", ["model.n_layer=3", "model.d_model=64", "model.n_kv_head=4"])
+def test_a_model_override_that_changes_the_hf_base_shape_is_refused(hf_base, override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{key}=.* would change init.from's model"):
+        sft.prepare(sft_cfg(hf_base, override, "mesh.data=1"), jax.devices()[:1])
+
+
+def test_a_hf_base_with_a_chat_template_fine_tunes_on_its_template_and_special_tokens(hf_chat_base):
+    p = sft.prepare(sft_cfg(hf_chat_base, "mesh.data=1"), jax.devices()[:1])
+    tok = p.tokenizer
+    assert p.model_cfg.vocab_size == tok.vocab_size and "new_tokens" not in p.params  # no jaxllm markers added
+    first = chat.encode(tok, sft.load_data(sft_cfg(hf_chat_base), tok)[0][0])[0]
+    assert tok.decode(first).startswith("<|im_start|>user\n") and p.rows[0, chat.INPUTS, 0] == first[0]
+    unused = p.rows[:, chat.SEGMENTS] == 0
+    assert (p.rows[:, chat.INPUTS][unused] == tok.role_id("pad_token")).all()
+    assert all(tok.decode(q).endswith("<|im_end|>\n<|im_start|>assistant\n") for q in p.eval_set.prompts)
+    assert chat.end_id(tok) == tok.role_id("eos_token")

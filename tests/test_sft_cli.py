@@ -215,3 +215,7 @@ def test_sft_sigkill_after_a_checkpoint_then_rerun_gives_bitwise_identical_losse
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step" in resumed.stderr
     assert sft_losses(killed) == sft_losses(tmp_path / "ref")  # exact float equality, every step
+
+
+def test_a_model_override_that_changes_the_base_shape_exits_2(base_run, capsys):
+    assert_one_line_error(*run(capsys, f"init.from={base_run}", "model.d_model=64"), "model.d_model=64 would change init.from's model")
