@@ -9,6 +9,10 @@ Layouts (per layer ``i``; ours stack layers on a leading ``layers`` axis, theirs
 - LLaMA stores ``nn.Linear`` weights as ``[out, in]``: transposed, then the head axes unflattened.
   Its rotary embedding already uses the half-split layout of :func:`jaxllm.model.rope`, so q and k
   need no permutation.
+- Mixtral is LLaMA with every MLP a mixture of experts (:mod:`jaxllm.moe`): the router
+  ``block_sparse_moe.gate [E, D]`` is ours ``[D, E]`` transposed; expert ``j``'s ``w1``, ``w3``, ``w2``
+  (``[F, D]``, ``[F, D]``, ``[D, F]``) are row ``j`` of our stacked ``gate``, ``up``, ``down`` kernels
+  ``[E, D, F]`` / ``[E, F, D]``, transposed: one stored tensor per layer and expert.
 
 A block is given by one slice per parameter axis (``jax.make_array_from_callback``'s index). The
 stored block read for it is the bounding box of those rows and columns, never more than one tensor;
@@ -17,6 +21,7 @@ axes that are unflattened from one stored axis (heads x head size) are read whol
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -32,15 +37,17 @@ class Source:
     ``name``: the tensor, ``{i}`` standing for the layer of a stacked parameter. ``groups``: for each
     stored axis in the parameter's order (after ``transpose``), the parameter axes it flattens.
     ``part``: (which, of how many) equal pieces of the stored tensor's last axis hold this parameter.
+    ``experts``: the parameter's leading axis is the experts, each a tensor of its own (``{j}``).
     """
 
     name: str
     groups: tuple[tuple[int, ...], ...]
     transpose: bool = False
     part: tuple[int, int] = (0, 1)
+    experts: bool = False
 
-    def tensor(self, layer: int | None) -> str:
-        return self.name.format(i=layer)
+    def tensor(self, layer: int | None = None, expert: int | None = None) -> str:
+        return self.name.format(i=layer, j=expert)
 
     def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The whole stored tensor's shape, for a parameter of ``shape`` (without ``layers``)."""
@@ -120,9 +127,18 @@ def _llama() -> dict[str, Source]:
     return table
 
 
+def _mixtral() -> dict[str, Source]:
+    table = {k: v for k, v in _llama().items() if "['mlp']" not in k}
+    h = "model.layers.{i}.block_sparse_moe."
+    table["['blocks']['mlp']['router']['kernel']"] = Source(h + "gate.weight", ((0,), (1,)), True)
+    for ours, theirs in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
+        table[f"['blocks']['mlp']['{ours}']['kernel']"] = Source(h + "experts.{j}." + theirs + ".weight", ((0,), (1,)), True, experts=True)
+    return table
+
+
 def sources(m: ModelConfig) -> dict[str, Source]:
     """Each parameter's source, keyed by ``jax.tree_util.keystr`` of its path in the params tree."""
-    table = _gpt2() if m.arch == "gpt2" else _llama()
+    table = _gpt2() if m.arch == "gpt2" else _mixtral() if m.moe.n_experts else _llama()
     if not m.tie_embeddings:
         table["['lm_head']['kernel']"] = Source("lm_head.weight", ((0,), (1,)), True)
     return table
@@ -130,6 +146,18 @@ def sources(m: ModelConfig) -> dict[str, Source]:
 
 def is_stacked(key: str) -> bool:
     return key.startswith("['blocks']")
+
+
+def leading(key: str, src: Source) -> int:
+    """How many leading axes of the parameter enumerate stored tensors: layers, then experts."""
+    return (1 + src.experts) if is_stacked(key) else 0
+
+
+def pieces(key: str, src: Source, shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], str]]:
+    """``(index, tensor name)`` of each stored tensor the parameter of ``shape`` is made of: one per
+    layer (and expert) of a stacked parameter, index ``()`` for the parameter whole."""
+    lead = leading(key, src)
+    return [(idx, src.tensor(*idx)) for idx in itertools.product(*(range(n) for n in shape[:lead]))]
 
 
 def fuse(pieces: list[np.ndarray]) -> np.ndarray:

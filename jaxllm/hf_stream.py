@@ -37,10 +37,10 @@ def abstract_params(m: ModelConfig) -> Any:
 
 
 def _check(directory: Path, key: str, src: layout.Source, shape: tuple, entries: dict, m: ModelConfig) -> None:
-    """The stored tensor ``src`` names exists for every layer, with a float dtype and the shape config.json implies."""
-    expected = src.stored_shape(shape[1:] if layout.is_stacked(key) else shape)
-    for layer in range(shape[0]) if layout.is_stacked(key) else [None]:
-        name = src.tensor(layer)
+    """The stored tensor ``src`` names exists for every layer (and expert), with a float dtype and the
+    shape config.json implies."""
+    expected = src.stored_shape(shape[layout.leading(key, src):])
+    for _, name in layout.pieces(key, src, shape):
         if name not in entries:
             raise ConfigError(f"{directory}: tensor {name!r} is missing for a {m.arch} model")
         e = entries[name]
@@ -56,12 +56,11 @@ def _bounding(blocks: list[tuple[slice, ...]]) -> tuple[slice, ...]:
     return tuple(slice(min(s.start for s in axis), max(s.stop for s in axis)) for axis in zip(*blocks))
 
 
-def _reader(src: layout.Source, e: st.Entry, shape: tuple, sharding, stacked: bool):
-    """A ``make_array_from_callback`` callback for ``src`` (of ``shape``; ``stacked``: the array has
-    one more, leading, axis of size 1) under ``sharding``. Reads once the bounding box of the blocks
-    this process's devices hold (the whole tensor on one host, a part of it on many) and hands each
-    device a view of it (the layout only transposes and splits axes: no copies)."""
-    lead = int(stacked)
+def _reader(src: layout.Source, e: st.Entry, shape: tuple, sharding, lead: int):
+    """A ``make_array_from_callback`` callback for ``src`` (of ``shape``; the array has ``lead`` more,
+    leading, axes of size 1: a layer, an expert) under ``sharding``. Reads once the bounding box of the
+    blocks this process's devices hold (the whole tensor on one host, a part of it on many) and hands
+    each device a view of it (the layout only transposes and splits axes: no copies)."""
     indices = [i[lead:] for i in sharding.addressable_devices_indices_map((1,) * lead + shape).values()]
     box = _bounding([src.stored_block(shape, index) for index in indices])
     stored = st.read_block(e, box)
@@ -75,11 +74,11 @@ def _reader(src: layout.Source, e: st.Entry, shape: tuple, sharding, stacked: bo
     return read
 
 
-def _layer_sharding(sharding):
-    """``sharding`` for one layer ``[1, ...]`` of a stacked parameter: its layers axis whole."""
+def _layer_sharding(sharding, lead: int):
+    """``sharding`` for one piece ``[1, (1,) ...]`` of a stacked parameter: its ``lead`` axes whole."""
     if not isinstance(sharding, NamedSharding):
         return sharding
-    return NamedSharding(sharding.mesh, PartitionSpec(None, *tuple(sharding.spec)[1:]))
+    return NamedSharding(sharding.mesh, PartitionSpec(*(None,) * lead, *tuple(sharding.spec)[lead:]))
 
 
 @functools.cache
@@ -94,28 +93,30 @@ def _cast(dtype, sharding):
 
 @functools.cache
 def _set_layer(sharding):
-    def update(stacked_LxS, layer_1xS, i):  # the layer arrives in the checkpoint's dtype: cast on the devices
-        return jax.lax.dynamic_update_slice_in_dim(stacked_LxS, layer_1xS.astype(stacked_LxS.dtype), i, 0)
+    def update(stacked_LxS, piece_1xS, start):  # the piece arrives in the checkpoint's dtype: cast on the devices
+        return jax.lax.dynamic_update_slice(stacked_LxS, piece_1xS.astype(stacked_LxS.dtype), start)
 
     return jax.jit(update, out_shardings=sharding, donate_argnums=0)
 
 
 def _load(key: str, src: layout.Source, shape: tuple, sharding, entries: dict, dtype) -> jax.Array:
     """One parameter, in ``dtype``, read a stored tensor at a time in the checkpoint's dtype."""
-    if not layout.is_stacked(key):
-        stored = jax.make_array_from_callback(shape, sharding, _reader(src, entries[src.tensor(None)], shape, sharding, False))
+    lead = layout.leading(key, src)
+    if not lead:
+        stored = jax.make_array_from_callback(shape, sharding, _reader(src, entries[src.tensor()], shape, sharding, 0))
         # a copy even when the dtypes agree: on the CPU backend `stored` may alias the read buffer,
         # shared by every device that holds the same block
         param = _cast(np.dtype(dtype), sharding)(stored)
         stored.delete()
         return param
-    inner, one = shape[1:], _layer_sharding(sharding)
+    inner, one = shape[lead:], _layer_sharding(sharding, lead)
     stacked = _zeros(shape, np.dtype(dtype), sharding)()
-    for i in range(shape[0]):
-        layer = jax.make_array_from_callback((1, *inner), one, _reader(src, entries[src.tensor(i)], inner, one, True))
-        stacked = _set_layer(sharding)(stacked, layer, np.int32(i))
-        # the CPU backend keeps the read buffer as the layer's own: free it before the next read
-        layer.delete()
+    for idx, name in layout.pieces(key, src, shape):
+        piece = jax.make_array_from_callback((1,) * lead + inner, one, _reader(src, entries[name], inner, one, lead))
+        start = tuple(np.int32(i) for i in idx) + (np.int32(0),) * len(inner)
+        stacked = _set_layer(sharding)(stacked, piece, start)
+        # the CPU backend keeps the read buffer as the piece's own: free it before the next read
+        piece.delete()
     return stacked
 
 
@@ -158,19 +159,18 @@ def stored_tensors(m: ModelConfig, params: Any) -> tuple[dict[str, tuple], Any]:
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
     parts: dict[str, list] = {}
     for key, src in table.items():
-        layers = range(flat[key].shape[0]) if layout.is_stacked(key) else [None]
-        for i in layers:
-            parts.setdefault(src.tensor(i), []).append((src.part[0], key, i))
+        for idx, name in layout.pieces(key, src, flat[key].shape):
+            parts.setdefault(name, []).append((src.part[0], key, idx))
 
     def inner_shape(key: str) -> tuple:
-        return flat[key].shape[1:] if layout.is_stacked(key) else flat[key].shape
+        return flat[key].shape[layout.leading(key, table[key]):]
 
     shapes = {name: table[p[0][1]].stored_shape(inner_shape(p[0][1])) for name, p in parts.items()}
 
     def tensor(name: str) -> np.ndarray:
         pieces = []
-        for _, key, i in sorted(parts[name]):
-            value = _host(flat[key] if i is None else flat[key][i])
+        for _, key, idx in sorted(parts[name]):
+            value = _host(flat[key][idx])
             pieces.append(table[key].to_stored(value, inner_shape(key)))
         return layout.fuse(pieces)
 
