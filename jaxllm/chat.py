@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxllm import chat_template
 from jaxllm.errors import DataError
 from jaxllm.fileio import read_jsonl_numbered
-from jaxllm import chat_template
 from jaxllm.tokenizer import HFTokenizer, Tokenizer
 
 SPECIAL = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")

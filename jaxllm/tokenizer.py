@@ -28,11 +28,11 @@ class Tokenizer:
     """``encode(str) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``save(dir)``."""
 
     kind: str
-    chat_template: str | None = None  # a Hugging Face tokenizer's Jinja template (jaxllm.chat_template)
-    roles: dict[str, str] = {}  # {"bos_token": "<s>", ...}: the special tokens a Hugging Face tokenizer names
 
     def __init__(self, special: Sequence[str] = ()):
         self.special = list(special)
+        self.chat_template: str | None = None  # a Hugging Face tokenizer's Jinja template (jaxllm.chat_template)
+        self.roles: dict[str, str] = {}  # {"bos_token": "<s>", ...}: the special tokens a Hugging Face tokenizer names
 
     @property
     def base_size(self) -> int:
