@@ -1,6 +1,6 @@
 """``jaxllm.load(run_dir)``: a trained model for people, with its config, params and tokenizer.
 
-``jaxllm.load`` also reads a Hugging Face GPT-2 / LLaMA directory (config.json, *.safetensors, and
+``jaxllm.load`` also reads a Hugging Face GPT-2 / LLaMA / Mixtral directory (config.json, *.safetensors, and
 tokenizer.json if it has one: without, ``logits`` and ``generate_ids`` work on token ids), and
 ``model.save_hf(out_dir)`` writes one back (:mod:`jaxllm.hf`)."""
 
@@ -109,7 +109,7 @@ class LoadedModel:
                             **sampling)
 
     def save_hf(self, out_dir: str | Path, max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> None:
-        """A Hugging Face directory that ``transformers`` loads (``GPT2LMHeadModel`` / ``LlamaForCausalLM``),
+        """A Hugging Face directory that ``transformers`` loads (``GPT2LMHeadModel`` / ``LlamaForCausalLM`` / ``MixtralForCausalLM``),
         with this model's ``tokenizer.json`` if it has one (jaxllm's own format for byte and char
         tokenizers); weights over ``max_shard_bytes`` go in several files and an index."""
         if self.config.model.prompt_tokens:
@@ -121,7 +121,7 @@ class LoadedModel:
 
 
 def load(path: str | Path, quantize: str | None = None, group_size: int = 64, shardings: Any = None) -> LoadedModel:
-    """Loads the latest checkpoint of a jaxllm run directory, or a Hugging Face GPT-2 / LLaMA directory
+    """Loads the latest checkpoint of a jaxllm run directory, or a Hugging Face GPT-2 / LLaMA / Mixtral directory
     (safetensors only), onto the default device; a Hugging Face directory streams instead into
     ``shardings`` when given (a tree like the params, e.g. ``sharding.logical_shardings`` of the run's
     mesh), each device reading only its blocks.
