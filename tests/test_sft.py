@@ -263,3 +263,11 @@ def test_a_hf_base_with_a_chat_template_fine_tunes_on_its_template_and_special_t
     assert (p.rows[:, chat.INPUTS][unused] == tok.role_id("pad_token")).all()
     assert all(tok.decode(q).endswith("<|im_end|>\n<|im_start|>assistant\n") for q in p.eval_set.prompts)
     assert chat.end_id(tok) == tok.role_id("eos_token")
+
+
+def test_a_hf_base_without_a_tokenizer_is_refused_in_one_line(hf_base, tmp_path):
+    import shutil
+
+    bare = shutil.copytree(hf_base, tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*.json"))
+    with pytest.raises(ConfigError, match="has no tokenizer.json: fine-tuning on text needs the model's tokenizer"):
+        sft.prepare(sft_cfg(bare, "mesh.data=1"), jax.devices()[:1])
