@@ -41,6 +41,8 @@ class MoEConfig:
     top_k: int = option(2, "experts each token is sent to", POSITIVE)
     every: int = option(1, "an MoE block every k layers (the k-th of each group), dense MLPs between", POSITIVE)
     d_ff: int = option(0, "hidden width of one expert; 0 = model.d_ff", NON_NEGATIVE)
+    shared_experts: int = option(0, "experts every token also goes through, unrouted and unweighted (DeepSeekMoE's "
+                                 "shared experts): one dense MLP of shared_experts x the expert width", NON_NEGATIVE)
     capacity_factor: float = option(0.0, "tokens an expert takes, as a multiple of its even share; beyond it they "
                                     "are dropped (counted); 0 = dropless (grouped matmul)", NON_NEGATIVE)
     aux_loss: float = option(0.01, "weight of the load-balancing loss (Switch/GShard: n_experts sum_e f_e p_e)", NON_NEGATIVE)

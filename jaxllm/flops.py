@@ -46,7 +46,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     ``total``: every parameter. ``non_embedding``: Kaplan's N, without token and position embeddings
     (an untied output projection counts). ``matmul``: N of the FLOP formula, the non-embedding weights
     plus the output projection (tied or not), without norm scales and biases. ``active``: the part of
-    ``matmul`` one token multiplies by (mixture-of-experts layers: top_k of their experts, and the router).
+    ``matmul`` one token multiplies by (mixture-of-experts layers: top_k of their experts, the shared
+    experts and the router).
     """
     D, L, V, F, e = cfg.d_model, cfg.n_layer, cfg.vocab_size, cfg.d_ff, cfg.moe
     head = D // cfg.n_head
@@ -54,10 +55,10 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     mlp = (2 if cfg.arch == "gpt2" else 3) * D * F
     L_moe = L // e.every if e.n_experts else 0
     expert = (2 if cfg.arch == "gpt2" else 3) * D * (e.d_ff or F)
-    matmul_moe = e.n_experts * expert + D * e.n_experts  # the experts and the router
+    matmul_moe = (e.n_experts + e.shared_experts) * expert + D * e.n_experts  # the experts, shared ones, the router
     if cfg.arch == "gpt2":
         biases = cfg.n_head * head + 2 * cfg.n_kv_head * head + D + F + D
-        biases_moe = biases - F - D + e.n_experts * ((e.d_ff or F) + D)
+        biases_moe = biases - F - D + e.n_experts * ((e.d_ff or F) + D) + (e.shared_experts * (e.d_ff or F) + D if e.shared_experts else 0)
         norms = 2 * 2 * D
     else:
         biases = biases_moe = 0

@@ -9,7 +9,8 @@ sorted by expert and multiplied with one grouped matmul (``jax.lax.ragged_dot``)
 ``k / E`` of running every expert on every token. Capacity: each expert takes at most
 C = ceil(capacity_factor * G * k / E) assignments, first choices before second ones (GShard), into an
 ``[E, C, D]`` buffer multiplied with a batched matmul; assignments beyond C are dropped (the token
-keeps its residual) and counted.
+keeps its residual) and counted. ``shared_experts`` = S adds one dense MLP of width S*F that every token
+goes through, unweighted (DeepSeekMoE's shared experts), to the routed experts' output.
 
 With top_k = 1 a token's output is scaled by its router probability (Switch), so the router learns
 from the language-model loss; with top_k > 1 the k probabilities are renormalised to sum to 1
@@ -21,8 +22,8 @@ it to the ``expert`` mesh axis (expert parallelism) and XLA inserts the token ex
 Each MoE layer sows into the ``moe`` collection (read with ``apply(..., mutable=["moe"])``): ``loss``
 (the weighted load-balancing and z losses, added to the training loss by :func:`loss`), ``balance``
 and ``z`` (unweighted), ``load`` (fraction of assignments per expert, ``[E]``) and ``dropped``
-(fraction of assignments dropped; 0 when dropless). Shape letters: G tokens (B*T), E experts, K
-choices per token, M = G*K assignments, C expert capacity, D d_model, F expert width.
+(fraction of assignments dropped; 0 when dropless). Shape letters: G tokens (B*T), E experts, k
+choices per token, Gk = G*k assignments, C expert capacity, D d_model, F expert width.
 """
 
 from __future__ import annotations
@@ -60,59 +61,59 @@ def capacity(cfg: ModelConfig, n_tokens: int) -> int:
 
 
 def route(logits_GxE: Array, top_k: int) -> tuple[Array, Array, Array]:
-    """``(probs_GxE, weights_GxK, experts_GxK)``: softmax over experts, the k best and their weights."""
+    """``(probs_GxE, weights_Gxk, experts_Gxk)``: softmax over experts, the k best and their weights."""
     probs_GxE = jax.nn.softmax(logits_GxE, axis=-1)
-    weights_GxK, experts_GxK = jax.lax.top_k(probs_GxE, top_k)
+    weights_Gxk, experts_Gxk = jax.lax.top_k(probs_GxE, top_k)
     if top_k > 1:
-        weights_GxK = weights_GxK / jnp.sum(weights_GxK, axis=-1, keepdims=True)
-    return probs_GxE, weights_GxK, experts_GxK
+        weights_Gxk = weights_Gxk / jnp.sum(weights_Gxk, axis=-1, keepdims=True)
+    return probs_GxE, weights_Gxk, experts_Gxk
 
 
-def router_losses(logits_GxE: Array, probs_GxE: Array, experts_GxK: Array) -> dict[str, Array]:
+def router_losses(logits_GxE: Array, probs_GxE: Array, experts_Gxk: Array) -> dict[str, Array]:
     """``balance``: E * sum_e f_e p_e (Switch), f_e the fraction of assignments to expert e (no gradient),
     p_e its mean router probability; 1 when routing is even. ``z``: mean squared log-sum-exp of the
     logits (ST-MoE), keeping them small. ``load``: f, ``[E]``."""
     n_experts = probs_GxE.shape[-1]
-    load_E = jnp.mean(jax.nn.one_hot(experts_GxK, n_experts, dtype=jnp.float32), axis=(0, 1))
+    load_E = jnp.mean(jax.nn.one_hot(experts_Gxk, n_experts, dtype=jnp.float32), axis=(0, 1))
     balance = n_experts * jnp.sum(jax.lax.stop_gradient(load_E) * jnp.mean(probs_GxE, axis=0))
     z = jnp.mean(jnp.square(jax.nn.logsumexp(logits_GxE, axis=-1)))
     return {"balance": balance, "z": z, "load": load_E}
 
 
-def dropless(x_GxD: Array, weights_GxK: Array, experts_GxK: Array, ffn: Callable, n_experts: int) -> Array:
+def dropless(x_GxD: Array, weights_Gxk: Array, experts_Gxk: Array, ffn: Callable, n_experts: int) -> Array:
     """Assignments sorted by expert, one grouped matmul per projection, outputs summed back per token.
 
-    ``ffn(x_MxD, group_sizes_E, expert_M) -> y_MxD`` runs the experts on rows grouped by expert."""
-    G, K = experts_GxK.shape
-    flat_M = experts_GxK.reshape(-1)
-    order_M = jnp.argsort(flat_M, stable=True)
-    group_sizes_E = jnp.sum(jax.nn.one_hot(flat_M, n_experts, dtype=jnp.int32), axis=0)
-    y_MxD = ffn(x_GxD[order_M // K], group_sizes_E, flat_M[order_M])
-    unsort_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(G * K))
-    y_GxKxD = y_MxD[unsort_M].reshape(G, K, -1)
-    return jnp.einsum("gkd,gk->gd", y_GxKxD, weights_GxK.astype(y_GxKxD.dtype))
+    ``ffn(x_GkxD, group_sizes_E, expert_Gk) -> y_GkxD`` runs the experts on rows grouped by expert."""
+    G, k = experts_Gxk.shape
+    flat_Gk = experts_Gxk.reshape(-1)
+    order_Gk = jnp.argsort(flat_Gk, stable=True)
+    group_sizes_E = jnp.sum(jax.nn.one_hot(flat_Gk, n_experts, dtype=jnp.int32), axis=0)
+    y_GkxD = ffn(x_GxD[order_Gk // k], group_sizes_E, flat_Gk[order_Gk])
+    unsort_Gk = jnp.zeros_like(order_Gk).at[order_Gk].set(jnp.arange(G * k))
+    y_GxkxD = y_GkxD[unsort_Gk].reshape(G, k, -1)
+    return jnp.einsum("gkd,gk->gd", y_GxkxD, weights_Gxk.astype(y_GxkxD.dtype))
 
 
 def with_capacity(
-    x_GxD: Array, weights_GxK: Array, experts_GxK: Array, ffn: Callable, n_experts: int, cap: int
+    x_GxD: Array, weights_Gxk: Array, experts_Gxk: Array, ffn: Callable, n_experts: int, cap: int
 ) -> tuple[Array, Array]:
     """``(out_GxD, dropped)``: each expert's first ``cap`` assignments, first choices of all tokens
     before second choices; the rest dropped. ``dropped``: the fraction of assignments dropped.
 
     ``ffn(x_ExCxD) -> y_ExCxD`` runs expert e on row e of the buffer."""
-    G, K = experts_GxK.shape
-    flat_M = experts_GxK.T.reshape(-1)  # choice-major: assignment m = k * G + g
-    onehot_MxE = jax.nn.one_hot(flat_M, n_experts, dtype=jnp.int32)
-    slot_M = jnp.sum((jnp.cumsum(onehot_MxE, axis=0) - 1) * onehot_MxE, axis=-1)
-    keep_M = slot_M < cap
-    token_M = jnp.arange(G * K) % G
+    G, k = experts_Gxk.shape
+    flat_Gk = experts_Gxk.T.reshape(-1)  # choice-major: choice c of token g is assignment c * G + g
+    onehot_GkxE = jax.nn.one_hot(flat_Gk, n_experts, dtype=jnp.int32)
+    slot_Gk = jnp.sum((jnp.cumsum(onehot_GkxE, axis=0) - 1) * onehot_GkxE, axis=-1)
+    keep_Gk = slot_Gk < cap
+    token_Gk = jnp.arange(G * k) % G
     buffer_ExCxD = jnp.zeros((n_experts, cap, x_GxD.shape[-1]), x_GxD.dtype)
-    buffer_ExCxD = buffer_ExCxD.at[flat_M, jnp.where(keep_M, slot_M, cap)].set(x_GxD[token_M], mode="drop")
+    buffer_ExCxD = buffer_ExCxD.at[flat_Gk, jnp.where(keep_Gk, slot_Gk, cap)].set(x_GxD[token_Gk], mode="drop")
     y_ExCxD = ffn(buffer_ExCxD)
-    y_MxD = y_ExCxD[flat_M, jnp.minimum(slot_M, cap - 1)] * keep_M[:, None].astype(y_ExCxD.dtype)
-    y_KxGxD = y_MxD.reshape(K, G, -1)
-    out_GxD = jnp.einsum("kgd,gk->gd", y_KxGxD, weights_GxK.astype(y_KxGxD.dtype))
-    return out_GxD, 1.0 - jnp.mean(keep_M.astype(jnp.float32))
+    y_GkxD = y_ExCxD[flat_Gk, jnp.minimum(slot_Gk, cap - 1)] * keep_Gk[:, None].astype(y_ExCxD.dtype)
+    y_kxGxD = y_GkxD.reshape(k, G, -1)
+    out_GxD = jnp.einsum("kgd,gk->gd", y_kxGxD, weights_Gxk.astype(y_kxGxD.dtype))
+    return out_GxD, 1.0 - jnp.mean(keep_Gk.astype(jnp.float32))
 
 
 class Experts(nn.Module):
@@ -151,11 +152,39 @@ class ExpertFFN:
             h = jax.nn.silu(proj("gate", x)) * proj("up", x)
         return proj("down", h)
 
-    def grouped(self, x_MxD: Array, group_sizes_E: Array, expert_M: Array) -> Array:
-        return self._mlp(x_MxD, lambda h, w: jax.lax.ragged_dot(h, w, group_sizes_E), lambda b: b[expert_M])
+    def grouped(self, x_GkxD: Array, group_sizes_E: Array, expert_Gk: Array) -> Array:
+        return self._mlp(x_GkxD, lambda h, w: jax.lax.ragged_dot(h, w, group_sizes_E), lambda b: b[expert_Gk])
 
     def batched(self, x_ExCxD: Array) -> Array:
         return self._mlp(x_ExCxD, lambda h, w: jnp.einsum("ecd,edf->ecf", h, w), lambda b: b[:, None, :])
+
+    def dense(self, x_GxD: Array) -> Array:
+        return self._mlp(x_GxD, jnp.matmul, lambda b: b)
+
+
+class SharedExperts(nn.Module):
+    """``x_GxD -> y_GxD``: the shared experts, one dense MLP of width S*F that every token goes through
+    (DeepSeekMoE), its kernels named like a dense MLP's (no ``expert`` dimension)."""
+
+    cfg: ModelConfig
+    down_std: float
+
+    @nn.compact
+    def __call__(self, x_GxD: Array) -> Array:
+        c = self.cfg
+        D, SF, bias = c.d_model, c.moe.shared_experts * expert_width(c), c.arch == "gpt2"
+
+        def weight(name: str, shape: tuple[int, int], axes: tuple[str, str], std: float, use_bias: bool):
+            kernel = self.param(f"{name}_kernel", _init(std, axes), shape)
+            if not use_bias:
+                return kernel, None
+            return kernel, self.param(f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]), shape[1:])
+
+        weights = {"up": weight("up", (D, SF), ("embed", "mlp"), 0.02, bias),
+                   "down": weight("down", (SF, D), ("mlp", "embed"), self.down_std, bias)}
+        if c.arch == "llama":
+            weights["gate"] = weight("gate", (D, SF), ("embed", "mlp"), 0.02, False)
+        return ExpertFFN(weights, c.arch, jnp.dtype(c.dtype)).dense(x_GxD)
 
 
 class Router(nn.Module):
@@ -183,7 +212,7 @@ class MoEMLP(nn.Module):
         D, F, bias = c.d_model, expert_width(c), c.arch == "gpt2"
         x_GxD = x_BxTxD.reshape(-1, D)
         logits_GxE = Router(e.n_experts, name="router")(x_GxD)
-        probs_GxE, weights_GxK, experts_GxK = route(logits_GxE, e.top_k)
+        probs_GxE, weights_Gxk, experts_Gxk = route(logits_GxE, e.top_k)
         weights = {
             "up": Experts(e.n_experts, (D, F), ("embed", "mlp"), 0.02, bias, name="up")(),
             "down": Experts(e.n_experts, (F, D), ("mlp", "embed"), self.down_std, bias, name="down")(),
@@ -193,10 +222,12 @@ class MoEMLP(nn.Module):
         ffn = ExpertFFN(weights, c.arch, jnp.dtype(c.dtype))
         cap = capacity(c, x_GxD.shape[0])
         if cap:
-            out_GxD, dropped = with_capacity(x_GxD, weights_GxK, experts_GxK, ffn.batched, e.n_experts, cap)
+            out_GxD, dropped = with_capacity(x_GxD, weights_Gxk, experts_Gxk, ffn.batched, e.n_experts, cap)
         else:
-            out_GxD, dropped = dropless(x_GxD, weights_GxK, experts_GxK, ffn.grouped, e.n_experts), jnp.zeros((), jnp.float32)
-        stats = router_losses(logits_GxE, probs_GxE, experts_GxK)
+            out_GxD, dropped = dropless(x_GxD, weights_Gxk, experts_Gxk, ffn.grouped, e.n_experts), jnp.zeros((), jnp.float32)
+        if e.shared_experts:
+            out_GxD = out_GxD + SharedExperts(c, self.down_std, name="shared")(x_GxD)
+        stats = router_losses(logits_GxE, probs_GxE, experts_Gxk)
         self.sow(COLLECTION, "loss", e.aux_loss * stats["balance"] + e.router_z_loss * stats["z"])
         for name in ("balance", "z", "load"):
             self.sow(COLLECTION, name, stats[name])

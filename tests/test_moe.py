@@ -8,6 +8,8 @@ own jitted step, loss and every gradient within rel 1e-5 (float32), as in test_c
 
 from __future__ import annotations
 
+import dataclasses
+
 import equality
 import flax.linen as nn
 import jax
@@ -45,13 +47,13 @@ def test_capacity_drops_match_a_hand_count_first_choices_first():
     # 4 tokens, top-2 of 3 experts, capacity 2. Choice-major order: first choices 0,0,0,1 then second
     # choices 1,1,2,2. Expert 0 keeps tokens 0,1 and drops token 2's first choice; expert 1 keeps token
     # 3's first choice and token 0's second, dropping token 1's second; expert 2 keeps both: 2 of 8.
-    experts_GxK = jnp.array([[0, 1], [0, 1], [0, 2], [1, 2]])
-    weights_GxK = jnp.full((4, 2), 0.5)
+    experts_Gxk = jnp.array([[0, 1], [0, 1], [0, 2], [1, 2]])
+    weights_Gxk = jnp.full((4, 2), 0.5)
     x_GxD = jnp.arange(1.0, 5.0)[:, None] * jnp.ones((4, 3))
-    out_GxD, dropped = moe.with_capacity(x_GxD, weights_GxK, experts_GxK, lambda buf: buf, 3, 2)
+    out_GxD, dropped = moe.with_capacity(x_GxD, weights_Gxk, experts_Gxk, lambda buf: buf, 3, 2)
     assert float(dropped) == pytest.approx(2 / 8)
-    kept_GxK = np.array([[1, 1], [1, 0], [0, 1], [1, 1]])  # with an identity expert, out = 0.5 x * kept
-    np.testing.assert_allclose(out_GxD, 0.5 * np.asarray(x_GxD) * kept_GxK.sum(1)[:, None])
+    kept_Gxk = np.array([[1, 1], [1, 0], [0, 1], [1, 1]])  # with an identity expert, out = 0.5 x * kept
+    np.testing.assert_allclose(out_GxD, 0.5 * np.asarray(x_GxD) * kept_Gxk.sum(1)[:, None])
 
 
 def test_balance_loss_is_one_for_an_even_router_and_n_experts_for_a_collapsed_one():
@@ -86,11 +88,11 @@ def experts_everywhere(model, params, tokens):
     def mlp_every_expert(mdl, x_BxTxD):
         m = mdl.variables["params"]
         x_GxD = x_BxTxD.reshape(-1, c.d_model)
-        _, weights_GxK, experts_GxK = moe.route(x_GxD @ m["router"]["kernel"], c.moe.top_k)
+        _, weights_Gxk, experts_Gxk = moe.route(x_GxD @ m["router"]["kernel"], c.moe.top_k)
         h_EGF = jnp.einsum("gd,edf->egf", x_GxD, m["up"]["kernel"])
         h_EGF = jax.nn.silu(jnp.einsum("gd,edf->egf", x_GxD, m["gate"]["kernel"])) * h_EGF
         y_EGD = jnp.einsum("egf,efd->egd", h_EGF, m["down"]["kernel"])
-        combine_GxE = jnp.sum(jax.nn.one_hot(experts_GxK, c.moe.n_experts) * weights_GxK[..., None], axis=1)
+        combine_GxE = jnp.sum(jax.nn.one_hot(experts_Gxk, c.moe.n_experts) * weights_Gxk[..., None], axis=1)
         return jnp.einsum("egd,ge->gd", y_EGD, combine_GxE).reshape(x_BxTxD.shape)
 
     def intercept(next_fn, args, kwargs, context):
@@ -180,7 +182,8 @@ def resolved(overrides: list[str]):
     return resolve_model(load_config(None, MOE + overrides).model, VOCAB, SEQ)
 
 
-@pytest.mark.parametrize("overrides", [["model.arch=gpt2"], ["model.arch=llama", "model.moe.every=2", "model.moe.d_ff=48"]])
+@pytest.mark.parametrize("overrides", [["model.arch=gpt2", "model.moe.shared_experts=2"],
+                                       ["model.arch=llama", "model.moe.every=2", "model.moe.d_ff=48", "model.moe.shared_experts=1"]])
 def test_param_counts_match_the_parameter_tree(overrides):
     m = resolved(overrides)
     shapes = jax.eval_shape(lambda: Transformer(m).init(jax.random.PRNGKey(0), jnp.zeros((1, SEQ), jnp.int32)))
@@ -302,3 +305,24 @@ def test_fine_tuning_loss_carries_the_router_losses():
     loss_fn = sft.make_loss_fn(model, peft.trainable_mask(params, "full"), 0.0)
     got, _ = jax.jit(loss_fn)(params, batch_Bx5xT, jax.random.PRNGKey(0))
     assert float(got) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_shared_experts_add_a_dense_mlp_of_their_width_to_the_routed_output(arch):
+    # The routed part is the same layer without shared experts; the shared part, written out by hand,
+    # is the block's MLP at width S * F on every token, unweighted.
+    cfg = resolved([f"model.arch={arch}", "model.moe.shared_experts=2", "model.moe.d_ff=24"])
+    x_BxTxD = jax.random.normal(jax.random.PRNGKey(1), (2, 8, cfg.d_model))
+    layer = moe.MoEMLP(cfg, 0.02)
+    params = nn.unbox(layer.init(jax.random.PRNGKey(0), x_BxTxD)["params"])
+    got = layer.apply({"params": params}, x_BxTxD, mutable=[moe.COLLECTION])[0]
+    routed_only = moe.MoEMLP(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, shared_experts=0)), 0.02)
+    routed = routed_only.apply({"params": {k: v for k, v in params.items() if k != "shared"}}, x_BxTxD, mutable=[moe.COLLECTION])[0]
+    w = params["shared"]
+    assert w["up_kernel"].shape == (cfg.d_model, 2 * 24)
+    if arch == "gpt2":
+        h = jax.nn.gelu(x_BxTxD @ w["up_kernel"] + w["up_bias"], approximate=True)
+        shared = h @ w["down_kernel"] + w["down_bias"]
+    else:
+        shared = (jax.nn.silu(x_BxTxD @ w["gate_kernel"]) * (x_BxTxD @ w["up_kernel"])) @ w["down_kernel"]
+    np.testing.assert_allclose(got, routed + shared, rtol=1e-5, atol=1e-6)
