@@ -20,6 +20,9 @@ stream's ``seq`` map to the ``context`` mesh axis, ``kv_seq`` (keys, values) to 
 device holds T/c queries and the compiler all-gathers keys and values. The model runs the sequence
 in zig-zag order (:func:`zigzag_order`): device i holds chunks i and 2c-1-i of 2c, so every device
 has the same share of the causal triangle.
+
+Shape letters beyond ARCHITECTURE.md's: G = N / K query heads per key/value head; in ``chunked``,
+c sequence chunks (one per context device) of n query blocks of q positions.
 """
 
 from __future__ import annotations
@@ -143,13 +146,13 @@ def chunked(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask: Mask, bl
     q_n = q_blocks(q_BxTxNxH.reshape(B, T, K, N // K, H))
     kv = (k_blocks(k_BxSxKxH), k_blocks(v_BxSxKxH), k_blocks(mask.k_pos_BxS), k_blocks(k_seg))
     # Which (query block, key block) pairs can see anything; only known statically for in-order sequences.
-    visible_QxK = np.arange(nk)[None, :] * bk <= (np.arange(nq)[:, None] + 1) * bq - 1
+    visible_nqxnk = np.arange(nk)[None, :] * bk <= (np.arange(nq)[:, None] + 1) * bq - 1
     if not (mask.in_order and c == 1):
-        visible_QxK = np.ones((nq, nk), bool)
+        visible_nqxnk = np.ones((nq, nk), bool)
     step = jax.checkpoint(functools.partial(_key_step, scale=H**-0.5), prevent_cse=False)
 
     def query_block(xs):
-        q_BxcxqxKxGxH, qpos_Bxcxq, qseg_Bxcxq, visible_K = xs
+        q_BxcxqxKxGxH, qpos_Bxcxq, qseg_Bxcxq, visible_nk = xs
         G = N // K
         init = (
             jnp.full((B, c, K, G, bq), _NEG, jnp.float32),
@@ -157,11 +160,11 @@ def chunked(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask: Mask, bl
             jnp.zeros((B, c, K, G, bq, H), jnp.float32),
         )
         q = (q_BxcxqxKxGxH, qpos_Bxcxq, qseg_Bxcxq)
-        (_, l, acc), _ = jax.lax.scan(lambda carry, x: (step(carry, q, x), None), init, (*kv, visible_K))
+        (_, l, acc), _ = jax.lax.scan(lambda carry, x: (step(carry, q, x), None), init, (*kv, visible_nk))
         out_BxcxKxGxqxH = acc / l[..., None]
         return jnp.moveaxis(out_BxcxKxGxqxH, 4, 2).reshape(B, c, bq, N, H).astype(q_BxTxNxH.dtype)
 
-    xs = (q_n, q_blocks(mask.q_pos_BxT), q_blocks(q_seg), jnp.asarray(visible_QxK))
+    xs = (q_n, q_blocks(mask.q_pos_BxT), q_blocks(q_seg), jnp.asarray(visible_nqxnk))
     out_nxBxcxqxNxH = jax.lax.map(jax.checkpoint(query_block, prevent_cse=False), xs)
     return jnp.moveaxis(out_nxBxcxqxNxH, 0, 2).reshape(B, T, N, H)
 

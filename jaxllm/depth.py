@@ -107,9 +107,9 @@ def layer_norms(metrics_path: Path) -> dict[str, list[float]]:
     logged = [r["layer_grad_norms"] for r in records if "layer_grad_norms" in r]
     if not logged:
         return {"grad_early": [], "grad_last": []}
-    norms_SxL = np.array(logged)
+    norms_stepsxL = np.array(logged)
     early = max(1, round(EARLY_SHARE * len(logged)))
-    return {"grad_early": norms_SxL[:early].mean(axis=0).tolist(), "grad_last": norms_SxL[-1].tolist()}
+    return {"grad_early": norms_stepsxL[:early].mean(axis=0).tolist(), "grad_last": norms_stepsxL[-1].tolist()}
 
 
 def run_study(

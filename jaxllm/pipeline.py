@@ -23,7 +23,8 @@ gradients come from autodiff of the loop (all forwards, then all backwards), eac
 rematerialised.
 
 Shape letters: P stages, R rounds (``pipeline.repeats``), C layers per chunk (n_layer / (P R)),
-M micro-batches, b rows per micro-batch (B / M), I loop iterations (M R + P - 1).
+M micro-batches, b rows per micro-batch (B / M), I loop iterations (M R + P - 1), Z a weight's own
+axes (those after its layer axis).
 """
 
 from __future__ import annotations

@@ -203,12 +203,12 @@ def process_rows(cfg: Config, batch_sharding: Any) -> tuple[int, int]:
     return sharding.process_block(batch_sharding, (t.grad_accum, t.batch_size, t.seq_len + 1), axis=1)
 
 
-def batch_at(tokens_N: np.ndarray, cfg: Config, batch_sharding: Any, step: int) -> jax.Array:
+def batch_at(tokens: np.ndarray, cfg: Config, batch_sharding: Any, step: int) -> jax.Array:
     """The global batch ``[A, B, T+1]`` of ``step``, this process supplying its own rows."""
     t = cfg.train
     shape = (t.grad_accum, t.batch_size, t.seq_len + 1)
     proc, nproc = process_rows(cfg, batch_sharding)
-    local = data_lib.train_batch(tokens_N, t.seed, step, t.grad_accum, t.batch_size, t.seq_len, proc, nproc)
+    local = data_lib.train_batch(tokens, t.seed, step, t.grad_accum, t.batch_size, t.seq_len, proc, nproc)
     return global_batch(local, batch_sharding, shape)
 
 
