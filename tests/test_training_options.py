@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import jaxllm
@@ -205,7 +204,7 @@ def test_the_plain_hf_configs_are_read():  # the refusals below are each one key
 
 
 @pytest.mark.parametrize("config, message", [
-    ({**GPT2, "model_type": "mistral"}, "model_type 'mistral' is not supported; jaxllm reads gpt2 and llama"),
+    ({**GPT2, "model_type": "mistral"}, "model_type 'mistral' is not supported; jaxllm reads gpt2"),
     ({**GPT2, "activation_function": "relu"}, "GPT-2 activation 'relu' is not supported"),
     ({**GPT2, "scale_attn_by_inverse_layer_idx": True}, "GPT-2 attention variants"),
     ({**LLAMA, "head_dim": 16}, "head_dim=16 differs from hidden_size/num_attention_heads"),
