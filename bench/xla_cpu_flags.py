@@ -19,8 +19,10 @@ the XLA sources name:
 
 Each setting runs ``--rounds`` times, the settings interleaved so that a busy spell of the machine
 does not land on one setting alone; a setting's figure is its best round. Prints a table of step
-times with their ratio to the default (no flags, the config's 2 devices) and the first step's
-seconds (compilation included, the persistent cache off), then one JSON line. The first loss of
+times with their ratio to the default (no flags, the config's 2 devices), the process's CPU time per
+step (all threads; on a machine other jobs share, the figure their load does not inflate, though it
+cannot show what a second device gains by running on the other core) and the first step's seconds
+(compilation included, the persistent cache off), then one JSON line. The first loss of
 every setting is checked against the default's: a flag that changes the arithmetic says so.
 """
 
@@ -74,8 +76,10 @@ def child(steps: int, repeats: int) -> None:
             box[0], m = setup.step(box[0], batch)
             return m
 
+        cpu_start = time.process_time()
         step_s = best_time(one, steps, repeats)
-    print(json.dumps({"step_ms": 1000 * step_s, "first_s": first_s, "loss": first_loss}))
+        cpu_ms = 1000 * (time.process_time() - cpu_start) / (steps * repeats + 1)
+    print(json.dumps({"step_ms": 1000 * step_s, "cpu_ms": cpu_ms, "first_s": first_s, "loss": first_loss}))
 
 
 def run_setting(flags: str, devices: int, steps: int, repeats: int) -> dict:
@@ -95,7 +99,8 @@ def measure(settings: list[tuple[str, str, int]], rounds: int, steps: int, repea
     for r in range(rounds):
         for name, flags, devices in settings:
             res = run_setting(flags, devices, steps, repeats)
-            print(f"round {r + 1}/{rounds}: {name:>18}, {devices} devices: {res['step_ms']:7.2f} ms/step", file=sys.stderr)
+            print(f"round {r + 1}/{rounds}: {name:>18}, {devices} devices: {res['step_ms']:7.2f} ms/step, "
+                  f"{res['cpu_ms']:7.2f} ms of CPU/step", file=sys.stderr)
             key = (name, devices)
             if key not in best or res["step_ms"] < best[key]["step_ms"]:
                 best[key] = {**res, "flags": flags, "devices": devices, "name": name}
@@ -103,11 +108,12 @@ def measure(settings: list[tuple[str, str, int]], rounds: int, steps: int, repea
 
 
 def table(best: dict, base: dict) -> str:
-    rows = [f"{'setting':>18} {'devices':>7} {'ms/step':>8} {'ratio':>6} {'first s':>8}  flags"]
+    rows = [f"{'setting':>18} {'devices':>7} {'ms/step':>8} {'ratio':>6} {'CPU ms':>7} {'ratio':>6} {'first s':>8}  flags"]
     for (name, devices), res in best.items():
         ratio = res["step_ms"] / base["step_ms"]
         loss_note = "" if abs(res["loss"] - base["loss"]) <= 1e-5 * abs(base["loss"]) else f"  (first loss {res['loss']:.6f})"
-        rows.append(f"{name:>18} {devices:>7} {res['step_ms']:8.2f} {ratio:6.3f} {res['first_s']:8.1f}  "
+        cpu_ratio = res["cpu_ms"] / base["cpu_ms"]
+        rows.append(f"{name:>18} {devices:>7} {res['step_ms']:8.2f} {ratio:6.3f} {res['cpu_ms']:7.1f} {cpu_ratio:6.3f} {res['first_s']:8.1f}  "
                     f"{res['flags'] or '(none)'}{loss_note}")
     return "\n".join(rows)
 

@@ -150,6 +150,19 @@ class Found:
         return not (self.unreadable or self.corrupt)
 
 
+# Orbax splits the writing of every replicated array among its replicas, compiling a slicing program
+# per array shape (the first save of the Shakespeare state on 2 CPU devices: 1.4-1.6 s of CPU, 0.2 s
+# without); below this many bytes per replica the compilation costs more than the split saves.
+REPLICA_PARALLEL_MIN_BYTES = 16 << 20
+
+
+def use_replica_parallel_writes_for_large_arrays_only() -> None:
+    """Registers orbax's jax.Array handler with :data:`REPLICA_PARALLEL_MIN_BYTES` (process-wide:
+    orbax's standard handler reads its type handlers from the global registry)."""
+    handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
 class Checkpointer:
     """``run_dir/checkpoints/<step>/{state,meta}``, keeping the newest ``keep``."""
 
@@ -159,6 +172,7 @@ class Checkpointer:
         # write reaches the user once, as the one-line UserError of save() or wait().
         for name in ("absl", "asyncio"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        use_replica_parallel_writes_for_large_arrays_only()
         try:
             self.manager = ocp.CheckpointManager(
                 self.directory,

@@ -6,9 +6,12 @@ import struct
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 from conftest import ROOT
 
+from jaxllm.checkpoint import Checkpointer, fingerprint
 from jaxllm.metrics_log import MetricsLog
 from jaxllm.tb_events import ScalarWriter, crc32c, masked_crc
 
@@ -72,3 +75,21 @@ def test_training_imports_neither_torch_nor_tensorboardx(tmp_path):
                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_first_checkpoint_of_a_small_replicated_state_compiles_nothing(tmp_path, caplog):
+    """Orbax would split each replicated array's write among its replicas, compiling a slicing
+    program per array: a second of CPU at a small model's first save, for nothing."""
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2], axis_types=(jax.sharding.AxisType.Auto,))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = {"w": jax.device_put(jnp.ones((48, 40)), replicated), "b": jax.device_put(jnp.zeros((40,)), replicated)}
+    fingerprint(state)  # the integrity check's own program, compiled once per state layout
+    checkpointer = Checkpointer(tmp_path, keep=1)
+    try:
+        with jax.log_compiles(), caplog.at_level("WARNING"):
+            checkpointer.save(1, state, {"step": 1})
+            checkpointer.wait()
+    finally:
+        checkpointer.close()
+    assert [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()] == []
+    assert checkpointer.steps() == [1]
