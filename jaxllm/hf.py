@@ -132,9 +132,9 @@ def hf_config(m: ModelConfig) -> dict:
 
 def _mixtral_config(m: ModelConfig, common: dict) -> dict:
     e = m.moe
-    if m.arch != "llama" or e.every != 1 or e.top_k == 1 or (e.d_ff and e.d_ff != m.d_ff):
-        raise ConfigError("only a llama MoE with every block MoE (model.moe.every=1), top_k > 1 and experts of "
-                          "model.d_ff has a Hugging Face (Mixtral) equivalent")
+    if m.arch != "llama" or e.every != 1 or e.top_k == 1 or (e.d_ff and e.d_ff != m.d_ff) or e.shared_experts:
+        raise ConfigError("only a llama MoE with every block MoE (model.moe.every=1), top_k > 1, experts of "
+                          "model.d_ff and no shared experts has a Hugging Face (Mixtral) equivalent")
     llama = hf_config(dataclasses.replace(m, moe=MoEConfig()))
     return {**llama, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": e.n_experts,
             "num_experts_per_tok": e.top_k, "router_aux_loss_coef": e.aux_loss, "sliding_window": None, **common}

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers", reason="the reference logits 
 
 import jaxllm
 from jaxllm import hf, hf_stream, sharding
-from jaxllm.config import MeshConfig
+from jaxllm.config import MeshConfig, ModelConfig, MoEConfig, resolve_model
 from jaxllm.errors import ConfigError
 from jaxllm.model import Transformer
 
@@ -98,3 +98,12 @@ def test_a_mixtral_jaxllm_would_run_differently_is_refused_in_one_line(tmp_path,
     mixtral_model(**override).save_pretrained(tmp_path, safe_serialization=True)
     with pytest.raises(ConfigError, match=message):
         jaxllm.load(tmp_path)
+
+
+@pytest.mark.parametrize("moe", [{"top_k": 1}, {"every": 2}, {"shared_experts": 1}])
+def test_an_moe_without_a_mixtral_equivalent_is_not_exported(tmp_path, moe):
+    m = resolve_model(ModelConfig(arch="llama", n_layer=2, d_model=32, n_head=4, moe=MoEConfig(n_experts=4, **moe)), 128, 32)
+    params = jax.eval_shape(lambda: nn.unbox(Transformer(m).init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))["params"]))
+    with pytest.raises(ConfigError, match="has a Hugging Face \\(Mixtral\\) equivalent"):
+        hf.write(m, params, tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before anything is written
