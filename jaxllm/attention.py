@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.errors import ConfigError
 
@@ -72,6 +73,13 @@ def segment_mask(mask: Mask) -> Array | None:
 
 
 # --------------------------------------------------------------------------- choosing a kernel
+
+
+def platform() -> str:
+    """The platform the program being traced runs on: the devices of the mesh in context (a TPU
+    slice when ``--plan`` compiles for one on a CPU host), else JAX's default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
 
 
 def resolve(impl: str, platform: str, dtype: str) -> str:
@@ -193,7 +201,32 @@ def _key_step(carry, q, kv, *, scale: float):
 
 
 def splash(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask: Mask) -> Array:
-    """Pallas splash attention, causal by index, segments as splash ``SegmentIds``; GQA by repeating K/V."""
+    """Pallas splash attention, causal by index, segments as splash ``SegmentIds``; GQA by repeating K/V.
+
+    XLA cannot partition a Mosaic kernel, so under a mesh each device runs it on its own rows and
+    heads: a ``shard_map`` over the layout the plan gives queries, keys and values (whole sequences:
+    splash refuses ``mesh.context > 1``, see :func:`attend`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    args = (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH) + (() if mask.q_seg_BxT is None else (mask.q_seg_BxT, mask.k_seg_BxS))
+    if not mesh.shape:
+        return _splash_local(*args)
+    q_spec = _divisible(nn.logical_to_mesh_axes(("batch", "q_seq", "heads", "head_dim")), q_BxTxNxH.shape, mesh)
+    kv_spec = _divisible(nn.logical_to_mesh_axes(("batch", "kv_seq", "kv_heads", "head_dim")), k_BxSxKxH.shape, mesh)
+    seg_specs = () if len(args) == 3 else (P(q_spec[0], None), P(kv_spec[0], None))
+    return jax.shard_map(_splash_local, in_specs=(q_spec, kv_spec, kv_spec, *seg_specs), out_specs=q_spec,
+                         check_vma=False)(*args)
+
+
+def _divisible(spec: P, shape: tuple[int, ...], mesh) -> P:
+    """``spec`` without the mesh axes a dimension cannot be split over (``init`` traces one row)."""
+    def fits(axes, size):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        return axes if size % int(np.prod([mesh.shape[a] for a in names])) == 0 else None
+
+    return P(*(fits(axes, size) for axes, size in zip(tuple(spec) + (None,) * (len(shape) - len(spec)), shape)))
+
+
+def _splash_local(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, q_seg_BxT=None, k_seg_BxS=None) -> Array:
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -203,10 +236,10 @@ def splash(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask: Mask) -> 
     q_BxNxTxH = jnp.swapaxes(q_BxTxNxH * H**-0.5, 1, 2)
     k_BxNxSxH = jnp.repeat(jnp.swapaxes(k_BxSxKxH, 1, 2), N // K, axis=1)
     v_BxNxSxH = jnp.repeat(jnp.swapaxes(v_BxSxKxH, 1, 2), N // K, axis=1)
-    if mask.q_seg_BxT is None:
+    if q_seg_BxT is None:
         out_BxNxTxH = jax.vmap(kernel)(q_BxNxTxH, k_BxNxSxH, v_BxNxSxH)
     else:
-        segments = sk.SegmentIds(q=mask.q_seg_BxT, kv=mask.k_seg_BxS)
+        segments = sk.SegmentIds(q=q_seg_BxT, kv=k_seg_BxS)
         out_BxNxTxH = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(q_BxNxTxH, k_BxNxSxH, v_BxNxSxH, segments)
     return jnp.swapaxes(out_BxNxTxH, 1, 2)
 

@@ -31,7 +31,14 @@ class DeviceKind:
     link_bw: float  # bytes/s, one direction of one link
     links: int
     torus: bool  # TPU ICI: a ring per mesh axis uses two links; GPUs: a switch, all links
+    # Fraction of peak_flops jaxllm's dense train step reached on this kind, where measured
+    # (bench/accelerator.sh); 1.0 where not, and the roofline's step time is then a lower bound.
+    efficiency: float = 1.0
 
+
+# configs/llama_1b.yaml (train.batch_size=16, cuDNN attention, remat) on one H200, 2026-11-30:
+# 493.6 ms per step measured where the roofline at the spec peak gives 311.3 ms (bench/accelerator.sh).
+HOPPER_EFFICIENCY = 311.3 / 493.6
 
 DEVICE_KINDS = {
     # v4 chip: 32 GiB HBM2 at 1.2 TB/s, 275 TFLOP/s, 6 ICI links (3D torus) of 50 GB/s. libtpu's
@@ -43,10 +50,11 @@ DEVICE_KINDS = {
     "v5e": DeviceKind("TPU v5e", 16 * GB, 197e12, 819 * GB, 50 * GB, 4, True),
     # v6e (Trillium): 32 GB HBM at 1.64 TB/s, 918 TFLOP/s; ICI 3,584 Gb/s per chip over 4 links
     "v6e": DeviceKind("TPU v6e", 32 * GB, 918e12, 1640 * GB, 112 * GB, 4, True),
-    # H100 SXM: 80 GB HBM3 at 3.35 TB/s, 989 TFLOP/s; NVLink 4, 18 links x 25 GB/s per direction
-    "h100": DeviceKind("NVIDIA H100 80GB HBM3", 80 * GB, 989e12, 3350 * GB, 25 * GB, 18, False),
+    # H100 SXM: 80 GB HBM3 at 3.35 TB/s, 989 TFLOP/s; NVLink 4, 18 links x 25 GB/s per direction.
+    # Efficiency: an H200's (same SMs and clocks; the step is compute-bound on both).
+    "h100": DeviceKind("NVIDIA H100 80GB HBM3", 80 * GB, 989e12, 3350 * GB, 25 * GB, 18, False, HOPPER_EFFICIENCY),
     # H200 SXM: 141 GB HBM3e at 4.8 TB/s, 989 TFLOP/s; NVLink 4 as H100
-    "h200": DeviceKind("NVIDIA H200", 141 * GB, 989e12, 4800 * GB, 25 * GB, 18, False),
+    "h200": DeviceKind("NVIDIA H200", 141 * GB, 989e12, 4800 * GB, 25 * GB, 18, False, HOPPER_EFFICIENCY),
     # A100 SXM: 40 GB HBM2 at 1.56 TB/s (80 GB HBM2e at 2.04 TB/s), 312 TFLOP/s; NVLink 3, 12 x 25 GB/s
     "a100-40gb": DeviceKind("NVIDIA A100-SXM4-40GB", 40 * GB, 312e12, 1555 * GB, 25 * GB, 12, False),
     "a100-80gb": DeviceKind("NVIDIA A100-SXM4-80GB", 80 * GB, 312e12, 2039 * GB, 25 * GB, 12, False),

@@ -176,7 +176,7 @@ class Attention(nn.Module):
         q_BxTxNxH = constrain(q_BxTxNxH, ("batch", "q_seq", "heads", "head_dim"))
         k_BxSxKxH = constrain(k_BxSxKxH, ("batch", "kv_seq", "kv_heads", "head_dim"))
         v_BxSxKxH = constrain(v_BxSxKxH, ("batch", "kv_seq", "kv_heads", "head_dim"))
-        impl = attention.resolve(c.attention, jax.default_backend(), c.dtype)
+        impl = attention.resolve(c.attention, attention.platform(), c.dtype)
         out_BxTxNxH = attention.attend(impl, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, c.attention_block)
         out_BxTxNxH = constrain(out_BxTxNxH, ("batch", "q_seq", "heads", "head_dim"))
         out_BxTxD = Linear(

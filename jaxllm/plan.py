@@ -140,7 +140,7 @@ def compile_step(cfg: Config, model_cfg: ModelConfig, devices: list) -> dict:
 
 def evaluate(cfg: Config, model_cfg: ModelConfig, boxed: Any, target: Target, sizes: dict[str, int]) -> dict:
     """The analytic half of a plan: memory parts, fit and roofline for one mesh (nothing compiled)."""
-    mem = memory_model.estimate(cfg, model_cfg, boxed, sizes, fused_loss=target.platform != "cpu")
+    mem = memory_model.estimate(cfg, model_cfg, boxed, sizes, platform=target.platform)
     speed = roofline.step_time(cfg, model_cfg, sizes, target.kind, mem.activations)
     return {
         "target": target.name,
@@ -159,6 +159,7 @@ def evaluate(cfg: Config, model_cfg: ModelConfig, boxed: Any, target: Target, si
         "mfu": speed.mfu,
         "bound": speed.bound,
         "roofline_s": speed.terms,
+        "efficiency": target.kind.efficiency,
     }
 
 
@@ -322,7 +323,9 @@ def table(result: dict) -> str:
     terms = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in result["roofline_s"].items())
     lines.append(
         f"roofline (ms per step): {terms}\npredicted: {result['step_time_s'] * 1e3:.1f} ms/step, "
-        f"{result['tokens_per_sec']:,.0f} tokens/s, MFU {result['mfu']:.1%}, bound by {result['bound']}"
+        f"{result['tokens_per_sec']:,.0f} tokens/s, MFU {result['mfu']:.1%}, bound by {result['bound']} "
+        + (f"(matmuls at {result['efficiency']:.0%} of peak, as measured on this kind)" if result["efficiency"] < 1
+           else "(matmuls at the spec peak: a lower bound on the step time)")
     )
     for fix in result.get("fixes", []):
         lines.append(f"fix: {' '.join(fix['changes'])} -> {'fits' if fix['fits'] else 'still too big'}, headroom {fix['headroom']:.0%}")

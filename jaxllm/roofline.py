@@ -3,8 +3,9 @@
 Per device and per optimizer step (A micro-batches of b rows, T positions, L layers):
 
 - ``compute``: training FLOPs from :mod:`jaxllm.flops` (6 N + attention per token; a recomputed
-  forward adds a third with ``model.remat`` or a pipeline) over the peak, stretched by the bubble
-  ``(P - 1) / (M R + P - 1)``;
+  forward adds a third with ``model.remat`` or a pipeline) over the achievable peak (the kind's
+  ``peak_flops x efficiency``, the fraction jaxllm's step was measured to reach there), stretched by
+  the bubble ``(P - 1) / (M R + P - 1)``;
 - ``hbm``: each matmul weight read in the compute dtype once per pass (forward, two backward, and the
   recomputed forward), activations written and read once, the optimizer reading and writing the
   float32 state; over the HBM bandwidth;
@@ -17,7 +18,8 @@ Each collective moves ``(n - 1) / n`` of its buffer per device for a gather or s
 for an all-reduce, over :func:`hardware.axis_bandwidth`. XLA overlaps the FSDP and data-parallel
 collectives with compute; tensor-parallel all-reduces and pipeline sends sit between dependent
 matmuls, so they add to it: ``step = max(compute + tensor + pipe, hbm, fsdp, data)``, and the
-largest term names what bounds the step. A lower bound: kernels below peak are not modelled.
+largest term names what bounds the step. For a kind whose efficiency was never measured (1.0) the
+step time is a lower bound.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def terms(cfg: Config, m: ModelConfig, sizes: dict[str, int], kind: DeviceKind, 
     state = flops.param_counts(m)["total"] * 4 * 4 / (f * t * p)  # params, grads and two moments
     layers_here = m.n_layer // p
     exposed = {
-        "compute": hw_flops / n / kind.peak_flops / (1 - bubble),
+        "compute": hw_flops / n / (kind.peak_flops * kind.efficiency) / (1 - bubble),
         "tensor": accum * layers_here * _passes(m, p) * 2 * 2 * ring_factor(t) * rows * seq * m.d_model * c / bw,
         "pipe": accum * (micro * rounds + p - 1) * 2 * rows / micro * seq * m.d_model * c / bw if p > 1 else 0.0,
     }

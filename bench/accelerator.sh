@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Measured against planned on the attached accelerator: every case of bench/accelerator.py compiled
+# in parallel processes into a persistent compilation cache (the platform allocator, so that no
+# process keeps the device memory its autotuning used), then each timed alone in a fresh process
+# that loads its executable from that cache, most important first.
+#
+#   bash bench/accelerator.sh OUT_DIR [CASE ...]     # default: the GPU cases
+#
+# Writes OUT_DIR/accelerator.jsonl (a line per case), OUT_DIR/cases.log (every case's output) and
+# prints the table. CASE_TIMEOUT (s, default 420) bounds each case; PYTHON picks the interpreter.
+set -u
+out=${1:?usage: bash bench/accelerator.sh OUT_DIR [CASE ...]}
+shift
+cases=("$@")
+if [ ${#cases[@]} -eq 0 ]; then
+  cases=(gpt2_124m gpt2_124m_noremat gpt2_124m_xla llama_1b_b16 moe_dropless moe_capacity moe_dense_twin
+         long8k_cudnn long8k_xla long8k_chunked)
+fi
+py=${PYTHON:-python3}
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$out"
+logs=$(mktemp -d)
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$(mktemp -d)}
+for c in "${cases[@]}"; do
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout "${CASE_TIMEOUT:-420}" "$py" "$here/accelerator.py" "$c" \
+    --compile-only >"$logs/$c.compile.log" 2>&1 &
+done
+wait
+for c in "${cases[@]}"; do
+  timeout "${CASE_TIMEOUT:-420}" "$py" "$here/accelerator.py" "$c" --out "$out/accelerator.jsonl" >"$logs/$c.log" 2>&1
+  echo "[$c exit $?]" >>"$logs/$c.log"
+  grep -h "^$c " "$logs/$c.log"
+done
+for c in "${cases[@]}"; do
+  echo "===== $c" >>"$out/cases.log"
+  cat "$logs/$c.compile.log" "$logs/$c.log" >>"$out/cases.log"
+done
+"$py" - "$here" "$out/accelerator.jsonl" "${cases[@]}" <<'PY'
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from accelerator import HEADER, row
+rows = {}
+try:
+    rows = {r["case"]: r for r in map(json.loads, open(sys.argv[2]))}
+except FileNotFoundError:
+    pass
+print(HEADER)
+for case in sys.argv[3:]:
+    print(row(rows[case]) if case in rows else f"{case:<20}failed: see cases.log")
+PY
