@@ -1,0 +1,45 @@
+"""The planner on mixture-of-experts models: the memory model holds every expert (sharded over the
+``expert`` axis as the rules table says), activations count the k experts a token goes through."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from jaxllm import checkpoint as ckpt
+from jaxllm import plan, sharding, trainer
+from jaxllm.config import load_config
+
+MOE_MODEL = [
+    "model.arch=gpt2", "model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.vocab_size=256",
+    "train.seq_len=32", "train.batch_size=16", "model.moe.n_experts=8", "model.moe.top_k=2", "model.moe.d_ff=128",
+]
+MESHES = {
+    "expert8": ["mesh.expert=8"],
+    "expert2-fsdp4": ["mesh.expert=2", "mesh.fsdp=4"],
+    "expert4-tensor2-shared": ["mesh.expert=4", "mesh.tensor=2", "model.arch=llama", "model.moe.shared_experts=1"],
+    "data8-zero1": ["mesh.data=8", "optim.shard_state=true"],
+}
+
+
+@pytest.mark.parametrize("name", [n if n == "expert2-fsdp4" else pytest.param(n, marks=pytest.mark.slow) for n in MESHES])
+def test_analytic_state_bytes_equal_the_moe_train_states_shards(name):
+    cfg = load_config(None, MOE_MODEL + MESHES[name])
+    model_cfg = plan.resolve(cfg)
+    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, jax.devices()))
+    state = ckpt.abstract(jax.eval_shape(setup.init), setup.state_shardings)
+    boxed = plan.memory_model.boxed_params(model_cfg, cfg.train.seq_len)
+    analytic = plan.memory_model.estimate(cfg, model_cfg, boxed, dict(setup.mesh.shape))
+    assert analytic.params == sharding.per_device_bytes(state.params)
+    assert 0 <= sharding.per_device_bytes(state.opt_state) - analytic.optimizer <= 64  # + Adam's step counts
+
+
+def test_moe_activations_follow_the_tokens_not_the_experts():
+    # Adding experts adds weights, not activations per token; sending each token to more experts does.
+    def activations(*overrides: str) -> int:
+        cfg = load_config(None, MOE_MODEL + ["mesh.expert=2", *overrides])
+        sizes = {"data": 1, "fsdp": 1, "tensor": 1, "pipe": 1, "expert": 2}
+        return plan.memory_model.activation_bytes(cfg, plan.resolve(cfg), sizes)
+
+    assert abs(activations("model.moe.n_experts=16") / activations() - 1) < 0.01  # only the router's probabilities grow
+    assert activations("model.moe.top_k=4") > 1.2 * activations()
