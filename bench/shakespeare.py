@@ -14,7 +14,8 @@ downloaded), then, timed, ``python train.py config/train_shakespeare_char.py --d
 --compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4
 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0`` (plus ``--out_dir``
 in a temporary folder, so its checkpoint does not land in the checkout). It prints both wall times,
-both final validation losses and the ratio of the times. Without it, the comparison is against
+both runs' CPU seconds (user + system of all their processes: on a machine other jobs share, the
+figure their load does not inflate), both final validation losses and the ratios. Without it, the comparison is against
 nanoGPT's figures measured once on a 2-core CPU machine (PyTorch 2.13 eager): 1.8857 in 66.6 s.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -38,13 +40,22 @@ NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=F
 NANOGPT_FILES = ("train.py", "config/train_shakespeare_char.py", "data/shakespeare_char/prepare.py")
 
 
+def timed(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Runs ``cmd``: its result, wall seconds and CPU seconds (user + system, its processes and threads
+    together: the figure that other jobs on a shared machine do not inflate)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, **kwargs)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return out, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def run_jaxllm(data: str, overrides: list[str], tmp: Path) -> dict:
-    """jaxllm's run: wall seconds of the whole command, final validation loss, ms/step, tokens/s."""
+    """jaxllm's run: wall and CPU seconds of the whole command, final validation loss, ms/step, tokens/s."""
     cmd = [sys.executable, str(ROOT / "train.py"), str(ROOT / "configs" / "shakespeare_char.yaml"),
            f"data.source={data}", f"run.dir={tmp}/run", f"data.cache_dir={tmp}/cache", "log.progress=false", *overrides]
-    start = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - start
+    out, wall, cpu = timed(cmd)
     if out.returncode:
         raise SystemExit(f"jaxllm's run failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -53,6 +64,7 @@ def run_jaxllm(data: str, overrides: list[str], tmp: Path) -> dict:
     return {
         "val_loss": round(evals[-1]["eval_loss"], 4),
         "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
         "ms_per_step": round(1000 * wall / evals[-1]["step"], 1),
         "tokens_per_sec": round(sum(r["tokens_per_sec"] for r in train) / len(train)),
     }
@@ -67,19 +79,17 @@ def last_val_loss(log: str) -> float:
 
 
 def run_nanogpt(checkout: Path, data: str, tmp: Path) -> dict:
-    """nanoGPT's README CPU run in ``checkout``: wall seconds of the training command and its last val loss."""
+    """nanoGPT's README CPU run in ``checkout``: wall and CPU seconds of the training command, its last val loss."""
     prep = checkout / "data" / "shakespeare_char"
     shutil.copyfile(data, prep / "input.txt")  # prepare.py downloads the corpus only when this is missing
     out = subprocess.run([sys.executable, "prepare.py"], cwd=prep, capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"nanoGPT's prepare.py failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     cmd = [sys.executable, "train.py", *NANOGPT_ARGS, f"--out_dir={tmp}/nanogpt-out"]
-    start = time.perf_counter()
-    out = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - start
+    out, wall, cpu = timed(cmd, cwd=checkout)
     if out.returncode:
         raise SystemExit(f"nanoGPT's train.py failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-    return {"val_loss": last_val_loss(out.stdout), "wall_s": round(wall, 1)}
+    return {"val_loss": last_val_loss(out.stdout), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
 
 
 def check_inputs(data: str, checkout: str | None) -> str:
@@ -93,13 +103,17 @@ def check_inputs(data: str, checkout: str | None) -> str:
 
 
 def report(jaxllm: dict, nanogpt: dict, measured: bool) -> None:
+    """Both runs' losses, wall and CPU seconds (CPU: measured runs only), and jaxllm's ratios to nanoGPT."""
     ratio = jaxllm["wall_s"] / nanogpt["wall_s"]
+    cpu_ratio = jaxllm["cpu_s"] / nanogpt["cpu_s"] if "cpu_s" in nanogpt else None
     label = "nanoGPT" if measured else "nanoGPT (ref.)"
-    print(f"{'':16}{'val loss':>10}{'wall s':>9}")
-    print(f"{label:16}{nanogpt['val_loss']:>10.4f}{nanogpt['wall_s']:>9.1f}")
-    print(f"{'jaxllm':16}{jaxllm['val_loss']:>10.4f}{jaxllm['wall_s']:>9.1f}   ({ratio:.2f}x nanoGPT's time)")
+    print(f"{'':16}{'val loss':>10}{'wall s':>9}{'CPU s':>9}")
+    print(f"{label:16}{nanogpt['val_loss']:>10.4f}{nanogpt['wall_s']:>9.1f}{nanogpt.get('cpu_s', float('nan')):>9.1f}")
+    print(f"{'jaxllm':16}{jaxllm['val_loss']:>10.4f}{jaxllm['wall_s']:>9.1f}{jaxllm['cpu_s']:>9.1f}   "
+          f"({ratio:.2f}x nanoGPT's time" + (f", {cpu_ratio:.2f}x its CPU time)" if cpu_ratio else ")"))
     print(json.dumps({**jaxllm, "nanogpt_val_loss": nanogpt["val_loss"], "nanogpt_wall_s": nanogpt["wall_s"],
-                      "nanogpt_measured": measured, "time_ratio": round(ratio, 3)}))
+                      "nanogpt_cpu_s": nanogpt.get("cpu_s"), "nanogpt_measured": measured, "time_ratio": round(ratio, 3),
+                      "cpu_ratio": round(cpu_ratio, 3) if cpu_ratio else None}))
 
 
 def main() -> int:
