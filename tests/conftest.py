@@ -16,6 +16,12 @@ from pathlib import Path
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "jaxllm-tests-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Compile fast rather than run fast: the suite's programs are tiny and run for a few steps, so LLVM's
+# optimisation passes and XLA CPU's fusion emitters cost far more than they save (a tiny train step:
+# ~10 -> ~2 CPU seconds to compile). Fast math stays off, so the equalities and the golden loss hold
+# at their tolerances. Subprocesses inherit the flags (and share the cache, whose key includes them).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 # 8 faked CPU devices. The variable too, not only JAX's flag: it overrides a config's
 # dist.cpu_devices (tiny.yaml and sft_tiny.yaml ask for 2) in the in-process runs.

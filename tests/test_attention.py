@@ -11,12 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, run_cli
+from conftest import TINY
 
+import train
 from jaxllm import attention
 from jaxllm.config import ModelConfig, resolve_model
-from jaxllm.errors import ConfigError
 from jaxllm.decode import Decoder
+from jaxllm.errors import ConfigError
 from jaxllm.model import Transformer
 
 RTOL = 1e-5
@@ -102,12 +103,11 @@ def test_kernels_a_backend_lacks_are_refused_in_one_line():
         attention.resolve("cudnn", "gpu", "float32")
 
 
-def test_train_py_on_a_backend_without_the_kernel_exits_2_in_one_line(corpus, tmp_path):
+def test_train_py_on_a_backend_without_the_kernel_exits_2_in_one_line(corpus, tmp_path, capsys):
     run_dir = tmp_path / "run"
     args = [*TINY, f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={run_dir}"]
-    out = run_cli("train.py", *args, "model.attention=splash")
-    assert out.returncode == 2
-    assert out.stderr.strip() == "error: model.attention=splash needs a TPU (this is cpu); use chunked or auto"
+    assert train.main([*args, "model.attention=splash"]) == 2
+    assert capsys.readouterr().err.strip() == "error: model.attention=splash needs a TPU (this is cpu); use chunked or auto"
     assert not run_dir.exists()
 
 

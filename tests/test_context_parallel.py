@@ -13,10 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import run_cli
 from equality import rel
 from test_attention import packed_segments
 
+import train
 from jaxllm import attention, sharding
 from jaxllm.config import MeshConfig, load_config, resolve_model
 from jaxllm.model import Transformer
@@ -90,10 +90,9 @@ def test_context_parallelism_splits_the_activations_over_the_sequence():
     assert sharding.make_mesh(mesh_cfg, jax.devices()).shape == {"data": 2, "fsdp": 1, "tensor": 1, "pipe": 1, "context": 4}
 
 
-def test_a_sequence_the_zigzag_cannot_split_is_refused_in_one_line(tmp_path):
-    out = run_cli("train.py", "mesh.context=4", "train.seq_len=20", f"run.dir={tmp_path / 'run'}", devices=4)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1].endswith(
-        "train.seq_len=20 is not divisible by 2*mesh.context=8 (context parallelism's zig-zag split)"
-    )
+def test_a_sequence_the_zigzag_cannot_split_is_refused_in_one_line(tmp_path, capsys):
+    assert train.main(["mesh.context=4", "mesh.data=-1", "train.seq_len=20", f"run.dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: train.seq_len=20 is not divisible by 2*mesh.context=8 (context parallelism's zig-zag split)"
+    ]
     assert not (tmp_path / "run").exists()

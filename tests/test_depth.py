@@ -8,8 +8,9 @@ import json
 
 import jax
 import pytest
-from conftest import TINY, run_cli
+from conftest import TINY
 
+import scaling
 from jaxllm.config import load_config
 from jaxllm.depth import VARIANTS, DepthConfig, depth_plan, layer_norms, parse_layers, run_study, write_outputs
 from jaxllm.errors import ConfigError, UserError
@@ -70,9 +71,8 @@ def test_a_second_study_into_the_same_folder_is_refused_while_the_first_writes(t
         assert not (out / "runs").exists()  # refused before writing anything
 
 
-def test_unknown_override_key_exits_2_with_one_line(tmp_path):
-    result = run_cli("scaling.py", "depth", "depth.layer=2", "--out", str(tmp_path), timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith("error:") and "depth.layer" in result.stderr
+def test_unknown_override_key_exits_2_with_one_line(tmp_path, capsys):
+    assert scaling.main(["depth", "depth.layer=2", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and "depth.layer" in err
     assert not any(tmp_path.iterdir())

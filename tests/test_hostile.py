@@ -169,6 +169,7 @@ CASES = [
     Case("lr_inf", "train", lambda w: w.train("optim.lr=inf"), "optim.lr must be a finite number"),
     Case("steps_zero", "train", lambda w: w.train("train.steps=0"), "train.steps must be positive"),
     Case("batch_negative", "train", lambda w: w.train("train.batch_size=-8"), "train.batch_size must be positive"),
+    Case("seq_len_zero", "train", lambda w: w.train("train.seq_len=0"), "train.seq_len must be positive"),
     Case("seq_len_one", "train", lambda w: w.train("train.seq_len=1", "eval.sample_tokens=4"), "train.seq_len=1"),
     Case("seed_beyond_64_bits", "train", lambda w: w.train(f"train.seed={2**70}"), "train.seed=1180591620717411303424 is too large"),
     Case("steps_beyond_32_bits", "train", lambda w: w.train(f"train.steps={2**40}"), "is too large; at most 2147483647"),

@@ -15,8 +15,9 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import TINY, run_cli
+from conftest import TINY
 
+import train
 from jaxllm import pipeline, sharding, trainer
 from jaxllm.config import Config, PipelineConfig, load_config, resolve_model
 
@@ -201,30 +202,31 @@ def test_trainer_step_runs_the_pipelined_forward_when_pipe_is_split(monkeypatch)
     assert len(calls) == 1
 
 
-def _cli_error(corpus, tmp_path, devices: int, *overrides: str) -> str:
+def _refusal(corpus, tmp_path, capsys, *overrides: str) -> str:
+    """train.py's one line for ``overrides`` (its ``main`` in-process, on this process's 8 devices)."""
     run_dir = tmp_path / "run"
     args = TINY + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={run_dir}", *overrides]
-    proc = run_cli("train.py", *args, devices=devices)
-    assert proc.returncode == 2, proc.stderr
+    assert train.main(args) == 2
     assert not run_dir.exists()  # refused before anything was written (or compiled)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
 
 
-def test_layers_not_divisible_by_stages_times_repeats_exits_2(corpus, tmp_path):
+def test_layers_not_divisible_by_stages_times_repeats_exits_2(corpus, tmp_path, capsys):
     circular = ("pipeline.schedule=circular", "pipeline.repeats=2")
-    line = _cli_error(corpus, tmp_path, 2, "mesh.pipe=2", "model.n_layer=2", *circular)
+    line = _refusal(corpus, tmp_path, capsys, "mesh.pipe=2", "model.n_layer=2", *circular)
     assert "model.n_layer=2 is not divisible by mesh.pipe*pipeline.repeats=4" in line
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_fewer_microbatches_than_stages_exits_2(corpus, tmp_path, schedule):
-    line = _cli_error(corpus, tmp_path, 4, "mesh.pipe=4", "model.n_layer=4", "pipeline.microbatches=2", f"pipeline.schedule={schedule}")
+def test_fewer_microbatches_than_stages_exits_2(corpus, tmp_path, capsys, schedule):
+    line = _refusal(corpus, tmp_path, capsys, "mesh.pipe=4", "model.n_layer=4", "pipeline.microbatches=2",
+                    f"pipeline.schedule={schedule}")
     assert "pipeline.microbatches=2 is smaller than mesh.pipe=4" in line
 
 
-def test_batch_not_divisible_by_microbatches_times_data_axes_exits_2(corpus, tmp_path):
-    mesh = ("mesh.pipe=2", "mesh.data=2")
-    line = _cli_error(corpus, tmp_path, 4, *mesh, "pipeline.microbatches=4", "train.batch_size=12")
+def test_batch_not_divisible_by_microbatches_times_data_axes_exits_2(corpus, tmp_path, capsys):
+    mesh = ("mesh.pipe=2", "mesh.data=4")
+    line = _refusal(corpus, tmp_path, capsys, *mesh, "pipeline.microbatches=2", "train.batch_size=12")
     assert "train.batch_size=12 is not divisible by pipeline.microbatches*data*fsdp=8" in line

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, run_cli
+from conftest import SHARED_DATA
 
+import scaling as scaling_cli
 from jaxllm import scaling_laws as sl
 from jaxllm.errors import ConfigError
 from jaxllm.scaling_bootstrap import bootstrap_allocation
@@ -17,6 +20,7 @@ from jaxllm.scaling_csv import load_runs
 from jaxllm.scaling_report import FitSettings
 
 CHINCHILLA_CSV = SHARED_DATA / "chinchilla_epoch_svg_extracted.csv"
+needs_shared = pytest.mark.skipif(not CHINCHILLA_CSV.is_file(), reason=f"{CHINCHILLA_CSV} is absent (the ../shared checkout)")
 CHINCHILLA_COLUMNS = ["--params-column", "Model Size", "--flops-column", "Training FLOP"]
 # The Chinchilla paper's fit (approach 3), used as the law to recover.
 PAPER_LAW = sl.ChinchillaLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
@@ -32,7 +36,14 @@ def isoflop_sweep(law: sl.ChinchillaLaw, seed: int, noise: float) -> sl.Runs:
 
 
 def scaling(*args: str) -> subprocess.CompletedProcess:
-    return run_cli("scaling.py", *args, timeout=120)
+    """``python scaling.py ARGS`` run in-process (its ``main``): the exit status and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = scaling_cli.main(list(args))
+        except SystemExit as e:  # argparse's --help
+            code = e.code
+    return subprocess.CompletedProcess(["scaling.py", *args], code, out.getvalue(), err.getvalue())
 
 
 def write_csv(path: Path, rows: list[str]) -> Path:
@@ -109,6 +120,7 @@ def test_kaplan_fit_recovers_known_exponent():
     assert law.alpha == pytest.approx(0.076, rel=0.05)
 
 
+@needs_shared
 def test_loader_reads_shared_chinchilla_csv_deriving_tokens_from_flops():
     runs = load_runs(CHINCHILLA_CSV, "Model Size", flops_column="Training FLOP")
     assert len(runs) == 245
@@ -157,6 +169,8 @@ def chinchilla_fit(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # the chinchilla_fit fixture: ~8 CPU seconds
+@needs_shared
 def test_fit_on_chinchilla_csv_writes_fit_json_and_plots(chinchilla_fit):
     report = json.loads((chinchilla_fit / "fit.json").read_text())
     for approach in ("approach1", "approach2", "approach3"):
@@ -167,6 +181,8 @@ def test_fit_on_chinchilla_csv_writes_fit_json_and_plots(chinchilla_fit):
         assert (chinchilla_fit / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # the chinchilla_fit fixture: ~8 CPU seconds
+@needs_shared
 def test_predict_prints_compute_optimal_json(chinchilla_fit):
     result = scaling("predict", "--fit", str(chinchilla_fit / "fit.json"), "--compute", "5.76e23")
     assert result.returncode == 0, result.stderr

@@ -8,8 +8,8 @@ import math
 
 import jax
 import pytest
-from conftest import run_cli
 
+import scaling
 from jaxllm import flops, trainer
 from jaxllm.config import ModelConfig, load_config
 from jaxllm.errors import ConfigError, UserError
@@ -97,9 +97,8 @@ def test_a_second_sweep_into_the_same_folder_is_refused_while_the_first_writes(t
     assert run_sweep(cfg, [], out) == []  # released: the folder is free again
 
 
-def test_unknown_override_key_exits_2_with_one_line(tmp_path):
-    result = run_cli("scaling.py", "sweep", "sweep.budget=1e9", "--out", str(tmp_path), timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith("error:") and "sweep.budget" in result.stderr and "budgets" in result.stderr
+def test_unknown_override_key_exits_2_with_one_line(tmp_path, capsys):
+    assert scaling.main(["sweep", "sweep.budget=1e9", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and "sweep.budget" in err and "budgets" in err
     assert not any(tmp_path.iterdir())
