@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,9 +20,18 @@ FLAVOURS = {
 }
 
 
+def model_of(arch="gpt2", **kw) -> Transformer:
+    return Transformer(resolve_model(ModelConfig(**{"n_layer": 2, "d_model": 32, "n_head": 4, **FLAVOURS[arch], **kw}), 64, 16))
+
+
 def make(arch="gpt2", **kw) -> tuple[Transformer, dict]:
-    cfg = resolve_model(ModelConfig(**{"n_layer": 2, "d_model": 32, "n_head": 4, **FLAVOURS[arch], **kw}), 64, 16)
-    model = Transformer(cfg)
+    """The model and its initial parameters, built once per module for each (arch, kw)."""
+    return _made(arch, tuple(sorted(kw.items())))
+
+
+@functools.cache
+def _made(arch: str, kw: tuple) -> tuple[Transformer, dict]:
+    model = model_of(arch, **dict(kw))
     init = jax.jit(lambda key: nn.unbox(model.init(key, jnp.zeros((1, 16), jnp.int32))["params"]))
     return model, init(jax.random.PRNGKey(0))
 
@@ -96,9 +107,8 @@ def test_init_is_gpt2_normal_with_scaled_residual_projections():
     assert residual_std(model.cfg) == pytest.approx(0.02 / 2.0)
 
 
-@pytest.mark.slow
 def test_blocks_are_stacked_with_a_layers_axis():
-    model, _ = make("llama", n_layer=3)
+    model = model_of("llama", n_layer=3)
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"])
     q = boxed["blocks"]["attn"]["q"]["kernel"]
     assert q.names == ("layers", "embed", "heads", "head_dim")
