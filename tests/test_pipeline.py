@@ -49,11 +49,22 @@ LAYOUTS = {  # name -> (mesh and pipeline overrides, P); the rest of the 8 devic
     "1f1b_pipe2": (["mesh.pipe=2", "mesh.data=-1", "pipeline.schedule=1f1b"], 2),
     "1f1b_pipe4_tensor2": (["mesh.pipe=4", "mesh.tensor=2", "mesh.data=1", "pipeline.schedule=1f1b"], 4),
 }
+# M = P and M = 2P (M microbatches) for each schedule on its plain two-stage layout, where M against P
+# changes the schedule's tables; one M for each layout that composes pipe with other axes.
+M_PER_P = {
+    "pipe2": (1, 2),
+    "pipe4": (1,),
+    "pipe2_data2_tensor2": (1,),
+    "pipe2_fsdp4": (2,),
+    "circular_pipe2_repeats2": (1, 2),
+    "1f1b_pipe2": (1, 2),
+    "1f1b_pipe4_tensor2": (2,),
+}
 FAST_CASE = ("pipe2_data2_tensor2", 1)  # the fast lane's one pipelined case: pipe composed with data and tensor
 CASES = [
     pytest.param(name, m_per_p, id=f"{name}-M{m_per_p}P", marks=[] if (name, m_per_p) == FAST_CASE else [pytest.mark.slow])
     for name in LAYOUTS
-    for m_per_p in (1, 2)
+    for m_per_p in M_PER_P[name]
 ]
 
 
