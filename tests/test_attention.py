@@ -69,7 +69,6 @@ def loss_and_grads(impl: str, case: str, in_order: bool, block: int = 4):
 
 @pytest.mark.parametrize("in_order", [True, False], ids=["block_skipping", "mask_by_position"])
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.slow
 def test_chunked_attention_and_its_gradients_equal_xla(case, in_order):
     out, grads = loss_and_grads("chunked", case, in_order)
     want_out, want_grads = loss_and_grads("xla", case, True)
@@ -78,7 +77,6 @@ def test_chunked_attention_and_its_gradients_equal_xla(case, in_order):
         assert rel(g, w) <= RTOL, name
 
 
-@pytest.mark.slow
 def test_chunked_attention_never_builds_the_scores():
     """The compiled gradient of chunked attention holds no T x T buffer per head; XLA's does."""
     T = 1024

@@ -45,7 +45,6 @@ def tokens(seed=0, shape=(2, 16)):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.slow
 def test_changing_token_t_changes_no_logit_before_t(arch):
     model, params = make(arch)
     x = tokens()
