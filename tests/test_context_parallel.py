@@ -57,8 +57,10 @@ def reference() -> dict:
     return one_step([], jax.devices()[:1])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", LAYOUTS)
+FAST_CASE = "context2_fsdp2_tensor2"  # the fast lane's one context-parallel case: context composed with fsdp and tensor
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == FAST_CASE else pytest.mark.slow) for n in LAYOUTS])
 def test_context_parallel_step_equals_single_device(reference, name):
     run = one_step(LAYOUTS[name], jax.devices(), reference["initial"])
     assert abs(run["loss"] - reference["loss"]) <= RTOL * abs(reference["loss"])
