@@ -10,9 +10,9 @@
   python scaling.py depth [CONFIG.yaml] [key=value ...] [--out DIR]
                                                            depth x residual x pre/post-LN study + plots
 
-The sweep lives in jaxllm/sweep.py, the depth study in jaxllm/depth.py (both run by
-jaxllm/run_manager.py), the fits in jaxllm/scaling_laws.py, their intervals in scaling_bootstrap.py,
-fit.json in scaling_report.py, forecasts in jaxllm/forecast.py, the figures in scaling_plots.py.
+The sweep lives in jaxllm/scaling/sweep.py, the depth study in jaxllm/scaling/depth.py (both run by
+jaxllm/scaling/run_manager.py), the fits in jaxllm/scaling/laws.py, their intervals in bootstrap.py,
+fit.json in report.py, forecasts in jaxllm/scaling/forecast.py, the figures in plots.py (all in jaxllm/scaling/).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from jaxllm import scaling_report as report_lib
-from jaxllm.config import help_text, load_config
-from jaxllm.errors import ArgumentParser, ConfigError, UserError, exit_on_user_error
-from jaxllm.fileio import write_json
-from jaxllm.run_manager import Interrupted
-from jaxllm.scaling_csv import load_runs
+from jaxllm.core.config import help_text, load_config
+from jaxllm.core.errors import ArgumentParser, ConfigError, UserError, exit_on_user_error
+from jaxllm.core.fileio import write_json
+from jaxllm.scaling import report as report_lib
+from jaxllm.scaling.csv_io import load_runs
+from jaxllm.scaling.run_manager import Interrupted
 
 CONFIGS = Path(__file__).parent / "configs"
 SWEEP_CONFIG = CONFIGS / "scaling_cpu.yaml"
@@ -145,7 +145,7 @@ def _bar(desc: str):
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from jaxllm import sweep
+    from jaxllm.scaling import sweep
 
     if args.keys:
         print(help_text(sweep.SweepConfig))
@@ -173,7 +173,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_depth(args: argparse.Namespace) -> int:
-    from jaxllm import depth
+    from jaxllm.scaling import depth
 
     if args.keys:
         print(help_text(depth.DepthConfig))
@@ -211,7 +211,7 @@ def run_fit(args: argparse.Namespace) -> int:
     write_json(out_dir / "fit.json", report)
     print(report_lib.format_table(report))
     # Imported only to draw: matplotlib is slow to import, and predict and bad-input exits never draw.
-    from jaxllm.scaling_plots import plot_all
+    from jaxllm.scaling.plots import plot_all
 
     paths = plot_all(runs, fit, out_dir, args.entropy_rate)
     print(f"\nwrote {out_dir / 'fit.json'}")
@@ -236,7 +236,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_forecast(args: argparse.Namespace) -> int:
-    from jaxllm import forecast
+    from jaxllm.scaling import forecast
 
     f = forecast.prepare(args.fit, args.compute, args.out)
     result = None

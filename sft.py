@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from jaxllm.config import SFTConfig, help_text, load_config
-from jaxllm.errors import exit_on_user_error
+from jaxllm.core.config import SFTConfig, help_text, load_config
+from jaxllm.core.errors import exit_on_user_error
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "sft_tiny.yaml"
 USAGE = "usage: python sft.py [CONFIG.yaml] [section.key=value ...]"
@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
     path, overrides = (argv[0], argv[1:]) if argv and "=" not in argv[0] else (None, argv)
     cfg = load_config(path, overrides, cls=SFTConfig, default=str(DEFAULT_CONFIG))
 
-    from jaxllm.sft import finetune  # imports JAX: once the config has parsed (finetune checks the rest)
+    from jaxllm.sft.finetune import finetune  # imports JAX: once the config has parsed (finetune checks the rest)
 
     s = finetune(cfg)
     if "interrupted" in s:

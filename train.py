@@ -11,9 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-from jaxllm import hardware
-from jaxllm.config import help_text, load_config, validate
-from jaxllm.errors import UserError, exit_on_user_error
+from jaxllm.core.config import help_text, load_config, validate
+from jaxllm.core.errors import UserError, exit_on_user_error
+from jaxllm.plan import hardware
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
 USAGE = "usage: python train.py [CONFIG.yaml] [section.key=value ...] [--plan TARGET [--search] [--plan-out FILE]]"
@@ -49,7 +49,7 @@ def run_plan(cfg, target: str, search: bool, out: str | None) -> int:
     parsed = hardware.parse_target(target)
     if parsed.platform != "gpu":  # compiled on this host's CPU backend (libtpu needs no TPU backend)
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from jaxllm import plan
+    from jaxllm.plan import planner as plan
 
     result = plan.run(cfg, parsed, search)
     print(plan.search_table(result) if search else plan.table(result))
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
     validate(cfg)  # every check that needs no device or data, so a bad config exits before JAX starts
     import jax
 
-    from jaxllm.trainer import train
+    from jaxllm.train.trainer import train
 
     summary = train(cfg)
     if "interrupted" in summary:

@@ -31,9 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import checkpoint as ckpt
-from jaxllm import flops, hardware, memory_model, plan, sharding, trainer
-from jaxllm.config import load_config
+from jaxllm.core.config import load_config
+from jaxllm.model import flops
+from jaxllm.parallel import sharding
+from jaxllm.plan import hardware, memory_model
+from jaxllm.plan import planner as plan
+from jaxllm.train import checkpoint as ckpt
+from jaxllm.train import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.pipe=1", "mesh.expert=1"]
@@ -63,7 +67,7 @@ def target_for(device: jax.Device) -> hardware.Target:
     for key, kind in hardware.DEVICE_KINDS.items():
         if kind.name.lower() == device.device_kind.lower():
             return hardware.parse_target(key)
-    raise SystemExit(f"{device.device_kind}: not in jaxllm.hardware.DEVICE_KINDS; add it to plan for it")
+    raise SystemExit(f"{device.device_kind}: not in jaxllm.plan.hardware.DEVICE_KINDS; add it to plan for it")
 
 
 def compile_case(cfg, model_cfg, device):

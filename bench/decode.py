@@ -7,7 +7,7 @@ The model is ``configs/tiny.yaml``'s (gpt2 4x128, vocab 256) with a context of p
 up to 64, while the uncached path reruns the whole context) and random weights (speed does not
 depend on their values). Both paths generate greedily from a
 16-token prompt per row. Cached: prefill + ``lax.while_loop`` over the cache
-(``jaxllm.decode.Decoder``), timed over all new tokens. Uncached: every token reruns the model over
+(``jaxllm.model.decode.Decoder``), timed over all new tokens. Uncached: every token reruns the model over
 the fixed buffer of the whole context (``decode_full_forward``), so each of its tokens costs the same
 and timing its first ``--uncached-steps`` tokens gives its rate at any length. Compile time is
 excluded (a warm-up call first); the best of ``--repeats`` runs is kept, as the CPU is shared.
@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import decode as gen
-from jaxllm.config import load_config, resolve_model
-from jaxllm.model import Transformer
+from jaxllm.core.config import load_config, resolve_model
+from jaxllm.model import decode as gen
+from jaxllm.model.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = 16

@@ -21,8 +21,8 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxllm.config import load_config
-from jaxllm.trainer import train
+from jaxllm.core.config import load_config
+from jaxllm.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

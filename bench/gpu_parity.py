@@ -23,8 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import plan, sharding, trainer
-from jaxllm.config import load_config
+from jaxllm.core.config import load_config
+from jaxllm.parallel import sharding
+from jaxllm.plan import planner as plan
+from jaxllm.train import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.pipe=1", "dist.cpu_devices=0"]

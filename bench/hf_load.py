@@ -1,5 +1,5 @@
 """Loading a Hugging Face checkpoint: whole-model (every tensor read into host memory, then placed)
-vs streaming (:mod:`jaxllm.hf_stream`: each device block read and placed a stored tensor at a time).
+vs streaming (:mod:`jaxllm.hf.stream`: each device block read and placed a stored tensor at a time).
 
     python bench/hf_load.py [--layers 16] [--dir DIR] [--shard-gb 1] [--dtype bfloat16]
 
@@ -32,9 +32,11 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jaxllm import hf, hf_layout, hf_stream
-from jaxllm import safetensors_io as st
-from jaxllm.config import ModelConfig
+from jaxllm.core.config import ModelConfig
+from jaxllm.hf import convert as hf
+from jaxllm.hf import layout as hf_layout
+from jaxllm.hf import safetensors_io as st
+from jaxllm.hf import stream as hf_stream
 
 
 def llama_1b(layers: int) -> ModelConfig:

@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from jaxllm import sharding, trainer
-from jaxllm.config import load_config, resolve_model
+from jaxllm.core.config import load_config, resolve_model
+from jaxllm.parallel import sharding
+from jaxllm.train import trainer
 
 MODEL = [
     "model.arch=llama",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,8 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import flops, moe, sharding, trainer
-from jaxllm.config import load_config, resolve_model
+from jaxllm.core.config import load_config, resolve_model
+from jaxllm.model import flops, moe
+from jaxllm.parallel import sharding
+from jaxllm.train import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256  # the byte tokenizer's

@@ -19,8 +19,9 @@ import jax
 jax.config.update("jax_num_cpu_devices", 4)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxllm import pipeline, sharding, trainer
-from jaxllm.config import load_config, resolve_model
+from jaxllm.core.config import load_config, resolve_model
+from jaxllm.parallel import pipeline, sharding
+from jaxllm.train import trainer
 
 MODEL = [
     "model.n_layer=8",

@@ -20,8 +20,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxllm import hardware, plan
-from jaxllm.config import load_config
+from jaxllm.core.config import load_config
+from jaxllm.plan import hardware
+from jaxllm.plan import planner as plan
 
 RUNS = [("gpt2_124m", "v5p-8"), ("llama_1b", "v5p-32"), ("llama_1b", "v5e-16")]
 

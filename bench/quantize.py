@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxllm
-from jaxllm import data as data_lib
-from jaxllm import quantize as quant
-from jaxllm.model import cross_entropy
+from jaxllm.data import corpus as data_lib
+from jaxllm.model import quantize as quant
+from jaxllm.model.transformer import cross_entropy
 
 
 def perplexity(lm: jaxllm.LoadedModel, val: np.ndarray) -> float:

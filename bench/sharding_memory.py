@@ -27,9 +27,10 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import jax.numpy as jnp
 
-from jaxllm import checkpoint as ckpt
-from jaxllm import sharding, trainer
-from jaxllm.config import load_config, resolve_model
+from jaxllm.core.config import load_config, resolve_model
+from jaxllm.parallel import sharding
+from jaxllm.train import checkpoint as ckpt
+from jaxllm.train import trainer
 
 PLANS = {
     "replicated (data=8)": ["mesh.data=8"],

@@ -31,8 +31,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxllm import flops, runtime, sharding, trainer
-from jaxllm.config import load_config, resolve_model
+from jaxllm.core import runtime
+from jaxllm.core.config import load_config, resolve_model
+from jaxllm.model import flops
+from jaxllm.parallel import sharding
+from jaxllm.train import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "shakespeare_char.yaml"

@@ -4,7 +4,7 @@
 
 For each config: ``trainer.build`` its step exactly as ``train.py`` would (single device), one step to
 compile, then ``--steps`` timed steps on fixed random tokens of the config's vocabulary, best of
-``--repeats``. MFU = tokens/s x PaLM's training FLOPs per token / the device peak of ``jaxllm.flops``
+``--repeats``. MFU = tokens/s x PaLM's training FLOPs per token / the device peak of ``jaxllm.model.flops``
 (2.5e11 FLOP/s for a CPU). The CPU is shared with other work, so figures are noisy lower bounds.
 Prints a table, then one JSON line.
 """
@@ -25,8 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import flops, sharding, trainer
-from jaxllm.config import load_config, resolve_model
+from jaxllm.core.config import load_config, resolve_model
+from jaxllm.model import flops
+from jaxllm.parallel import sharding
+from jaxllm.train import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # Vocabulary of each config's tokenizer on its corpus (byte: 256; tiny Shakespeare's characters: 65).

@@ -56,8 +56,9 @@ def child(steps: int, repeats: int) -> None:
     import numpy as np
     from step_roofline import CONFIG, VOCAB, best_time
 
-    from jaxllm import sharding, trainer
-    from jaxllm.config import load_config, resolve_model
+    from jaxllm.core.config import load_config, resolve_model
+    from jaxllm.parallel import sharding
+    from jaxllm.train import trainer
 
     devices = jax.devices()
     cfg = load_config(str(CONFIG), [f"mesh.data={len(devices)}"])

@@ -6,9 +6,9 @@ __all__ = ["LoadedModel", "load"]
 
 
 def __getattr__(name: str):
-    # Lazy, so that `import jaxllm.config` (argument parsing, error exits) does not start JAX.
+    # Lazy, so that `import jaxllm.core.config` (argument parsing, error exits) does not start JAX.
     if name in __all__:
-        from jaxllm import api
+        from jaxllm.infer import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'jaxllm' has no attribute {name!r}")

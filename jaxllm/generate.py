@@ -1,67 +1,9 @@
-"""The command line: continue a prompt with a trained run (or a Hugging Face directory), streaming the text.
-
-    python -m jaxllm.generate RUN_DIR --prompt "def " [--max-new-tokens COUNT --temperature TEMP
-        --top-k COUNT --top-p MASS --quantize int8|int4 --group-size ROWS --seed SEED]
-
-The decoding itself is :mod:`jaxllm.decode`; the loading is :func:`jaxllm.load`.
-"""
-
-from __future__ import annotations
+"""``python -m jaxllm.generate RUN_DIR --prompt TEXT ...``: the README's generate command, kept at the
+package's top like the scripts; the command itself is :mod:`jaxllm.infer.generate`."""
 
 import sys
 
-from jaxllm.api import load
-from jaxllm.decode import check_request, eos_id
-from jaxllm.errors import ArgumentParser, exit_on_user_error
-
-
-class StreamPrinter:
-    """``on_token`` for one prompt: prints the text as tokens come, holding back an incomplete UTF-8
-    character; :meth:`finish` prints whatever the final text adds."""
-
-    def __init__(self, tokenizer, eos: int | None):
-        self.tokenizer, self.eos = tokenizer, eos
-        self.ids: list[int] = []
-        self.shown = 0
-
-    def __call__(self, _step, tokens_B) -> None:
-        if int(tokens_B[0]) == self.eos:
-            return
-        self.ids.append(int(tokens_B[0]))
-        text = self.tokenizer.decode(self.ids)
-        if not text.endswith("\ufffd"):
-            self.finish(text)
-
-    def finish(self, text: str) -> None:
-        sys.stdout.write(text[self.shown :])
-        sys.stdout.flush()
-        self.shown = len(text)
-
-
-@exit_on_user_error
-def main(argv: list[str]) -> int:
-    parser = ArgumentParser(prog="python -m jaxllm.generate", description="Continue a prompt with a trained run.")
-    parser.add_argument("run_dir", help="a jaxllm run directory or a Hugging Face model directory")
-    parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = all")
-    parser.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set holding this mass")
-    parser.add_argument("--quantize", default="", help="int8 | int4: weight-only quantization of the matmuls")
-    parser.add_argument("--group-size", type=int, default=64, help="int4: input rows per scale")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    model = load(args.run_dir, quantize=args.quantize or None, group_size=args.group_size)
-    check_request([len(model.tokenizer.encode(args.prompt))], args.max_new_tokens, model.config.model.max_seq_len)
-    sys.stdout.write(args.prompt)  # only once the request is known to fit
-    printer = StreamPrinter(model.tokenizer, eos_id(model.tokenizer))
-    text = model.generate(
-        args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, on_token=printer
-    )
-    printer.finish(text)
-    sys.stdout.write("\n")
-    return 0
-
+from jaxllm.infer.generate import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -33,7 +33,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import pytest
 
-from jaxllm.config import Config, load_config
+from jaxllm.core.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

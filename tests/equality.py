@@ -11,8 +11,9 @@ import jax
 import numpy as np
 import optax
 
-from jaxllm import sharding, trainer
-from jaxllm.config import load_config, resolve_model
+from jaxllm.core.config import load_config, resolve_model
+from jaxllm.parallel import sharding
+from jaxllm.train import trainer
 
 
 def one_step(args: list[str], devices: list, vocab: int, seq: int, batch: int, initial=None) -> dict:

@@ -14,11 +14,11 @@ import pytest
 from conftest import TINY
 
 import train
-from jaxllm import attention
-from jaxllm.config import ModelConfig, resolve_model
-from jaxllm.decode import Decoder
-from jaxllm.errors import ConfigError
-from jaxllm.model import Transformer
+from jaxllm.core.config import ModelConfig, resolve_model
+from jaxllm.core.errors import ConfigError
+from jaxllm.model import attention
+from jaxllm.model.decode import Decoder
+from jaxllm.model.transformer import Transformer
 
 RTOL = 1e-5
 

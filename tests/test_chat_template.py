@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from jaxllm import chat, chat_template, tokenizer
-from jaxllm.errors import DataError
+from jaxllm.core.errors import DataError
+from jaxllm.data import chat, chat_template, tokenizer
 
 transformers = pytest.importorskip("transformers", reason="the reference rendering is transformers' apply_chat_template")
 

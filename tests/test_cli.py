@@ -7,8 +7,8 @@ import jax
 import pytest
 from conftest import TINY, run_cli
 
-from jaxllm.errors import ConfigError
-from jaxllm.runtime import init_cpu_devices
+from jaxllm.core.errors import ConfigError
+from jaxllm.core.runtime import init_cpu_devices
 
 
 def test_help_lists_keys_with_defaults_and_meanings():

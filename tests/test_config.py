@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 from conftest import ROOT
 
-from jaxllm.config import Config, SFTConfig, help_text, load_config, validate
-from jaxllm.errors import ConfigError, UserError
+from jaxllm.core.config import Config, SFTConfig, help_text, load_config, validate
+from jaxllm.core.errors import ConfigError, UserError
 
 
 def test_overrides_are_typed_and_applied_over_yaml():

@@ -17,9 +17,10 @@ from equality import rel
 from test_attention import packed_segments
 
 import train
-from jaxllm import attention, sharding
-from jaxllm.config import MeshConfig, load_config, resolve_model
-from jaxllm.model import Transformer
+from jaxllm.core.config import MeshConfig, load_config, resolve_model
+from jaxllm.model import attention
+from jaxllm.model.transformer import Transformer
+from jaxllm.parallel import sharding
 
 VOCAB, SEQ, BATCH = 64, 32, 8
 BASE = [

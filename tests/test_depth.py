@@ -11,9 +11,9 @@ import pytest
 from conftest import TINY
 
 import scaling
-from jaxllm.config import load_config
-from jaxllm.depth import VARIANTS, DepthConfig, depth_plan, layer_norms, parse_layers, run_study, write_outputs
-from jaxllm.errors import ConfigError, UserError
+from jaxllm.core.config import load_config
+from jaxllm.core.errors import ConfigError, UserError
+from jaxllm.scaling.depth import VARIANTS, DepthConfig, depth_plan, layer_norms, parse_layers, run_study, write_outputs
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

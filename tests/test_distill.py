@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from conftest import TINY, corpus_text, run_cli
 
-from jaxllm import distill
-from jaxllm.config import ModelConfig, load_config, resolve_model
-from jaxllm.model import Transformer, cross_entropy
+from jaxllm.core.config import ModelConfig, load_config, resolve_model
+from jaxllm.model.transformer import Transformer, cross_entropy
+from jaxllm.train import distill
 
 CFG = resolve_model(ModelConfig(arch="gpt2", n_layer=2, d_model=32, n_head=4), vocab_size=64, seq_len=16)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (4, 17)), jnp.int32)
@@ -63,7 +63,7 @@ def test_teacher_receives_no_gradient():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A factory of tiny trained runs on the test corpus: ``runs(name, *overrides) -> (run_dir, summary)``."""
-    from jaxllm.trainer import train
+    from jaxllm.train.trainer import train
 
     tmp = tmp_path_factory.mktemp("distill")
     (tmp / "corpus.txt").write_text(corpus_text())

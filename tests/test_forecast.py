@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from jaxllm import flops, forecast
-from jaxllm import scaling_laws as sl
-from jaxllm import scaling_report as rl
-from jaxllm.config import ModelConfig, load_config, to_dict
-from jaxllm.fileio import write_json
-from jaxllm.sweep import Shape, SweepConfig, parse_shapes, shape_model, vocab_size
+from jaxllm.core.config import ModelConfig, load_config, to_dict
+from jaxllm.core.fileio import write_json
+from jaxllm.model import flops
+from jaxllm.scaling import forecast
+from jaxllm.scaling import laws as sl
+from jaxllm.scaling import report as rl
+from jaxllm.scaling.sweep import Shape, SweepConfig, parse_shapes, shape_model, vocab_size
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 spec = importlib.util.spec_from_file_location("scaling_cli", ROOT / "scaling.py")

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from conftest import TINY, corpus_text
 
-from jaxllm import generate, sharding
-from jaxllm.config import MeshConfig, ModelConfig, load_config, resolve_model
-from jaxllm.errors import ConfigError
-from jaxllm.decode import Decoder, cache_slots, filter_logits, generate_tokens
-from jaxllm.model import Transformer
+from jaxllm.core.config import MeshConfig, ModelConfig, load_config, resolve_model
+from jaxllm.core.errors import ConfigError
+from jaxllm.infer import generate
+from jaxllm.model.decode import Decoder, cache_slots, filter_logits, generate_tokens
+from jaxllm.model.transformer import Transformer
+from jaxllm.parallel import sharding
 
 FLAVOURS = {
     "gpt2": ModelConfig(arch="gpt2", n_layer=2, d_model=32, n_head=4),
@@ -125,7 +126,7 @@ def test_decoding_under_a_tensor_parallel_mesh_equals_single_device():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from jaxllm.trainer import train
+    from jaxllm.train.trainer import train
 
     tmp = tmp_path_factory.mktemp("gen")
     (tmp / "corpus.txt").write_text(corpus_text())
@@ -234,7 +235,7 @@ def test_load_falls_back_to_the_previous_checkpoint_when_the_newest_is_corrupt(r
     import shutil
 
     import jaxllm
-    from jaxllm.trainer import train
+    from jaxllm.train.trainer import train
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)  # step 4; step 6 below is the newer one that gets damaged

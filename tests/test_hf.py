@@ -13,7 +13,7 @@ import transformers
 from safetensors.numpy import load_file
 
 import jaxllm
-from jaxllm.errors import ConfigError
+from jaxllm.core.errors import ConfigError
 
 TOKENS = np.array([[3, 17, 42, 5, 99, 0, 64, 7, 12, 33, 71, 2], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 120]])
 
@@ -107,7 +107,7 @@ def _edit_config(directory, **changes):
 )
 def test_a_damaged_hugging_face_directory_is_one_user_error(tmp_path, damage, message):
     """Issue 12: these escaped as tracebacks (or loaded NaN-producing weights)."""
-    from jaxllm.errors import UserError
+    from jaxllm.core.errors import UserError
 
     directory = saved(gpt2_model(), tmp_path)
     damage(directory)

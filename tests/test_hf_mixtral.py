@@ -1,5 +1,5 @@
 """Mixtral interop (issue 16): a random small MixtralForCausalLM built with transformers loads through
-jaxllm.load into jaxllm's mixture-of-experts blocks (jaxllm.moe: dropless, top-2, probabilities
+jaxllm.load into jaxllm's mixture-of-experts blocks (jaxllm.model.moe: dropless, top-2, probabilities
 renormalised) with transformers' logits, on one device and streamed into an expert-parallel mesh;
 save_hf writes back the very same tensors; what jaxllm cannot run the same way is refused."""
 
@@ -17,10 +17,12 @@ torch = pytest.importorskip("torch", reason="the reference Mixtral is transforme
 transformers = pytest.importorskip("transformers", reason="the reference logits are transformers'")
 
 import jaxllm
-from jaxllm import hf, hf_stream, sharding
-from jaxllm.config import MeshConfig, ModelConfig, MoEConfig, resolve_model
-from jaxllm.errors import ConfigError
-from jaxllm.model import Transformer
+from jaxllm.core.config import MeshConfig, ModelConfig, MoEConfig, resolve_model
+from jaxllm.core.errors import ConfigError
+from jaxllm.hf import convert as hf
+from jaxllm.hf import stream as hf_stream
+from jaxllm.model.transformer import Transformer
+from jaxllm.parallel import sharding
 
 TOKENS = np.array([[3, 17, 42, 5, 99, 0, 64, 7, 12, 33, 71, 2], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 120]])
 

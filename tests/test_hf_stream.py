@@ -18,11 +18,13 @@ torch = pytest.importorskip("torch", reason="the reference checkpoints are writt
 transformers = pytest.importorskip("transformers", reason="the reference logits are transformers'")
 
 import jaxllm
-from jaxllm import hf, hf_stream, sharding
-from jaxllm import safetensors_io as st
-from jaxllm.config import MeshConfig
-from jaxllm.errors import ConfigError
-from jaxllm.model import Transformer
+from jaxllm.core.config import MeshConfig
+from jaxllm.core.errors import ConfigError
+from jaxllm.hf import convert as hf
+from jaxllm.hf import safetensors_io as st
+from jaxllm.hf import stream as hf_stream
+from jaxllm.model.transformer import Transformer
+from jaxllm.parallel import sharding
 
 TOKENS = np.array([[3, 17, 42, 5, 99, 0, 64, 7, 12, 33, 71, 2], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 120]])
 
@@ -181,7 +183,7 @@ def test_a_directory_of_weights_alone_loads_for_logits_and_token_ids(llama_dir):
 
 
 def test_text_generation_without_a_tokenizer_is_one_line(llama_dir, capsys):
-    from jaxllm import generate
+    from jaxllm.infer import generate
 
     _, directory = llama_dir
     with pytest.raises(ConfigError, match="has no tokenizer.json: this model reads and writes token ids only"):
@@ -229,7 +231,7 @@ def _integer_dtype(d):
     (_integer_dtype, r"tensor 'model.layers.0.input_layernorm.weight' is I32; jaxllm's parameters take floating"),
 ], ids=["index_names_a_missing_file", "wrong_shape", "integer_dtype"])
 def test_a_damaged_sharded_checkpoint_is_one_line_and_exit_2(llama_dir, tmp_path, capsys, damage, message):
-    from jaxllm import generate
+    from jaxllm.infer import generate
 
     directory = _copy(llama_dir[1], tmp_path)
     damage(directory)

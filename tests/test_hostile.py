@@ -26,13 +26,13 @@ import pytest
 from conftest import ROOT, TINY, corpus_text, run_cli
 
 import jaxllm
-from jaxllm import checkpoint as ckpt
-from jaxllm import data
-from jaxllm import generate as generate_cli
-from jaxllm.config import load_config, resolve_model, save_config, to_dict
-from jaxllm.errors import exit_on_user_error
-from jaxllm.model import Transformer
-from jaxllm.tokenizer import ByteTokenizer
+from jaxllm.core.config import load_config, resolve_model, save_config, to_dict
+from jaxllm.core.errors import exit_on_user_error
+from jaxllm.data import corpus as data
+from jaxllm.data.tokenizer import ByteTokenizer
+from jaxllm.infer import generate as generate_cli
+from jaxllm.model.transformer import Transformer
+from jaxllm.train import checkpoint as ckpt
 
 
 def _script(name: str):

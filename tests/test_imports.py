@@ -3,7 +3,8 @@
 The graph is read from the source with ``ast`` (nothing is imported), over every ``.py`` under
 ``jaxllm/``; an import anywhere in a module (top level, function body, ``if TYPE_CHECKING``) is an
 edge. ``import jaxllm`` and ``from jaxllm import load`` are edges to the package's ``__init__``;
-``from jaxllm import config`` is an edge to the module ``jaxllm.config``.
+``from jaxllm.core import config`` is an edge to the module ``jaxllm.core.config``. The
+capabilities' subpackages (``jaxllm/core``, ``model``, ``data``, ...) form a DAG too.
 """
 
 from __future__ import annotations
@@ -86,6 +87,34 @@ def test_jaxllm_imports_form_no_cycle():
     assert len(graph) > 30  # the walk found the package's modules
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def package_graph(graph: dict[str, set[str]], package: str) -> dict[str, set[str]]:
+    """The module graph folded onto the package's direct subpackages (``jaxllm.model.moe`` ->
+    ``model``); the top-level package itself and its own modules are left out."""
+    def sub(name: str) -> str | None:
+        parts = name.split(".")
+        return parts[1] if len(parts) > 2 and parts[0] == package else None
+
+    folded: dict[str, set[str]] = {}
+    for name, deps in graph.items():
+        if (here := sub(name)) is not None:
+            folded.setdefault(here, set()).update(d for dep in deps if (d := sub(dep)) not in (None, here))
+    return folded
+
+
+def test_the_subpackages_form_a_dag_rooted_in_core():
+    packages = package_graph(import_graph(ROOT, "jaxllm"), "jaxllm")
+    assert {"core", "model", "data", "parallel", "train", "sft", "infer", "hf", "plan", "scaling"} <= set(packages)
+    cycle = find_cycle(packages)
+    assert cycle is None, "subpackage cycle: " + " -> ".join(cycle)
+    assert packages["core"] == set() and packages["model"] == {"core"}
+
+
+def test_folding_modules_onto_subpackages_keeps_a_cycle_between_them():
+    graph = {"p.a.x": {"p.b.y"}, "p.b.y": {"p.b.z"}, "p.b.z": {"p.a.w"}, "p.a.w": set()}
+    assert package_graph(graph, "p") == {"a": {"b"}, "b": {"a"}}
+    assert find_cycle(package_graph(graph, "p")) == ["a", "b", "a"]
 
 
 def _write_package(root: Path, files: dict[str, str]) -> None:

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import flops
-from jaxllm.config import ModelConfig, resolve_model
-from jaxllm.model import Transformer, cross_entropy, residual_std
+from jaxllm.core.config import ModelConfig, resolve_model
+from jaxllm.model import flops
+from jaxllm.model.transformer import Transformer, cross_entropy, residual_std
 
 FLAVOURS = {
     "gpt2": {"arch": "gpt2"},

@@ -1,4 +1,4 @@
-"""Mixture-of-experts blocks (``model.moe.*``, ``jaxllm.moe``) and expert parallelism (``mesh.expert``).
+"""Mixture-of-experts blocks (``model.moe.*``, ``jaxllm.model.moe``) and expert parallelism (``mesh.expert``).
 
 The routing functions are checked on crafted inputs (hand-counted drops, an even router), the MoE
 layer against references (one expert = the dense MLP; dropless = every expert on every token, weighted;
@@ -21,10 +21,11 @@ from equality import rel
 from test_generate import greedy_by_full_forward
 
 import train
-from jaxllm import fileio, flops, moe
-from jaxllm.config import load_config, resolve_model
-from jaxllm.decode import Decoder
-from jaxllm.model import Transformer
+from jaxllm.core import fileio
+from jaxllm.core.config import load_config, resolve_model
+from jaxllm.model import flops, moe
+from jaxllm.model.decode import Decoder
+from jaxllm.model.transformer import Transformer
 
 VOCAB, SEQ, BATCH = 64, 16, 8
 MOE = ["model.n_layer=2", "model.d_model=32", "model.n_head=4", "model.moe.n_experts=4", "model.moe.top_k=2"]
@@ -240,9 +241,9 @@ def test_logged_expert_load_and_drops_match_a_hand_count(tmp_path):
     # 12 each, 4 dropped from each). Layer 1: every token to experts 1 and 3 (16 each, 8 dropped each).
     import optax
 
-    from jaxllm import loop
-    from jaxllm.metrics_log import MetricsLog, plot_expert_load
-    from jaxllm.train_step import TrainState, make_loss_fn, make_train_step
+    from jaxllm.train import loop
+    from jaxllm.train.metrics_log import MetricsLog, plot_expert_load
+    from jaxllm.train.train_step import TrainState, make_loss_fn, make_train_step
 
     model, params, _ = model_and_params(["model.arch=gpt2", "model.moe.capacity_factor=1.0"])
     params = crafted_router_params(params, [3.0, 2.0, -2.0, -3.0], [0.0, 3.0, 1.0, 2.0])
@@ -270,8 +271,8 @@ def test_logged_expert_load_and_drops_match_a_hand_count(tmp_path):
 
 def pretraining_loss_and_router_term(model, params, tokens_BxT1):
     """``(pre-training loss, its router term)``: ``train_step``'s MoE loss and that loss minus the cross-entropy."""
-    from jaxllm.model import cross_entropy
-    from jaxllm.train_step import make_loss_fn
+    from jaxllm.model.transformer import cross_entropy
+    from jaxllm.train.train_step import make_loss_fn
 
     loss, _ = jax.jit(make_loss_fn(model))(params, tokens_BxT1, jax.random.PRNGKey(0))
     ce = cross_entropy(apply(model, params, tokens_BxT1[:, :-1]), tokens_BxT1[:, 1:])[0]
@@ -280,7 +281,7 @@ def pretraining_loss_and_router_term(model, params, tokens_BxT1):
 
 @pytest.mark.slow
 def test_distillation_loss_carries_the_router_losses():
-    from jaxllm import distill
+    from jaxllm.train import distill
 
     model, params, tokens = model_and_params(["model.moe.aux_loss=1.0", "model.moe.router_z_loss=1.0"])
     tokens_BxT1 = jnp.concatenate([tokens, tokens[:, :1]], axis=1)[:, : SEQ]
@@ -292,7 +293,9 @@ def test_distillation_loss_carries_the_router_losses():
 
 @pytest.mark.slow
 def test_fine_tuning_loss_carries_the_router_losses():
-    from jaxllm import chat, peft, sft
+    from jaxllm.data import chat
+    from jaxllm.sft import finetune as sft
+    from jaxllm.sft import peft
 
     model, params, tokens = model_and_params(["model.moe.aux_loss=1.0", "model.moe.router_z_loss=1.0"])
     tokens_BxT1 = jnp.concatenate([tokens, tokens[:, :1]], axis=1)[:, : SEQ]

@@ -14,10 +14,10 @@ import optax
 import pytest
 
 import jaxllm
-from jaxllm import checkpoint as ckpt
-from jaxllm.config import Config, ModelConfig, resolve_model, save_config
-from jaxllm.model import Transformer
-from jaxllm.tokenizer import ByteTokenizer
+from jaxllm.core.config import Config, ModelConfig, resolve_model, save_config
+from jaxllm.data.tokenizer import ByteTokenizer
+from jaxllm.model.transformer import Transformer
+from jaxllm.train import checkpoint as ckpt
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)), jnp.int32)
 

@@ -18,8 +18,9 @@ import pytest
 from conftest import TINY
 
 import train
-from jaxllm import pipeline, sharding, trainer
-from jaxllm.config import Config, PipelineConfig, load_config, resolve_model
+from jaxllm.core.config import Config, PipelineConfig, load_config, resolve_model
+from jaxllm.parallel import pipeline, sharding
+from jaxllm.train import trainer
 
 VOCAB, SEQ, BATCH = 64, 16, 16
 BASE = [

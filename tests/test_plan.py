@@ -10,9 +10,13 @@ import jax
 import pytest
 
 import train
-from jaxllm import checkpoint as ckpt
-from jaxllm import flops, hardware, plan, sharding, trainer
-from jaxllm.config import load_config
+from jaxllm.core.config import load_config
+from jaxllm.model import flops
+from jaxllm.parallel import sharding
+from jaxllm.plan import hardware
+from jaxllm.plan import planner as plan
+from jaxllm.train import checkpoint as ckpt
+from jaxllm.train import trainer
 
 # bench/sharding_memory.py's model and five parallel plans (and its sequence-parallel one), plus a pipeline
 SHARDING_MODEL = [

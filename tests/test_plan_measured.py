@@ -16,9 +16,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxllm import checkpoint as ckpt
-from jaxllm import hardware, memory_model, plan, sharding, trainer
-from jaxllm.config import load_config
+from jaxllm.core.config import load_config
+from jaxllm.parallel import sharding
+from jaxllm.plan import hardware, memory_model
+from jaxllm.plan import planner as plan
+from jaxllm.train import checkpoint as ckpt
+from jaxllm.train import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURED = ROOT / "bench/results/h200_2026-11-30.jsonl"

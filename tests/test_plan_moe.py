@@ -6,9 +6,11 @@ from __future__ import annotations
 import jax
 import pytest
 
-from jaxllm import checkpoint as ckpt
-from jaxllm import plan, sharding, trainer
-from jaxllm.config import load_config
+from jaxllm.core.config import load_config
+from jaxllm.parallel import sharding
+from jaxllm.plan import planner as plan
+from jaxllm.train import checkpoint as ckpt
+from jaxllm.train import trainer
 
 MOE_MODEL = [
     "model.arch=gpt2", "model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.vocab_size=256",

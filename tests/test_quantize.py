@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import quantize as quant
-from jaxllm.config import ModelConfig, resolve_model
-from jaxllm.errors import ConfigError
-from jaxllm.model import Transformer, linear_axes
+from jaxllm.core.config import ModelConfig, resolve_model
+from jaxllm.core.errors import ConfigError
+from jaxllm.model import quantize as quant
+from jaxllm.model.transformer import Transformer, linear_axes
 
 CFG = resolve_model(ModelConfig(arch="llama", n_layer=2, d_model=64, n_head=4, n_kv_head=2), vocab_size=64, seq_len=32)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 32)), jnp.int32)

@@ -10,10 +10,11 @@ import jax
 import pytest
 from conftest import TINY, corpus_text
 
-from jaxllm import checkpoint as ckpt
-from jaxllm import fileio, trainer
-from jaxllm.config import ModelConfig, load_config
-from jaxllm.errors import ConfigError, UserError
+from jaxllm.core import fileio
+from jaxllm.core.config import ModelConfig, load_config
+from jaxllm.core.errors import ConfigError, UserError
+from jaxllm.train import checkpoint as ckpt
+from jaxllm.train import trainer
 
 
 def one_device():

@@ -1,4 +1,4 @@
-"""Process set-up (``jaxllm/runtime.py``): the persistent compilation cache a rerun loads its programs from."""
+"""Process set-up (``jaxllm/core/runtime.py``): the persistent compilation cache a rerun loads its programs from."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax
 import pytest
 from conftest import TINY, run_cli
 
-from jaxllm.runtime import init_compile_cache
+from jaxllm.core.runtime import init_compile_cache
 
 CACHE_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
 

@@ -13,11 +13,11 @@ import pytest
 from conftest import SHARED_DATA
 
 import scaling as scaling_cli
-from jaxllm import scaling_laws as sl
-from jaxllm.errors import ConfigError
-from jaxllm.scaling_bootstrap import bootstrap_allocation
-from jaxllm.scaling_csv import load_runs
-from jaxllm.scaling_report import FitSettings
+from jaxllm.core.errors import ConfigError
+from jaxllm.scaling import laws as sl
+from jaxllm.scaling.bootstrap import bootstrap_allocation
+from jaxllm.scaling.csv_io import load_runs
+from jaxllm.scaling.report import FitSettings
 
 CHINCHILLA_CSV = SHARED_DATA / "chinchilla_epoch_svg_extracted.csv"
 needs_shared = pytest.mark.skipif(not CHINCHILLA_CSV.is_file(), reason=f"{CHINCHILLA_CSV} is absent (the ../shared checkout)")

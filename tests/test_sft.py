@@ -9,13 +9,17 @@ import numpy as np
 import optax
 import pytest
 
-from jaxllm import chat, hf, peft, sft, sharding
-from jaxllm.config import ModelConfig, OptimConfig, SFTConfig, load_config, resolve_model
-from jaxllm.errors import ConfigError
-from jaxllm.model import Transformer
-from jaxllm.optim import optimizer
-from jaxllm.tokenizer import ByteTokenizer, HFTokenizer
-from jaxllm.train_step import TrainState, make_train_step
+from jaxllm.core.config import ModelConfig, OptimConfig, SFTConfig, load_config, resolve_model
+from jaxllm.core.errors import ConfigError
+from jaxllm.data import chat
+from jaxllm.data.tokenizer import ByteTokenizer, HFTokenizer
+from jaxllm.hf import convert as hf
+from jaxllm.model.transformer import Transformer
+from jaxllm.parallel import sharding
+from jaxllm.sft import finetune as sft
+from jaxllm.sft import peft
+from jaxllm.train.optim import optimizer
+from jaxllm.train.train_step import TrainState, make_train_step
 
 TOK = chat.chat_tokenizer(ByteTokenizer())
 SEQ = 32

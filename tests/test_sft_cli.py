@@ -15,11 +15,11 @@ import pytest
 from conftest import ROOT, kill_after_checkpoint, run_cli
 
 import jaxllm
-from jaxllm import checkpoint as ckpt
-from jaxllm.config import SFTConfig, load_config, resolve_model, save_config
-from jaxllm.fileio import dir_lock, read_jsonl
-from jaxllm.model import Transformer
-from jaxllm.tokenizer import ByteTokenizer
+from jaxllm.core.config import SFTConfig, load_config, resolve_model, save_config
+from jaxllm.core.fileio import dir_lock, read_jsonl
+from jaxllm.data.tokenizer import ByteTokenizer
+from jaxllm.model.transformer import Transformer
+from jaxllm.train import checkpoint as ckpt
 
 spec = importlib.util.spec_from_file_location("sft_cli", ROOT / "sft.py")
 sft_cli = importlib.util.module_from_spec(spec)
@@ -80,7 +80,7 @@ def test_lora_target_that_does_not_exist_is_refused(base_run, capsys):
 
 
 def test_method_learning_rate_sets_the_peak_and_scales_the_floor():
-    from jaxllm.sft import method_optim
+    from jaxllm.sft.finetune import method_optim
 
     cfg = load_config(None, ["sft.method=prompt", "prompt.lr=3e-2", "optim.lr=1e-3", "optim.min_lr=1e-4", "lora.lr=9"], cls=SFTConfig)
     assert (method_optim(cfg).lr, method_optim(cfg).min_lr) == pytest.approx((3e-2, 3e-3))
@@ -133,7 +133,7 @@ def test_prompt_tuned_run_loads_with_its_prompt_in_front_of_every_input(tmp_path
     assert not np.allclose(loaded.logits(tokens), Transformer(loaded.config.model).apply(
         {"params": without}, np.pad(tokens, ((0, 0), (4, 0))))[:, 4:])
     assert len(loaded.generate("ab", max_new_tokens=3, temperature=0)) > 0
-    with pytest.raises(jaxllm.errors.ConfigError, match="prompt-tuned model has no Hugging Face form"):
+    with pytest.raises(jaxllm.core.errors.ConfigError, match="prompt-tuned model has no Hugging Face form"):
         loaded.save_hf(tmp_path / "hf")
 
 

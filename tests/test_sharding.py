@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY, corpus_text
 
-from jaxllm import checkpoint as ckpt
-from jaxllm import data as data_lib
-from jaxllm import sharding, trainer
-from jaxllm.config import load_config, resolve_model, save_config
+from jaxllm.core.config import load_config, resolve_model, save_config
+from jaxllm.data import corpus as data_lib
+from jaxllm.parallel import sharding
+from jaxllm.train import checkpoint as ckpt
+from jaxllm.train import trainer
 
 STEPS = 3
 FLAVOURS = {"gpt2": ["model.arch=gpt2"], "llama": ["model.arch=llama", "model.n_kv_head=2"]}

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import pytest
 from conftest import ROOT
 
-from jaxllm.checkpoint import Checkpointer, fingerprint
-from jaxllm.metrics_log import MetricsLog
-from jaxllm.tb_events import ScalarWriter, crc32c, masked_crc
+from jaxllm.train.checkpoint import Checkpointer, fingerprint
+from jaxllm.train.metrics_log import MetricsLog
+from jaxllm.train.tb_events import ScalarWriter, crc32c, masked_crc
 
 
 def read_records(path) -> list[bytes]:
@@ -65,8 +65,8 @@ def test_training_imports_neither_torch_nor_tensorboardx(tmp_path):
     """PyTorch (installed for the parity tests) costs seconds to import: a training process whose
     trainer, metrics log and TensorBoard writer are set up has not imported it."""
     code = (
-        "import sys; from pathlib import Path; import jaxllm.trainer, jaxllm.sft; "
-        "from jaxllm.metrics_log import MetricsLog; "
+        "import sys; from pathlib import Path; import jaxllm.train.trainer, jaxllm.sft.finetune; "
+        "from jaxllm.train.metrics_log import MetricsLog; "
         f"log = MetricsLog(Path({str(tmp_path)!r}) / 'm.jsonl', 0, True, Path({str(tmp_path)!r}) / 'tb'); "
         "log.write({'step': 1, 'loss': 1.0}); log.close(); "
         "print(sorted(m for m in ('torch', 'tensorboardX') if m in sys.modules))"

@@ -10,10 +10,11 @@ import jax
 import pytest
 
 import scaling
-from jaxllm import flops, trainer
-from jaxllm.config import ModelConfig, load_config
-from jaxllm.errors import ConfigError, UserError
-from jaxllm.sweep import Shape, SweepConfig, plan, run_sweep, shape_model, size_window, sweep_plan
+from jaxllm.core.config import ModelConfig, load_config
+from jaxllm.core.errors import ConfigError, UserError
+from jaxllm.model import flops
+from jaxllm.scaling.sweep import Shape, SweepConfig, plan, run_sweep, shape_model, size_window, sweep_plan
+from jaxllm.train import trainer
 
 TINY_SWEEP = [
     "train.seq_len=16", "train.batch_size=8", "eval.batches=2", "log.every=5", "optim.warmup_steps=2",

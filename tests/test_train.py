@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY, kill_after_checkpoint, run_cli
 
-from jaxllm import trainer
-from jaxllm.errors import ConfigError
+from jaxllm.core.errors import ConfigError
+from jaxllm.train import trainer
 
 
 def one_device():
@@ -51,8 +51,9 @@ def test_loss_falls_on_a_tiny_corpus(tiny_cfg, tmp_path):
 def test_accumulating_two_half_batches_equals_one_full_batch(tiny_cfg):
     import jax.numpy as jnp
 
-    from jaxllm import data, sharding
-    from jaxllm.config import resolve_model
+    from jaxllm.core.config import resolve_model
+    from jaxllm.data import corpus as data
+    from jaxllm.parallel import sharding
 
     cfg = tiny_cfg("train.batch_size=8")
     model_cfg = resolve_model(cfg.model, 256, cfg.train.seq_len)

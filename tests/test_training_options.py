@@ -14,14 +14,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from equality import rel
 
 import jaxllm
-from jaxllm import checkpoint as ckpt
-from jaxllm import data, hf, optim, tasks
-from jaxllm.config import ModelConfig, OptimConfig, resolve_model
-from jaxllm.errors import ConfigError
-from jaxllm.model import Transformer
-from jaxllm.train_step import make_loss_fn
+from jaxllm.core.config import ModelConfig, OptimConfig, resolve_model
+from jaxllm.core.errors import ConfigError
+from jaxllm.data import corpus as data
+from jaxllm.data import tasks
+from jaxllm.hf import convert as hf
+from jaxllm.model.transformer import Transformer
+from jaxllm.train import checkpoint as ckpt
+from jaxllm.train import optim
+from jaxllm.train.train_step import make_loss_fn
 
 TOKENS_BxT1 = jnp.asarray(np.random.default_rng(0).integers(0, 64, (4, 17)), jnp.int32)
 
@@ -78,9 +82,14 @@ def loss_and_grads(cfg: ModelConfig, params):
 def test_remat_recomputes_blocks_without_changing_loss_or_gradients(params):
     (loss, _), grads = loss_and_grads(tiny(), params)
     (remat_loss, _), remat_grads = loss_and_grads(tiny(remat=True), params)
+    # The project's float32 equality (tests/equality.rel <= 1e-5), over the whole gradient vector: the
+    # recomputed forward sits in the backward program, where XLA may fuse it differently, so the
+    # rounding order differs. Entry by entry that is up to 1e-4 relative on the smallest gradients, and
+    # noise on the attention key bias, whose gradient is exactly zero in exact arithmetic (a shift of
+    # every key's score by the same q.b leaves the softmax unchanged): 1e-12 either way.
     np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
-    for got, want in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)):
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    flat = [jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)]) for g in (remat_grads, grads)]
+    assert rel(*flat) <= 1e-5
     # and the flag took effect: the backward pass holds a rematerialised block
     grad_fn = jax.grad(lambda p: make_loss_fn(Transformer(tiny(remat=True)))(p, TOKENS_BxT1, jax.random.PRNGKey(0))[0])
     assert "remat" in str(jax.make_jaxpr(grad_fn)(params))

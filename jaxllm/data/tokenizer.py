@@ -1,0 +1,311 @@
+"""Tokenizers: bytes (the default, nothing to train), characters, and BPE through Hugging Face ``tokenizers``.
+
+All three save as one ``tokenizer.json`` in the run directory and load back with :func:`load`.
+Byte and char tokenizers use a small jaxllm format (``{"jaxllm_tokenizer": "byte" | "char", ...}``);
+BPE uses Hugging Face's own format, so any ``tokenizer.json`` from the Hub loads as well, with the
+special tokens (bos, eos, pad, unk) and the Jinja chat template of the ``tokenizer_config.json`` (or
+``chat_template.jinja``) beside it. jaxllm's own chat markers are appended after the base vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from jaxllm.core.errors import ConfigError, DataError
+from jaxllm.core.fileio import atomic_write, read_json, read_text
+
+FILENAME = "tokenizer.json"
+CONFIG = "tokenizer_config.json"  # Hugging Face's: special tokens and the chat template
+TEMPLATE = "chat_template.jinja"  # where transformers >= 4.43 saves the chat template
+ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+class Tokenizer:
+    """``encode(str) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``save(dir)``."""
+
+    kind: str
+
+    def __init__(self, special: Sequence[str] = ()):
+        self.special = list(special)
+        self.chat_template: str | None = None  # a Hugging Face tokenizer's Jinja template (jaxllm.data.chat_template)
+        self.roles: dict[str, str] = {}  # {"bos_token": "<s>", ...}: the special tokens a Hugging Face tokenizer names
+
+    @property
+    def base_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base_size + len(self.special)
+
+    def token_id(self, special: str) -> int:
+        return self.base_size + self.special.index(special)
+
+    def with_special(self, tokens: Iterable[str]) -> Tokenizer:
+        """A copy that also knows ``tokens`` (appended; existing ids never move)."""
+        new = [t for t in tokens if t not in self.special]
+        out = self._copy()
+        out.special = self.special + new
+        return out
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Text to ids, special-token markers in the text read as the plain characters they are: what
+        untrusted content (a chat message) goes through, so it cannot forge a special token."""
+        return self._encode(text)
+
+    def encode(self, text: str) -> list[int]:
+        """Text to ids; special tokens written literally in the text are recognised (a prompt written
+        in the chat template by whoever controls it; untrusted text goes through :meth:`encode_ordinary`)."""
+        if not self.special:
+            return self._encode(text)
+        ids: list[int] = []
+        rest = text
+        while rest:
+            hits = [(rest.find(s), s) for s in self.special if s in rest]
+            if not hits:
+                ids += self._encode(rest)
+                break
+            pos, tok = min(hits, key=lambda h: (h[0], -len(h[1])))
+            ids += self._encode(rest[:pos]) + [self.token_id(tok)]
+            rest = rest[pos + len(tok) :]
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out, run = [], []
+        for i in ids:
+            i = int(i)
+            if i >= self.base_size:
+                out.append(self._decode(run))
+                run = []
+                k = i - self.base_size
+                out.append(self.special[k] if k < len(self.special) else "")
+            else:
+                run.append(i)
+        out.append(self._decode(run))
+        return "".join(out)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.int64)
+
+    def save(self, directory: Path) -> None:
+        atomic_write(Path(directory) / FILENAME, self._to_json())  # a unique temporary: processes may race
+
+    # Subclasses implement these.
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def _to_json(self) -> str:
+        raise NotImplementedError
+
+    def _copy(self) -> Tokenizer:
+        raise NotImplementedError
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes: 256 ids, any text, no training."""
+
+    kind = "byte"
+
+    @property
+    def base_size(self) -> int:
+        return 256
+
+    def _encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        if self.special:
+            return super().encode_array(text)
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+    def _decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def _to_json(self) -> str:
+        return json.dumps({"jaxllm_tokenizer": "byte", "special": self.special})
+
+    def _copy(self) -> ByteTokenizer:
+        return ByteTokenizer(self.special)
+
+
+class CharTokenizer(Tokenizer):
+    """One id per distinct character of the training corpus (nanoGPT's shakespeare_char)."""
+
+    kind = "char"
+
+    def __init__(self, chars: str, special: Sequence[str] = ()):
+        super().__init__(special)
+        self.chars = chars
+        self._index = {ch: i for i, ch in enumerate(chars)}
+
+    @classmethod
+    def train(cls, text: str) -> CharTokenizer:
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def base_size(self) -> int:
+        return len(self.chars)
+
+    def _encode(self, text: str) -> list[int]:
+        try:
+            return [self._index[ch] for ch in text]
+        except KeyError as e:
+            raise ConfigError(f"character {e.args[0]!r} is not in the char tokenizer's vocabulary") from None
+
+    def encode_array(self, text: str) -> np.ndarray:
+        if self.special:
+            return super().encode_array(text)
+        table = np.full(0x110000, -1, dtype=np.int32)  # one slot per Unicode code point
+        table[[ord(c) for c in self.chars]] = np.arange(len(self.chars))
+        ids = table[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)]
+        if (ids < 0).any():
+            self._encode(text)  # raises, naming the unknown character
+        return ids.astype(np.int64)
+
+    def _decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def _to_json(self) -> str:
+        return json.dumps({"jaxllm_tokenizer": "char", "chars": self.chars, "special": self.special})
+
+    def _copy(self) -> CharTokenizer:
+        return CharTokenizer(self.chars, self.special)
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizers`` tokenizer (byte-level BPE when trained here), with the special
+    tokens and chat template of its ``tokenizer_config.json`` when it came with one."""
+
+    kind = "bpe"
+
+    def __init__(self, tok, special: Sequence[str] = (), roles: dict | None = None, chat_template: str | None = None):
+        super().__init__(special)
+        self.tok = tok
+        self.roles = dict(roles or {})
+        self.chat_template = chat_template
+
+    def role_id(self, role: str) -> int | None:
+        """The id of the special token named ``role`` (``"eos_token"``, ...), None if there is none."""
+        return self.tok.token_to_id(self.roles[role]) if role in self.roles else None
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of ``text``, special tokens recognised (as ``transformers`` tokenizes a rendered chat
+        template), and each token's ``(start, end)`` characters in ``text``."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def save(self, directory: Path) -> None:
+        super().save(directory)
+        if self.roles or self.chat_template:
+            config = {**self.roles, **({"chat_template": self.chat_template} if self.chat_template else {})}
+            atomic_write(Path(directory) / CONFIG, json.dumps(config, indent=2))
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+        from tokenizers import Tokenizer as _Tok
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        tok = _Tok(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @property
+    def base_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def _to_json(self) -> str:
+        tree = json.loads(self.tok.to_str())
+        tree["jaxllm_special"] = self.special
+        return json.dumps(tree)
+
+    def _copy(self) -> HFTokenizer:
+        return HFTokenizer(self.tok, self.special, self.roles, self.chat_template)
+
+
+def load(path: str | Path) -> Tokenizer:
+    """Loads a ``tokenizer.json`` (a file, or a directory holding one), jaxllm or Hugging Face format."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    tree = read_json(path, "tokenizer file")
+    kind = tree.get("jaxllm_tokenizer")
+    if kind == "byte":
+        return ByteTokenizer(_strings(tree, "special", path))
+    if kind == "char":
+        if not isinstance(tree.get("chars"), str):
+            raise DataError(f"tokenizer file {path}: 'chars' must be a string (the char tokenizer's alphabet)")
+        return CharTokenizer(tree["chars"], _strings(tree, "special", path))
+    from tokenizers import Tokenizer as _Tok
+
+    special = _strings(tree, "jaxllm_special", path)
+    tree.pop("jaxllm_special", None)
+    try:
+        tok = _Tok.from_str(json.dumps(tree))
+    except Exception as e:  # noqa: BLE001  (the tokenizers library raises its own exception types)
+        raise DataError(f"{str(path)!r} is not a valid tokenizer.json: {' '.join(str(e).split())[:200]}") from None
+    return HFTokenizer(tok, special, *_hf_config(path.parent))
+
+
+def _token(value: object, where: Path, key: str) -> str | None:
+    """A special token as ``tokenizer_config.json`` writes it: a string, or an AddedToken's dict."""
+    if value is None or isinstance(value, str):
+        return value or None
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise DataError(f"{where}: {key!r} must be a token string, got {value!r}")
+
+
+def _hf_config(directory: Path) -> tuple[dict[str, str], str | None]:
+    """The special tokens and chat template of a Hugging Face ``tokenizer_config.json`` (and
+    ``chat_template.jinja``) in ``directory``; none when it has neither."""
+    config = read_json(directory / CONFIG, "tokenizer config") if (directory / CONFIG).is_file() else {}
+    roles = {k: t for k in ROLES if (t := _token(config.get(k), directory / CONFIG, k)) is not None}
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one is the chat template
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    if (directory / TEMPLATE).is_file():
+        template = read_text(directory / TEMPLATE, "chat template")
+    if template is not None and not isinstance(template, str):
+        raise DataError(f"{directory / CONFIG}: 'chat_template' must be a Jinja template string")
+    return roles, template
+
+
+def _strings(tree: dict, key: str, path: Path) -> list[str]:
+    """``tree[key]`` (absent: empty), which must be a list of strings."""
+    value = tree.get(key, [])
+    if not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+        raise DataError(f"tokenizer file {path}: {key!r} must be a list of non-empty strings")
+    return value
+
+
+def build(spec: str, train_texts: Iterable[str], bpe_vocab_size: int) -> Tokenizer:
+    """The tokenizer named by ``data.tokenizer``, trained on ``train_texts`` where it needs training."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec == "char":
+        return CharTokenizer.train("".join(train_texts))
+    if spec == "bpe":
+        return HFTokenizer.train(train_texts, bpe_vocab_size)
+    if spec.endswith(".json") or Path(spec).is_dir():
+        return load(spec)
+    raise ConfigError(f"data.tokenizer={spec!r} is unknown; use byte, char, bpe or a path to a tokenizer.json")

@@ -1,0 +1,1 @@
+"""Hugging Face interop: safetensors in and out, streamed into the mesh."""

@@ -1,0 +1,1 @@
+"""Computation at scale: the mesh and its rules table, and pipeline parallelism."""

@@ -1,0 +1,183 @@
+"""Per-device memory of a train step, from shapes and shardings alone (nothing compiled or allocated).
+
+Four parts, per device, in bytes:
+
+- ``params``: each float32 parameter's shard under the logical-axis rules (exact, from the shardings);
+- ``grads``: the gradients, sharded like the parameters; with grad accumulation the step keeps the
+  running sum beside the micro-batch's gradient, so two copies;
+- ``optimizer``: Adam's two moments, sharded like the parameters or, with ZeRO-1
+  (``optim.shard_state``), also over the data axes (exact, through ``sharding._zero1``);
+- ``activations``: what the backward pass keeps from the forward pass of one micro-batch, plus the
+  largest transient (the logits and their gradient), estimated per token below.
+
+Activations per token of one layer, after Korthikanti et al. 2022 ("Reducing activation recomputation
+in large transformer models", section 4): the norm inputs and outputs and the residual adds (``~6 D``
+values), queries, keys, values and the attention output (``(2 N + 2 K) H / t``), the MLP's hidden
+activations (2 or 3 ``F / t`` for GELU or SwiGLU), in the compute dtype, plus float32 attention
+values that depend on the kernel ``model.attention`` resolves to on the target (:func:`score_values`):
+XLA's attention keeps the ``N T / t`` probabilities, a fused kernel (cuDNN, splash) only the softmax's
+row statistics, chunked attention one block of scores. Sequence parallelism divides the ``D`` terms by ``t``. With ``model.remat`` a layer keeps only its input and
+one layer at a time is recomputed. A pipeline stage keeps its input at every loop iteration
+(``M R + P - 1`` of them, each ``b / M`` rows) and recomputes one stage iteration at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AbstractMesh, AxisType
+
+from jaxllm.core.config import Config, ModelConfig
+from jaxllm.model import attention
+from jaxllm.model.transformer import Transformer
+from jaxllm.parallel import pipeline, sharding
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per device."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+def boxed_params(model_cfg: ModelConfig, seq_len: int) -> Any:
+    """The model's parameters as ``nn.Partitioned`` ShapeDtypeStructs (shapes and logical names only).
+
+    Traced with XLA's attention: the kernel changes no parameter, and the target's kernel (cuDNN,
+    splash) may not exist on the planning host."""
+    model = Transformer(dataclasses.replace(model_cfg, attention="xla"))
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, seq_len), jnp.int32)))["params"]
+
+
+def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
+    return AbstractMesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes))
+
+
+def _shard_bytes(shape: tuple[int, ...], named, itemsize: int) -> int:
+    return int(np.prod(named.shard_shape(shape))) * itemsize
+
+
+def state_bytes(boxed: Any, sizes: dict[str, int], rule_table, zero1: bool) -> tuple[int, int]:
+    """``(params, optimizer)`` bytes per device: float32 parameters and Adam's two float32 moments."""
+    shardings = sharding.logical_shardings(boxed, abstract_mesh(sizes), rule_table)
+    leaves = jax.tree.leaves(nn.unbox(boxed))
+    params = optimizer = 0
+    for leaf, named in zip(leaves, jax.tree.leaves(shardings)):
+        params += _shard_bytes(leaf.shape, named, 4)
+        moment = sharding._zero1(named, leaf.shape) if zero1 else named
+        optimizer += 2 * _shard_bytes(leaf.shape, moment, 4)
+    return params, optimizer
+
+
+def score_values(m: ModelConfig, seq_len: int, tensor: int, kernel: str) -> float:
+    """float32 attention values one layer keeps per token, by kernel: XLA's attention about 2.5 copies
+    of the ``N T`` scores (scores, probabilities, part of the mask); chunked attention one ``N x block``
+    tile of them; a fused kernel (``cudnn``, ``splash``) the softmax's row statistics alone (``N``)."""
+    if kernel == "xla":
+        return 2.5 * m.n_head * seq_len / tensor
+    if kernel == "chunked":
+        return m.n_head * min(m.attention_block, seq_len) / tensor
+    return m.n_head / tensor
+
+
+def layer_values_per_token(m: ModelConfig, seq_len: int, tensor: int, sequence_parallel: bool,
+                           kernel: str = "xla") -> tuple[float, float]:
+    """``(compute-dtype values, float32 values)`` one layer keeps per token for its backward pass.
+
+    Korthikanti's minimum without dropout is ``8 D + 2 F`` values (GELU MLP); XLA keeps about twice
+    that (fusions save both sides of the norms, the bias adds and the activation function); the
+    float32 values are the attention kernel's (:func:`score_values`).
+    """
+    head = m.d_model // m.n_head
+    whole = 4 * m.d_model / (tensor if sequence_parallel else 1)  # norms in and out, residual adds
+    split = ((2 * m.n_head + 2 * m.n_kv_head) * head + mlp_values_per_token(m)) / tensor
+    return 2 * (whole + split), score_values(m, seq_len, tensor, kernel)
+
+
+def mlp_values_per_token(m: ModelConfig) -> float:
+    """Hidden values of a layer's MLP per token, averaged over the layers: ``mats F`` for a dense MLP
+    (mats = 2 for GELU, 3 for SwiGLU); an MoE layer keeps its k (times the capacity factor, for the
+    capacity path) dispatched copies of the token in and out and their ``mats F_e`` hidden values,
+    the shared experts' ``mats S F_e`` and the ``E`` router probabilities."""
+    mats, e = (2 if m.arch == "gpt2" else 3), m.moe
+    if not e.n_experts:
+        return mats * m.d_ff
+    copies = e.top_k * (e.capacity_factor or 1.0)
+    expert = copies * (2 * m.d_model + mats * (e.d_ff or m.d_ff)) + mats * e.shared_experts * (e.d_ff or m.d_ff) + e.n_experts
+    return (mats * m.d_ff * (e.every - 1) + expert) / e.every
+
+
+def layer_weight_bytes(m: ModelConfig, tensor: int, itemsize: int, expert: int = 1) -> int:
+    """One block's matrices, as a tensor-parallel device holds them once FSDP has gathered them (an MoE
+    block: its ``E / expert`` experts and shared experts, averaged over the layers)."""
+    head = m.d_model // m.n_head
+    attn = 2 * m.d_model * (m.n_head + m.n_kv_head) * head
+    mats, e = (2 if m.arch == "gpt2" else 3), m.moe
+    mlp = mats * m.d_model * m.d_ff
+    if e.n_experts:
+        moe_mlp = mats * m.d_model * (e.d_ff or m.d_ff) * (e.n_experts / expert + e.shared_experts)
+        mlp = (mlp * (e.every - 1) + moe_mlp) / e.every
+    return int((attn + mlp) / tensor * itemsize)
+
+
+def loss_bytes(platform: str, c: int) -> int:
+    """Bytes per logit the loss keeps beside the compute-dtype logits, as each compiler was seen to:
+    XLA:CPU three float32 copies (logits, log-probabilities, gradient; the CPU compiles of
+    tests/test_plan.py), XLA:TPU one fused float32 copy (bench/plan_configs.py's v5p compiles),
+    XLA:GPU the gradient in the compute dtype (an H200, bench/accelerator.sh's gpt2_124m)."""
+    return {"cpu": 12, "tpu": 4}.get(platform, c)
+
+
+def activation_bytes(cfg: Config, m: ModelConfig, sizes: dict[str, int], platform: str = "cpu") -> int:
+    """Bytes of activations per device for one micro-batch's forward and backward pass, on
+    ``platform`` (cpu | gpu | tpu: which attention kernel runs, and :func:`loss_bytes`)."""
+    t, p = sizes["tensor"], sizes["pipe"]
+    c = 2 if m.dtype in ("bfloat16", "float16") else 4
+    rows = cfg.train.batch_size // (sizes["data"] * sizes["fsdp"] * sizes.get("expert", 1))  # expert: a data axis outside MoE
+    seq = cfg.train.seq_len
+    kernel = attention.resolve(m.attention, platform, m.dtype)
+    low, f32 = layer_values_per_token(m, seq, t, cfg.mesh.sequence_parallel, kernel)
+    layer = rows * seq * (low * c + f32 * 4)
+    residual = rows * seq * m.d_model * c / (t if cfg.mesh.sequence_parallel else 1)
+    layers_here = m.n_layer // p
+    # logits in the compute dtype and the loss's float32 copies; the embedding output and the final
+    # norm's input and output
+    head = rows * seq * (m.vocab_size / t * (c + loss_bytes(platform, c)) + 3 * m.d_model * c)
+    if p > 1:
+        micro, rounds = pipeline.microbatches(cfg.pipeline, p), pipeline.repeats(cfg.pipeline)
+        saved = (micro * rounds + p - 1) * residual / micro + residual
+        recompute = layer / micro * (1 if m.remat else layers_here // rounds)  # one stage iteration
+    elif m.remat:
+        saved, recompute = layers_here * residual, layer
+    else:
+        saved, recompute = layers_here * layer, 0
+    # FSDP: one block's weights gathered, and its full weight gradient before the reduce-scatter
+    e = sizes.get("expert", 1)
+    gathered = layer_weight_bytes(m, t, c, e) + layer_weight_bytes(m, t, 4, e) if sizes["fsdp"] > 1 else 0
+    # the head's buffers and a recomputed block are never live at once
+    return int(saved + max(head, recompute) + gathered)
+
+
+def estimate(cfg: Config, model_cfg: ModelConfig, boxed: Any, sizes: dict[str, int], platform: str = "cpu") -> Memory:
+    """The four parts per device for this config on a mesh of these axis sizes, on ``platform``
+    (see :func:`activation_bytes`)."""
+    params, optimizer = state_bytes(boxed, sizes, sharding.rules(cfg.mesh), cfg.optim.shard_state)
+    grads = params * (2 if cfg.train.grad_accum > 1 else 1)
+    return Memory(params, grads, optimizer, activation_bytes(cfg, model_cfg, sizes, platform))
+

@@ -1,0 +1,361 @@
+"""Plan before you rent: compile a run's real train step for a target and predict its memory and speed.
+
+``python train.py CONFIG --plan TARGET`` builds exactly what training builds (``trainer.build``: the
+model, shardings, remat, dtype, pipeline and grad accumulation), lowers the jitted step for abstract
+inputs and compiles it for TARGET's devices: this host's CPUs, a TPU slice compiled deviceless
+through libtpu's topology descriptions (nothing is allocated, no TPU is needed), or the attached
+GPUs. Beside the compiler's memory figures it puts the analytic model (:mod:`memory_model`) and the
+roofline (:mod:`roofline`); GPU targets without GPUs attached get the analytic model alone.
+
+It reads no corpus (the vocabulary comes from the tokenizer's name, ``data.bpe_vocab_size`` or a
+``tokenizer.json``) and writes nothing but ``--plan-out``: never the run directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import itertools
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.core.config import Config, ModelConfig, resolve_model, validate
+from jaxllm.core.errors import ConfigError
+from jaxllm.parallel import pipeline, sharding
+from jaxllm.plan import hardware, memory_model, roofline
+from jaxllm.plan.hardware import GiB, Target
+from jaxllm.train import checkpoint as ckpt
+
+SEARCH_COMPILES = 3  # candidates of a search confirmed by compiling, best first
+
+
+def tokenizer_vocab(cfg: Config) -> int:
+    """The tokenizer's vocabulary size, read without the corpus."""
+    d = cfg.data
+    if d.tokenizer == "byte":
+        return 256
+    if d.tokenizer == "bpe":
+        return d.bpe_vocab_size
+    if d.tokenizer == "char":
+        if cfg.model.vocab_size:
+            return cfg.model.vocab_size
+        raise ConfigError("data.tokenizer=char takes its vocabulary from the corpus; give model.vocab_size to plan")
+    from jaxllm.data import tokenizer
+
+    return tokenizer.load(d.tokenizer).vocab_size
+
+
+def resolve(cfg: Config) -> ModelConfig:
+    validate(cfg)
+    return resolve_model(cfg.model, tokenizer_vocab(cfg), cfg.train.seq_len)
+
+
+def libtpu_installed() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def tpu_devices(target: Target) -> list:
+    """Abstract devices of a TPU slice (libtpu's topology description; no TPU needed)."""
+    if not libtpu_installed():
+        raise ConfigError(
+            f"target {target.name} is compiled through libtpu, which is not installed: "
+            "pip install -e '.[tpu]' (or pip install 'jax[tpu]')"
+        )
+    from jax.experimental import topologies
+
+    # libtpu locks a TPU host's chips for one process; compiling deviceless needs no chips
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology)
+    except Exception as e:  # noqa: BLE001  (libtpu raises XlaRuntimeError and friends)
+        raise ConfigError(f"libtpu cannot describe {target.name} ({target.topology}): {str(e).splitlines()[0]}") from None
+    if len(topo.devices) != target.devices:
+        raise ConfigError(f"libtpu describes {target.name} with {len(topo.devices)} devices, not {target.devices}")
+    return list(topo.devices)
+
+
+def local_devices(target: Target) -> list | None:
+    """The devices a plan compiles for; None where only the analytic model can answer (no GPU here)."""
+    if target.platform == "tpu":
+        return tpu_devices(target)
+    platform = "cpu" if target.platform == "cpu" else "gpu"
+    try:
+        found = jax.devices(platform)
+    except RuntimeError:
+        return None
+    key = target.kind.name.lower().split()[-1] if platform == "gpu" else ""
+    found = [d for d in found if key in d.device_kind.lower()]
+    if len(found) < target.devices:
+        if platform == "cpu":
+            raise ConfigError(f"target {target.name}: {target.devices} CPU devices asked, {len(found)} exist")
+        return None
+    return found[: target.devices]
+
+
+def with_mesh(cfg: Config, sizes: dict[str, int], **changes: Any) -> Config:
+    """A copy of ``cfg`` with these mesh sizes and dotted changes (``{"model.remat": True}``)."""
+    new = copy.deepcopy(cfg)
+    for axis, size in sizes.items():
+        setattr(new.mesh, axis, size)
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        setattr(getattr(new, section), key, value)
+    return new
+
+
+def check_mesh(cfg: Config, model_cfg: ModelConfig, n: int) -> dict[str, int]:
+    """The mesh's axis sizes on ``n`` devices; ConfigError if they or the model's sizes do not divide."""
+    sizes = sharding.mesh_shape(cfg.mesh, n)
+    mesh = memory_model.abstract_mesh(sizes)
+    sharding.check_divisible(model_cfg, mesh, cfg.train.batch_size)
+    pipeline.check(model_cfg, cfg.pipeline, mesh, cfg.train.batch_size)
+    return sizes
+
+
+def compile_step(cfg: Config, model_cfg: ModelConfig, devices: list) -> dict:
+    """Compiles the train step for these devices; the compiler's bytes per device and the time taken."""
+    from jaxllm.train import trainer
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, devices))
+    t = cfg.train
+    with setup.context():
+        state = ckpt.abstract(jax.eval_shape(setup.init), setup.state_shardings)
+        batch = jax.ShapeDtypeStruct((t.grad_accum, t.batch_size, t.seq_len + 1), jnp.int32, sharding=setup.batch_sharding)
+        stats = setup.step.lower(state, batch).compile().memory_analysis()
+    parts = {
+        "argument": stats.argument_size_in_bytes,
+        "output": stats.output_size_in_bytes,
+        "alias": stats.alias_size_in_bytes,
+        "temp": stats.temp_size_in_bytes,
+    }
+    parts["total"] = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"]
+    return {"bytes": parts, "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+
+
+def evaluate(cfg: Config, model_cfg: ModelConfig, boxed: Any, target: Target, sizes: dict[str, int]) -> dict:
+    """The analytic half of a plan: memory parts, fit and roofline for one mesh (nothing compiled)."""
+    mem = memory_model.estimate(cfg, model_cfg, boxed, sizes, platform=target.platform)
+    speed = roofline.step_time(cfg, model_cfg, sizes, target.kind, mem.activations)
+    return {
+        "target": target.name,
+        "device_kind": target.kind.name,
+        "devices": target.devices,
+        "mesh": dict(sizes),
+        "remat": model_cfg.remat,
+        "microbatches": pipeline.microbatches(cfg.pipeline, sizes["pipe"]) if sizes["pipe"] > 1 else None,
+        "analytic_bytes": mem.as_dict(),
+        "compiled_bytes": None,
+        "device_memory_bytes": int(target.kind.hbm_bytes),
+        "fits": mem.total <= target.kind.hbm_bytes,
+        "headroom": 1 - mem.total / target.kind.hbm_bytes,
+        "step_time_s": speed.step_time_s,
+        "tokens_per_sec": speed.tokens_per_sec,
+        "mfu": speed.mfu,
+        "bound": speed.bound,
+        "roofline_s": speed.terms,
+        "efficiency": target.kind.efficiency,
+    }
+
+
+def confirm(result: dict, cfg: Config, model_cfg: ModelConfig, devices: list | None) -> dict:
+    """Adds the compiler's figures (when there are devices to compile for); the fit follows them."""
+    if devices is None:
+        result["note"] = "analytic only: no such devices attached to compile for"
+        return result
+    compiled = compile_step(cfg, model_cfg, devices)
+    total = compiled["bytes"]["total"]
+    result.update(compiled_bytes=compiled["bytes"], compile_wall_s=compiled["wall_s"], compile_cpu_s=compiled["cpu_s"])
+    result.update(fits=total <= result["device_memory_bytes"], headroom=1 - total / result["device_memory_bytes"])
+    return result
+
+
+def overrides_line(result: dict) -> str:
+    """The mesh and schedule as ``key=value`` overrides, ready to paste after the config."""
+    parts = [f"mesh.{a}={s}" for a, s in result["mesh"].items()]
+    parts.append(f"model.remat={'true' if result['remat'] else 'false'}")
+    if result["microbatches"]:
+        parts.append(f"pipeline.microbatches={result['microbatches']}")
+    return " ".join(parts + result.get("changes", []))
+
+
+def fixes(cfg: Config, model_cfg: ModelConfig, boxed: Any, target: Target, sizes: dict[str, int], devices) -> list[dict]:
+    """For a run that does not fit: the cheapest changes that make it fit, each compiled to check."""
+    options = []
+    if not model_cfg.remat:
+        options.append(({}, {"model.remat": True}, ["model.remat=true"]))
+    if sizes["data"] % 2 == 0:
+        more = {**sizes, "data": sizes["data"] // 2, "fsdp": sizes["fsdp"] * 2}
+        options.append((more, {}, [f"mesh.data={more['data']}", f"mesh.fsdp={more['fsdp']}"]))
+    t = cfg.train
+    if t.batch_size % 2 == 0:
+        halve = {"train.batch_size": t.batch_size // 2, "train.grad_accum": t.grad_accum * 2}
+        options.append(({}, halve, [f"train.batch_size={t.batch_size // 2}", f"train.grad_accum={t.grad_accum * 2}"]))
+    found = []
+    for mesh_change, changes, words in options:
+        new_cfg = with_mesh(cfg, {**sizes, **mesh_change}, **changes)
+        new_model = resolve(new_cfg)
+        try:
+            new_sizes = check_mesh(new_cfg, new_model, target.devices)
+        except ConfigError:
+            continue
+        result = evaluate(new_cfg, new_model, boxed, target, new_sizes)
+        if result["fits"]:
+            result = confirm(result, new_cfg, new_model, devices)
+            found.append({"changes": words, "fits": result["fits"], "headroom": result["headroom"]})
+    return found
+
+
+def plan(cfg: Config, target: Target, devices: list | None) -> dict:
+    """One mesh (the config's): analytic model, the compiled step, a verdict and fixes if it fails."""
+    model_cfg = resolve(cfg)
+    sizes = check_mesh(cfg, model_cfg, target.devices)
+    boxed = memory_model.boxed_params(model_cfg, cfg.train.seq_len)
+    result = confirm(evaluate(cfg, model_cfg, boxed, target, sizes), cfg, model_cfg, devices)
+    if not result["fits"]:
+        result["fixes"] = fixes(cfg, model_cfg, boxed, target, sizes, devices)
+    return result
+
+
+def factorisations(n: int) -> list[dict[str, int]]:
+    """Every ``data x fsdp x tensor x pipe = n``."""
+    divisors = [k for k in range(1, n + 1) if n % k == 0]
+    return [
+        dict(zip(sharding.AXES, (n // (f * t * p), f, t, p)))
+        for f, t, p in itertools.product(divisors, repeat=3)
+        if n % (f * t * p) == 0
+    ]
+
+
+def candidates(cfg: Config, model_cfg: ModelConfig, n: int) -> list[tuple[Config, ModelConfig, dict[str, int]]]:
+    """Every mesh of ``n`` devices the sizes allow, remat off and on, a few micro-batch counts."""
+    out = []
+    for sizes, remat in itertools.product(factorisations(n), (False, True)):
+        for micro in (0, 2 * sizes["pipe"], 4 * sizes["pipe"]) if sizes["pipe"] > 1 else (0,):
+            new_cfg = with_mesh(cfg, sizes, **{"model.remat": remat, "pipeline.microbatches": micro})
+            new_model = resolve(new_cfg)
+            try:
+                check_mesh(new_cfg, new_model, n)
+            except ConfigError:
+                continue
+            out.append((new_cfg, new_model, sizes))
+    return out
+
+
+def rank(result: dict) -> tuple:
+    """Meshes that fit first, then by predicted step time, then by memory (the most headroom)."""
+    return not result["fits"], round(result["step_time_s"], 9), -result["headroom"]
+
+
+def search(cfg: Config, target: Target, devices: list | None) -> dict:
+    """All candidates ranked by predicted step time, those that fit first; the top few compiled."""
+    model_cfg = resolve(cfg)
+    found = candidates(cfg, model_cfg, target.devices)
+    if not found:
+        raise ConfigError(
+            f"no mesh of {target.devices} devices divides this model and batch (heads, d_ff, vocabulary, "
+            f"d_model, train.batch_size={cfg.train.batch_size}); change the sizes or the target"
+        )
+    boxed = memory_model.boxed_params(model_cfg, cfg.train.seq_len)
+    results = [(evaluate(c, m, boxed, target, s), c, m) for c, m, s in found]
+    results.sort(key=lambda r: rank(r[0]))
+    for i, (result, c, m) in enumerate(results[:SEARCH_COMPILES]):
+        if result["fits"]:
+            results[i] = (confirm(result, c, m, devices), c, m)
+    ranked = [r for r, _, _ in results]
+    ranked.sort(key=rank)
+    return {"candidates": ranked}
+
+
+def cpu_target(target: Target) -> Target:
+    """``cpu:N`` splits the host into N devices if JAX has not started (else takes N of those there,
+    see :func:`local_devices`); ``cpu`` takes what is there."""
+    if target.devices:
+        try:
+            jax.config.update("jax_num_cpu_devices", target.devices)
+        except RuntimeError:  # JAX has started (a test process): its devices are what there is
+            pass
+    n = target.devices or len(jax.devices("cpu"))
+    return dataclasses.replace(target, kind=hardware.cpu_kind(n), devices=n)
+
+
+def run(cfg: Config, target: Target, do_search: bool) -> dict:
+    """The plan (or search) for ``target``; ConfigError for a bad target, mesh or size."""
+    if target.platform == "cpu":
+        target = cpu_target(target)
+    if not do_search:
+        check_mesh(cfg, resolve(cfg), target.devices)  # a bad mesh fails before libtpu is started
+    devices = local_devices(target)
+    return search(cfg, target, devices) if do_search else plan(cfg, target, devices)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _gib(n: float | None, unit: float = GiB) -> str:
+    return "-" if n is None else f"{n / unit:.2f}"
+
+
+def table(result: dict) -> str:
+    """One plan as text: memory parts (analytic beside compiled), verdict, roofline."""
+    a, c = result["analytic_bytes"], result["compiled_bytes"] or {}
+    mesh = " ".join(f"{k}={v}" for k, v in result["mesh"].items())
+    unit, unit_name = (GiB, "GiB") if max(a["total"], c.get("total") or 0) >= GiB else (2**20, "MiB")
+    title = (f"plan: {result['devices']} x {result['device_kind']} ({_gib(result['device_memory_bytes'])} GiB each), "
+             f"mesh {mesh}, remat {'on' if result['remat'] else 'off'}")
+    lines = [title, f"{'per device, ' + unit_name:<18}{'analytic':>10}   {'compiled':<10}"]
+    for (name, value), (cname, cvalue) in zip(
+        [(k, a[k]) for k in ("params", "grads", "optimizer", "activations", "total")],
+        [(k, c.get(k)) for k in ("argument", "output", "alias", "temp", "total")],
+    ):
+        lines.append(f"  {name:<16}{_gib(value, unit):>10}   {cname:<9}{_gib(cvalue, unit):>7}")
+    verdict = "fits" if result["fits"] else "DOES NOT FIT"
+    lines.append(f"verdict: {verdict}, headroom {result['headroom']:.0%} of {_gib(result['device_memory_bytes'])} GiB")
+    if "compile_wall_s" in result:
+        lines.append(f"compiled in {result['compile_wall_s']:.1f} s ({result['compile_cpu_s']:.1f} s CPU)")
+    if "note" in result:
+        lines.append(result["note"])
+    terms = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in result["roofline_s"].items())
+    lines.append(
+        f"roofline (ms per step): {terms}\npredicted: {result['step_time_s'] * 1e3:.1f} ms/step, "
+        f"{result['tokens_per_sec']:,.0f} tokens/s, MFU {result['mfu']:.1%}, bound by {result['bound']} "
+        + (f"(matmuls at {result['efficiency']:.0%} of peak, as measured on this kind)" if result["efficiency"] < 1
+           else "(matmuls at the spec peak: a lower bound on the step time)")
+    )
+    for fix in result.get("fixes", []):
+        lines.append(f"fix: {' '.join(fix['changes'])} -> {'fits' if fix['fits'] else 'still too big'}, headroom {fix['headroom']:.0%}")
+    return "\n".join(lines)
+
+
+def search_table(result: dict, top: int = 12) -> str:
+    """The ranked candidates, then the winner's overrides on one line."""
+    header = (f"{'#':>3} {'data':>5}{'fsdp':>5}{'tens':>5}{'pipe':>5}{'M':>4}{'remat':>6}{'GiB':>8}{'compiled':>9}"
+              f"{'fits':>6}{'ms/step':>9}{'tok/s':>11}{'MFU':>7}  bound")
+    rows = [header]
+    for i, r in enumerate(result["candidates"][:top], 1):
+        m = r["mesh"]
+        compiled = _gib(r["compiled_bytes"]["total"]) if r["compiled_bytes"] else "-"
+        rows.append(
+            f"{i:>3} {m['data']:>5}{m['fsdp']:>5}{m['tensor']:>5}{m['pipe']:>5}{r['microbatches'] or '-':>4}"
+            f"{'on' if r['remat'] else 'off':>6}{_gib(r['analytic_bytes']['total']):>8}{compiled:>9}"
+            f"{'yes' if r['fits'] else 'no':>6}{r['step_time_s'] * 1e3:>9.1f}{r['tokens_per_sec']:>11,.0f}"
+            f"{r['mfu']:>7.1%}  {r['bound']}"
+        )
+    best = result["candidates"][0]
+    if "note" in best:
+        rows.append(best["note"])
+    verdict = "best" if best["fits"] else "none fits; the closest"
+    rows.append(f"{len(result['candidates'])} meshes tried; {verdict}: {overrides_line(best)}")
+    return "\n".join(rows)
+
+
+def write(result: dict, path: str) -> None:
+    from jaxllm.core.fileio import write_json
+
+    write_json(Path(path), result)

@@ -1,0 +1,1 @@
+"""Scaling laws: sweeps, depth studies, Kaplan and Chinchilla fits, forecasts."""

@@ -1,0 +1,400 @@
+"""Supervised fine-tuning: a pre-trained model continues on demonstrations, loss on the answers only.
+
+    init.from (jaxllm run or Hugging Face dir) -> jaxllm.load -> tokenizer + chat markers, their
+    embedding rows as a parameter of their own, trained by every method (jaxllm.sft.peft.new_tokens_init)
+    -> method's extra parameters (jaxllm.sft.peft)
+    -> packed batches [B, 5, T] (jaxllm.data.chat) -> the shared train step, with an optax-masked
+    optimizer -> exact match of greedy answers on held-out prompts, before and after
+    -> run.dir: config.yaml + tokenizer.json + checkpoints (jaxllm.load reads them), sft.yaml, eval.json
+
+The train step is the pre-training one (:func:`jaxllm.train.train_step.make_train_step`) and so is the
+loop (:mod:`jaxllm.train.loop`): a batch is one int32 array, so gradient accumulation, metrics, periodic
+checkpoints, bitwise resume, the SIGTERM save and the NaN stop carry over unchanged; only the loss
+differs (masked, packed). The data-parallel axes of ``mesh`` split the batch; parameters and optimizer
+state are sharded as pre-training shards them, and a Hugging Face base streams straight into its
+shards (:mod:`jaxllm.sft.sft_base`).
+A checkpoint holds the merged model (``params``, what :func:`jaxllm.load` reads) and the training state
+(``train``, what a resumed run continues from). ``run.dir`` is new or holds this very fine-tuning run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.core.config import (
+    Config,
+    ModelConfig,
+    OptimConfig,
+    SFTConfig,
+    TrainConfig,
+    save_config,
+    to_dict,
+    validate_model,
+)
+from jaxllm.core.errors import ConfigError
+from jaxllm.core.fileio import write_json
+from jaxllm.core.runtime import init_compile_cache, init_cpu_devices
+from jaxllm.data import chat, tasks
+from jaxllm.data.tokenizer import Tokenizer
+from jaxllm.infer import api
+from jaxllm.model import decode as gen
+from jaxllm.model import moe
+from jaxllm.model.transformer import Transformer, cross_entropy
+from jaxllm.parallel import sharding
+from jaxllm.sft import peft, sft_base
+from jaxllm.train import checkpoint as ckpt
+from jaxllm.train import loop, trainer
+from jaxllm.train.metrics_log import MetricsLog, plot_losses
+from jaxllm.train.optim import optimizer, schedule
+from jaxllm.train.run_dir import check_finetune_dir, lock
+from jaxllm.train.train_step import TrainState, make_train_step
+
+PLACEHOLDER = api.PLACEHOLDER  # token id at prompt tuning's virtual positions; the model replaces its embedding
+
+
+def init_from(cfg: SFTConfig) -> str:
+    return getattr(cfg.init, "from")
+
+
+def method_optim(cfg: SFTConfig) -> OptimConfig:
+    """``cfg.optim`` with the method's own peak learning rate (``lora.lr``, ``prompt.lr``,
+    ``adapter.lr``) where one is set; ``min_lr`` keeps its ratio to the peak. Parameter-efficient
+    methods move few weights, and want larger steps than full fine-tuning."""
+    section = {"lora": cfg.lora, "prompt": cfg.prompt, "adapter": cfg.adapter}.get(cfg.sft.method)
+    lr = section.lr if section is not None else 0.0
+    if lr == 0.0:
+        return cfg.optim
+    return dataclasses.replace(cfg.optim, lr=lr, min_lr=cfg.optim.min_lr * lr / cfg.optim.lr)
+
+
+def validate_sft(cfg: SFTConfig) -> None:
+    """Checks that need neither the model nor the data."""
+    peft.check_method(cfg.sft.method)
+    for key in ("steps", "batch_size", "seq_len", "grad_accum"):
+        if getattr(cfg.train, key) <= 0:
+            raise ConfigError(f"train.{key} must be positive, got {getattr(cfg.train, key)}")
+    if cfg.optim.lr <= 0 or not 0 <= cfg.optim.min_lr <= cfg.optim.lr:
+        raise ConfigError(f"optim.lr must be positive and optim.min_lr in [0, optim.lr], got {cfg.optim.lr}, {cfg.optim.min_lr}")
+    for key in ("lora.lr", "prompt.lr", "adapter.lr"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            raise ConfigError(f"{key} must be positive (or 0 for optim.lr), got {getattr(getattr(cfg, section), name)}")
+    for key, value in (("sft.n_train", cfg.sft.n_train), ("sft.n_eval", cfg.sft.n_eval), ("sft.max_new_tokens", cfg.sft.max_new_tokens),
+                       ("lora.rank", cfg.lora.rank), ("prompt.n_virtual_tokens", cfg.prompt.n_virtual_tokens), ("adapter.dim", cfg.adapter.dim)):
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    src = Path(init_from(cfg))
+    if not src.exists():
+        raise ConfigError(
+            f"init.from={str(src)!r} does not exist: run `python train.py` first (it writes runs/tiny), "
+            "or point init.from at a jaxllm run or a Hugging Face model directory"
+        )
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def forward(model: Transformer, params: dict, lora_scale: float, tokens_BxT, positions_BxT, segments_BxT=None, rngs=None,
+            mutable=False):
+    """Logits ``[B, T, V]`` of the fine-tuned model, whatever the method (see :mod:`jaxllm.sft.peft`); with
+    ``mutable`` (``[moe.COLLECTION]``), ``(logits, collections)`` as ``Module.apply`` returns them."""
+    variables = {"params": peft.model_params(params, lora_scale)}
+    return model.apply(variables, tokens_BxT, positions_BxT, segments_BxT, rngs=rngs, mutable=mutable)
+
+
+def make_loss_fn(model: Transformer, mask: dict, lora_scale: float) -> Callable:
+    """``loss(params, batch_Bx5xT, rng) -> (loss, stats)``: cross-entropy over the assistant tokens of a
+    packed batch, plus a mixture of experts' router losses; ``stats``: the router's (``moe.telemetry``)."""
+
+    def loss_fn(params, batch_Bx5xT, rng):
+        params = peft.stop_frozen(params, mask)
+        b = batch_Bx5xT
+        logits, sown = forward(model, params, lora_scale, b[:, chat.INPUTS], b[:, chat.POSITIONS], b[:, chat.SEGMENTS],
+                               {"dropout": rng}, mutable=[moe.COLLECTION])
+        return cross_entropy(logits, b[:, chat.TARGETS], b[:, chat.MASK].astype(jnp.float32))[0] + moe.loss(sown), moe.telemetry(sown)
+
+    return loss_fn
+
+
+def per_token_nll(model: Transformer, params: dict, batch_Bx5xT, lora_scale: float = 0.0) -> jax.Array:
+    """Next-token negative log-likelihood ``[B, T]`` (nats) of every position of a packed batch."""
+    b = batch_Bx5xT
+    logits = forward(model, params, lora_scale, b[:, chat.INPUTS], b[:, chat.POSITIONS], b[:, chat.SEGMENTS]).astype(jnp.float32)
+    return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, b[:, chat.TARGETS][..., None], -1)[..., 0]
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class EvalSet:
+    tasks: list[str]  # the task of each example
+    prompts: list[list[int]]  # token ids, ending in <|assistant|>
+    answers: list[str]
+
+
+def load_data(cfg: SFTConfig, tok: Tokenizer) -> tuple[list[chat.Chat], EvalSet]:
+    """Training conversations and the held-out prompts with their expected answers."""
+    if cfg.sft.data == "tasks":
+        train = [c for _, c in tasks.dataset("train", cfg.sft.n_train, cfg.train.seed)]
+        held = tasks.dataset("eval", cfg.sft.n_eval, cfg.train.seed)
+    else:
+        records = chat.read_jsonl(cfg.sft.data)
+        held = [("jsonl", c) for i, c in enumerate(records) if i % 20 == 0]
+        train = [c for i, c in enumerate(records) if i % 20 != 0] or records
+    pairs = [chat.prompt_and_answer(tok, c) for _, c in held]
+    return train, EvalSet([t for t, _ in held], [p for p, _ in pairs], [a for _, a in pairs])
+
+
+def packed_rows(chats: list[chat.Chat], tok: Tokenizer, seq_len: int, prefix: int) -> np.ndarray:
+    return chat.pack([chat.shift(*chat.encode(tok, c), prefix=prefix) for c in chats], seq_len, chat.pad_id(tok))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def make_greedy(model_cfg: ModelConfig, lora_scale: float, max_new: int, end_id: int) -> Callable:
+    """``greedy(params, prompts) -> answers``: greedy token ids of all prompts as one batch, cut at
+    ``end_id``, by :mod:`jaxllm.model.decode`'s cached decoder on the method's merged weights (a learned
+    prompt is a model parameter, so prompt tuning decodes the same way)."""
+    decoder = gen.Decoder(model_cfg)
+
+    def greedy(params, prompts: list[list[int]]) -> list[list[int]]:
+        return decoder(peft.model_params(params, lora_scale), prompts, max_new, temperature=0.0, eos_id=end_id)
+
+    return greedy
+
+
+def exact_match(task_names: list[str], predictions: list[str], answers: list[str]) -> dict[str, float]:
+    """``{"overall": share, "<task>": share, ...}`` of predictions equal to the answer."""
+    hits = [p == a for p, a in zip(predictions, answers)]
+    out = {"overall": float(np.mean(hits))}
+    for t in dict.fromkeys(task_names):
+        out[t] = float(np.mean([h for h, n in zip(hits, task_names) if n == t]))
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Prepared:
+    """Everything checked and built before anything is written to ``run.dir``."""
+
+    model_cfg: ModelConfig
+    base_config: Config
+    tokenizer: Tokenizer
+    params: dict
+    mask: dict
+    lora_scale: float
+    rows: np.ndarray  # [R, 5, seq_len] packed training rows
+    eval_set: EvalSet
+    prefix: int  # placeholder positions before every example (prompt tuning)
+    mesh: jax.sharding.Mesh
+    rules: Any  # the logical-axis rules table (sharding.rules)
+    shardings: dict  # of params, leaf by leaf
+
+
+def prepare(cfg: SFTConfig, devices: list | None = None) -> Prepared:
+    """Loads the base model (a Hugging Face one straight into its shardings on the run's mesh) and the
+    data, and adds the method's parameters; raises on any bad input."""
+    validate_sft(cfg)
+    init_compile_cache(cfg.run.compile_cache)  # before the base model compiles or touches a device
+    init_cpu_devices(cfg.dist.cpu_devices)
+    mesh, rule_table = sharding.make_mesh(cfg.mesh, devices), sharding.rules(cfg.mesh)
+    base = sft_base.load(init_from(cfg), cfg.model, mesh, rule_table)
+    tok = chat.chat_tokenizer(base.tokenizer)
+    method = cfg.sft.method
+    m = base.config.model
+    model_cfg = dataclasses.replace(
+        m, vocab_size=max(m.vocab_size, tok.vocab_size), adapter_dim=cfg.adapter.dim if method == "adapter" else m.adapter_dim,
+        prompt_tokens=cfg.prompt.n_virtual_tokens if method == "prompt" else m.prompt_tokens,
+    )
+    validate_model(model_cfg)
+    if cfg.train.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds the model's context of {model_cfg.max_seq_len} tokens")
+    key = jax.random.PRNGKey(cfg.train.seed)
+    params = peft.new_tokens_init(base.params, model_cfg.vocab_size)
+    lora_scale = 0.0
+    if method == "lora":
+        targets = peft.parse_targets(cfg.lora.targets, params, model_cfg.arch)
+        params = peft.lora_init(params, targets, cfg.lora.rank, key)
+        lora_scale = cfg.lora.alpha / cfg.lora.rank
+    elif method == "prompt":
+        params = peft.prompt_init(params, cfg.prompt.n_virtual_tokens, key)
+    elif method == "adapter" and m.adapter_dim == 0:
+        fresh = Transformer(model_cfg).init(key, jnp.zeros((1, 8), jnp.int32))["params"]
+        blocks = nn.unbox(fresh)["blocks"]
+        params = {**params, "blocks": {**params["blocks"], **{k: v for k, v in blocks.items() if k.startswith("adapter_")}}}
+    prefix = model_cfg.prompt_tokens  # placeholder positions the model fills with its learned prompt
+    train_chats, eval_set = load_data(cfg, tok)
+    longest = prefix + max(len(p) for p in eval_set.prompts) + cfg.sft.max_new_tokens
+    if longest > model_cfg.max_seq_len:
+        raise ConfigError(
+            f"the longest held-out prompt plus sft.max_new_tokens needs {longest} positions; the model has {model_cfg.max_seq_len}"
+        )
+    rows = packed_rows(train_chats, tok, cfg.train.seq_len, prefix)
+    shardings = sft_base.param_shardings(params, dataclasses.replace(model_cfg, vocab_size=m.vocab_size), mesh, rule_table)
+    return Prepared(model_cfg, base.config, tok, params, peft.trainable_mask(params, method), lora_scale, rows, eval_set,
+                    prefix, mesh, rule_table, shardings)
+
+
+def _export_config(cfg: SFTConfig, p: Prepared) -> Config:
+    """The pre-training form of this run's config, which :func:`jaxllm.load` reads back."""
+    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)}
+    return Config(**{**sections, "model": p.model_cfg, "data": p.base_config.data})
+
+
+def _print_table(before: dict, after: dict) -> None:
+    print(f"{'task':<10} {'before':>7} {'after':>7}")
+    for k, score in after.items():
+        print(f"{k:<10} {before[k]:>7.1%} {score:>7.1%}")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A fine-tuning run compiled for a mesh: the jitted step and its initial state, parameters and
+    optimizer state sharded as pre-training shards them (:func:`jaxllm.sft.sft_base.param_shardings`)."""
+
+    mesh: jax.sharding.Mesh
+    rules: Any
+    step: Callable  # (state, batch_AxBx5xT) -> (state, metrics)
+    init: Callable  # () -> TrainState
+    batch_sharding: Any
+    replicated: Any
+    state_shardings: TrainState
+    merged_shardings: dict  # of the merged model params a checkpoint holds
+    lora_scale: float
+
+    @contextlib.contextmanager
+    def context(self):
+        """The mesh and logical-axis rules that the model's constraints resolve against."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+
+def build(cfg: SFTConfig, p: Prepared) -> Job:
+    t, mesh = cfg.train, p.mesh
+    n_data = mesh.shape["data"] * mesh.shape["fsdp"]
+    if t.batch_size % n_data:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {n_data} data-parallel devices")
+    model = Transformer(p.model_cfg, deterministic=p.model_cfg.dropout == 0.0)
+    optim_cfg = method_optim(cfg)
+    tx = peft.masked(optimizer(optim_cfg, t.steps), p.mask)
+    repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh, leading=1)
+    opt_sh = sft_base.like_params(jax.eval_shape(tx.init, p.params), p.shardings, mesh)
+    state_sh = TrainState(step=repl, params=p.shardings, opt_state=opt_sh, rng=repl)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(p.rules):
+        step_fn = jax.jit(
+            make_train_step(make_loss_fn(model, p.mask, p.lora_scale), tx, schedule(optim_cfg, t.steps)),
+            in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0,
+        )
+
+    def init() -> TrainState:
+        params = jax.device_put(p.params, p.shardings)
+        rng = jax.random.fold_in(jax.random.PRNGKey(t.seed), 1)
+        return jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng), state_sh)
+
+    merged = jax.eval_shape(lambda x: peft.model_params(x, p.lora_scale), p.params)
+    merged_sh = sft_base.param_shardings(merged, p.model_cfg, mesh, p.rules)
+    return Job(mesh, p.rules, step_fn, init, batch_sh, repl, state_sh, merged_sh, p.lora_scale)
+
+
+def batch_order(n_rows: int, t: TrainConfig) -> np.ndarray:
+    """``[steps, A, B]`` row indices: epochs of shuffled rows, the same for any ``t.steps`` up to a step."""
+    order = np.random.default_rng(t.seed)
+    need = t.steps * t.grad_accum * t.batch_size
+    picks = np.concatenate([order.permutation(n_rows) for _ in range(-(-need // n_rows))])[:need]
+    return picks.reshape(t.steps, t.grad_accum, t.batch_size)
+
+
+def batch_at(rows: np.ndarray, picks: np.ndarray, batch_sharding: Any, step: int) -> jax.Array:
+    return jax.device_put(jnp.asarray(rows[picks[step]]), batch_sharding)
+
+
+def saved_tree(state: TrainState, lora_scale: float) -> dict:
+    """What a checkpoint holds: the merged model ``params`` that :func:`jaxllm.load` reads (LoRA folded
+    in, the markers' rows appended) and the training state ``train`` a resumed run continues from."""
+    return {"params": peft.model_params(state.params, lora_scale), "train": state}
+
+
+def save_state(checkpointer: ckpt.Checkpointer, job: Job, model: dict, step: int, state: TrainState) -> None:
+    checkpointer.save(step, saved_tree(state, job.lora_scale), {"step": step, "model": model})
+
+
+def restore_or_init(checkpointer: ckpt.Checkpointer, job: Job, model_cfg: ModelConfig) -> tuple[TrainState, int, bool]:
+    abstract_tree = jax.eval_shape(lambda: saved_tree(job.init(), job.lora_scale))
+    target = ckpt.abstract(abstract_tree, {"params": job.merged_shardings, "train": job.state_shardings})
+    restored = checkpointer.restore_latest(target, model_cfg)
+    if restored is None:
+        return job.init(), 0, False
+    return restored[0]["train"], int(restored[1]["step"]), True
+
+
+def finetune(cfg: SFTConfig, devices: list | None = None) -> dict:
+    """Fine-tunes ``init.from`` as ``cfg`` says; writes (or resumes) ``run.dir``; returns a summary."""
+    p = prepare(cfg, devices)
+    check_finetune_dir(Path(cfg.run.dir), Path(init_from(cfg)), cfg)
+    job = build(cfg, p)
+    with lock(Path(cfg.run.dir), "another fine-tuning run"):
+        return _finetune(cfg, p, job, Path(cfg.run.dir))
+
+
+def _finetune(cfg: SFTConfig, p: Prepared, job: Job, run_dir: Path) -> dict:
+    t = cfg.train
+    greedy = make_greedy(p.model_cfg, p.lora_scale, cfg.sft.max_new_tokens, chat.end_id(p.tokenizer))
+    prompts = [[PLACEHOLDER] * p.prefix + q for q in p.eval_set.prompts]
+
+    def evaluate(params) -> dict[str, float]:
+        with job.context():
+            ids = greedy(params, prompts)
+        return exact_match(p.eval_set.tasks, [p.tokenizer.decode(i) for i in ids], p.eval_set.answers)
+
+    checkpointer = ckpt.Checkpointer(run_dir, cfg.checkpoint.keep)
+    log = None
+    try:
+        state, start, restored = restore_or_init(checkpointer, job, p.model_cfg)  # before any write: it may refuse
+        save_config(cfg, run_dir / "sft.yaml")
+        save_config(_export_config(cfg, p), run_dir / "config.yaml")
+        p.tokenizer.save(run_dir)
+        log = MetricsLog(run_dir / "metrics.jsonl", start, True, run_dir / "tb" if cfg.log.tensorboard else None)
+        trainable, total = peft.count(p.params, p.mask)
+        print(f"sft: {cfg.sft.method} on {init_from(cfg)}: {trainable:,} trainable of {total:,} parameters "
+              f"({trainable / total:.2%}); {len(p.rows)} packed rows of {t.seq_len} tokens; peak lr {method_optim(cfg).lr:g}; "
+              + (f"resuming at step {start}" if restored else "from the start"), file=sys.stderr)
+        t0 = time.perf_counter()
+        before = evaluate(jax.device_put(p.params, p.shardings))
+        parts = loop.Parts(
+            step=job.step, batch_at=functools.partial(batch_at, p.rows, batch_order(len(p.rows), t), job.batch_sharding),
+            save=functools.partial(save_state, checkpointer, job, to_dict(p.model_cfg)), checkpoint_dir=checkpointer.directory,
+            log=log, mfu=trainer.model_flops_utilisation(p.model_cfg, job.mesh, t.seq_len, cfg.log.peak_flops),
+            tokens_per_step=t.batch_size * t.grad_accum * t.seq_len, context=job.context,
+            progress=cfg.log.progress,
+        )
+        out = loop.run(parts, trainer.cadence(cfg), state, start, start if restored else None)
+    finally:
+        checkpointer.close()
+        if log is not None:
+            log.close()
+    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    summary = {"before": before, "trainable": trainable, "total": total, "loss": out.loss, "step": out.step,
+               "first_step_s": out.first_step_s}
+    if out.interrupted:
+        return {**summary, "interrupted": out.interrupted, "signal": out.signal}
+    after = evaluate(out.state.params)
+    _print_table(before, after)
+    write_json(run_dir / "eval.json", {"before": before, "after": after})
+    return {**summary, "after": after, "seconds": time.perf_counter() - t0}

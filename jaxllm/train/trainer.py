@@ -1,0 +1,351 @@
+"""Pre-training: set-up (model, mesh, shardings, jitted steps) and the run around the shared loop.
+
+Data path: ``data.train_batch`` (numpy, this process's rows) -> a global ``jax.Array`` sharded over
+the data axes -> ``train_step`` (``jax.jit`` with explicit shardings, the state donated) -> metrics
+fetched every ``log.every`` steps -> ``metrics.jsonl``, TensorBoard, the progress bar
+(:mod:`jaxllm.train.loop`, which fine-tuning and distillation share).
+
+``train(cfg)``: ``prepare_run`` (every check that can refuse the run) -> ``build`` -> lock ``run.dir``
+-> restore the newest intact checkpoint or initialise -> config, tokenizer -> the loop -> loss.png.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxllm.core.config import Config, ModelConfig, resolve_model, save_config, to_dict, validate
+from jaxllm.core.errors import UserError
+from jaxllm.core.runtime import init_process
+from jaxllm.data import corpus as data_lib
+from jaxllm.data import synthetic
+from jaxllm.model import decode, flops
+from jaxllm.model.transformer import Transformer
+from jaxllm.parallel import pipeline, sharding
+from jaxllm.train import checkpoint as ckpt
+from jaxllm.train import distill, loop
+from jaxllm.train.loop import TrainingDiverged
+from jaxllm.train.metrics_log import MetricsLog, plot_expert_load, plot_losses
+from jaxllm.train.optim import optimizer, schedule
+from jaxllm.train.run_dir import lock
+from jaxllm.train.train_step import TrainState, make_eval_step, make_loss_fn, make_train_step
+
+__all__ = ["Setup", "TrainState", "TrainingDiverged", "build", "global_batch", "prepare_run", "train"]
+
+# --------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class Setup:
+    """Everything compiled for one run: model, mesh, shardings and the jitted functions."""
+
+    model_cfg: ModelConfig
+    model: Transformer
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    tx: optax.GradientTransformation
+    state_shardings: TrainState
+    batch_sharding: Any
+    init: Callable  # () -> TrainState, sharded
+    step: Callable  # (state, tokens_AxBxT1) -> (state, metrics)
+    eval: Callable  # (params, tokens_BxT1) -> loss
+
+    @contextmanager
+    def context(self):
+        """The mesh and logical-axis rules that the model's constraints resolve against."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+
+def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup:
+    """Model, optimizer and shardings; jitted init/step/eval with explicit shardings and donation."""
+    rule_table = sharding.rules(cfg.mesh)
+    model = Transformer(model_cfg, deterministic=model_cfg.dropout == 0.0)
+    eval_model = Transformer(model_cfg, deterministic=True)
+    tx = optimizer(cfg.optim, cfg.train.steps)
+
+    def dummy():  # created inside each traced function: an eager array here would compile a program
+        return jnp.zeros((1, cfg.train.seq_len), jnp.int32)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
+        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy()))["params"]
+        sharding.check_param_divisible(boxed, mesh, rule_table)  # any mesh.rules override included
+        param_sh = sharding.logical_shardings(boxed, mesh, rule_table)
+        abstract_params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), dummy()))["params"])
+        opt_sh = sharding.opt_state_shardings(
+            tx, jax.eval_shape(tx.init, abstract_params), param_sh, mesh, cfg.optim.shard_state
+        )
+    repl = sharding.replicated(mesh)
+    state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl)
+
+    def init_fn():
+        key = jax.random.PRNGKey(cfg.train.seed)
+        params = nn.unbox(model.init(key, dummy())["params"])
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.fold_in(key, 1)
+        )
+
+    batch_sh = sharding.batch_sharding(mesh, leading=1)
+    loss_fn, eval_step = make_loss_fn(model), make_eval_step(eval_model)
+    if mesh.shape["pipe"] > 1:
+        loss_fn = pipeline.make_loss_fn(model, cfg.pipeline, mesh, rule_table, param_sh["blocks"])
+        eval_loss_fn = pipeline.make_loss_fn(eval_model, cfg.pipeline, mesh, rule_table, param_sh["blocks"])
+        eval_step = functools.partial(eval_loss_fn, rng=None)
+    train_step = make_train_step(loss_fn, tx, schedule(cfg.optim, cfg.train.steps))
+    step = jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0)
+    if cfg.distill.teacher:  # the loss also matches a frozen teacher, run inside the same jitted step
+        teacher = distill.load_teacher(cfg.distill.teacher, mesh, rule_table)
+        distill_step = distill.make_train_step(
+            model, teacher.model, cfg.distill, lambda loss: make_train_step(loss, tx, schedule(cfg.optim, cfg.train.steps))
+        )
+        jitted = jax.jit(
+            distill_step, in_shardings=(state_sh, batch_sh, teacher.shardings), out_shardings=(state_sh, repl), donate_argnums=0
+        )
+        step = lambda state, batch: jitted(state, batch, teacher.params)
+    return Setup(
+        model_cfg=model_cfg,
+        model=model,
+        mesh=mesh,
+        rules=rule_table,
+        tx=tx,
+        state_shardings=state_sh,
+        batch_sharding=batch_sh,
+        init=jax.jit(init_fn, out_shardings=state_sh),
+        step=step,
+        eval=jax.jit(
+            eval_step, in_shardings=(param_sh, sharding.batch_sharding(mesh, 0)), out_shardings=repl
+        ),
+    )
+
+
+def global_batch(local_np: np.ndarray, sharding_: Any, global_shape: tuple[int, ...]) -> jax.Array:
+    """This process's rows -> one global array (each host supplies only its own slice)."""
+    return jax.make_array_from_process_local_data(sharding_, local_np, global_shape)
+
+
+
+def _prepare_tokens(cfg: Config) -> data_lib.TokenData:
+    """Tokenizes the corpus (or reads its cache). With several processes, process 0 goes first: hosts
+    sharing a file system would otherwise write the same cache files at once. Its error is raised
+    after the barrier, so the other processes fail the same way instead of waiting forever."""
+    d = cfg.data
+
+    def prepare() -> data_lib.TokenData:
+        return data_lib.prepare(d.source, d.tokenizer, d.val_fraction, d.bpe_vocab_size, d.cache_dir)
+
+    if jax.process_count() == 1:
+        return prepare()
+    from jax.experimental import multihost_utils
+
+    error = None
+    if jax.process_index() == 0:
+        try:
+            prepare()
+        except UserError as e:
+            error = e
+    multihost_utils.sync_global_devices("jaxllm: tokens cached")
+    if error is not None:
+        raise error
+    return prepare()
+
+
+def prepare_run(cfg: Config, devices: list | None = None) -> tuple[data_lib.TokenData, ModelConfig, jax.sharding.Mesh]:
+    """All checks that can refuse the run, done before anything is written to ``run.dir``.
+
+    ``devices``: the devices of the mesh (default: all visible ones)."""
+    validate(cfg)
+    init_process(cfg)
+    tokens = _prepare_tokens(cfg)
+    data_lib.check_length(tokens.train, cfg.train.seq_len, "train")
+    data_lib.check_length(tokens.val, cfg.train.seq_len, "validation")
+    decode.check_sample_prompt(tokens.tokenizer, cfg.eval)
+    model_cfg = resolve_model(cfg.model, tokens.tokenizer.vocab_size, cfg.train.seq_len)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    sharding.check_divisible(model_cfg, mesh, cfg.train.batch_size, jax.process_count())
+    pipeline.check(model_cfg, cfg.pipeline, mesh, cfg.train.batch_size)
+    if cfg.distill.teacher:
+        distill.check_teacher(cfg.distill.teacher, model_cfg, tokens.tokenizer, cfg.train.seq_len, mesh.shape["pipe"])
+    ckpt_dir = Path(cfg.run.dir) / "checkpoints"
+    if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+        checker = ckpt.Checkpointer(Path(cfg.run.dir), cfg.checkpoint.keep)
+        try:
+            checker.check_model(model_cfg)
+        finally:
+            checker.close()
+    return tokens, model_cfg, mesh
+
+
+# --------------------------------------------------------------------------- the run's parts
+
+
+def restore_or_init(checkpointer: ckpt.Checkpointer, setup: Setup) -> tuple[TrainState, int, bool]:
+    """``(state, start step, restored?)``: the newest intact checkpoint, else a fresh initialisation."""
+    with setup.context():
+        abstract_state = ckpt.abstract(jax.eval_shape(setup.init), setup.state_shardings)
+        restored = checkpointer.restore_latest(abstract_state, setup.model_cfg)
+        if restored is None:
+            return setup.init(), 0, False
+    return restored[0], int(restored[1]["step"]), True
+
+
+def process_rows(cfg: Config, batch_sharding: Any) -> tuple[int, int]:
+    """``(block, blocks)``: which share of every batch's rows this process supplies."""
+    t = cfg.train
+    return sharding.process_block(batch_sharding, (t.grad_accum, t.batch_size, t.seq_len + 1), axis=1)
+
+
+def batch_at(tokens: np.ndarray, cfg: Config, batch_sharding: Any, step: int) -> jax.Array:
+    """The global batch ``[A, B, T+1]`` of ``step``, this process supplying its own rows."""
+    t = cfg.train
+    shape = (t.grad_accum, t.batch_size, t.seq_len + 1)
+    proc, nproc = process_rows(cfg, batch_sharding)
+    local = data_lib.train_batch(tokens, t.seed, step, t.grad_accum, t.batch_size, t.seq_len, proc, nproc)
+    return global_batch(local, batch_sharding, shape)
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """Validation loss over ``eval.batches`` evenly spaced windows, and a sample of the model's text."""
+
+    cfg: Config
+    setup: Setup
+    tokens: data_lib.TokenData
+    apply_fn: Callable  # one function for the whole run: the sampler's compiled program is cached by it
+
+    def loss(self, params) -> float:
+        t, n = self.cfg.train, self.cfg.eval.batches
+        batch_sh = sharding.batch_sharding(self.setup.mesh, 0)
+        proc, nproc = process_rows(self.cfg, self.setup.batch_sharding)
+        losses = []
+        for i in range(n):
+            local = data_lib.eval_batch(self.tokens.val, i, n, t.batch_size, t.seq_len, proc, nproc)
+            losses.append(self.setup.eval(params, global_batch(local, batch_sh, (t.batch_size, t.seq_len + 1))))
+        return float(np.mean(jax.device_get(losses)))
+
+    def sample(self, params) -> str:
+        e, m, tok = self.cfg.eval, self.setup.model_cfg, self.tokens.tokenizer
+        if e.sample_tokens <= 0:
+            return ""
+        prompt_text = e.sample_prompt or tok.decode(self.tokens.val[:16].tolist())
+        prompt = tok.encode(prompt_text)[: m.max_seq_len // 2]
+        n_new = min(e.sample_tokens, m.max_seq_len - len(prompt))
+        out = decode.generate_tokens(self.apply_fn, params, prompt, n_new, m.max_seq_len, e.temperature, e.top_k, seed=self.cfg.train.seed)
+        return prompt_text + tok.decode(out)
+
+    def __call__(self, state: TrainState, step: int) -> tuple[dict, str]:
+        eval_loss = self.loss(state.params)
+        text = self.sample(state.params)
+        ppl = math.exp(min(eval_loss, 50.0))
+        shown = f"step {step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}"
+        if text:
+            shown += f"\n--- sample ---\n{text}\n--------------"
+        return {"eval_loss": eval_loss, "eval_ppl": ppl, "sample": text}, shown
+
+
+def save_state(checkpointer: ckpt.Checkpointer, model: dict, config: dict, step: int, state: TrainState) -> None:
+    checkpointer.save(step, state, {"step": step, "data_step": step, "model": model, "config": config})
+
+
+def model_flops_utilisation(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, seq_len: int, peak_flops: float) -> Callable:
+    """``tokens/s -> MFU`` over the mesh's devices. Faked CPU devices share the host's cores: the peak
+    is per process there, per device elsewhere."""
+    device = mesh.devices.flat[0]
+    per_device = flops.peak_flops(device, peak_flops)
+    total = per_device * (jax.process_count() if device.platform == "cpu" else mesh.devices.size)
+    return functools.partial(flops.mfu, cfg=model_cfg, seq_len=seq_len, total_peak=total)
+
+
+def banner(cfg: Config, setup: Setup, tokens: data_lib.TokenData, start: int, restored: bool) -> None:
+    m, counts = setup.model_cfg, flops.param_counts(setup.model_cfg)
+    print(
+        f"jaxllm: {m.arch} {m.n_layer}x{m.d_model}, {counts['total'] / 1e6:.2f}M params "
+        f"({counts['non_embedding'] / 1e6:.2f}M non-embedding), vocab {m.vocab_size}, "
+        f"{len(tokens.train) / 1e6:.2f}M train tokens, mesh {dict(setup.mesh.shape)}, "
+        + (f"resuming at step {start}" if restored else "from scratch"),
+        file=sys.stderr,
+    )
+    if setup.mesh.shape["pipe"] > 1:
+        print(pipeline.describe(cfg.pipeline, setup.mesh.shape["pipe"]), file=sys.stderr)
+    if cfg.data.source.startswith("synthetic:"):
+        rate = synthetic.entropy_rate(synthetic.parse(cfg.data.source))
+        print(f"jaxllm: true entropy rate of the source {rate:.4f} nats/character (= nats/token with byte or char "
+              "tokens): the lowest loss any model can reach", file=sys.stderr)
+
+
+def cadence(cfg: Config) -> loop.Cadence:
+    return loop.Cadence(cfg.train.steps, cfg.log.every, cfg.eval.every, cfg.checkpoint.every)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train(cfg: Config, devices: list | None = None) -> dict:
+    """Runs (or resumes) ``cfg`` on ``devices`` (default: all) and returns a summary."""
+    tokens, model_cfg, mesh = prepare_run(cfg, devices)
+    setup = build(cfg, model_cfg, mesh)  # may still refuse the run (mesh.rules), so before any write
+    run_dir = Path(cfg.run.dir)
+    with lock(run_dir, "another training run"):
+        return _train(cfg, setup, tokens, run_dir)
+
+
+def _train(cfg: Config, setup: Setup, tokens: data_lib.TokenData, run_dir: Path) -> dict:
+    is_main = jax.process_index() == 0
+    checkpointer = ckpt.Checkpointer(run_dir, cfg.checkpoint.keep)
+    log = None
+    try:
+        state, start, restored = restore_or_init(checkpointer, setup)  # before any write: it may refuse
+        resolved = Config(**{**vars(cfg), "model": setup.model_cfg})
+        if is_main:
+            save_config(resolved, run_dir / "config.yaml")
+            tokens.tokenizer.save(run_dir)
+        log = MetricsLog(run_dir / "metrics.jsonl", start, is_main, run_dir / "tb" if cfg.log.tensorboard else None)
+        if is_main:
+            banner(cfg, setup, tokens, start, restored)
+        t = cfg.train
+        parts = loop.Parts(
+            step=setup.step, batch_at=functools.partial(batch_at, tokens.train, cfg, setup.batch_sharding),
+            save=functools.partial(save_state, checkpointer, to_dict(setup.model_cfg), to_dict(resolved)),
+            checkpoint_dir=checkpointer.directory, log=log, mfu=model_flops_utilisation(setup.model_cfg, setup.mesh, t.seq_len, cfg.log.peak_flops),
+            tokens_per_step=t.batch_size * t.grad_accum * t.seq_len, context=setup.context,
+            evaluate=Evaluator(cfg, setup, tokens, _apply_fn(setup.model.clone(deterministic=True))), is_main=is_main, progress=cfg.log.progress,
+        )
+        out = loop.run(parts, cadence(cfg), state, start, start if restored else None)
+    finally:
+        checkpointer.close()
+        if log is not None:
+            log.close()
+    if is_main and (run_dir / "metrics.jsonl").exists():
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        plot_expert_load(run_dir / "metrics.jsonl", run_dir / "expert_load.png")
+    return summary(out, start, setup.model_cfg)
+
+
+def summary(out: loop.Outcome, start: int, model_cfg: ModelConfig) -> dict:
+    s = {"start_step": start, "step": out.step, "eval_loss": out.eval.get("eval_loss", math.nan),
+         "params": flops.param_counts(model_cfg)["total"], "first_step_s": out.first_step_s}
+    if not math.isnan(out.loss):
+        s["loss"] = out.loss
+    if out.interrupted:
+        s.update(interrupted=out.interrupted, signal=out.signal)
+    return s
+
+
+def _apply_fn(model: Transformer) -> Callable:
+    """A stable, hashable ``(params, tokens) -> logits`` for the sampler's jit cache."""
+
+    def apply(params, tokens_BxT):
+        return model.apply({"params": params}, tokens_BxT)
+
+    return apply
