@@ -33,3 +33,19 @@ def one_step(args: list[str], devices: list, vocab: int, seq: int, batch: int, i
 def rel(got, want) -> float:
     """Relative L2 distance of two arrays."""
     return float(np.linalg.norm(np.asarray(got) - np.asarray(want)) / np.linalg.norm(np.asarray(want)))
+
+
+def assert_state_bytes_exact(overrides: list[str]) -> None:
+    """The planner's parameter and optimizer bytes per device equal the train state's real shards
+    under the mesh ``overrides`` name (Adam's step counts are the only extra optimizer bytes)."""
+    from jaxllm.plan import planner as plan
+    from jaxllm.train import checkpoint as ckpt
+
+    cfg = load_config(None, overrides)
+    model_cfg = plan.resolve(cfg)
+    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, jax.devices()))
+    state = ckpt.abstract(jax.eval_shape(setup.init), setup.state_shardings)
+    boxed = plan.memory_model.boxed_params(model_cfg, cfg.train.seq_len)
+    analytic = plan.memory_model.estimate(cfg, model_cfg, boxed, dict(setup.mesh.shape))
+    assert analytic.params == sharding.per_device_bytes(state.params)
+    assert 0 <= sharding.per_device_bytes(state.opt_state) - analytic.optimizer <= 64

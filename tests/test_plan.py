@@ -6,17 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import jax
+import equality
 import pytest
 
 import train
 from jaxllm.core.config import load_config
 from jaxllm.model import flops
-from jaxllm.parallel import sharding
 from jaxllm.plan import hardware
 from jaxllm.plan import planner as plan
-from jaxllm.train import checkpoint as ckpt
-from jaxllm.train import trainer
 
 # bench/sharding_memory.py's model and five parallel plans (and its sequence-parallel one), plus a pipeline
 SHARDING_MODEL = [
@@ -54,14 +51,7 @@ def test_analytic_memory_within_10pct_of_cpu_compiler(name):
 @pytest.mark.parametrize("name", ["zero1", "fsdp-tensor-sp"])
 def test_analytic_state_bytes_equal_the_train_states_shards(name):
     """Parameters and optimizer state come from the real shardings (ZeRO-1 included), without a mesh."""
-    cfg = load_config(None, SHARDING_MODEL + PLANS[name])
-    model_cfg = plan.resolve(cfg)
-    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, jax.devices()))
-    state = ckpt.abstract(jax.eval_shape(setup.init), setup.state_shardings)
-    boxed = plan.memory_model.boxed_params(model_cfg, cfg.train.seq_len)
-    analytic = plan.memory_model.estimate(cfg, model_cfg, boxed, dict(setup.mesh.shape))
-    assert analytic.params == sharding.per_device_bytes(state.params)
-    assert 0 <= sharding.per_device_bytes(state.opt_state) - analytic.optimizer <= 64  # + Adam's step counts
+    equality.assert_state_bytes_exact(SHARDING_MODEL + PLANS[name])
 
 
 @pytest.mark.slow

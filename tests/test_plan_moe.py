@@ -3,14 +3,11 @@
 
 from __future__ import annotations
 
-import jax
+import equality
 import pytest
 
 from jaxllm.core.config import load_config
-from jaxllm.parallel import sharding
 from jaxllm.plan import planner as plan
-from jaxllm.train import checkpoint as ckpt
-from jaxllm.train import trainer
 
 MOE_MODEL = [
     "model.arch=gpt2", "model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.vocab_size=256",
@@ -26,14 +23,7 @@ MESHES = {
 
 @pytest.mark.parametrize("name", [n if n == "expert2-fsdp4" else pytest.param(n, marks=pytest.mark.slow) for n in MESHES])
 def test_analytic_state_bytes_equal_the_moe_train_states_shards(name):
-    cfg = load_config(None, MOE_MODEL + MESHES[name])
-    model_cfg = plan.resolve(cfg)
-    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, jax.devices()))
-    state = ckpt.abstract(jax.eval_shape(setup.init), setup.state_shardings)
-    boxed = plan.memory_model.boxed_params(model_cfg, cfg.train.seq_len)
-    analytic = plan.memory_model.estimate(cfg, model_cfg, boxed, dict(setup.mesh.shape))
-    assert analytic.params == sharding.per_device_bytes(state.params)
-    assert 0 <= sharding.per_device_bytes(state.opt_state) - analytic.optimizer <= 64  # + Adam's step counts
+    equality.assert_state_bytes_exact(MOE_MODEL + MESHES[name])
 
 
 def test_moe_activations_follow_the_tokens_not_the_experts():
