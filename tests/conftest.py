@@ -24,7 +24,7 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 # 8 faked CPU devices. The variable too, not only JAX's flag: it overrides a config's
-# dist.cpu_devices (tiny.yaml and sft_tiny.yaml ask for 2) in the in-process runs.
+# dist.cpu_devices (a config may ask for 2) in the in-process runs.
 os.environ["JAX_NUM_CPU_DEVICES"] = "8"
 
 import jax
