@@ -33,11 +33,8 @@ import numpy as np
 
 from jaxllm.core.config import load_config
 from jaxllm.model import flops
-from jaxllm.parallel import sharding
 from jaxllm.plan import hardware, memory_model
 from jaxllm.plan import planner as plan
-from jaxllm.train import checkpoint as ckpt
-from jaxllm.train import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.pipe=1", "mesh.expert=1"]
@@ -73,13 +70,8 @@ def target_for(device: jax.Device) -> hardware.Target:
 def compile_case(cfg, model_cfg, device):
     """The jitted step built as training builds it, compiled for abstract inputs; (setup, executable, s)."""
     start = time.perf_counter()
-    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, [device]))
-    t = cfg.train
-    with setup.context():
-        state = ckpt.abstract(jax.eval_shape(setup.init), setup.state_shardings)
-        batch = jax.ShapeDtypeStruct((t.grad_accum, t.batch_size, t.seq_len + 1), jnp.int32, sharding=setup.batch_sharding)
-        executable = setup.step.lower(state, batch).compile()
-    return setup, executable, time.perf_counter() - start
+    setup, lowered = plan.lower_step(cfg, model_cfg, [device])
+    return setup, lowered.compile(), time.perf_counter() - start
 
 
 def time_steps(cfg, model_cfg, setup, executable, steps: int) -> float:
@@ -102,14 +94,6 @@ def time_steps(cfg, model_cfg, setup, executable, steps: int) -> float:
     return elapsed / steps
 
 
-def compiled_bytes(executable) -> dict[str, int]:
-    stats = executable.memory_analysis()
-    parts = {"argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
-             "alias": stats.alias_size_in_bytes, "temp": stats.temp_size_in_bytes}
-    parts["total"] = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"]
-    return parts
-
-
 def measure(name: str, steps: int | None, compile_only: bool) -> dict | None:
     path, overrides, default_steps = CASES[name]
     steps = steps or default_steps
@@ -120,7 +104,7 @@ def measure(name: str, steps: int | None, compile_only: bool) -> dict | None:
     sizes = plan.check_mesh(cfg, model_cfg, 1)
     predicted = plan.evaluate(cfg, model_cfg, memory_model.boxed_params(model_cfg, cfg.train.seq_len), target, sizes)
     setup, executable, compile_s = compile_case(cfg, model_cfg, device)
-    predicted["compiled_bytes"] = compiled_bytes(executable)
+    predicted["compiled_bytes"] = plan.compiled_bytes(executable)
     if compile_only:
         return None
     step_s = time_steps(cfg, model_cfg, setup, executable, steps)

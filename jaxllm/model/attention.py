@@ -217,13 +217,16 @@ def splash(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask: Mask) -> 
                          check_vma=False)(*args)
 
 
+def _ways(axes, mesh) -> int:
+    """Into how many pieces one dimension's mesh axes (None, a name or a tuple of names) split it."""
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([mesh.shape[a] for a in names]))
+
+
 def _divisible(spec: P, shape: tuple[int, ...], mesh) -> P:
     """``spec`` without the mesh axes a dimension cannot be split over (``init`` traces one row)."""
-    def fits(axes, size):
-        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        return axes if size % int(np.prod([mesh.shape[a] for a in names])) == 0 else None
-
-    return P(*(fits(axes, size) for axes, size in zip(tuple(spec) + (None,) * (len(shape) - len(spec)), shape)))
+    padded = tuple(spec) + (None,) * (len(shape) - len(spec))
+    return P(*(axes if size % _ways(axes, mesh) == 0 else None for axes, size in zip(padded, shape)))
 
 
 def _splash_local(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, q_seg_BxT=None, k_seg_BxS=None) -> Array:
@@ -250,9 +253,7 @@ def _splash_local(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, q_seg_Bx
 def sequence_shards() -> int:
     """Into how many pieces the active plan splits ``q_seq`` (1 outside a mesh): the context ways."""
     mesh = jax.sharding.get_abstract_mesh()
-    axes = nn.logical_to_mesh_axes(("q_seq",))[0] if mesh.shape else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return int(np.prod([mesh.shape[a] for a in axes]))
+    return _ways(nn.logical_to_mesh_axes(("q_seq",))[0] if mesh.shape else None, mesh)
 
 
 def zigzag_order(length: int, shards: int) -> np.ndarray | None:

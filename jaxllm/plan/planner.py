@@ -118,17 +118,23 @@ def check_mesh(cfg: Config, model_cfg: ModelConfig, n: int) -> dict[str, int]:
     return sizes
 
 
-def compile_step(cfg: Config, model_cfg: ModelConfig, devices: list) -> dict:
-    """Compiles the train step for these devices; the compiler's bytes per device and the time taken."""
+def lower_step(cfg: Config, model_cfg: ModelConfig, devices: list) -> tuple[Any, Any]:
+    """``(setup, lowered)``: the train step built as training builds it (``trainer.build``) on a mesh
+    of these devices, lowered for abstract inputs (nothing allocated: the devices may be a TPU slice's
+    descriptions)."""
     from jaxllm.train import trainer
 
-    wall, cpu = time.perf_counter(), time.process_time()
     setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, devices))
     t = cfg.train
     with setup.context():
         state = ckpt.abstract(jax.eval_shape(setup.init), setup.state_shardings)
         batch = jax.ShapeDtypeStruct((t.grad_accum, t.batch_size, t.seq_len + 1), jnp.int32, sharding=setup.batch_sharding)
-        stats = setup.step.lower(state, batch).compile().memory_analysis()
+        return setup, setup.step.lower(state, batch)
+
+
+def compiled_bytes(executable: Any) -> dict[str, int]:
+    """The compiler's bytes per device: argument, output, alias, temp, and the total they make."""
+    stats = executable.memory_analysis()
     parts = {
         "argument": stats.argument_size_in_bytes,
         "output": stats.output_size_in_bytes,
@@ -136,6 +142,13 @@ def compile_step(cfg: Config, model_cfg: ModelConfig, devices: list) -> dict:
         "temp": stats.temp_size_in_bytes,
     }
     parts["total"] = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"]
+    return parts
+
+
+def compile_step(cfg: Config, model_cfg: ModelConfig, devices: list) -> dict:
+    """Compiles the train step for these devices; the compiler's bytes per device and the time taken."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    parts = compiled_bytes(lower_step(cfg, model_cfg, devices)[1].compile())
     return {"bytes": parts, "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
 
 
