@@ -132,9 +132,8 @@ def test_capacity_without_drops_equals_dropless():
         (["model.moe.n_experts=4", "model.moe.every=3"], "model.moe.every=3 does not divide model.n_layer=2"),
         (["model.moe.n_experts=4", "mesh.expert=8"], "model.moe.n_experts=4 is not divisible by mesh.expert=8"),
         (["model.moe.aux_loss=-1"], "model.moe.aux_loss must be >= 0"),
-        (["model.moe.n_experts=4", "mesh.pipe=2"], "model.moe.n_experts with mesh.pipe > 1 is not supported"),
     ],
-    ids=["top_k", "every", "expert_axis", "negative_weight", "pipe"],
+    ids=["top_k", "every", "expert_axis", "negative_weight"],
 )
 def test_bad_moe_config_exits_2_with_one_line(tmp_path, corpus, capsys, overrides, message):
     args = TINY + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}"]

@@ -74,13 +74,16 @@ def make_setup(overrides: list[str], devices: list) -> tuple[Config, trainer.Set
     return cfg, trainer.build(cfg, resolve_model(cfg.model, VOCAB, SEQ), sharding.make_mesh(cfg.mesh, devices))
 
 
-def batches() -> np.ndarray:
-    """Three steps of one accumulation micro-batch each: ``[3, 1, B, T+1]`` tokens."""
-    return np.random.default_rng(0).integers(0, VOCAB, (3, 1, BATCH, SEQ + 1), dtype=np.int32)
+def batches(accum: int = 1) -> np.ndarray:
+    """Three steps of the same tokens, ``[3, A, B/A, T+1]``: accumulation micro-batch a holds rows i*A + a
+    of the batch, as pipeline micro-batch a does."""
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (3, BATCH // accum, accum, SEQ + 1), dtype=np.int32)
+    return tokens.swapaxes(1, 2)
 
 
 def three_steps(cfg: Config, setup: trainer.Setup, state: trainer.TrainState) -> dict:
-    """The first step's loss and gradients, and the parameters after three steps from ``state``.
+    """The first step's loss, gradients and router statistics (``moe_*``, for an MoE model), and the
+    parameters after three steps from ``state``.
 
     The gradients are read back from Adam's first moment after step one, ``mu = (1 - b1) g`` (no
     clipping), so the one compiled function under test, the trainer's step, yields all three. The
@@ -89,11 +92,12 @@ def three_steps(cfg: Config, setup: trainer.Setup, state: trainer.TrainState) ->
     with setup.context():
         state = jax.device_put(state, setup.state_shardings)
         out = {}
-        for tokens in batches():
+        for tokens in batches(cfg.train.grad_accum):
             state, metrics = setup.step(state, jax.device_put(tokens, setup.batch_sharding))
             if not out:
                 mu = optax.tree_utils.tree_get(state.opt_state, "mu")
-                out = {"loss": float(metrics["loss"]), "grads": jax.tree.map(lambda m: m / (1 - cfg.optim.b1), mu)}
+                out = {"loss": float(metrics["loss"]), "grads": jax.tree.map(lambda m: m / (1 - cfg.optim.b1), mu),
+                       "moe": {k: v for k, v in metrics.items() if k.startswith("moe_")}}
         return jax.device_get({**out, "params": state.params})
 
 
@@ -146,6 +150,49 @@ def test_pipelined_loss_and_gradients_equal_single_device(reference, name, m_per
 def test_pipelined_three_steps_equal_single_device(reference, name, m_per_p):
     diffs = relative_differences(pipelined_run(name, m_per_p, reference["initial"])["params"], reference["params"])
     assert max(diffs.values()) <= RTOL, {k: v for k, v in diffs.items() if v > RTOL}
+
+
+MOE = {  # mixture-of-experts blocks, every layer dropless, or every second layer with a capacity
+    "dropless": ["model.moe.n_experts=4", "model.moe.top_k=2", "model.moe.aux_loss=0.1", "model.moe.router_z_loss=0.01"],
+    "capacity": ["model.moe.n_experts=4", "model.moe.top_k=2", "model.moe.aux_loss=0.1", "model.moe.router_z_loss=0.01",
+                 "model.moe.capacity_factor=1.0", "model.moe.every=2"],
+}
+MOE_CASES = {  # name -> (MoE blocks, mesh and pipeline overrides, M): each schedule, and pipe with expert
+    "gpipe_pipe2": ("dropless", LAYOUTS["pipe2"][0], 2),
+    "circular_pipe2_repeats2": ("dropless", LAYOUTS["circular_pipe2_repeats2"][0], 2),
+    "1f1b_pipe2_expert2": ("dropless", ["mesh.pipe=2", "mesh.expert=2", "mesh.data=-1", "pipeline.schedule=1f1b"], 2),
+    "capacity_gpipe_pipe2": ("capacity", LAYOUTS["pipe2"][0], 4),
+}
+_moe_references: dict[tuple[str, int], dict] = {}
+
+
+def moe_reference(moe: str, micro: int, initial: trainer.TrainState | None = None) -> dict:
+    """One device accumulating the M micro-batches the pipeline splits the batch into; with ``initial``
+    ``None``, also the initial state (built once per MoE model and M)."""
+    if (moe, micro) not in _moe_references:
+        cfg, setup = make_setup(MOE[moe] + [f"train.grad_accum={micro}", f"train.batch_size={BATCH // micro}"], jax.devices()[:1])
+        with setup.context():
+            initial = jax.device_get(setup.init())
+        _moe_references[moe, micro] = {**three_steps(cfg, setup, initial), "initial": initial}
+    return _moe_references[moe, micro]
+
+
+@pytest.mark.parametrize("name", MOE_CASES)
+@pytest.mark.slow
+def test_pipelined_moe_equals_single_device_accumulating_the_same_microbatches(name):
+    """The router losses (balance and z, weighted) and the capacity are per micro-batch, as under
+    ``train.grad_accum``; bubble slots add no router loss, load or gradient."""
+    moe, overrides, micro = MOE_CASES[name]
+    want = moe_reference(moe, micro)
+    cfg, setup = make_setup(MOE[moe] + overrides + [f"pipeline.microbatches={micro}"], jax.devices())
+    got = three_steps(cfg, setup, want["initial"])
+    assert abs(got["loss"] - want["loss"]) <= RTOL * abs(want["loss"])
+    assert set(got["moe"]) == {"moe_load", "moe_dropped", "moe_balance", "moe_z"} == set(want["moe"])
+    for key, value in want["moe"].items():  # the per-layer telemetry, layers in order
+        np.testing.assert_allclose(got["moe"][key], value, rtol=RTOL, atol=1e-7, err_msg=key)
+    for part in ("grads", "params"):
+        diffs = relative_differences(got[part], want[part])
+        assert max(diffs.values()) <= RTOL, {k: v for k, v in diffs.items() if v > RTOL}
 
 
 def test_block_parameters_are_split_over_pipe_stages():
@@ -206,7 +253,8 @@ def test_trainer_step_runs_the_1f1b_loop_for_gradients(monkeypatch):
 
 def test_trainer_step_runs_the_pipelined_forward_when_pipe_is_split(monkeypatch):
     calls = []
-    monkeypatch.setattr(pipeline, "run_stages", lambda *args: calls.append(args) or args[2])
+    no_router = (np.zeros((1, 2), np.float32), {})  # a dense model's chunks: no router loss, no statistics
+    monkeypatch.setattr(pipeline, "run_stages", lambda *args: calls.append(args) or (args[2], no_router))
     _, setup = pipelined_setup("pipe2", 1)
     with setup.context():
         state = jax.eval_shape(setup.init)

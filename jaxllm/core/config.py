@@ -323,8 +323,6 @@ def validate(cfg: Config) -> None:
     if cfg.mesh.context > 1 and t.seq_len % (2 * cfg.mesh.context):
         raise ConfigError(f"train.seq_len={t.seq_len} is not divisible by 2*mesh.context={2 * cfg.mesh.context} "
                           "(context parallelism's zig-zag split)")
-    if cfg.model.moe.n_experts and cfg.mesh.pipe > 1:  # the pipeline's loss does not collect the router losses
-        raise ConfigError("model.moe.n_experts with mesh.pipe > 1 is not supported; use mesh.expert, fsdp or tensor")
     validate_pipeline(cfg.pipeline)
     validate_distill(cfg.distill)
     check_folder_path(cfg.run.dir, "run.dir")

@@ -276,21 +276,25 @@ class Group(nn.Module):
         return x_BxTxD, None
 
 
-def block_stack(cfg: ModelConfig, deterministic: bool, name: str = "blocks", length: int | None = None) -> nn.Module:
-    """All n_layer blocks as one scanned module; parameters gain a leading ``layers`` axis (of n_layer / k
-    groups of k blocks when ``model.moe.every`` = k > 1).
+def scan_length(cfg: ModelConfig) -> int:
+    """The block stack's scanned units (its ``layers`` axis): n_layer blocks, or n_layer / k groups of k
+    blocks when ``model.moe.every`` = k > 1."""
+    return cfg.n_layer // cfg.moe.every if cfg.moe.n_experts and cfg.moe.every > 1 else cfg.n_layer
 
-    ``length``: scan only that many blocks (a pipeline stage applies its slice of the stack)."""
-    grouped = cfg.moe.n_experts and cfg.moe.every > 1
-    unit = Group if grouped else Block
+
+def block_stack(cfg: ModelConfig, deterministic: bool, name: str = "blocks", length: int | None = None) -> nn.Module:
+    """All n_layer blocks as one scanned module; parameters gain a leading ``layers`` axis of
+    :func:`scan_length` units.
+
+    ``length``: scan only that many units (a pipeline stage applies its slice of the stack)."""
+    unit = Group if cfg.moe.n_experts and cfg.moe.every > 1 else Block
     block = nn.remat(unit, prevent_cse=False) if cfg.remat else unit
-    n_units = cfg.n_layer // cfg.moe.every if grouped else cfg.n_layer
     scanned = nn.scan(
         block,
         variable_axes={"params": 0, "cache": 0, moe.COLLECTION: 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast),
-        length=n_units if length is None else length,
+        length=scan_length(cfg) if length is None else length,
         metadata_params={nn.PARTITION_NAME: "layers"},
         unroll=cfg.scan_unroll,
     )

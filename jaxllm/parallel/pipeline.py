@@ -22,6 +22,11 @@ logical constraints (``spmd_axis_name='pipe'`` puts the stage axis in front of t
 gradients come from autodiff of the loop (all forwards, then all backwards), each stage iteration
 rematerialised.
 
+Mixture-of-experts blocks route each micro-batch on its own, as ``train.grad_accum`` = M does: a
+chunk's router losses and statistics (``jaxllm.model.moe``) come out of its stage beside its output,
+bubble slots' left out, and the loss adds their mean over the M micro-batches (so the balance loss
+and the capacity are of a micro-batch's tokens, not of the whole batch's).
+
 Shape letters: P stages, R rounds (``pipeline.repeats``), C layers per chunk (n_layer / (P R)),
 M micro-batches, b rows per micro-batch (B / M), I loop iterations (M R + P - 1), Z a weight's own
 axes (those after its layer axis).
@@ -41,8 +46,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm.core.config import ModelConfig, PipelineConfig
 from jaxllm.core.errors import ConfigError
-from jaxllm.model import attention
-from jaxllm.model.transformer import Transformer, block_stack, cross_entropy
+from jaxllm.model import attention, moe
+from jaxllm.model.transformer import Transformer, block_stack, cross_entropy, scan_length
 
 Array = jax.Array
 
@@ -62,12 +67,10 @@ def check(model: ModelConfig, cfg: PipelineConfig, mesh: Mesh, batch_size: int) 
     p = mesh.shape["pipe"]
     if p == 1:
         return
-    m, r = microbatches(cfg, p), repeats(cfg)
-    if model.n_layer % (p * r):
-        raise ConfigError(
-            f"model.n_layer={model.n_layer} is not divisible by mesh.pipe*pipeline.repeats={p * r}; "
-            "every stage chunk needs the same number of layers"
-        )
+    m, r, units = microbatches(cfg, p), repeats(cfg), scan_length(model)
+    if units % (p * r):
+        stack = f"model.n_layer={model.n_layer}" if units == model.n_layer else f"model.n_layer/model.moe.every={units}"
+        raise ConfigError(f"{stack} is not divisible by mesh.pipe*pipeline.repeats={p * r}; every stage chunk needs the same number of layers")
     if m < p:
         raise ConfigError(
             f"pipeline.microbatches={m} is smaller than mesh.pipe={p}; use at least {p} so every stage has "
@@ -152,12 +155,14 @@ def _stage_layout(w_LxZ: Array, sharding: NamedSharding, stages: int, rounds: in
 
 def run_stages(
     stage: Callable, w_RxPxCxZ: Any, x_MxbxTxD: Array, table_IxP: np.ndarray, state_spec: NamedSharding, rng: Array
-) -> Array:
-    """Runs every micro-batch through all chunks; returns the stack's output, ``[M, b, T, D]``.
+) -> tuple[Array, Any]:
+    """Runs every micro-batch through all chunks; returns the stack's output, ``[M, b, T, D]``, and the
+    chunks' ``aux`` by :func:`chunk_means`.
 
-    ``stage(w_RxCxZ, round, x_bxTxD, rng) -> y_bxTxD`` is one stage's chunk in that round. In a
+    ``stage(w_RxCxZ, round, x_bxTxD, rng) -> (y_bxTxD, aux)`` is one stage's chunk in that round. In a
     bubble slot a stage computes on a zero or stale state; that result only ever reaches stages that
-    are idle too, and is never written into the ring, so it adds no value and no gradient."""
+    are idle too, and is never written into the ring nor counted in ``aux``, so it adds no value and
+    no gradient."""
     micro, stages = x_MxbxTxD.shape[0], table_IxP.shape[1]
     stage_P = jax.vmap(stage, in_axes=(1, 0, 0, 0), spmd_axis_name="pipe")
     stage_P = jax.checkpoint(stage_P, prevent_cse=False)  # remat per stage iteration
@@ -170,27 +175,43 @@ def run_stages(
         in_PxbxTxD = jnp.where(is_first_P, first_bxTxD, jnp.roll(out_PxbxTxD, 1, axis=0))
         in_PxbxTxD = jax.lax.with_sharding_constraint(in_PxbxTxD, state_spec)
         round_P = jnp.maximum(k_P, 0) // micro
-        out_PxbxTxD = stage_P(w_RxPxCxZ, round_P, in_PxbxTxD, jax.random.split(jax.random.fold_in(rng, t), stages))
+        out_PxbxTxD, aux_P = stage_P(w_RxPxCxZ, round_P, in_PxbxTxD, jax.random.split(jax.random.fold_in(rng, t), stages))
         out_PxbxTxD = jax.lax.with_sharding_constraint(out_PxbxTxD, state_spec)
         k_last, slot = k_P[-1], jnp.maximum(k_P[-1], 0) % micro
         done_bxTxD = jnp.where(k_last >= 0, out_PxbxTxD[-1], ring_MxbxTxD[slot])
         ring_MxbxTxD = jax.lax.dynamic_update_index_in_dim(ring_MxbxTxD, done_bxTxD, slot, 0)
-        return (ring_MxbxTxD, out_PxbxTxD), None
+        return (ring_MxbxTxD, out_PxbxTxD), aux_P
 
     init = (x_MxbxTxD, jnp.zeros((stages, *x_MxbxTxD.shape[1:]), x_MxbxTxD.dtype))
     xs = (jnp.arange(table_IxP.shape[0]), jnp.asarray(table_IxP))
-    (ring_MxbxTxD, _), _ = jax.lax.scan(iteration, init, xs)
-    return ring_MxbxTxD
+    (ring_MxbxTxD, _), aux_IxP = jax.lax.scan(iteration, init, xs)
+    return ring_MxbxTxD, chunk_means(aux_IxP, table_IxP, micro)
+
+
+def chunk_means(aux_IxP: Any, table_IxP: np.ndarray, micro: int) -> Any:
+    """``[I, P, ...] -> [R, P, ...]``: what each chunk returned, summed over its real work items (bubble
+    slots left out) and divided by M; chunk (r, p), round r on stage p, holds layers (r P + p) C on."""
+    rounds = int(table_IxP.max()) // micro + 1
+    w_RxIxP = np.stack([(table_IxP >= 0) & (table_IxP // micro == r) for r in range(rounds)]) / micro
+    return jax.tree.map(lambda a: jnp.einsum("rip,ip...->rp...", w_RxIxP.astype(a.dtype), a), aux_IxP)
+
+
+def router_terms(aux_RxP: Any) -> tuple[Array, dict[str, Array]]:
+    """The chunks' mean router outputs -> ``(loss, statistics)``: the weighted router losses of every
+    layer summed, and ``jaxllm.model.moe.telemetry``'s per-layer arrays, chunks in layer order."""
+    loss_RxP, stats = aux_RxP
+    return jnp.sum(loss_RxP), {k: v.reshape(-1, *v.shape[3:]) for k, v in stats.items()}
 
 
 def run_1f1b(stage: Callable, w_PxCxZ: Any, ends: Any, micro: int, stages: int, state_spec: NamedSharding, rng: Array):
     """The 1F1B loop: every iteration each stage runs one micro-batch forward and another backward.
 
-    ``stage(w_CxZ, x_bxTxD, rng) -> y_bxTxD``; ``ends.first(m) -> (x_bxTxD, embed_vjp)`` is micro-batch
-    m's embedding, ``ends.last(m, y_bxTxD) -> (loss, head_grads, dy_bxTxD)`` its loss share. Each stage
-    keeps the inputs of its live micro-batches (at most 2P-1 slots, :func:`one_f_one_b`) and
-    recomputes its forward inside the backward (``jax.vjp``), as GPipe's rematerialisation does.
-    Returns ``(loss, grads of the parameters outside the blocks, grads of w_PxCxZ)``."""
+    ``stage(w_CxZ, x_bxTxD, rng) -> (y_bxTxD, (router_loss, stats))``; ``ends.first(m) -> (x_bxTxD,
+    embed_vjp)`` is micro-batch m's embedding, ``ends.last(m, y_bxTxD) -> (loss, head_grads, dy_bxTxD)``
+    its loss share. Each stage keeps the inputs of its live micro-batches (at most 2P-1 slots,
+    :func:`one_f_one_b`) and recomputes its forward inside the backward (``jax.vjp``), as GPipe's
+    rematerialisation does; a chunk's router loss, a micro-batch's own, gets its gradient there too.
+    Returns ``(loss, aux_1xP, grads outside the blocks, grads of w_PxCxZ)``, ``aux`` as :func:`chunk_means`'s."""
     forward_IxP, backward_IxP = one_f_one_b(stages, micro)
     slots = 2 * stages - 1
     is_first_P, is_last_P = (jnp.arange(stages) == 0)[:, None, None, None], (jnp.arange(stages) == stages - 1)[:, None, None, None]
@@ -200,42 +221,58 @@ def run_1f1b(stage: Callable, w_PxCxZ: Any, ends: Any, micro: int, stages: int, 
     def keys(m_P):  # micro-batch m's dropout key on stage p, the same forward and backward
         return jax.vmap(lambda m, p: jax.random.fold_in(jax.random.fold_in(rng, m), p))(jnp.maximum(m_P, 0), jnp.arange(stages))
 
-    def backward(w_CxZ, x_bxTxD, key, dy_bxTxD):
-        return jax.vjp(lambda w, x: stage(w, x, key), w_CxZ, x_bxTxD)[1](dy_bxTxD)
-
     stage_P = jax.vmap(stage, spmd_axis_name="pipe")
-    backward_P = jax.vmap(backward, spmd_axis_name="pipe")
+    backward_P = jax.vmap(functools.partial(_stage_vjp, stage), spmd_axis_name="pipe")
     put_P = jax.vmap(lambda s, x, m: jax.lax.dynamic_update_index_in_dim(s, x, m % slots, 0), spmd_axis_name="pipe")
     take_P = jax.vmap(lambda s, m: s[m % slots], spmd_axis_name="pipe")
 
     def iteration(carry, xs):
-        out_P, dx_P, stash_P, loss, g_ends, g_w = carry
+        out_P, dx_P, stash_P, loss, aux, g_ends, g_w = carry
         f_P, b_P = xs
         x0_bxTxD, _ = ends.first(jnp.clip(f_P[0], 0, micro - 1))
         in_P = spec(jnp.where(is_first_P, x0_bxTxD, jnp.roll(out_P, 1, axis=0)))
         keep_P = take_P(stash_P, jnp.maximum(f_P, 0))  # an idle stage must not overwrite a live slot
         in_or_keep_P = jnp.where((f_P >= 0)[:, None, None, None], in_P, keep_P)
         stash_P = jax.lax.with_sharding_constraint(put_P(stash_P, in_or_keep_P, jnp.maximum(f_P, 0)), stash_spec)
-        out_P = spec(stage_P(w_PxCxZ, in_P, keys(f_P)))
+        out_P, aux_P = stage_P(w_PxCxZ, in_P, keys(f_P))
+        out_P = spec(out_P)
         loss_m, g_head, dy_bxTxD = ends.last(jnp.clip(f_P[-1], 0, micro - 1), out_P[-1])
         dout_P = jnp.where(is_last_P, dy_bxTxD, jnp.roll(dx_P, -1, axis=0))
         dout_P = spec(jnp.where((b_P >= 0)[:, None, None, None], dout_P, 0))  # idle slots carry no gradient
-        g_w_P, dx_P = backward_P(w_PxCxZ, take_P(stash_P, jnp.maximum(b_P, 0)), keys(b_P), dout_P)
+        d_router_P = _share(micro, b_P, jnp.ones((stages,), jnp.float32))
+        g_w_P, dx_P = backward_P(w_PxCxZ, take_P(stash_P, jnp.maximum(b_P, 0)), keys(b_P), dout_P, d_router_P)
         _, embed_vjp = ends.first(jnp.clip(b_P[0], 0, micro - 1))
         (g_embed,) = embed_vjp(dx_P[0])  # zero when stage 0 is idle: its dout was zero
         valid = f_P[-1] >= 0
         loss = loss + jnp.where(valid, loss_m, 0.0)
+        aux = jax.tree.map(lambda a, x: a + _share(micro, f_P, x), aux, aux_P)
         g_ends = jax.tree.map(lambda a, h, e: a + jnp.where(valid, h, 0) + e, g_ends, g_head, g_embed)
         g_w = jax.tree.map(jnp.add, g_w, g_w_P)
-        return (spec(out_P), spec(dx_P), stash_P, loss, g_ends, g_w), None
+        return (spec(out_P), spec(dx_P), stash_P, loss, aux, g_ends, g_w), None
 
     x0_bxTxD, embed_vjp = ends.first(0)
     zeros_P = jnp.zeros((stages, *x0_bxTxD.shape), x0_bxTxD.dtype)
     stash_P = jnp.zeros((stages, slots, *x0_bxTxD.shape), x0_bxTxD.dtype)
+    aux = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(stage_P, w_PxCxZ, zeros_P, keys(jnp.zeros(stages, int)))[1])
     g_ends = jax.tree.map(jnp.zeros_like, embed_vjp(x0_bxTxD)[0])
-    init = (zeros_P, zeros_P, stash_P, jnp.float32(0), g_ends, jax.tree.map(jnp.zeros_like, w_PxCxZ))
-    (_, _, _, loss, g_ends, g_w), _ = jax.lax.scan(iteration, init, (jnp.asarray(forward_IxP), jnp.asarray(backward_IxP)))
-    return loss, g_ends, g_w
+    init = (zeros_P, zeros_P, stash_P, jnp.float32(0), aux, g_ends, jax.tree.map(jnp.zeros_like, w_PxCxZ))
+    (_, _, _, loss, aux, g_ends, g_w), _ = jax.lax.scan(iteration, init, (jnp.asarray(forward_IxP), jnp.asarray(backward_IxP)))
+    return loss, jax.tree.map(lambda a: a[None], aux), g_ends, g_w
+
+
+def _stage_vjp(stage: Callable, w_CxZ, x_bxTxD, key, dy_bxTxD, d_router) -> tuple[Any, Array]:
+    """``(dw_CxZ, dx_bxTxD)`` of ``dy . y + d_router * router_loss`` (the statistics carry no gradient)."""
+
+    def differentiated(w, x):
+        y_bxTxD, (router, _) = stage(w, x, key)
+        return y_bxTxD, router
+
+    return jax.vjp(differentiated, w_CxZ, x_bxTxD)[1]((dy_bxTxD, d_router))
+
+
+def _share(micro: int, m_P: Array, a_PxZ: Array) -> Array:
+    """Each stage's micro-batch m's share of a mean over the M micro-batches: a / M, 0 where idle (m < 0)."""
+    return jnp.where((m_P >= 0).reshape(-1, *[1] * (a_PxZ.ndim - 1)), a_PxZ / micro, 0)
 
 
 class _Ends(NamedTuple):
@@ -244,61 +281,79 @@ class _Ends(NamedTuple):
 
 
 def make_loss_fn(model: Transformer, cfg: PipelineConfig, mesh: Mesh, rules: Any, block_shardings: Any) -> Callable:
-    """``loss(params, tokens_BxT1, rng) -> mean next-token cross-entropy`` (nats), the blocks pipelined.
-
-    The same value, and the same gradients, as ``trainer.make_loss_fn(model)``: only the block stack
-    is split into micro-batches (rows i*M + m form micro-batch m, so each device's rows split
-    locally) and stages. GPipe and circular: embedding and head run on the whole batch and autodiff
-    differentiates the loop. 1F1B: the gradient is computed by :func:`run_1f1b` inside the forward
-    pass of a ``custom_vjp`` (the loss value alone, e.g. for evaluation, takes the GPipe loop).
-    ``rules``: the logical-axis rules; ``block_shardings``: the NamedShardings of ``params['blocks']``;
-    ``rng`` may be None when the model is deterministic."""
-    mc = model.cfg
-    stages = mesh.shape["pipe"]
-    micro, rounds = microbatches(cfg, stages), repeats(cfg)
-    table_IxP = work_items(stages, micro, rounds)
-    chunk = block_stack(mc, model.deterministic, length=mc.n_layer // (stages * rounds))
-    act = nn.logical_to_mesh_axes(("batch", "seq", "embed"), rules)
-    state_spec = NamedSharding(mesh, PartitionSpec("pipe", *act))
-    ring_spec = NamedSharding(mesh, PartitionSpec(None, *act))
-
-    def stage(w_CxZ, x_bxTxD, rng, positions_T):
-        positions_bxT = jnp.broadcast_to(positions_T, x_bxTxD.shape[:2])  # the same for every row
-        y_bxTxD, _ = chunk.apply({"params": w_CxZ}, x_bxTxD, positions_bxT, None, rngs={"dropout": rng})
-        return y_bxTxD
+    """``loss(params, tokens_BxT1, rng) -> (loss, stats)``, the blocks pipelined: the same values and
+    gradients as ``train_step.make_loss_fn(model)`` accumulated over the same M micro-batches (for a
+    dense model: as on the whole batch). Only the block stack is split into micro-batches (rows i*M + m
+    form micro-batch m, so each device's rows split locally) and stages. GPipe and circular: embedding
+    and head run on the whole batch and autodiff differentiates the loop. 1F1B: :func:`run_1f1b`
+    computes the gradient inside the forward pass of a ``custom_vjp`` (the value alone takes the GPipe
+    loop). ``rules``: the logical-axis rules; ``block_shardings``: the NamedShardings of
+    ``params['blocks']``; ``rng`` may be None when the model is deterministic."""
+    pipe = _Pipelined(model, cfg, mesh, rules, block_shardings)
 
     def gpipe_loss(params, tokens_BxT1, rng):
+        ce, router, stats = pipe.forward(params, tokens_BxT1, rng)
+        return ce + router, stats
+
+    if cfg.schedule != "1f1b":
+        return gpipe_loss
+    loss_fn = jax.custom_vjp(gpipe_loss)
+    loss_fn.defvjp(pipe.loss_and_grads_1f1b, lambda grads, ct: (jax.tree.map(lambda g: ct[0] * g, grads), None, None))
+    return loss_fn
+
+
+def make_eval_fn(model: Transformer, cfg: PipelineConfig, mesh: Mesh, rules: Any, block_shardings: Any) -> Callable:
+    """``eval(params, tokens_BxT1) -> mean next-token cross-entropy`` (nats) through the pipelined blocks,
+    without router losses, as ``train_step.make_eval_step``; ``model`` deterministic."""
+    forward = _Pipelined(model, cfg, mesh, rules, block_shardings).forward
+    return lambda params, tokens_BxT1: forward(params, tokens_BxT1, None)[0]
+
+
+class _Pipelined:
+    """The pipelined model's pieces: one stage's chunk, the GPipe/circular forward, the 1F1B gradients."""
+
+    def __init__(self, model: Transformer, cfg: PipelineConfig, mesh: Mesh, rules: Any, block_shardings: Any):
+        stages = mesh.shape["pipe"]
+        self.model, self.block_shardings, self.stages = model, block_shardings, stages
+        self.micro, self.rounds = microbatches(cfg, stages), repeats(cfg)
+        self.chunk = block_stack(model.cfg, model.deterministic, length=scan_length(model.cfg) // (stages * self.rounds))
+        act = nn.logical_to_mesh_axes(("batch", "seq", "embed"), rules)
+        self.state_spec = NamedSharding(mesh, PartitionSpec("pipe", *act))
+        self.ring_spec = NamedSharding(mesh, PartitionSpec(None, *act))
+
+    def stage(self, w_CxZ, x_bxTxD, rng, positions_T):
+        """One chunk on one micro-batch: ``(y_bxTxD, (router_loss, stats))``, the weighted router losses
+        of the chunk's MoE layers summed and their ``moe.telemetry`` (0 and {} for a dense model)."""
+        positions_bxT = jnp.broadcast_to(positions_T, x_bxTxD.shape[:2])  # the same for every row
+        (y_bxTxD, _), sown = self.chunk.apply(
+            {"params": w_CxZ}, x_bxTxD, positions_bxT, None, rngs={"dropout": rng}, mutable=[moe.COLLECTION]
+        )
+        return y_bxTxD, (moe.loss(sown), moe.telemetry(sown))
+
+    def forward(self, params, tokens_BxT1, rng):
+        """``(cross-entropy, router loss, router stats)`` through the GPipe (or circular) loop."""
+        model, micro, stages, rounds = self.model, self.micro, self.stages, self.rounds
         rng = jax.random.PRNGKey(0) if rng is None else rng
         inputs_BxT, targets_BxT, positions_T = ordered(tokens_BxT1)
         rngs = {"dropout": jax.random.fold_in(rng, 0)}
         positions_BxT = jnp.broadcast_to(positions_T, inputs_BxT.shape)
         x_BxTxD = model.apply({"params": params}, inputs_BxT, positions_BxT, method="embed", rngs=rngs)
-        x_MxbxTxD = jax.lax.with_sharding_constraint(to_micro(x_BxTxD, micro), ring_spec)
-        w = jax.tree.map(lambda w, s: _stage_layout(w, s, stages, rounds), params["blocks"], block_shardings)
+        x_MxbxTxD = jax.lax.with_sharding_constraint(to_micro(x_BxTxD, micro), self.ring_spec)
+        w = jax.tree.map(lambda w, s: _stage_layout(w, s, stages, rounds), params["blocks"], self.block_shardings)
 
         def stage_in_round(w_RxCxZ, round_, x_bxTxD, rng):
-            return stage(jax.tree.map(lambda w: w[round_], w_RxCxZ), x_bxTxD, rng, positions_T)
+            return self.stage(jax.tree.map(lambda w: w[round_], w_RxCxZ), x_bxTxD, rng, positions_T)
 
-        y_MxbxTxD = run_stages(stage_in_round, w, x_MxbxTxD, table_IxP, state_spec, jax.random.fold_in(rng, 1))
+        table_IxP = work_items(stages, micro, rounds)
+        y_MxbxTxD, aux_RxP = run_stages(stage_in_round, w, x_MxbxTxD, table_IxP, self.state_spec, jax.random.fold_in(rng, 1))
         y_BxTxD = y_MxbxTxD.swapaxes(0, 1).reshape(x_BxTxD.shape)
         logits_BxTxV = model.apply({"params": params}, y_BxTxD, method="head")
-        return cross_entropy(logits_BxTxV, targets_BxT)[0]
+        return (cross_entropy(logits_BxTxV, targets_BxT)[0], *router_terms(aux_RxP))
 
-    if cfg.schedule != "1f1b":
-        return gpipe_loss
-
-    loss_and_grads = _loss_and_grads_1f1b(model, stage, micro, stages, state_spec, block_shardings)
-    loss_fn = jax.custom_vjp(gpipe_loss)
-    loss_fn.defvjp(loss_and_grads, lambda grads, ct: (jax.tree.map(lambda g: ct * g, grads), None, None))
-    return loss_fn
-
-
-def _loss_and_grads_1f1b(model: Transformer, stage: Callable, micro: int, stages: int, state_spec, block_shardings) -> Callable:
-    """``(params, tokens_BxT1, rng) -> (loss, grads)`` by :func:`run_1f1b`: embedding and head with the
-    loss per micro-batch at the two ends of the pipe, ``stage(w_CxZ, x_bxTxD, rng, positions_T)``
-    between them."""
-
-    def loss_and_grads(params, tokens_BxT1, rng):
+    def loss_and_grads_1f1b(self, params, tokens_BxT1, rng):
+        """``((loss, stats), grads)`` by :func:`run_1f1b`: embedding and head with the loss per
+        micro-batch at the two ends of the pipe, the stages' chunks between them."""
+        model, micro = self.model, self.micro
         rng = jax.random.PRNGKey(0) if rng is None else rng
         inputs_BxT, targets_BxT, positions_T = ordered(tokens_BxT1)
         inputs_MxbxT, targets_MxbxT = to_micro(inputs_BxT, micro), to_micro(targets_BxT, micro)
@@ -320,13 +375,12 @@ def _loss_and_grads_1f1b(model: Transformer, stage: Callable, micro: int, stages
             loss_m, (g_rest, dy_bxTxD) = jax.value_and_grad(loss, argnums=(0, 1))(rest, y_bxTxD)
             return loss_m, g_rest, dy_bxTxD
 
-        w = jax.tree.map(lambda w, s: _stage_layout(w, s, stages, 1)[0], blocks, block_shardings)
-        stage_at = functools.partial(stage, positions_T=positions_T)
-        loss, g_rest, g_w = run_1f1b(stage_at, w, _Ends(first, last), micro, stages, state_spec, jax.random.fold_in(rng, 1))
+        w = jax.tree.map(lambda w, s: _stage_layout(w, s, self.stages, 1)[0], blocks, self.block_shardings)
+        stage_at = functools.partial(self.stage, positions_T=positions_T)
+        ce, aux_1xP, g_rest, g_w = run_1f1b(stage_at, w, _Ends(first, last), micro, self.stages, self.state_spec, jax.random.fold_in(rng, 1))
+        router, stats = router_terms(aux_1xP)
         g_blocks = jax.tree.map(lambda g, w: g.reshape(w.shape), g_w, blocks)
-        return loss, {**g_rest, "blocks": g_blocks}
-
-    return loss_and_grads
+        return (ce + router, stats), {**g_rest, "blocks": g_blocks}
 
 
 def ordered(tokens_BxT1: Array) -> tuple[Array, Array, Array]:

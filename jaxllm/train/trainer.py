@@ -101,8 +101,7 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
     loss_fn, eval_step = make_loss_fn(model), make_eval_step(eval_model)
     if mesh.shape["pipe"] > 1:
         loss_fn = pipeline.make_loss_fn(model, cfg.pipeline, mesh, rule_table, param_sh["blocks"])
-        eval_loss_fn = pipeline.make_loss_fn(eval_model, cfg.pipeline, mesh, rule_table, param_sh["blocks"])
-        eval_step = functools.partial(eval_loss_fn, rng=None)
+        eval_step = pipeline.make_eval_fn(eval_model, cfg.pipeline, mesh, rule_table, param_sh["blocks"])
     train_step = make_train_step(loss_fn, tx, schedule(cfg.optim, cfg.train.steps))
     step = jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0)
     if cfg.distill.teacher:  # the loss also matches a frozen teacher, run inside the same jitted step
