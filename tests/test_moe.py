@@ -9,6 +9,7 @@ own jitted step, loss and every gradient within rel 1e-5 (float32), as in test_c
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import equality
 import flax.linen as nn
@@ -26,6 +27,8 @@ from jaxllm.core.config import load_config, resolve_model
 from jaxllm.model import flops, moe
 from jaxllm.model.decode import Decoder
 from jaxllm.model.transformer import Transformer
+from jaxllm.parallel import sharding
+from jaxllm.plan import planner
 
 VOCAB, SEQ, BATCH = 64, 16, 8
 MOE = ["model.n_layer=2", "model.d_model=32", "model.n_head=4", "model.moe.n_experts=4", "model.moe.top_k=2"]
@@ -180,6 +183,74 @@ def test_expert_parallel_step_equals_single_device(references, name):
 
 def resolved(overrides: list[str]):
     return resolve_model(load_config(None, MOE + overrides).model, VOCAB, SEQ)
+
+
+@pytest.mark.slow
+def test_expert_parallel_step_exchanges_tokens_by_all_to_all_and_gathers_no_expert_weights():
+    cfg = load_config(None, BASE + LAYOUTS["expert8"])
+    model_cfg = resolve_model(cfg.model, VOCAB, SEQ)
+    text = planner.lower_step(cfg, model_cfg, jax.devices())[1].compile().as_text()
+    assert "all-to-all(" in text
+    gathered = [int(np.prod([int(d) for d in dims.split(",") if d])) for line in text.splitlines() if " all-gather(" in line
+                for dims in re.findall(r"\w+\[([\d,]*)\]", line.split(" all-gather(")[0])]
+    one_expert = model_cfg.d_model * moe.expert_width(model_cfg)  # a device's shard of a kernel: 8 experts, 8 devices
+    assert max(gathered, default=0) < one_expert
+
+
+def layer_grad(layer):
+    """``(params, x_BxTxD) -> (grads, (out, sown statistics))`` of ``sum(sin(layer(x)))``."""
+    def loss(p, x_BxTxD):
+        out, sown = layer.apply({"params": p}, x_BxTxD, mutable=[moe.COLLECTION])
+        return jnp.sum(jnp.sin(out)), (out, sown[moe.COLLECTION])
+
+    return jax.grad(loss, has_aux=True)
+
+
+def under_mesh(fn, mesh_overrides: list[str], *args):
+    """``fn(*args)`` jitted under the mesh and logical-axis rules of ``mesh_overrides``."""
+    mesh_cfg = load_config(None, mesh_overrides).mesh
+    with jax.set_mesh(sharding.make_mesh(mesh_cfg)), nn.logical_axis_rules(sharding.rules(mesh_cfg)):
+        return jax.jit(fn)(*args)
+
+
+def layer_and_input(overrides: list[str]):
+    layer = moe.MoEMLP(resolved(["model.moe.n_experts=8", *overrides]), 0.02)
+    x_BxTxD = jax.random.normal(jax.random.PRNGKey(1), (BATCH, SEQ, 32))
+    return layer, nn.unbox(layer.init(jax.random.PRNGKey(0), x_BxTxD)["params"]), x_BxTxD
+
+
+def assert_trees_close(got, want):
+    """Every leaf of ``got`` within ``RTOL`` of ``want``'s at the same path."""
+    want = dict(jax.tree_util.tree_leaves_with_path(want))
+    for path, g in jax.tree_util.tree_leaves_with_path(got):
+        assert rel(g, want[path]) <= RTOL, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize(("mesh", "overrides"), [
+    (LAYOUTS["expert2_data4"], ["model.arch=llama"]),
+    (["mesh.data=8"], ["model.arch=gpt2"]),  # no expert axis: each device sorts its own assignments
+], ids=["expert2_data4", "data8"])
+def test_expert_parallel_layer_and_its_router_statistics_equal_one_device(mesh, overrides):
+    layer, params, x_BxTxD = layer_and_input(overrides)
+    want_grads, (want, want_stats) = jax.jit(layer_grad(layer))(params, x_BxTxD)
+    grads, (got, stats) = under_mesh(layer_grad(layer), mesh, params, x_BxTxD)
+    assert rel(got, want) <= RTOL
+    assert_trees_close({k: stats[k] for k in ("load", "balance", "z", "loss")}, want_stats)
+    assert float(stats["dropped"][0]) == float(want_stats["dropped"][0]) == 0.0
+    assert_trees_close(grads, want_grads)
+
+
+def test_capacity_with_split_experts_is_each_devices_own():
+    # expert=2 x data=4: 8 devices, one row of 16 tokens each. Each device keeps its first
+    # C_l = ceil(1.0 * 16 * 2 / 8) = 4 assignments per expert, so the layer equals the layer run on each
+    # row alone (and its gradient the sum of theirs), the dropped fraction their mean.
+    layer, params, x_BxTxD = layer_and_input(["model.arch=gpt2", "model.moe.capacity_factor=1.0"])
+    grads, (got, stats) = under_mesh(layer_grad(layer), LAYOUTS["expert2_data4"], params, x_BxTxD)
+    row_grads, (rows, row_stats) = jax.jit(jax.vmap(layer_grad(layer), (None, 0)))(params, x_BxTxD[:, None])
+    assert float(jnp.mean(row_stats["dropped"][0])) > 0.1
+    assert float(stats["dropped"][0]) == pytest.approx(float(jnp.mean(row_stats["dropped"][0])), rel=1e-6)
+    assert rel(got, rows[:, 0]) <= RTOL
+    assert_trees_close(grads, jax.tree.map(lambda g: jnp.sum(g, axis=0), row_grads))
 
 
 @pytest.mark.parametrize("overrides", [["model.arch=gpt2", "model.moe.shared_experts=2"],

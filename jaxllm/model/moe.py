@@ -9,7 +9,8 @@ sorted by expert and multiplied with one grouped matmul (``jax.lax.ragged_dot``)
 ``k / E`` of running every expert on every token. Capacity: each expert takes at most
 C = ceil(capacity_factor * G * k / E) assignments, first choices before second ones (GShard), into an
 ``[E, C, D]`` buffer multiplied with a batched matmul; assignments beyond C are dropped (the token
-keeps its residual) and counted. ``shared_experts`` = S adds one dense MLP of width S*F that every token
+keeps its residual) and counted. G: the whole batch's tokens, or one device's when the experts are
+split over devices (each fills its own capacity: ``moe_dispatch.layout``). ``shared_experts`` = S adds one dense MLP of width S*F that every token
 goes through, unweighted (DeepSeekMoE's shared experts), to the routed experts' output.
 
 With top_k = 1 a token's output is scaled by its router probability (Switch), so the router learns
@@ -17,7 +18,9 @@ from the language-model loss; with top_k > 1 the k probabilities are renormalise
 (Mixtral). One expert with top_k = 1 is therefore exactly the dense MLP.
 
 Expert weights carry the logical name ``expert`` on their leading dimension; ``jaxllm.parallel.sharding`` maps
-it to the ``expert`` mesh axis (expert parallelism) and XLA inserts the token exchange.
+it to the ``expert`` mesh axis. Under a mesh, :mod:`jaxllm.model.moe_dispatch` runs the routing and the
+experts per device (``shard_map``): each device routes its own tokens and, when the experts are split,
+exchanges assignments with the devices holding their experts by ``all_to_all`` (expert parallelism).
 
 Each MoE layer sows into the ``moe`` collection (read with ``apply(..., mutable=["moe"])``): ``loss``
 (the weighted load-balancing and z losses, added to the training loss by :func:`loss`), ``balance``
@@ -28,6 +31,7 @@ choices per token, Gk = G*k assignments, C expert capacity, D d_model, F expert 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.core.config import ModelConfig
+from jaxllm.model import moe_dispatch
 
 Array = jax.Array
 COLLECTION = "moe"
@@ -116,6 +121,23 @@ def with_capacity(
     return out_GxD, 1.0 - jnp.mean(keep_Gk.astype(jnp.float32))
 
 
+def run_experts(cfg: ModelConfig, per_token: tuple[Array, Array], weights: dict[str, tuple[Array, Array | None]],
+                exchange: moe_dispatch.Exchange) -> tuple[tuple[Array, Array, Array], Array]:
+    """``((out_GxD, probs_GxE, experts_Gxk), dropped)``: the G tokens at hand (``(x_GxD, logits_GxE)``)
+    routed and run through the experts, dropless or with a capacity for these G. ``weights``: the experts
+    at hand; ``exchange`` sends rows to the other experts' devices and back."""
+    x_GxD, logits_GxE = per_token
+    probs_GxE, weights_Gxk, experts_Gxk = route(logits_GxE, cfg.moe.top_k)
+    ffn = ExpertFFN(weights, cfg.arch, jnp.dtype(cfg.dtype))
+    cap = capacity(cfg, x_GxD.shape[0])
+    if cap:
+        out_GxD, dropped = with_capacity(x_GxD, weights_Gxk, experts_Gxk, exchange.batched(ffn.batched), cfg.moe.n_experts, cap)
+    else:
+        out_GxD = dropless(x_GxD, weights_Gxk, experts_Gxk, exchange.grouped(ffn.grouped), cfg.moe.n_experts)
+        dropped = jnp.zeros((), jnp.float32)
+    return (out_GxD, probs_GxE, experts_Gxk), dropped
+
+
 class Experts(nn.Module):
     """E stacked ``[in, out]`` kernels (and biases): ``kernel[E, in, out]`` named ``(expert, *axes)``."""
 
@@ -163,7 +185,7 @@ class ExpertFFN:
 
 
 class SharedExperts(nn.Module):
-    """``x_GxD -> y_GxD``: the shared experts, one dense MLP of width S*F that every token goes through
+    """``x_...xD -> y_...xD``: the shared experts, one dense MLP of width S*F that every token goes through
     (DeepSeekMoE), its kernels named like a dense MLP's (no ``expert`` dimension)."""
 
     cfg: ModelConfig
@@ -188,7 +210,7 @@ class SharedExperts(nn.Module):
 
 
 class Router(nn.Module):
-    """``x_GxD -> logits_GxE`` in float32 whatever the compute dtype: top-k and the losses are sensitive to
+    """``x_...xD -> logits_...xE`` in float32 whatever the compute dtype: top-k and the losses are sensitive to
     rounding, and the router is a sliver of the FLOPs."""
 
     n_experts: int
@@ -210,29 +232,25 @@ class MoEMLP(nn.Module):
     def __call__(self, x_BxTxD: Array) -> Array:
         c, e = self.cfg, self.cfg.moe
         D, F, bias = c.d_model, expert_width(c), c.arch == "gpt2"
-        x_GxD = x_BxTxD.reshape(-1, D)
-        logits_GxE = Router(e.n_experts, name="router")(x_GxD)
-        probs_GxE, weights_Gxk, experts_Gxk = route(logits_GxE, e.top_k)
+        logits_BxTxE = Router(e.n_experts, name="router")(x_BxTxD)
         weights = {
             "up": Experts(e.n_experts, (D, F), ("embed", "mlp"), 0.02, bias, name="up")(),
             "down": Experts(e.n_experts, (F, D), ("mlp", "embed"), self.down_std, bias, name="down")(),
         }
         if c.arch == "llama":
             weights["gate"] = Experts(e.n_experts, (D, F), ("embed", "mlp"), 0.02, False, name="gate")()
-        ffn = ExpertFFN(weights, c.arch, jnp.dtype(c.dtype))
-        cap = capacity(c, x_GxD.shape[0])
-        if cap:
-            out_GxD, dropped = with_capacity(x_GxD, weights_Gxk, experts_Gxk, ffn.batched, e.n_experts, cap)
-        else:
-            out_GxD, dropped = dropless(x_GxD, weights_Gxk, experts_Gxk, ffn.grouped, e.n_experts), jnp.zeros((), jnp.float32)
+        lay = moe_dispatch.layout(x_BxTxD.shape[0], e.n_experts, dropless=not e.capacity_factor)
+        (out_BxTxD, probs_BxTxE, experts_BxTxk), dropped = moe_dispatch.dispatch(
+            functools.partial(run_experts, c), lay, (x_BxTxD, logits_BxTxE), weights)
         if e.shared_experts:
-            out_GxD = out_GxD + SharedExperts(c, self.down_std, name="shared")(x_GxD)
-        stats = router_losses(logits_GxE, probs_GxE, experts_Gxk)
+            out_BxTxD = out_BxTxD + SharedExperts(c, self.down_std, name="shared")(x_BxTxD)
+        stats = router_losses(logits_BxTxE.reshape(-1, e.n_experts), probs_BxTxE.reshape(-1, e.n_experts),
+                              experts_BxTxk.reshape(-1, e.top_k))
         self.sow(COLLECTION, "loss", e.aux_loss * stats["balance"] + e.router_z_loss * stats["z"])
         for name in ("balance", "z", "load"):
             self.sow(COLLECTION, name, stats[name])
         self.sow(COLLECTION, "dropped", dropped)
-        out_BxTxD = out_GxD.reshape(x_BxTxD.shape).astype(jnp.dtype(c.dtype))
+        out_BxTxD = out_BxTxD.astype(jnp.dtype(c.dtype))
         return nn.Dropout(c.dropout)(out_BxTxD, deterministic=self.deterministic)
 
 
