@@ -3,8 +3,9 @@
 ``bench/results/h200_2026-11-30.jsonl`` holds what ``bench/accelerator.sh`` measured on one H200
 (a JSON line per case: its config and overrides, the allocator's peak bytes, the mean step time).
 The analytic memory model and the roofline are checked against those measurements here, on any
-machine. Calibration points are named: the H200's loss bytes come from ``gpt2_124m`` and Hopper's
-efficiency from ``llama_1b_b16``; every other case is held out.
+machine. Calibration points are named: the H200's loss bytes come from ``gpt2_124m``, Hopper's
+efficiency from ``llama_1b_b16`` and XLA:GPU's copies of a dropless MoE layer's grouped matmuls
+(``memory_model.grouped_matmul_bytes``) from ``moe_dropless``; every other case is held out.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def predicted(row: dict) -> dict:
 
 # Fused (cuDNN) or chunked attention; XLA's attention on a GPU is outside the model (it keeps fewer
 # float32 score copies than XLA:CPU: gpt2_124m_xla is +1%, long8k_xla -14%).
-@pytest.mark.parametrize("case", ["gpt2_124m", "gpt2_124m_noremat", "llama_1b_b16", "moe_dense_twin",
-                                  "long8k_cudnn", "long8k_chunked"])
+@pytest.mark.parametrize("case", ["gpt2_124m", "gpt2_124m_noremat", "llama_1b_b16", "moe_dense_twin", "moe_dropless",
+                                  "moe_capacity", "long8k_cudnn", "long8k_chunked"])
 def test_analytic_memory_within_10pct_of_the_h200s_peak(case):
     row = measured(case)
     assert predicted(row)["analytic_bytes"]["total"] == pytest.approx(row["peak_bytes"], rel=0.10)

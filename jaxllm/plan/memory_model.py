@@ -18,7 +18,9 @@ values that depend on the kernel ``model.attention`` resolves to on the target (
 XLA's attention keeps the ``N T / t`` probabilities, a fused kernel (cuDNN, splash) only the softmax's
 row statistics, chunked attention one block of scores. Sequence parallelism divides the ``D`` terms by ``t``. With ``model.remat`` a layer keeps only its input and
 one layer at a time is recomputed. A pipeline stage keeps its input at every loop iteration
-(``M R + P - 1`` of them, each ``b / M`` rows) and recomputes one stage iteration at a time.
+(``M R + P - 1`` of them, each ``b / M`` rows) and recomputes one stage iteration at a time. A
+dropless MoE layer adds, while its backward runs, the per-expert copies in which XLA:CPU and
+XLA:GPU expand its grouped matmuls (:func:`grouped_matmul_bytes`).
 """
 
 from __future__ import annotations
@@ -123,6 +125,25 @@ def mlp_values_per_token(m: ModelConfig) -> float:
     return (mats * m.d_ff * (e.every - 1) + expert) / e.every
 
 
+def grouped_matmul_bytes(m: ModelConfig, tokens: float, tensor: int, c: int, platform: str) -> int:
+    """Bytes a dropless MoE layer's grouped matmuls hold beside its saved activations during its
+    backward pass, for ``tokens`` tokens per device.
+
+    ``jax.lax.ragged_dot`` on CPU and GPU (XLA's) computes ``[Gk, in] x [E, in, out]`` as one dense
+    matmul of a masked copy of its input per expert, ``[E, Gk, in]``; the backward does it for the
+    gradients too. The compiled steps held ``E Gk (f F + D)`` such values (the sorted inputs' and the
+    hidden ones'), f = 2 (mats - 1) for SwiGLU's 3 or GELU's 2 matrices, and f = 2 mats on XLA:CPU
+    with ``model.remat`` under its default flags, which keep the recomputed forward's copies too (CPU
+    compiles of tests/test_plan_moe.py's shapes; XLA:GPU from one H200 step with remat, moe_dropless
+    of bench/results). TPU's grouped matmul is native: no copies."""
+    e = m.moe
+    if not e.n_experts or e.capacity_factor or platform == "tpu":
+        return 0
+    mats = 2 if m.arch == "gpt2" else 3
+    f = 2 * mats if platform == "cpu" and m.remat else 2 * (mats - 1)
+    return int(e.n_experts * tokens * e.top_k * (f * (e.d_ff or m.d_ff) / tensor + m.d_model) * c)
+
+
 def layer_weight_bytes(m: ModelConfig, tensor: int, itemsize: int, expert: int = 1) -> int:
     """One block's matrices, as a tensor-parallel device holds them once FSDP has gathered them (an MoE
     block: its ``E / expert`` experts and shared experts, averaged over the layers)."""
@@ -159,14 +180,16 @@ def activation_bytes(cfg: Config, m: ModelConfig, sizes: dict[str, int], platfor
     # logits in the compute dtype and the loss's float32 copies; the embedding output and the final
     # norm's input and output
     head = rows * seq * (m.vocab_size / t * (c + loss_bytes(platform, c)) + 3 * m.d_model * c)
+    micro = pipeline.microbatches(cfg.pipeline, p) if p > 1 else 1
     if p > 1:
-        micro, rounds = pipeline.microbatches(cfg.pipeline, p), pipeline.repeats(cfg.pipeline)
+        rounds = pipeline.repeats(cfg.pipeline)
         saved = (micro * rounds + p - 1) * residual / micro + residual
         recompute = layer / micro * (1 if m.remat else layers_here // rounds)  # one stage iteration
     elif m.remat:
         saved, recompute = layers_here * residual, layer
     else:
         saved, recompute = layers_here * layer, 0
+    recompute += grouped_matmul_bytes(m, rows * seq / micro, t, c, platform)  # live with one layer's backward
     # FSDP: one block's weights gathered, and its full weight gradient before the reduce-scatter
     e = sizes.get("expert", 1)
     gathered = layer_weight_bytes(m, t, c, e) + layer_weight_bytes(m, t, 4, e) if sizes["fsdp"] > 1 else 0
