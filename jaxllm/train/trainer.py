@@ -11,6 +11,7 @@ fetched every ``log.every`` steps -> ``metrics.jsonl``, TensorBoard, the progres
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import sys
@@ -36,6 +37,7 @@ from jaxllm.model.transformer import Transformer
 from jaxllm.parallel import pipeline, sharding
 from jaxllm.train import checkpoint as ckpt
 from jaxllm.train import distill, loop
+from jaxllm.train.ahead import compile_ahead
 from jaxllm.train.loop import TrainingDiverged
 from jaxllm.train.metrics_log import MetricsLog, plot_expert_load, plot_losses
 from jaxllm.train.optim import optimizer, schedule
@@ -83,16 +85,20 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
         boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy()))["params"]
         sharding.check_param_divisible(boxed, mesh, rule_table)  # any mesh.rules override included
         param_sh = sharding.logical_shardings(boxed, mesh, rule_table)
-        abstract_params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), dummy()))["params"])
+        abstract_params = jax.eval_shape(nn.unbox, boxed)  # the boxes hold ShapeDtypeStructs: no model trace
         opt_sh = sharding.opt_state_shardings(
             tx, jax.eval_shape(tx.init, abstract_params), param_sh, mesh, cfg.optim.shard_state
         )
     repl = sharding.replicated(mesh)
     state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl)
 
+    # Unrolling the layer loop speeds the step, not the one-off initialisation; it only slows its
+    # compilation, and the parameters are the same either way.
+    init_model = Transformer(dataclasses.replace(model_cfg, scan_unroll=1), deterministic=True)
+
     def init_fn():
         key = jax.random.PRNGKey(cfg.train.seed)
-        params = nn.unbox(model.init(key, dummy())["params"])
+        params = nn.unbox(init_model.init(key, dummy())["params"])
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.fold_in(key, 1)
         )
@@ -301,6 +307,7 @@ def train(cfg: Config, devices: list | None = None) -> dict:
 
 def _train(cfg: Config, setup: Setup, tokens: data_lib.TokenData, run_dir: Path) -> dict:
     is_main = jax.process_index() == 0
+    setup = compiled_ahead(cfg, setup)
     checkpointer = ckpt.Checkpointer(run_dir, cfg.checkpoint.keep)
     log = None
     try:
@@ -329,6 +336,17 @@ def _train(cfg: Config, setup: Setup, tokens: data_lib.TokenData, run_dir: Path)
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
         plot_expert_load(run_dir / "metrics.jsonl", run_dir / "expert_load.png")
     return summary(out, start, setup.model_cfg)
+
+
+def compiled_ahead(cfg: Config, setup: Setup) -> Setup:
+    """``setup`` whose train step and evaluation compile on a background thread
+    (:mod:`jaxllm.train.ahead`) while the state is restored or initialised."""
+    t = cfg.train
+    state = ckpt.abstract(jax.eval_shape(setup.init), setup.state_shardings)
+    batch = jax.ShapeDtypeStruct((t.grad_accum, t.batch_size, t.seq_len + 1), jnp.int32, sharding=setup.batch_sharding)
+    rows = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=sharding.batch_sharding(setup.mesh, 0))
+    return dataclasses.replace(setup, step=compile_ahead(setup.step, setup.context, state, batch),
+                               eval=compile_ahead(setup.eval, setup.context, state.params, rows))
 
 
 def summary(out: loop.Outcome, start: int, model_cfg: ModelConfig) -> dict:
