@@ -39,6 +39,7 @@ class Layout(NamedTuple):
     tokens: tuple[str, ...]
     expert: tuple[str, ...]
     ways: int  # n: expert shards
+    stages: tuple[str, ...]  # the stacked layers' axes: a pipeline runs its stages as a vmap over them
 
 
 class Exchange(NamedTuple):
@@ -79,7 +80,7 @@ def layout(n_rows: int, n_experts: int, dropless: bool) -> Layout | None:
     ways, row_ways = (math.prod(mesh.shape[a] for a in axes) for axes in (expert, tokens))
     if n_experts % ways or n_rows % row_ways or row_ways == 1 or (ways == 1 and not dropless):
         return None  # `init` traces one row; the rules' divisibility checks catch real batches
-    return Layout(tokens, expert, ways)
+    return Layout(tokens, expert, ways, tuple(a for a in _axes("layers", mesh) if a not in tokens))
 
 
 def dispatch(experts: Callable, lay: Layout | None, per_token: tuple[Array, ...], params: dict) -> tuple[tuple, Array]:
@@ -100,9 +101,10 @@ def dispatch(experts: Callable, lay: Layout | None, per_token: tuple[Array, ...]
         outputs, dropped = local(per_token, params, Exchange(lay.expert, lay.ways))
         return outputs, jax.lax.pmean(dropped, lay.tokens)  # every device holds as many assignments
 
+    # manual over the stage axes too: under a pipeline's vmap (spmd_axis_name) they split every argument
     rows, by_expert = P(lay.tokens), jax.tree.map(lambda _: P(lay.expert), params)
     return jax.shard_map(sharded, in_specs=(rows, by_expert), out_specs=(rows, P()),
-                         axis_names=set(lay.tokens))(per_token, params)
+                         axis_names=set(lay.tokens + lay.stages))(per_token, params)
 
 
 def _grouped(x_MxD: Array, group_sizes_E: Array, expert_M: Array, *, ffn: Callable, axes, n: int) -> Array:
