@@ -10,8 +10,9 @@ sorted by expert and multiplied with one grouped matmul (``jax.lax.ragged_dot``)
 C = ceil(capacity_factor * G * k / E) assignments, first choices before second ones (GShard), into an
 ``[E, C, D]`` buffer multiplied with a batched matmul; assignments beyond C are dropped (the token
 keeps its residual) and counted. G: the whole batch's tokens, or one device's when the experts are
-split over devices (each fills its own capacity: ``moe_dispatch.layout``). ``shared_experts`` = S adds one dense MLP of width S*F that every token
-goes through, unweighted (DeepSeekMoE's shared experts), to the routed experts' output.
+split over devices (each fills its own capacity: ``moe_dispatch.layout``). ``shared_experts`` = S adds
+one dense MLP of width S*F that every token goes through, unweighted (DeepSeekMoE's shared experts), to
+the routed experts' output.
 
 With top_k = 1 a token's output is scaled by its router probability (Switch), so the router learns
 from the language-model loss; with top_k > 1 the k probabilities are renormalised to sum to 1

@@ -1,4 +1,4 @@
-"""Where an MoE layer's experts run: on every token where they are, or by expert parallelism.
+"""Where an MoE layer's experts run: in place, or per device with the tokens exchanged (expert parallelism).
 
     tokens split over the batch axes, experts over the expert axes (the rules' ``batch`` and ``expert``)
     -> shard_map over those axes: each device routes its own G_l tokens
@@ -101,8 +101,8 @@ def dispatch(experts: Callable, lay: Layout | None, per_token: tuple[Array, ...]
         outputs, dropped = local(per_token, params, Exchange(lay.expert, lay.ways))
         return outputs, jax.lax.pmean(dropped, lay.tokens)  # every device holds as many assignments
 
-    # manual over the stage axes too: under a pipeline's vmap (spmd_axis_name) they split every argument
     rows, by_expert = P(lay.tokens), jax.tree.map(lambda _: P(lay.expert), params)
+    # manual over the stage axes too: under a pipeline's vmap (spmd_axis_name) they split every argument
     return jax.shard_map(sharded, in_specs=(rows, by_expert), out_specs=(rows, P()),
                          axis_names=set(lay.tokens + lay.stages))(per_token, params)
 
