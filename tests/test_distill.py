@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import flax.linen as nn
@@ -9,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, corpus_text, run_cli
+from conftest import TINY, corpus_text
 
+import train as train_cli
 from jaxllm.core.config import ModelConfig, load_config, resolve_model
 from jaxllm.model.transformer import Transformer, cross_entropy
 from jaxllm.train import distill
@@ -62,12 +64,14 @@ def test_teacher_receives_no_gradient():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A factory of tiny trained runs on the test corpus: ``runs(name, *overrides) -> (run_dir, summary)``."""
+    """A factory of tiny trained runs on the test corpus: ``runs(name, *overrides) -> (run_dir, summary)``, each
+    trained once for the module."""
     from jaxllm.train.trainer import train
 
     tmp = tmp_path_factory.mktemp("distill")
     (tmp / "corpus.txt").write_text(corpus_text())
 
+    @functools.cache  # a run two tests ask for trains once
     def make(name: str, *overrides: str):
         base = TINY + [f"data.source={tmp / 'corpus.txt'}", f"data.cache_dir={tmp / 'cache'}", f"run.dir={tmp / name}"]
         return tmp / name, train(load_config(None, base + list(overrides)), devices=jax.devices()[:1])
@@ -80,27 +84,31 @@ def losses(run_dir) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
+# The teacher and the plain run are shared by both tests (``runs`` trains each once).
+STEPS = ["train.steps=20", "optim.lr=3e-3", "log.every=5"]
+
+
 @pytest.mark.slow
 def test_training_with_a_teacher_at_alpha_0_follows_training_without_one(runs):
     teacher, _ = runs("teacher", "model.d_model=64")
-    plain, _ = runs("plain")
-    taught, _ = runs("taught", f"distill.teacher={teacher}", "distill.alpha=0")
+    plain, _ = runs("plain20", *STEPS)
+    taught, _ = runs("taught0", *STEPS, f"distill.teacher={teacher}", "distill.alpha=0")
     np.testing.assert_allclose(losses(taught), losses(plain), rtol=1e-6)
     assert len(losses(plain)) == 4
 
 
 @pytest.mark.slow
-def test_teacher_with_another_vocabulary_exits_2_with_one_line_and_writes_nothing(runs, tmp_path):
+def test_teacher_with_another_vocabulary_exits_2_with_one_line_and_writes_nothing(runs, tmp_path, capsys):
     teacher, _ = runs("char_teacher", "data.tokenizer=char", "train.steps=1")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(corpus_text())
     student = tmp_path / "student"
-    r = run_cli(
-        "train.py", *TINY, f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={student}",
-        f"distill.teacher={teacher}",
-    )
-    assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and "distillation needs the same tokenizer" in r.stderr
+    capsys.readouterr()
+    code = train_cli.main([*TINY, f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={student}",
+                           f"distill.teacher={teacher}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "distillation needs the same tokenizer" in err
     assert not student.exists()
 
 
@@ -115,7 +123,6 @@ def kl_on_validation_text(student_dir, teacher_dir) -> float:
 @pytest.mark.slow
 def test_training_with_a_teacher_at_alpha_1_brings_the_student_closer_to_it_than_plain_training(runs):
     teacher, _ = runs("teacher", "model.d_model=64")
-    steps = ["train.steps=20", "optim.lr=3e-3", "log.every=10"]
-    plain, _ = runs("plain20", *steps)
-    taught, _ = runs("taught20", *steps, f"distill.teacher={teacher}", "distill.alpha=1", "distill.temperature=1")
+    plain, _ = runs("plain20", *STEPS)
+    taught, _ = runs("taught20", *STEPS, f"distill.teacher={teacher}", "distill.alpha=1", "distill.temperature=1")
     assert kl_on_validation_text(taught, teacher) < 0.8 * kl_on_validation_text(plain, teacher)

@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, kill_after_checkpoint, run_cli
+from conftest import ROOT, kill_after_checkpoint
 
 import jaxllm
 from jaxllm.core.config import SFTConfig, load_config, resolve_model, save_config
 from jaxllm.core.fileio import dir_lock, read_jsonl
 from jaxllm.data.tokenizer import ByteTokenizer
 from jaxllm.model.transformer import Transformer
+from jaxllm.sft.finetune import finetune
 from jaxllm.train import checkpoint as ckpt
 
 spec = importlib.util.spec_from_file_location("sft_cli", ROOT / "sft.py")
@@ -53,10 +54,11 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
         assert f in err, err
 
 
-def test_missing_default_model_exits_2_saying_to_run_train_py(tmp_path):
-    out = run_cli("sft.py", cwd=tmp_path)
-    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
-    assert "python train.py" in out.stderr
+def test_missing_default_model_exits_2_saying_to_run_train_py(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default config's init.from, runs/tiny, is relative
+    code, err = sft_cli.main([]), capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "python train.py" in err
 
 
 def test_malformed_jsonl_names_its_line(tmp_path, base_run, capsys):
@@ -204,16 +206,22 @@ def sft_losses(run_dir) -> list[tuple[int, float, float]]:
 
 
 @pytest.mark.slow
-def test_sft_sigkill_after_a_checkpoint_then_rerun_gives_bitwise_identical_losses(base_run, tmp_path):
+def test_sft_sigkill_after_a_checkpoint_then_rerun_gives_bitwise_identical_losses(base_run, tmp_path, capsys):
+    """Only the killed run needs a process of its own; the uninterrupted reference and the rerun fine-tune
+    in this one, on one device and from sft.py's default config as the process does."""
     args = [f"init.from={base_run}", "train.seq_len=32", *SMALL, "train.steps=16", "checkpoint.every=4",
             "checkpoint.keep=10", "sft.method=lora", "log.progress=false", "log.tensorboard=false"]
-    ref = run_cli("sft.py", *args, f"run.dir={tmp_path / 'ref'}")
-    assert ref.returncode == 0, ref.stderr
+
+    def rerun(run_dir):
+        finetune(load_config(None, [*args, f"run.dir={run_dir}"], cls=SFTConfig, default=str(sft_cli.DEFAULT_CONFIG)),
+                 jax.devices()[:1])
+
+    rerun(tmp_path / "ref")
     killed = tmp_path / "killed"
     kill_after_checkpoint("sft.py", args, killed, 8)
-    resumed = run_cli("sft.py", *args, f"run.dir={killed}")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming at step" in resumed.stderr
+    capsys.readouterr()
+    rerun(killed)
+    assert "resuming at step" in capsys.readouterr().err
     assert sft_losses(killed) == sft_losses(tmp_path / "ref")  # exact float equality, every step
 
 

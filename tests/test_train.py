@@ -12,8 +12,9 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, kill_after_checkpoint, run_cli
+from conftest import ROOT, TINY, kill_after_checkpoint
 
+from jaxllm.core.config import load_config
 from jaxllm.core.errors import ConfigError
 from jaxllm.train import trainer
 
@@ -117,7 +118,9 @@ def test_nan_loss_stops_training_naming_the_step(tiny_cfg):
 
 
 @pytest.mark.slow
-def test_sigkill_after_a_checkpoint_then_rerun_gives_bitwise_identical_losses(tmp_path, corpus):
+def test_sigkill_after_a_checkpoint_then_rerun_gives_bitwise_identical_losses(tmp_path, corpus, capsys):
+    """Only the killed run needs a process of its own; the uninterrupted reference and the rerun train
+    in this one, on one device and from train.py's default config as the process does."""
     args = TINY + [
         f"data.source={corpus}",
         f"data.cache_dir={tmp_path / 'cache'}",
@@ -125,13 +128,16 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_bitwise_identical_losses(tm
         "checkpoint.every=5",
         "checkpoint.keep=10",
     ]
-    ref = run_cli("train.py", *args, f"run.dir={tmp_path / 'ref'}")
-    assert ref.returncode == 0, ref.stderr
+
+    def rerun(run_dir):
+        trainer.train(load_config(None, [*args, f"run.dir={run_dir}"], default=str(ROOT / "configs" / "tiny.yaml")), one_device())
+
+    rerun(tmp_path / "ref")
     killed_dir = tmp_path / "killed"
     kill_after_checkpoint("train.py", args, killed_dir, 10)
-    resumed = run_cli("train.py", *args, f"run.dir={killed_dir}")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming at step" in resumed.stderr
+    capsys.readouterr()
+    rerun(killed_dir)
+    assert "resuming at step" in capsys.readouterr().err
     assert losses(killed_dir) == losses(tmp_path / "ref")  # exact float equality, every step
 
 
