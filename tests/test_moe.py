@@ -3,7 +3,9 @@
 The routing functions are checked on crafted inputs (hand-counted drops, an even router), the MoE
 layer against references (one expert = the dense MLP; dropless = every expert on every token, weighted;
 capacity without drops = dropless), and expert parallelism by equality with one device: the trainer's
-own jitted step, loss and every gradient within rel 1e-5 (float32), as in test_context_parallel.
+own jitted step, loss and every gradient within rel 1e-5 (float32), as in test_context_parallel; the
+layer's router statistics too; its step exchanges tokens by all-to-all; with split experts, capacity is
+each device's own.
 """
 
 from __future__ import annotations
@@ -230,7 +232,7 @@ def assert_trees_close(got, want):
     (LAYOUTS["expert2_data4"], ["model.arch=llama"]),
     (["mesh.data=8"], ["model.arch=gpt2"]),  # no expert axis: each device sorts its own assignments
 ], ids=["expert2_data4", "data8"])
-def test_expert_parallel_layer_and_its_router_statistics_equal_one_device(mesh, overrides):
+def test_layer_under_a_mesh_and_its_router_statistics_equal_one_device(mesh, overrides):
     layer, params, x_BxTxD = layer_and_input(overrides)
     want_grads, (want, want_stats) = jax.jit(layer_grad(layer))(params, x_BxTxD)
     grads, (got, stats) = under_mesh(layer_grad(layer), mesh, params, x_BxTxD)
