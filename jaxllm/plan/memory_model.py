@@ -99,7 +99,7 @@ def score_values(m: ModelConfig, seq_len: int, tensor: int, kernel: str) -> floa
 
 
 def layer_values_per_token(m: ModelConfig, seq_len: int, tensor: int, sequence_parallel: bool,
-                           kernel: str = "xla") -> tuple[float, float]:
+                           kernel: str = "xla", expert_ways: int = 1) -> tuple[float, float]:
     """``(compute-dtype values, float32 values)`` one layer keeps per token for its backward pass.
 
     Korthikanti's minimum without dropout is ``8 D + 2 F`` values (GELU MLP); XLA keeps about twice
@@ -108,19 +108,21 @@ def layer_values_per_token(m: ModelConfig, seq_len: int, tensor: int, sequence_p
     """
     head = m.d_model // m.n_head
     whole = 4 * m.d_model / (tensor if sequence_parallel else 1)  # norms in and out, residual adds
-    split = ((2 * m.n_head + 2 * m.n_kv_head) * head + mlp_values_per_token(m)) / tensor
+    split = ((2 * m.n_head + 2 * m.n_kv_head) * head + mlp_values_per_token(m, expert_ways)) / tensor
     return 2 * (whole + split), score_values(m, seq_len, tensor, kernel)
 
 
-def mlp_values_per_token(m: ModelConfig) -> float:
+def mlp_values_per_token(m: ModelConfig, expert_ways: int = 1) -> float:
     """Hidden values of a layer's MLP per token, averaged over the layers: ``mats F`` for a dense MLP
-    (mats = 2 for GELU, 3 for SwiGLU); an MoE layer keeps its k (times the capacity factor, for the
-    capacity path) dispatched copies of the token in and out and their ``mats F_e`` hidden values,
-    the shared experts' ``mats S F_e`` and the ``E`` router probabilities."""
+    (mats = 2 for GELU, 3 for SwiGLU); an MoE layer keeps its k dispatched copies of the token in and
+    out and their ``mats F_e`` hidden values, the shared experts' ``mats S F_e`` and the ``E`` router
+    probabilities. Copies: k times the capacity factor on the capacity path; dropless with the experts
+    split ``expert_ways`` = n ways, k n, as the experts run on ``jaxllm.model.moe_dispatch``'s padded
+    buffer of n times a device's assignments."""
     mats, e = (2 if m.arch == "gpt2" else 3), m.moe
     if not e.n_experts:
         return mats * m.d_ff
-    copies = e.top_k * (e.capacity_factor or 1.0)
+    copies = e.top_k * (e.capacity_factor or expert_ways)
     expert = copies * (2 * m.d_model + mats * (e.d_ff or m.d_ff)) + mats * e.shared_experts * (e.d_ff or m.d_ff) + e.n_experts
     return (mats * m.d_ff * (e.every - 1) + expert) / e.every
 
@@ -173,7 +175,7 @@ def activation_bytes(cfg: Config, m: ModelConfig, sizes: dict[str, int], platfor
     rows = cfg.train.batch_size // (sizes["data"] * sizes["fsdp"] * sizes.get("expert", 1))  # expert: a data axis outside MoE
     seq = cfg.train.seq_len
     kernel = attention.resolve(m.attention, platform, m.dtype)
-    low, f32 = layer_values_per_token(m, seq, t, cfg.mesh.sequence_parallel, kernel)
+    low, f32 = layer_values_per_token(m, seq, t, cfg.mesh.sequence_parallel, kernel, sizes.get("expert", 1))
     layer = rows * seq * (low * c + f32 * 4)
     residual = rows * seq * m.d_model * c / (t if cfg.mesh.sequence_parallel else 1)
     layers_here = m.n_layer // p
