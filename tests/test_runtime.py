@@ -44,17 +44,19 @@ def test_jax_compilation_cache_dir_wins_over_the_key(tmp_path):
 @pytest.mark.slow
 def test_rerun_loads_every_program_from_the_compile_cache(tmp_path, corpus):
     """Two ``train.py`` processes with one ``run.compile_cache``: the second compiles nothing new (the
-    folder gains no entry) and JAX logs a cache hit for the train step."""
+    folder gains no entry) and JAX logs a cache hit for the train step. With no JAX_NUM_CPU_DEVICES set,
+    the config's ``dist.cpu_devices`` splits the host CPU (test_train's SIGTERM test: the variable wins)."""
     cache = tmp_path / "xla"
     args = TINY + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=1",
-                   f"run.compile_cache={cache}"]
+                   f"run.compile_cache={cache}", "dist.cpu_devices=2"]
     env = {"JAX_COMPILATION_CACHE_DIR": "", "JAX_LOG_COMPILES": "1"}  # the suite's cache set aside
-    first = run_cli("train.py", *args, f"run.dir={tmp_path / 'a'}", env_extra=env)
+    first = run_cli("train.py", *args, f"run.dir={tmp_path / 'a'}", devices=None, env_extra=env)
     assert first.returncode == 0, first.stderr[-2000:]
+    assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1, 'pipe': 1}" in first.stderr
     entries = sorted(p.name for p in cache.iterdir())
     assert any(name.startswith("jit_train_step") for name in entries)
     assert "cache hit for 'jit_train_step'" not in first.stderr
-    second = run_cli("train.py", *args, f"run.dir={tmp_path / 'b'}", env_extra=env)
+    second = run_cli("train.py", *args, f"run.dir={tmp_path / 'b'}", devices=None, env_extra=env)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "Persistent compilation cache hit for 'jit_train_step'" in second.stderr
     assert sorted(p.name for p in cache.iterdir()) == entries

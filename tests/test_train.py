@@ -143,8 +143,10 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_bitwise_identical_losses(tm
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path, corpus):
+    """Also: JAX_NUM_CPU_DEVICES wins over the config's ``dist.cpu_devices`` (test_runtime's compile-cache
+    test: without the variable, the key splits the host CPU)."""
     args = TINY + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=100000",
-                   f"run.dir={tmp_path / 'run'}", "log.every=10"]
+                   f"run.dir={tmp_path / 'run'}", "log.every=10", "dist.cpu_devices=2"]
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -158,3 +160,4 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path, corpus):
     steps = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(steps) == 1 and int(steps[0]) >= 10
     assert "stopped by SIGTERM" in err
+    assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 1, 'pipe': 1}" in err  # the variable's 1 device, not the key's 2
