@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from equality import rel
 
 from jaxllm.core.config import ModelConfig, OptimConfig, SFTConfig, load_config, resolve_model
 from jaxllm.core.errors import ConfigError
@@ -219,28 +222,61 @@ def sft_cfg(directory, *overrides: str):
                               "train.batch_size=8", "train.steps=2", "optim.warmup_steps=0", *overrides], cls=SFTConfig)
 
 
-def first_losses(cfg, p: sft.Prepared) -> list[float]:
+def two_steps(cfg, p: sft.Prepared) -> tuple[list[float], dict]:
+    """The losses of two steps (the first, and the one after an update) and the parameters after them."""
     job = sft.build(cfg, p)
     state, order, losses = job.init(), sft.batch_order(len(p.rows), cfg.train), []
     with job.context():
         for step in range(2):
             state, metrics = job.step(state, sft.batch_at(p.rows, order, job.batch_sharding, step))
             losses.append(float(metrics["loss"]))
-    return losses
+    return losses, jax.device_get(state.params)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", [pytest.param(["mesh.data=1", "mesh.fsdp=8"], id="fsdp"),
-                                  pytest.param(["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], id="fsdp_tensor")])
+                                  pytest.param(["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "optim.shard_state=true"],
+                                               id="fsdp_tensor_zero1_lora")])
 def test_hf_base_streams_into_the_mesh_and_fine_tunes_as_on_one_device(hf_base, mesh):
     assert (hf_base / "model.safetensors.index.json").is_file()
-    one_cfg, cfg = sft_cfg(hf_base, "mesh.data=1"), sft_cfg(hf_base, *mesh)
+    method = ["sft.method=lora"] if "optim.shard_state=true" in mesh else []  # a masked optimizer under ZeRO-1
+    one_cfg, cfg = sft_cfg(hf_base, "mesh.data=1", *method), sft_cfg(hf_base, *mesh, *method)
     p = sft.prepare(cfg, jax.devices())
     up = p.params["blocks"]["mlp"]["up"]["kernel"]  # [L, D, F]: D over fsdp, F over tensor, as pre-training
     assert up.sharding.spec == sharding.logical_shardings(nn.Partitioned(up, ("layers", "embed", "mlp")), p.mesh, p.rules).spec
     assert all(s.data.size < up.size for s in up.addressable_shards)  # no device holds the whole parameter
-    one = first_losses(one_cfg, sft.prepare(one_cfg, jax.devices()[:1]))
-    np.testing.assert_allclose(first_losses(cfg, p), one, rtol=1e-5)  # the first loss and the one after an update
+    one_losses, one_params = two_steps(one_cfg, sft.prepare(one_cfg, jax.devices()[:1]))
+    losses, params = two_steps(cfg, p)
+    np.testing.assert_allclose(losses, one_losses, rtol=1e-5)  # the first loss and the one after an update
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(one_params)):
+        assert rel(got, want) <= 1e-5, jax.tree_util.keystr(path)  # the trained leaves updated alike
+
+
+def moment_shardings(job: sft.Job) -> dict:
+    """``{parameter path: sharding}`` of Adam's first moment in a fine-tuning job's optimizer state."""
+    found = {}
+    for path, s in jax.tree_util.tree_leaves_with_path(job.state_shardings.opt_state):
+        name = jax.tree_util.keystr(path)
+        if ".mu[" in name:
+            found[name.split(".mu", 1)[1]] = s
+    return found
+
+
+def test_optimizer_state_is_sharded_like_the_trainable_parameters_and_split_by_zero1(hf_base):
+    mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "sft.method=lora"]
+    cfg, zero1_cfg = sft_cfg(hf_base, *mesh), sft_cfg(hf_base, *mesh, "optim.shard_state=true")
+    lora = sft.prepare(cfg, jax.devices())
+    param_sh = {jax.tree_util.keystr(k): s for k, s in jax.tree_util.tree_leaves_with_path(lora.shardings)}
+    trained = {jax.tree_util.keystr(k) for k, m in jax.tree_util.tree_leaves_with_path(lora.mask) if m}
+    assert set(moment_shardings(sft.build(cfg, lora))) == trained < set(param_sh)  # frozen weights hold no state
+    full = dataclasses.replace(lora, mask=jax.tree.map(lambda _: True, lora.mask))  # every leaf trains
+    assert moment_shardings(sft.build(cfg, full)) == param_sh
+    split = moment_shardings(sft.build(zero1_cfg, full))
+    L, D, F = lora.params["blocks"]["mlp"]["up"]["kernel"].shape
+    # the up kernel's moment: D over fsdp and F over tensor as its parameter, and L over data (ZeRO-1)
+    assert split["['blocks']['mlp']['up']['kernel']"].shard_shape((L, D, F)) == (L // 2, D // 2, F // 2)
+    # LoRA's A [L, D, r] is replicated as a parameter; its moment is split over data x fsdp
+    assert split["['blocks']['attn']['q']['lora_a']"].shard_shape((L, D, 8)) == (L, D // 4, 8)
 
 
 def test_compute_options_apply_to_a_hf_base_and_its_weights_stay_float32(hf_base):

@@ -20,7 +20,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -216,23 +215,37 @@ def _zero1(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
     return sharding
 
 
-def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, param_shardings, mesh: Mesh, zero1: bool):
-    """Shardings of the optimizer state: each param-shaped leaf like its parameter (or ZeRO-1)."""
-
-    def like_param(leaf, sharding):
-        return _zero1(sharding, leaf.shape) if zero1 else sharding
-
-    def abstract_init(params):  # an eager init would place arrays on the mesh, which abstract devices cannot
-        return jax.eval_shape(tx.init, params)
-
-    return optax.tree_map_params(
-        abstract_init,
-        like_param,
-        abstract_opt_state,
-        param_shardings,
-        transform_non_params=lambda _: replicated(mesh),
-        is_leaf=lambda x: isinstance(x, NamedSharding),
+def fits(sharding: NamedSharding, shape: tuple[int, ...]) -> bool:
+    """Whether ``sharding`` can lay out an array of ``shape``: no more dimensions than it has, each
+    divisible by the mesh axes that split it."""
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    axes = [() if a is None else (a,) if isinstance(a, str) else tuple(a) for a in spec]
+    return len(spec) == len(shape) and all(
+        d % math.prod(sharding.mesh.shape[n] for n in names) == 0 for d, names in zip(shape, axes)
     )
+
+
+def opt_state_shardings(abstract_opt_state, param_shardings, mesh: Mesh, zero1: bool):
+    """Shardings of the optimizer state (a tree of shape structs): a leaf whose key path ends in a
+    parameter's (Adam's ``mu``/``nu`` of it, under any ``chain``, ``masked`` or ``multi_transform``) like
+    that parameter, or ZeRO-1 split when ``zero1``; the rest (step counts, a leaf the parameter's
+    sharding does not fit) replicated.
+
+    Matched by key path, not by tree structure as ``optax.tree_map_params`` matches: a masked
+    optimizer's frozen leaves hold no state (optax's ``MaskedNode``), so its moments are not
+    parameter-shaped trees, and fine-tuning's partitioned optimizers (:func:`jaxllm.sft.peft.masked`)
+    would be out of reach."""
+    by_key = {jax.tree_util.keystr(k): s for k, s in jax.tree_util.tree_leaves_with_path(param_shardings)}
+    repl = replicated(mesh)
+
+    def pick(path, leaf):
+        found = (by_key.get(jax.tree_util.keystr(path[i:])) for i in range(len(path)))  # longest suffix first
+        s = next((s for s in found if s is not None), None)
+        if s is None or not fits(s, leaf.shape):
+            return repl
+        return _zero1(s, leaf.shape) if zero1 else s
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
 def per_device_bytes(tree) -> int:

@@ -295,7 +295,7 @@ def build(cfg: SFTConfig, p: Prepared) -> Job:
     optim_cfg = method_optim(cfg)
     tx = peft.masked(optimizer(optim_cfg, t.steps), p.mask)
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh, leading=1)
-    opt_sh = sft_base.like_params(jax.eval_shape(tx.init, p.params), p.shardings, mesh)
+    opt_sh = sharding.opt_state_shardings(jax.eval_shape(tx.init, p.params), p.shardings, mesh, optim_cfg.shard_state)
     state_sh = TrainState(step=repl, params=p.shardings, opt_state=opt_sh, rng=repl)
     with jax.set_mesh(mesh), nn.logical_axis_rules(p.rules):
         step_fn = jax.jit(

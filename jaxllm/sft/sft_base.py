@@ -10,7 +10,6 @@ The weights fix the model's shape; the config's ``model`` section may only choos
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +39,6 @@ def with_compute_options(base: ModelConfig, asked: ModelConfig) -> ModelConfig:
     return dataclasses.replace(base, **{k: getattr(asked, k) for k in chosen if k in COMPUTE_ONLY})
 
 
-def _fits(s: jax.sharding.NamedSharding, shape: tuple) -> bool:
-    specs = tuple(s.spec) + (None,) * (len(shape) - len(s.spec))
-    axes = [() if a is None else (a,) if isinstance(a, str) else tuple(a) for a in specs]
-    return all(d % math.prod(s.mesh.shape[n] for n in names) == 0 for d, names in zip(shape, axes))
-
-
 def param_shardings(tree: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh, rule_table) -> Any:
     """A sharding per leaf of ``tree`` (arrays or shape structs): a leaf of the model ``model_cfg``
     describes, by its logical names; the method's own small leaves (LoRA, prompt, new tokens) and a
@@ -59,22 +52,7 @@ def param_shardings(tree: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh, 
 
     def pick(path, leaf):
         s = by_key.get(jax.tree_util.keystr(path))
-        return s if s is not None and _fits(s, leaf.shape) else repl
-
-    return jax.tree_util.tree_map_with_path(pick, tree)
-
-
-def like_params(tree: Any, param_sh: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Shardings for ``tree`` (e.g. the optimizer state): a leaf whose key path ends in a parameter's
-    (Adam's ``mu``/``nu`` of that parameter) as that parameter, the rest (step counts) replicated. A
-    masked optimizer's frozen leaves hold no state, which ``sharding.opt_state_shardings`` cannot map."""
-    by_key = {jax.tree_util.keystr(k): s for k, s in jax.tree_util.tree_leaves_with_path(param_sh)}
-    repl = sharding.replicated(mesh)
-
-    def pick(path, leaf):
-        found = (by_key.get(jax.tree_util.keystr(path[i:])) for i in range(len(path)))
-        s = next((s for s in found if s is not None), None)
-        return s if s is not None and _fits(s, leaf.shape) else repl
+        return s if s is not None and sharding.fits(s, leaf.shape) else repl
 
     return jax.tree_util.tree_map_with_path(pick, tree)
 

@@ -87,7 +87,7 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
         param_sh = sharding.logical_shardings(boxed, mesh, rule_table)
         abstract_params = jax.eval_shape(nn.unbox, boxed)  # the boxes hold ShapeDtypeStructs: no model trace
         opt_sh = sharding.opt_state_shardings(
-            tx, jax.eval_shape(tx.init, abstract_params), param_sh, mesh, cfg.optim.shard_state
+            jax.eval_shape(tx.init, abstract_params), param_sh, mesh, cfg.optim.shard_state
         )
     repl = sharding.replicated(mesh)
     state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl)
