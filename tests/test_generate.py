@@ -8,9 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY, corpus_text
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from jaxllm.core.config import MeshConfig, ModelConfig, load_config, resolve_model
 from jaxllm.core.errors import ConfigError
+from jaxllm.data.tokenizer import HFTokenizer
+from jaxllm.hf import convert as hf
 from jaxllm.infer import generate
 from jaxllm.model.decode import Decoder, cache_slots, filter_logits, generate_tokens
 from jaxllm.model.transformer import Transformer
@@ -81,12 +84,30 @@ def test_a_short_generation_from_a_long_context_model_uses_a_short_cache_with_th
     np.testing.assert_allclose(logits_BxNxV[0], full_TxV[len(prompt) - 1 : len(prompt) - 1 + N_NEW], rtol=0, atol=1e-5)
 
 
-def test_decoding_stops_each_row_at_end_of_sequence():
-    cfg, model, params = build("gpt2")
-    ref, _ = greedy_by_full_forward(model, params, PROMPTS[0], N_NEW)
-    eos = ref[4]
-    out = Decoder(cfg)(params, PROMPTS[:1], N_NEW, temperature=0.0, eos_id=eos)
-    assert out == [ref[: ref.index(eos)]]
+def test_generation_stops_at_the_eos_the_checkpoint_declares(tmp_path):
+    """A Hugging Face directory whose tokenizer_config.json names as ``eos_token`` a token no default
+    name would find (``<stop>`` in a word-level vocabulary) stops there; a generation_config.json whose
+    ``eos_token_id`` names the first token generated stops at once."""
+    import jaxllm
+
+    cfg, _, params = build("gpt2")
+    hf.write(cfg, params, tmp_path)
+    prompt = [1, 2, 3]
+    ref = Decoder(cfg)(params, [prompt], N_NEW, temperature=0.0)[0]  # no end: all N_NEW tokens
+    new = [i for i, t in enumerate(ref) if t not in ref[:i]]  # where each token first appears
+    declared, named = ref[new[0]], ref[new[1]]  # this random model repeats itself: [3, 3, 3, 3, 49, ...]
+    assert named not in prompt
+    vocab = {f"w{i}": i for i in range(cfg.vocab_size) if i != named} | {"<stop>": named}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<stop>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<stop>"])
+    HFTokenizer(tok, roles={"eos_token": "<stop>"}).save(tmp_path)
+    text = " ".join(f"w{i}" for i in prompt)
+    lm = jaxllm.load(tmp_path)
+    assert lm.eos_ids == (named,) and lm.generate(text, N_NEW, temperature=0.0) == lm.tokenizer.decode(ref[: new[1]])
+    (tmp_path / "generation_config.json").write_text(f'{{"eos_token_id": [{declared}]}}')
+    lm = jaxllm.load(tmp_path)
+    assert lm.eos_ids == (declared, named) and lm.generate(text, N_NEW, temperature=0.0) == ""
 
 
 @pytest.mark.slow

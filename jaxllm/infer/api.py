@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxllm.core.config import Config, ModelConfig, from_dict, resolve_model, validate_model
 from jaxllm.core.errors import ConfigError
-from jaxllm.core.fileio import read_yaml
+from jaxllm.core.fileio import read_json, read_yaml
 from jaxllm.data import tokenizer as tokenizers
 from jaxllm.hf import convert as hf
 from jaxllm.model import decode as gen
@@ -27,6 +27,7 @@ from jaxllm.model.transformer import Transformer, linear_axes
 from jaxllm.train import checkpoint as ckpt
 
 PLACEHOLDER = 0  # token id at a prompt-tuned model's first model.prompt_tokens positions; the model replaces it
+GENERATION_CONFIG = "generation_config.json"  # a Hugging Face checkpoint's decoding defaults, its eos among them
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class LoadedModel:
     config: Config
     params: Any
     tokenizer: tokenizers.Tokenizer | NoTokenizer
+    declared_eos: tuple[int, ...] = ()  # the ids a Hugging Face checkpoint's generation config ends on
 
     def __post_init__(self):
         self.module = Transformer(self.config.model, deterministic=True)
@@ -66,6 +68,13 @@ class LoadedModel:
     def prefix(self) -> list[int]:
         """Placeholders put before every input: the positions of a prompt-tuned model's learned prompt."""
         return [PLACEHOLDER] * self.config.model.prompt_tokens
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The ids that end a generation: those the checkpoint declares (:func:`declared_eos`) and the
+        tokenizer's own (its ``tokenizer_config.json``'s ``eos_token``, else a conventional name)."""
+        own = None if isinstance(self.tokenizer, NoTokenizer) else gen.eos_id(self.tokenizer)
+        return tuple(dict.fromkeys(self.declared_eos + (() if own is None else (own,))))
 
     def logits(self, tokens_BxT) -> jax.Array:
         """float32 ``[B, T, V]`` next-token logits for integer tokens ``[B, T]`` (after the prefix, if any);
@@ -88,24 +97,24 @@ class LoadedModel:
         on_token=None,
     ) -> str | list[str]:
         """The text that follows ``prompt`` (or each of a list of prompts, decoded as one batch), by
-        cached decoding; temperature 0 = greedy; stops at the tokenizer's end-of-sequence token if it
-        has one. ``on_token(i, tokens_B)`` sees each step's tokens as they are chosen."""
+        cached decoding; temperature 0 = greedy; stops at an end-of-sequence token (:attr:`eos_ids`).
+        ``on_token(i, tokens_B)`` sees each step's tokens as they are chosen."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = self.generate_ids(
             [self.tokenizer.encode(p) for p in prompts], max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed, on_token=on_token, eos_id=gen.eos_id(self.tokenizer),
+            top_p=top_p, seed=seed, on_token=on_token, eos_ids=self.eos_ids,
         )
         texts = [self.tokenizer.decode(row) for row in ids]
         return texts[0] if isinstance(prompt, str) else texts
 
-    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 100, eos_id: int | None = None,
+    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 100, eos_ids: tuple[int, ...] = (),
                      **sampling) -> list[list[int]]:
-        """The new token ids after each prompt of token ids (one batch), cut before ``eos_id`` if given;
+        """The new token ids after each prompt of token ids (one batch), cut before the first of ``eos_ids``;
         ``sampling``: temperature, top_k, top_p, seed, on_token as for :meth:`generate`."""
         m = self.config.model
         for p in prompts:
             gen.check_tokens(np.asarray([p]), m.vocab_size, m.max_seq_len - len(self.prefix))
-        return self.decoder(self.params, [self.prefix + list(p) for p in prompts], max_new_tokens, eos_id=eos_id,
+        return self.decoder(self.params, [self.prefix + list(p) for p in prompts], max_new_tokens, eos_ids=eos_ids,
                             **sampling)
 
     def save_hf(self, out_dir: str | Path, max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> None:
@@ -131,12 +140,12 @@ def load(path: str | Path, quantize: str | None = None, group_size: int = 64, sh
     if quantize is not None:
         quant.check_mode(quantize)
     run_dir = Path(path)
-    tokenizer_optional = False
+    tokenizer_optional, eos = False, ()
     if (run_dir / "config.yaml").is_file():
         cfg, params = _read_run(run_dir)
     elif hf.is_hf_dir(run_dir):
         model_cfg, params = hf.read(run_dir, shardings)
-        cfg, tokenizer_optional = Config(model=model_cfg), True
+        cfg, tokenizer_optional, eos = Config(model=model_cfg), True, declared_eos(run_dir)
     else:
         raise ConfigError(
             f"{str(run_dir)!r} is neither a jaxllm run directory (config.yaml) nor a Hugging Face model directory (config.json)"
@@ -145,8 +154,19 @@ def load(path: str | Path, quantize: str | None = None, group_size: int = 64, sh
     if quantize is not None:
         params = quant.quantize_params(params, linear_axes(Transformer(cfg.model), params), quantize, group_size)
     if tokenizer_optional and not (run_dir / tokenizers.FILENAME).is_file():
-        return LoadedModel(cfg, params, NoTokenizer(str(run_dir)))
-    return LoadedModel(cfg, params, tokenizers.load(run_dir))
+        return LoadedModel(cfg, params, NoTokenizer(str(run_dir)), eos)
+    return LoadedModel(cfg, params, tokenizers.load(run_dir), eos)
+
+
+def declared_eos(directory: Path) -> tuple[int, ...]:
+    """The end-of-sequence ids a Hugging Face directory's ``generation_config.json`` declares
+    (``eos_token_id``: an id or a list, as ``transformers``' ``generate`` stops on); none without one."""
+    path = directory / GENERATION_CONFIG
+    value = read_json(path, "generation config").get("eos_token_id") if path.is_file() else None
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ConfigError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return tuple(ids)
 
 
 def model_config(path: str | Path) -> ModelConfig:

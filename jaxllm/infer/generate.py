@@ -12,20 +12,20 @@ import sys
 
 from jaxllm.core.errors import ArgumentParser, exit_on_user_error
 from jaxllm.infer.api import load
-from jaxllm.model.decode import check_request, eos_id
+from jaxllm.model.decode import check_request
 
 
 class StreamPrinter:
     """``on_token`` for one prompt: prints the text as tokens come, holding back an incomplete UTF-8
     character; :meth:`finish` prints whatever the final text adds."""
 
-    def __init__(self, tokenizer, eos: int | None):
-        self.tokenizer, self.eos = tokenizer, eos
+    def __init__(self, tokenizer, eos_ids: tuple[int, ...]):
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids
         self.ids: list[int] = []
         self.shown = 0
 
     def __call__(self, _step, tokens_B) -> None:
-        if int(tokens_B[0]) == self.eos:
+        if int(tokens_B[0]) in self.eos_ids:
             return
         self.ids.append(int(tokens_B[0]))
         text = self.tokenizer.decode(self.ids)
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
     model = load(args.run_dir, quantize=args.quantize or None, group_size=args.group_size)
     check_request([len(model.tokenizer.encode(args.prompt))], args.max_new_tokens, model.config.model.max_seq_len)
     sys.stdout.write(args.prompt)  # only once the request is known to fit
-    printer = StreamPrinter(model.tokenizer, eos_id(model.tokenizer))
+    printer = StreamPrinter(model.tokenizer, model.eos_ids)
     text = model.generate(
         args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, on_token=printer
     )

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -61,8 +61,12 @@ EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eot_id|>")
 
 
 def eos_id(tokenizer) -> int | None:
-    """The tokenizer's end-of-sequence id: the first of :data:`EOS_NAMES` it reads as one token
-    (byte and char tokenizers have none unless one was added as a special token)."""
+    """The tokenizer's end-of-sequence id: the ``eos_token`` its ``tokenizer_config.json`` names, else
+    the first of :data:`EOS_NAMES` it reads as one token (byte and char tokenizers have none unless
+    one was added as a special token)."""
+    named = tokenizer.role_id("eos_token") if "eos_token" in tokenizer.roles else None  # only HF tokenizers name it
+    if named is not None:
+        return named
     for name in EOS_NAMES:
         ids = tokenizer.encode(name)
         if len(ids) == 1 and tokenizer.decode(ids) == name:
@@ -152,12 +156,13 @@ def _decode(
     temperature: float,
     top_k: int,
     top_p: float,
-    eos_id: int,
+    eos_ids: tuple[int, ...],
     with_logits: bool,
     on_token: Callable | None,
 ):
     """Prefill + decode loop. Returns ``(tokens_BxU, logits_BxUxV or None)``: the U = n_new tokens
-    (``eos_id`` after a row's end) and, if asked, the float32 logits each was chosen from."""
+    (``eos_ids[0]`` after a row's end, which any of ``eos_ids`` marks) and, if asked, the float32
+    logits each was chosen from."""
     B, T = prompt_BxT.shape
     rows_B = jnp.arange(B)
 
@@ -168,18 +173,18 @@ def _decode(
         return logits_BxTxV.astype(jnp.float32), updated["cache"]
 
     def choose(i, logits_BxV, rng, done_B, tokens_BxU, logits_BxUxV):
-        tok_B = jnp.where(done_B, eos_id, next_token(logits_BxV, rng, temperature, top_k, top_p))
+        tok_B = jnp.where(done_B, eos_ids[0], next_token(logits_BxV, rng, temperature, top_k, top_p))
         if on_token is not None:
             jax.debug.callback(on_token, i, tok_B, ordered=True)
         tokens_BxU = tokens_BxU.at[:, i].set(tok_B)
         if with_logits:
             logits_BxUxV = logits_BxUxV.at[:, i].set(logits_BxV)
-        return tok_B, done_B | (tok_B == eos_id), tokens_BxU, logits_BxUxV
+        return tok_B, done_B | jnp.isin(tok_B, jnp.asarray(eos_ids)), tokens_BxU, logits_BxUxV
 
     positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
     logits_BxTxV, cache = forward(init_cache(model.cfg, B, cache_slots(model.cfg, T, n_new)), prompt_BxT, positions_BxT)
     last_BxV = logits_BxTxV[rows_B, lengths_B - 1]
-    tokens_BxU = jnp.full((B, n_new), eos_id, jnp.int32)
+    tokens_BxU = jnp.full((B, n_new), eos_ids[0], jnp.int32)
     logits_BxUxV = jnp.zeros((B, n_new, last_BxV.shape[-1]), jnp.float32) if with_logits else None
     rng, sub = jax.random.split(rng)
     tok_B, done_B, tokens_BxU, logits_BxUxV = choose(
@@ -213,7 +218,7 @@ class Decoder:
         self.cfg = dataclasses.replace(cfg, remat=False)
         self._run = jax.jit(
             partial(_decode, Transformer(self.cfg, deterministic=True)),
-            static_argnames=("n_new", "temperature", "top_k", "top_p", "eos_id", "with_logits", "on_token"),
+            static_argnames=("n_new", "temperature", "top_k", "top_p", "eos_ids", "with_logits", "on_token"),
         )
 
     def run(
@@ -224,14 +229,14 @@ class Decoder:
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
-        eos_id: int | None = None,
+        eos_ids: Sequence[int] = (),
         seed: int = 0,
         with_logits: bool = False,
         on_token: Callable[[Any, Any], None] | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """The raw ``(tokens_BxU, logits_BxUxV or None)`` of :func:`_decode` for a batch of prompts.
 
-        ``eos_id`` None never stops early. ``on_token(i, tokens_B)`` is called from inside the loop
+        A row ends at the first of ``eos_ids`` it chooses; none never stops early. ``on_token(i, tokens_B)`` is called from inside the loop
         as each step's tokens are chosen (for streaming)."""
         lengths = [len(p) for p in prompts]
         check_request(lengths, max_new_tokens, self.cfg.max_seq_len)
@@ -252,19 +257,17 @@ class Decoder:
             temperature=float(temperature),
             top_k=int(top_k),
             top_p=float(top_p),
-            eos_id=-1 if eos_id is None else int(eos_id),
+            eos_ids=tuple(int(i) for i in eos_ids) or (-1,),  # -1: never chosen
             with_logits=with_logits,
             on_token=on_token,
         )
 
     def __call__(self, params: Any, prompts: list[list[int]], max_new_tokens: int, **sampling) -> list[list[int]]:
-        """The new tokens of each prompt, cut before its end-of-sequence token."""
+        """The new tokens of each prompt, cut before its first end-of-sequence token (``eos_ids``)."""
         tokens_BxU, _ = self.run(params, prompts, max_new_tokens, **sampling)
-        eos_id = sampling.get("eos_id")
-        out = []
-        for row in np.asarray(tokens_BxU).tolist():
-            out.append(row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row)
-        return out
+        ends = set(sampling.get("eos_ids", ()))
+        rows = np.asarray(tokens_BxU).tolist()
+        return [row[: next((i for i, t in enumerate(row) if t in ends), len(row))] for row in rows]
 
 
 # --------------------------------------------------------------------------- without the cache

@@ -173,7 +173,7 @@ def make_greedy(model_cfg: ModelConfig, lora_scale: float, max_new: int, end_id:
     decoder = gen.Decoder(model_cfg)
 
     def greedy(params, prompts: list[list[int]]) -> list[list[int]]:
-        return decoder(peft.model_params(params, lora_scale), prompts, max_new, temperature=0.0, eos_id=end_id)
+        return decoder(peft.model_params(params, lora_scale), prompts, max_new, temperature=0.0, eos_ids=[end_id])
 
     return greedy
 
