@@ -1,11 +1,13 @@
-"""nanoGPT's README CPU run, for a like-for-like comparison with jaxllm's trainer.
+"""nanoGPT's README CPU run, for a side-by-side comparison with jaxllm's trainer.
 
-    python bench/shakespeare.py [--data PATH] [--vs-nanogpt DIR] [extra key=value ...]
+    python bench/shakespeare.py [--data PATH] [--vs-nanogpt DIR] [--nanogpt-recipe] [extra key=value ...]
 
-Runs ``python train.py configs/shakespeare_char.yaml data.source=PATH`` in a fresh run directory,
-times the whole command (start-up, data preparation and compilation included) and prints the final
-validation loss. Its programs come from the compilation cache (``run.compile_cache``) when an earlier
-run compiled them; pass ``run.compile_cache=`` to time a cold start.
+Runs ``python train.py configs/shakespeare_char.yaml data.source=PATH`` on the CPU in a fresh run
+directory, times the whole command (start-up, data preparation and compilation included) and prints
+the final validation loss. The config is nanoGPT's model, batch, context and split with jaxllm's
+schedule (1000 steps); ``--nanogpt-recipe`` trains with nanoGPT's own (2000 steps, cosine from 1e-3),
+the same-steps comparison. Its programs come from the compilation cache (``run.compile_cache``) when
+an earlier run compiled them; pass ``run.compile_cache=`` to time a cold start.
 
 With ``--vs-nanogpt DIR`` (a nanoGPT working tree, e.g. ``git clone https://github.com/karpathy/nanoGPT``)
 it then runs nanoGPT's README CPU command there, on the same machine right after jaxllm's run:
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import resource
 import shutil
@@ -38,6 +41,8 @@ NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=F
                 "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
                 "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
 NANOGPT_FILES = ("train.py", "config/train_shakespeare_char.py", "data/shakespeare_char/prepare.py")
+# nanoGPT's own schedule (its config and README flags) on jaxllm, for the same-steps comparison
+NANOGPT_RECIPE = ["train.steps=2000", "optim.schedule=cosine", "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=100"]
 
 
 def timed(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float, float]:
@@ -55,7 +60,7 @@ def run_jaxllm(data: str, overrides: list[str], tmp: Path) -> dict:
     """jaxllm's run: wall and CPU seconds of the whole command, final validation loss, ms/step, tokens/s."""
     cmd = [sys.executable, str(ROOT / "train.py"), str(ROOT / "configs" / "shakespeare_char.yaml"),
            f"data.source={data}", f"run.dir={tmp}/run", f"data.cache_dir={tmp}/cache", "log.progress=false", *overrides]
-    out, wall, cpu = timed(cmd)
+    out, wall, cpu = timed(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu"})  # nanoGPT's run is a CPU run
     if out.returncode:
         raise SystemExit(f"jaxllm's run failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -120,6 +125,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
     parser.add_argument("--vs-nanogpt", metavar="DIR", help="a nanoGPT working tree: run its README CPU command after jaxllm's")
+    parser.add_argument("--nanogpt-recipe", action="store_true",
+                        help="train with nanoGPT's schedule (2000 steps, cosine from 1e-3) instead of the config's")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     problem = check_inputs(args.data, args.vs_nanogpt)
@@ -127,7 +134,8 @@ def main() -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        jaxllm = run_jaxllm(args.data, args.overrides, Path(tmp))
+        recipe = NANOGPT_RECIPE if args.nanogpt_recipe else []
+        jaxllm = run_jaxllm(args.data, [*recipe, *args.overrides], Path(tmp))
         nanogpt = run_nanogpt(Path(args.vs_nanogpt).resolve(), args.data, Path(tmp)) if args.vs_nanogpt else NANOGPT
     report(jaxllm, nanogpt, measured=bool(args.vs_nanogpt))
     return 0
