@@ -78,11 +78,9 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
     eval_model = Transformer(model_cfg, deterministic=True)
     tx = optimizer(cfg.optim, cfg.train.steps)
 
-    def dummy():  # created inside each traced function: an eager array here would compile a program
-        return jnp.zeros((1, cfg.train.seq_len), jnp.int32)
-
     with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
-        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy()))["params"]
+        # the tokens are created inside the traced function: an eager array here would compile a program
+        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.train.seq_len), jnp.int32)))["params"]
         sharding.check_param_divisible(boxed, mesh, rule_table)  # any mesh.rules override included
         param_sh = sharding.logical_shardings(boxed, mesh, rule_table)
         abstract_params = jax.eval_shape(nn.unbox, boxed)  # the boxes hold ShapeDtypeStructs: no model trace
@@ -91,17 +89,6 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
         )
     repl = sharding.replicated(mesh)
     state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl)
-
-    # Unrolling the layer loop speeds the step, not the one-off initialisation; it only slows its
-    # compilation, and the parameters are the same either way.
-    init_model = Transformer(dataclasses.replace(model_cfg, scan_unroll=1), deterministic=True)
-
-    def init_fn():
-        key = jax.random.PRNGKey(cfg.train.seed)
-        params = nn.unbox(init_model.init(key, dummy())["params"])
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.fold_in(key, 1)
-        )
 
     batch_sh = sharding.batch_sharding(mesh, leading=1)
     loss_fn, eval_step = make_loss_fn(model), make_eval_step(eval_model)
@@ -127,12 +114,28 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
         tx=tx,
         state_shardings=state_sh,
         batch_sharding=batch_sh,
-        init=jax.jit(init_fn, out_shardings=state_sh),
+        init=jax.jit(make_init(model_cfg, tx, cfg.train.seed, cfg.train.seq_len), out_shardings=state_sh),
         step=step,
         eval=jax.jit(
             eval_step, in_shardings=(param_sh, sharding.batch_sharding(mesh, 0)), out_shardings=repl
         ),
     )
+
+
+def make_init(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, seq_len: int) -> Callable:
+    """``() -> TrainState``: fresh parameters and optimizer state. The layer loop is traced rolled:
+    unrolling (``model.scan_unroll``) speeds the step, not this one-off program, whose compilation it
+    only slows, and the parameters are the same either way."""
+    model = Transformer(dataclasses.replace(model_cfg, scan_unroll=1), deterministic=True)
+
+    def init_fn():
+        key = jax.random.PRNGKey(seed)
+        params = nn.unbox(model.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"])
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.fold_in(key, 1)
+        )
+
+    return init_fn
 
 
 def global_batch(local_np: np.ndarray, sharding_: Any, global_shape: tuple[int, ...]) -> jax.Array:
