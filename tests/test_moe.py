@@ -1,14 +1,11 @@
 """Mixture-of-experts blocks (``model.moe.*``, ``jaxllm.model.moe``) and expert parallelism (``mesh.expert``).
 
-The routing functions are checked on crafted inputs (hand-counted drops, an even router), the MoE
-layer against references (one expert = the dense MLP; dropless = every expert on every token, weighted;
-capacity without drops = dropless), and expert parallelism by equality with one device: the trainer's
-own jitted step, loss and every gradient within rel 1e-5 (float32), as in test_context_parallel; the
-layer's router statistics too; its step exchanges tokens by all-to-all; with split experts, capacity is
-each device's own.
+The routing functions are checked on crafted inputs (hand-counted drops, an even router), the MoE layer
+against references (one expert = the dense MLP; dropless = every expert on every token, weighted; capacity
+without drops = dropless), and expert parallelism by equality with one device: the trainer's own jitted
+step, loss and every gradient within rel 1e-5 (float32), as in test_context_parallel; the layer's router
+statistics too; its step exchanges tokens by all-to-all; with split experts, capacity is each device's own.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import re
