@@ -64,7 +64,8 @@ def base(tmp_path_factory) -> Path:
     (root / "saved").mkdir()
     save_config(cfg, root / "saved" / "config.yaml")
     ByteTokenizer().save(root / "saved")
-    params = nn.unbox(Transformer(cfg.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    init = jax.jit(Transformer(cfg.model).init)  # one compile, not one per operation
+    params = nn.unbox(init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
     saver = ckpt.Checkpointer(root / "saved", keep=2)
     for step in (1, 2):
         saver.save(step, {"params": params}, {"step": step, "model": to_dict(cfg.model)})

@@ -35,7 +35,8 @@ def base_run(tmp_path_factory):
     cfg.model = resolve_model(cfg.model, 256, 32)
     save_config(cfg, run_dir / "config.yaml")
     ByteTokenizer().save(run_dir)
-    params = nn.unbox(Transformer(cfg.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    init = jax.jit(Transformer(cfg.model).init)  # one compile, not one per operation
+    params = nn.unbox(init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
     saver = ckpt.Checkpointer(run_dir, keep=1)
     saver.save(1, {"params": params}, {"step": 1})
     saver.close()
