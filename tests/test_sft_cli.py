@@ -213,15 +213,15 @@ def test_sft_sigkill_after_a_checkpoint_then_rerun_gives_bitwise_identical_losse
     args = [f"init.from={base_run}", "train.seq_len=32", *SMALL, "train.steps=16", "checkpoint.every=4",
             "checkpoint.keep=10", "sft.method=lora", "log.progress=false", "log.tensorboard=false"]
 
-    def rerun(run_dir):
+    def run_here(run_dir):
         finetune(load_config(None, [*args, f"run.dir={run_dir}"], cls=SFTConfig, default=str(sft_cli.DEFAULT_CONFIG)),
                  jax.devices()[:1])
 
-    rerun(tmp_path / "ref")
+    run_here(tmp_path / "ref")
     killed = tmp_path / "killed"
     kill_after_checkpoint("sft.py", args, killed, 8)
     capsys.readouterr()
-    rerun(killed)
+    run_here(killed)
     assert "resuming at step" in capsys.readouterr().err
     assert sft_losses(killed) == sft_losses(tmp_path / "ref")  # exact float equality, every step
 

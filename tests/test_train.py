@@ -129,14 +129,14 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_bitwise_identical_losses(tm
         "checkpoint.keep=10",
     ]
 
-    def rerun(run_dir):
+    def run_here(run_dir):
         trainer.train(load_config(None, [*args, f"run.dir={run_dir}"], default=str(ROOT / "configs" / "tiny.yaml")), one_device())
 
-    rerun(tmp_path / "ref")
+    run_here(tmp_path / "ref")
     killed_dir = tmp_path / "killed"
     kill_after_checkpoint("train.py", args, killed_dir, 10)
     capsys.readouterr()
-    rerun(killed_dir)
+    run_here(killed_dir)
     assert "resuming at step" in capsys.readouterr().err
     assert losses(killed_dir) == losses(tmp_path / "ref")  # exact float equality, every step
 
