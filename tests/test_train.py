@@ -39,6 +39,22 @@ def test_golden_loss_of_the_first_two_steps(tiny_cfg, tmp_path):
     assert l2 == pytest.approx(5.525421619415283, rel=1e-6)
 
 
+def test_initialisation_traced_rolled_gives_the_unrolled_models_parameters(tiny_cfg):
+    from jaxllm.core.config import resolve_model
+    from jaxllm.model.transformer import Transformer
+    from jaxllm.parallel import sharding
+
+    cfg = tiny_cfg("model.scan_unroll=2")
+    model_cfg = resolve_model(cfg.model, 256, cfg.train.seq_len)
+    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:2]))
+    with setup.context():
+        params = setup.init().params
+    tokens = np.zeros((1, cfg.train.seq_len), np.int32)
+    unrolled = jax.jit(Transformer(model_cfg).init)(jax.random.PRNGKey(cfg.train.seed), tokens)["params"]
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(unrolled), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.slow
 def test_loss_falls_on_a_tiny_corpus(tiny_cfg, tmp_path):
     cfg = tiny_cfg("train.steps=60", "optim.lr=3e-3", "log.every=10", "eval.every=60")

@@ -37,7 +37,6 @@ from jaxllm.model.transformer import Transformer
 from jaxllm.parallel import pipeline, sharding
 from jaxllm.train import checkpoint as ckpt
 from jaxllm.train import distill, loop
-from jaxllm.train.ahead import compile_ahead
 from jaxllm.train.loop import TrainingDiverged
 from jaxllm.train.metrics_log import MetricsLog, plot_expert_load, plot_losses
 from jaxllm.train.optim import optimizer, schedule
@@ -310,7 +309,6 @@ def train(cfg: Config, devices: list | None = None) -> dict:
 
 def _train(cfg: Config, setup: Setup, tokens: data_lib.TokenData, run_dir: Path) -> dict:
     is_main = jax.process_index() == 0
-    setup = compiled_ahead(cfg, setup)
     checkpointer = ckpt.Checkpointer(run_dir, cfg.checkpoint.keep)
     log = None
     try:
@@ -339,17 +337,6 @@ def _train(cfg: Config, setup: Setup, tokens: data_lib.TokenData, run_dir: Path)
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
         plot_expert_load(run_dir / "metrics.jsonl", run_dir / "expert_load.png")
     return summary(out, start, setup.model_cfg)
-
-
-def compiled_ahead(cfg: Config, setup: Setup) -> Setup:
-    """``setup`` whose train step and evaluation compile on a background thread
-    (:mod:`jaxllm.train.ahead`) while the state is restored or initialised."""
-    t = cfg.train
-    state = ckpt.abstract(jax.eval_shape(setup.init), setup.state_shardings)
-    batch = jax.ShapeDtypeStruct((t.grad_accum, t.batch_size, t.seq_len + 1), jnp.int32, sharding=setup.batch_sharding)
-    rows = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=sharding.batch_sharding(setup.mesh, 0))
-    return dataclasses.replace(setup, step=compile_ahead(setup.step, setup.context, state, batch),
-                               eval=compile_ahead(setup.eval, setup.context, state.params, rows))
 
 
 def summary(out: loop.Outcome, start: int, model_cfg: ModelConfig) -> dict:
