@@ -19,8 +19,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Compile fast rather than run fast: the suite's programs are tiny and run for a few steps, so LLVM's
 # optimisation passes and XLA CPU's fusion emitters cost far more than they save (a tiny train step:
 # ~10 -> ~2 CPU seconds to compile). Fast math stays off, so the equalities and the golden loss hold
-# at their tolerances. Subprocesses inherit the flags (and share the cache, whose key includes them).
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
+# at their tolerances. XLA:CPU splits a module's code generation over threads, which only adds work
+# when every core already runs a test worker (one split: 43 against 49-52 CPU s for test_model and
+# test_context_parallel, cold). Subprocesses inherit the flags (and share the cache, whose key includes them).
+FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1")
 os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 # 8 faked CPU devices. The variable too, not only JAX's flag: it overrides a config's

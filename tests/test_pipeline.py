@@ -157,8 +157,8 @@ MOE = {  # mixture-of-experts blocks, every layer dropless, or every second laye
     "capacity": ["model.moe.n_experts=4", "model.moe.top_k=2", "model.moe.aux_loss=0.1", "model.moe.router_z_loss=0.01",
                  "model.moe.capacity_factor=1.0", "model.moe.every=2"],
 }
-MOE_CASES = {  # name -> (MoE blocks, mesh and pipeline overrides, M): each schedule, and pipe with expert
-    "gpipe_pipe2": ("dropless", LAYOUTS["pipe2"][0], 2),
+MOE_CASES = {  # name -> (MoE blocks, mesh and pipeline overrides, M): each schedule (GPipe with capacity
+    # layers: its loop is circular's with one repeat), and pipe with expert
     "circular_pipe2_repeats2": ("dropless", LAYOUTS["circular_pipe2_repeats2"][0], 2),
     "1f1b_pipe2_expert2": ("dropless", ["mesh.pipe=2", "mesh.expert=2", "mesh.data=-1", "pipeline.schedule=1f1b"], 2),
     "capacity_gpipe_pipe2": ("capacity", LAYOUTS["pipe2"][0], 4),
