@@ -44,7 +44,7 @@ FLAG_SETS = {
     "ynn -reduce": f"{YNN}=-reduce",
     "ynn off": f"{YNN}=",
     "onednn": "--xla_cpu_use_onednn=true",
-    "onednn, ynn off": f"--xla_cpu_use_onednn=true {YNN}=",
+    "onednn + ynn off": f"--xla_cpu_use_onednn=true {YNN}=",
     "eigen 1 thread": "--xla_cpu_multi_thread_eigen=false",
 }
 
@@ -126,13 +126,21 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="processes per setting, interleaved (best kept)")
     ap.add_argument("--devices", default="2,1", help="CPU device counts to cross with the flag sets; the first is the baseline")
     ap.add_argument("--sets", default=",".join(FLAG_SETS), help="which of the named flag sets to run ('default' is needed)")
-    ap.add_argument("--flags", action="append", default=[], help="another XLA flag set to compare (repeatable)")
+    ap.add_argument("--flags", action="append", default=[],
+                    help="another XLA flag set to compare (repeatable; --flags=--xla_...=... since it starts with --)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.steps, args.repeats)
         return 0
     counts = [int(c) for c in args.devices.split(",")]
+    unknown = [n for n in args.sets.split(",") if n not in FLAG_SETS]
+    if unknown:
+        print(f"error: no flag set named {unknown[0]!r}; the sets: {', '.join(FLAG_SETS)}", file=sys.stderr)
+        return 2
+    if "default" not in args.sets.split(","):
+        print("error: --sets must include 'default', the baseline of every ratio", file=sys.stderr)
+        return 2
     sets = {**{n: FLAG_SETS[n] for n in args.sets.split(",")}, **{f: f for f in args.flags}}
     settings = [(name, flags, d) for d in counts for name, flags in sets.items()]
     best = measure(settings, args.rounds, args.steps, args.repeats)

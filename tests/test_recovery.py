@@ -140,3 +140,40 @@ def test_a_full_disk_is_one_line_naming_the_folder(tiny_cfg, tmp_path, monkeypat
     with pytest.raises(UserError) as e:
         trainer.train(tiny_cfg("checkpoint.every=1", "train.steps=1"), one_device())
     assert str(e.value) == f"cannot write checkpoints to {tmp_path / 'run' / 'checkpoints'}: No space left on device"
+
+
+class Ticket:
+    """A step's stand-in output: blocking on it marks that step (and so every earlier one) finished."""
+
+    finished = 0
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def block_until_ready(self):
+        Ticket.finished = max(Ticket.finished, self.step)
+        return self
+
+
+def test_the_loop_never_queues_more_than_two_steps(tmp_path):
+    """Unbounded dispatch deadlocks XLA:CPU's collectives across CPU devices (bench/xla_cpu_flags.py
+    --devices 2 aborted in 9 of 11 processes): the loop dispatches step k only once step k-2 is done,
+    with logging, evaluation and checkpoints too rare to wait for it."""
+    import contextlib
+
+    from jaxllm.train import loop
+    from jaxllm.train.metrics_log import MetricsLog
+
+    Ticket.finished, queued = 0, []
+
+    def step(state, _batch):
+        queued.append(state + 1 - Ticket.finished)  # steps dispatched and not known finished, this one included
+        return state + 1, {"loss": 1.0, "lr": 0.0, "grad_norm": 0.0, "layer_grad_norms": [], "done": Ticket(state + 1)}
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", 0, True, None)
+    parts = loop.Parts(step=step, batch_at=lambda s: None, save=lambda s, st: None, checkpoint_dir=tmp_path, log=log,
+                       mfu=lambda tps: 0.0, tokens_per_step=1, context=contextlib.nullcontext, progress=False)
+    out = loop.run(parts, loop.Cadence(steps=30, log_every=1000, eval_every=1000, checkpoint_every=1000), 0, 0, None)
+    log.close()
+    assert out.step == 30 and len(queued) == 30
+    assert max(queued) == 2  # the next step is always queued behind the running one, never more

@@ -174,6 +174,20 @@ def _progress_bar(parts: Parts, cadence: Cadence, start: int):
                 dynamic_ncols=True, file=sys.stderr)
 
 
+def two_in_flight(previous: Any, latest: Any) -> Any:
+    """Waits for ``previous`` (the outputs of the computation dispatched before ``latest``) and returns
+    ``latest``: at most two steps are ever queued, the next one dispatched while the last runs, which
+    keeps any device busy.
+
+    Unbounded asynchronous dispatch deadlocks XLA:CPU's collectives when the host's cores are split
+    into devices (``dist.cpu_devices``): in a stuck process one device waits in an all-reduce for the
+    other, whose launch never starts because the client's launch threads (as many as devices) are
+    all held by later launches, one waiting for its inputs, one for an in-flight slot."""
+    if previous is not None:
+        jax.block_until_ready(previous)
+    return latest
+
+
 def _first_step_done(parts: Parts, metrics: Any, bar) -> float:
     """Waits for the first step (compilation included) and says how long the process took to get there."""
     jax.block_until_ready(metrics)
@@ -197,7 +211,7 @@ def run(parts: Parts, cadence: Cadence, state: Any, start: int, saved: int | Non
     """Trains from ``state`` at step ``start`` to ``cadence.steps``; ``saved`` is the step of the newest
     checkpoint (None: none yet). Returns early, after saving, on SIGTERM or SIGINT."""
     out = Outcome(state=state, step=start)
-    meter, pending = Throughput(parts.tokens_per_step), []
+    meter, pending, previous = Throughput(parts.tokens_per_step), [], None
     bar = _progress_bar(parts, cadence, start)
     try:
         with Signals() as signals, parts.context():
@@ -207,6 +221,7 @@ def run(parts: Parts, cadence: Cadence, state: Any, start: int, saved: int | Non
                 out.step += 1
                 if out.step < cadence.steps:
                     batch = parts.batch_at(out.step)  # overlaps with the step running on the device
+                previous = two_in_flight(previous, metrics)
                 pending.append((out.step, metrics))
                 if math.isnan(out.first_step_s):
                     out.first_step_s = _first_step_done(parts, metrics, bar)

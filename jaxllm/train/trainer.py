@@ -235,10 +235,11 @@ class Evaluator:
         t, n = self.cfg.train, self.cfg.eval.batches
         batch_sh = sharding.batch_sharding(self.setup.mesh, 0)
         proc, nproc = process_rows(self.cfg, self.setup.batch_sharding)
-        losses = []
+        losses, previous = [], None
         for i in range(n):
             local = data_lib.eval_batch(self.tokens.val, i, n, t.batch_size, t.seq_len, proc, nproc)
             losses.append(self.setup.eval(params, global_batch(local, batch_sh, (t.batch_size, t.seq_len + 1))))
+            previous = loop.two_in_flight(previous, losses[-1])
         return float(np.mean(jax.device_get(losses)))
 
     def sample(self, params) -> str:
