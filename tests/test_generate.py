@@ -105,9 +105,28 @@ def test_generation_stops_at_the_eos_the_checkpoint_declares(tmp_path):
     text = " ".join(f"w{i}" for i in prompt)
     lm = jaxllm.load(tmp_path)
     assert lm.eos_ids == (named,) and lm.generate(text, N_NEW, temperature=0.0) == lm.tokenizer.decode(ref[: new[1]])
-    (tmp_path / "generation_config.json").write_text(f'{{"eos_token_id": [{declared}]}}')
-    lm = jaxllm.load(tmp_path)
+    (tmp_path / "generation_config.json").write_text(f'{{"eos_token_id": [{declared}, {cfg.vocab_size}]}}')
+    lm = jaxllm.load(tmp_path)  # an id outside the vocabulary can never end a generation: dropped
     assert lm.eos_ids == (declared, named) and lm.generate(text, N_NEW, temperature=0.0) == ""
+
+
+def test_save_hf_declares_the_models_eos_and_config_json_is_read_without_a_generation_config(tmp_path):
+    import json
+
+    import jaxllm
+
+    cfg, _, params = build("gpt2")
+    hf.write(cfg, params, tmp_path / "plain")  # declares no eos, has no tokenizer
+    hf.write(cfg, params, tmp_path / "in")
+    (tmp_path / "in" / "generation_config.json").write_text('{"eos_token_id": 7}')
+    jaxllm.load(tmp_path / "in").save_hf(tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert written == {"eos_token_id": [7]} and jaxllm.load(tmp_path / "out").eos_ids == (7,)
+    jaxllm.load(tmp_path / "plain").save_hf(tmp_path / "out")  # over it: the earlier export's eos is gone
+    assert not (tmp_path / "out" / "generation_config.json").exists() and jaxllm.load(tmp_path / "out").eos_ids == ()
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    (tmp_path / "out" / "config.json").write_text(json.dumps({**config, "eos_token_id": [9, 8]}))
+    assert jaxllm.load(tmp_path / "out").eos_ids == (9, 8)
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from jaxllm.hf import safetensors_io as st
 from jaxllm.hf import stream as hf_stream
 
 CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"  # decoding defaults, the end-of-sequence ids among them
 MAX_SHARD_BYTES = 5 * 10**9  # per weights file, as transformers' save_pretrained
 
 
@@ -170,11 +171,27 @@ def read(directory: str | Path, shardings: Any = None, dtype=np.float32) -> tupl
     return m, hf_stream.load_params(directory, m, shardings, dtype, entries)
 
 
-def write(m: ModelConfig, params: Any, directory: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+def declared_eos(directory: Path) -> tuple[int, ...]:
+    """The end-of-sequence ids a Hugging Face directory declares, where ``transformers``' ``generate``
+    looks: ``generation_config.json``'s ``eos_token_id`` (an id or a list), else ``config.json``'s."""
+    for name, what in ((GENERATION_CONFIG, "generation config"), (CONFIG, "Hugging Face config")):
+        path = Path(directory) / name
+        value = read_json(path, what).get("eos_token_id") if path.is_file() else None
+        if value is not None:
+            ids = value if isinstance(value, list) else [value]
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise ConfigError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
+            return tuple(ids)
+    return ()
+
+
+def write(m: ModelConfig, params: Any, directory: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES,
+          eos_ids: tuple[int, ...] = ()) -> None:
     """``config.json`` + safetensors that ``transformers`` loads (the tokenizer is the caller's): one
-    ``model.safetensors``, or files of at most ``max_shard_bytes`` and an index. Gathers one tensor at a
-    time; in a multi-host run every process calls this and process 0 writes. Weight files an earlier
-    export left in ``directory`` are removed, so ``transformers`` cannot mix the two."""
+    ``model.safetensors``, or files of at most ``max_shard_bytes`` and an index; with ``eos_ids``, a
+    ``generation_config.json`` that stops ``generate`` there. Gathers one tensor at a time; in a
+    multi-host run every process calls this and process 0 writes. Weight files (and a generation
+    config) an earlier export left in ``directory`` are removed, so ``transformers`` cannot mix the two."""
     config = hf_config(m)
     shapes, tensor = hf_stream.stored_tensors(m, params)
     directory = Path(directory)
@@ -186,3 +203,7 @@ def write(m: ModelConfig, params: Any, directory: str | Path, max_shard_bytes: i
         for old in st.stale(directory, names):
             old.unlink()
         atomic_write(directory / CONFIG, json.dumps(config, indent=2))
+        if eos_ids:
+            atomic_write(directory / GENERATION_CONFIG, json.dumps({"eos_token_id": list(eos_ids)}, indent=2))
+        else:
+            (directory / GENERATION_CONFIG).unlink(missing_ok=True)

@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxllm.core.config import Config, ModelConfig, from_dict, resolve_model, validate_model
 from jaxllm.core.errors import ConfigError
-from jaxllm.core.fileio import read_json, read_yaml
+from jaxllm.core.fileio import read_yaml
 from jaxllm.data import tokenizer as tokenizers
 from jaxllm.hf import convert as hf
 from jaxllm.model import decode as gen
@@ -27,7 +27,6 @@ from jaxllm.model.transformer import Transformer, linear_axes
 from jaxllm.train import checkpoint as ckpt
 
 PLACEHOLDER = 0  # token id at a prompt-tuned model's first model.prompt_tokens positions; the model replaces it
-GENERATION_CONFIG = "generation_config.json"  # a Hugging Face checkpoint's decoding defaults, its eos among them
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class LoadedModel:
     config: Config
     params: Any
     tokenizer: tokenizers.Tokenizer | NoTokenizer
-    declared_eos: tuple[int, ...] = ()  # the ids a Hugging Face checkpoint's generation config ends on
+    declared_eos: tuple[int, ...] = ()  # the ids a Hugging Face checkpoint ends on (hf.declared_eos)
 
     def __post_init__(self):
         self.module = Transformer(self.config.model, deterministic=True)
@@ -71,10 +70,12 @@ class LoadedModel:
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
-        """The ids that end a generation: those the checkpoint declares (:func:`declared_eos`) and the
-        tokenizer's own (its ``tokenizer_config.json``'s ``eos_token``, else a conventional name)."""
+        """The ids that end a generation: those the checkpoint declares (``hf.declared_eos``) and the
+        tokenizer's own (its ``tokenizer_config.json``'s ``eos_token``, else a conventional name); not
+        ids outside the vocabulary (``transformers``' GPT-2 config names 50256 whatever the vocabulary)."""
         own = None if isinstance(self.tokenizer, NoTokenizer) else gen.eos_id(self.tokenizer)
-        return tuple(dict.fromkeys(self.declared_eos + (() if own is None else (own,))))
+        ids = self.declared_eos + (() if own is None else (own,))
+        return tuple(i for i in dict.fromkeys(ids) if 0 <= i < self.config.model.vocab_size)
 
     def logits(self, tokens_BxT) -> jax.Array:
         """float32 ``[B, T, V]`` next-token logits for integer tokens ``[B, T]`` (after the prefix, if any);
@@ -120,11 +121,12 @@ class LoadedModel:
     def save_hf(self, out_dir: str | Path, max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> None:
         """A Hugging Face directory that ``transformers`` loads (``GPT2LMHeadModel`` / ``LlamaForCausalLM`` / ``MixtralForCausalLM``),
         with this model's ``tokenizer.json`` if it has one (jaxllm's own format for byte and char
-        tokenizers); weights over ``max_shard_bytes`` go in several files and an index."""
+        tokenizers) and a ``generation_config.json`` naming :attr:`eos_ids`, so that ``transformers``'
+        ``generate`` stops where this model does; weights over ``max_shard_bytes`` go in several files and an index."""
         if self.config.model.prompt_tokens:
             raise ConfigError("a prompt-tuned model has no Hugging Face form (its learned prompt is not a weight "
                               "transformers knows); use it through jaxllm.load")
-        hf.write(self.config.model, self.params, out_dir, max_shard_bytes)
+        hf.write(self.config.model, self.params, out_dir, max_shard_bytes, self.eos_ids)
         if not isinstance(self.tokenizer, NoTokenizer) and jax.process_index() == 0:
             self.tokenizer.save(Path(out_dir))
 
@@ -145,7 +147,7 @@ def load(path: str | Path, quantize: str | None = None, group_size: int = 64, sh
         cfg, params = _read_run(run_dir)
     elif hf.is_hf_dir(run_dir):
         model_cfg, params = hf.read(run_dir, shardings)
-        cfg, tokenizer_optional, eos = Config(model=model_cfg), True, declared_eos(run_dir)
+        cfg, tokenizer_optional, eos = Config(model=model_cfg), True, hf.declared_eos(run_dir)
     else:
         raise ConfigError(
             f"{str(run_dir)!r} is neither a jaxllm run directory (config.yaml) nor a Hugging Face model directory (config.json)"
@@ -156,17 +158,6 @@ def load(path: str | Path, quantize: str | None = None, group_size: int = 64, sh
     if tokenizer_optional and not (run_dir / tokenizers.FILENAME).is_file():
         return LoadedModel(cfg, params, NoTokenizer(str(run_dir)), eos)
     return LoadedModel(cfg, params, tokenizers.load(run_dir), eos)
-
-
-def declared_eos(directory: Path) -> tuple[int, ...]:
-    """The end-of-sequence ids a Hugging Face directory's ``generation_config.json`` declares
-    (``eos_token_id``: an id or a list, as ``transformers``' ``generate`` stops on); none without one."""
-    path = directory / GENERATION_CONFIG
-    value = read_json(path, "generation config").get("eos_token_id") if path.is_file() else None
-    ids = [] if value is None else value if isinstance(value, list) else [value]
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise ConfigError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}")
-    return tuple(ids)
 
 
 def model_config(path: str | Path) -> ModelConfig:
