@@ -146,6 +146,18 @@ def test_adapters_start_as_the_identity_and_train_only_themselves():
     assert_only_trainable_changed(params, train_steps(model, params, "adapter"), "adapter")
 
 
+def test_adapter_init_draws_the_models_own_adapters_and_nothing_else():
+    """What sft.method=adapter adds to a base without adapters: the very leaves a fresh adapter model
+    draws (its init, jitted whole), and no other leaf."""
+    model, _ = tiny(adapter_dim=8)
+    key = jax.random.PRNGKey(3)
+    whole = jax.jit(lambda: nn.unbox(model.init(key, jnp.zeros((1, 8), jnp.int32))["params"])["blocks"])()
+    adapters = peft.adapter_init(model.cfg, key)
+    assert sorted(adapters) == ["adapter_attn", "adapter_mlp"]
+    for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves({k: whole[k] for k in adapters}), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_unknown_lora_target_is_refused():
     _, params = tiny()
     with pytest.raises(ConfigError, match="'gate' does not exist in this gpt2 model"):

@@ -236,9 +236,7 @@ def prepare(cfg: SFTConfig, devices: list | None = None) -> Prepared:
     elif method == "prompt":
         params = peft.prompt_init(params, cfg.prompt.n_virtual_tokens, key)
     elif method == "adapter" and m.adapter_dim == 0:
-        fresh = Transformer(model_cfg).init(key, jnp.zeros((1, 8), jnp.int32))["params"]
-        blocks = nn.unbox(fresh)["blocks"]
-        params = {**params, "blocks": {**params["blocks"], **{k: v for k, v in blocks.items() if k.startswith("adapter_")}}}
+        params = {**params, "blocks": {**params["blocks"], **peft.adapter_init(model_cfg, key)}}
     prefix = model_cfg.prompt_tokens  # placeholder positions the model fills with its learned prompt
     train_chats, eval_set = load_data(cfg, tok)
     longest = prefix + max(len(p) for p in eval_set.prompts) + cfg.sft.max_new_tokens

@@ -29,11 +29,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxllm.core.config import ModelConfig
 from jaxllm.core.errors import ConfigError
+from jaxllm.model.transformer import Transformer
 
 METHODS = ("full", "lora", "prompt", "adapter")
 LORA_TARGETS = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
@@ -108,6 +111,18 @@ def prompt_init(params: dict, n_virtual: int, key: jax.Array) -> dict:
 
 
 # --------------------------------------------------------------------------- new tokens
+
+
+def adapter_init(model_cfg: ModelConfig, key: jax.Array) -> dict:
+    """Fresh ``adapter_attn`` / ``adapter_mlp`` leaves of ``blocks`` (``model_cfg.adapter_dim`` > 0), as the
+    model initialises them. Jitted: XLA computes these leaves only, never the rest of a fresh model
+    (eagerly, a second copy of a billion-parameter base would be drawn on the host to keep its adapters)."""
+
+    def init() -> dict:
+        blocks = nn.unbox(Transformer(model_cfg).init(key, jnp.zeros((1, 8), jnp.int32))["params"])["blocks"]
+        return {k: v for k, v in blocks.items() if k.startswith("adapter_")}
+
+    return jax.jit(init)()
 
 
 def new_tokens_init(params: dict, vocab_size: int) -> dict:
