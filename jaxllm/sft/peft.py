@@ -110,7 +110,7 @@ def prompt_init(params: dict, n_virtual: int, key: jax.Array) -> dict:
     return {**params, "prompt": table_VxD[rows]}
 
 
-# --------------------------------------------------------------------------- new tokens
+# --------------------------------------------------------------------------- adapters
 
 
 def adapter_init(model_cfg: ModelConfig, key: jax.Array) -> dict:
@@ -123,6 +123,9 @@ def adapter_init(model_cfg: ModelConfig, key: jax.Array) -> dict:
         return {k: v for k, v in blocks.items() if k.startswith("adapter_")}
 
     return jax.jit(init)()
+
+
+# --------------------------------------------------------------------------- new tokens
 
 
 def new_tokens_init(params: dict, vocab_size: int) -> dict:
