@@ -1,14 +1,19 @@
-"""Process set-up (``jaxllm/core/runtime.py``): the persistent compilation cache a rerun loads its programs from."""
+"""Process set-up (``jaxllm/core/runtime.py``): the persistent compilation cache a rerun loads its programs from,
+and the optimisation level of the programs that run once."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 from conftest import TINY, run_cli
 
-from jaxllm.core.runtime import init_compile_cache
+from jaxllm.core.config import resolve_model
+from jaxllm.core.runtime import ONE_OFF_LEVEL, init_compile_cache, one_off_compiler_options
+from jaxllm.parallel import sharding
+from jaxllm.train import trainer
 
 CACHE_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
 
@@ -60,3 +65,27 @@ def test_rerun_loads_every_program_from_the_compile_cache(tmp_path, corpus):
     assert second.returncode == 0, second.stderr[-2000:]
     assert "Persistent compilation cache hit for 'jit_train_step'" in second.stderr
     assert sorted(p.name for p in cache.iterdir()) == entries
+
+
+def test_one_off_level_unless_xla_flags_choose_one(monkeypatch):
+    assert one_off_compiler_options() == {}  # conftest's XLA_FLAGS compile every program at -O0
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=false")
+    assert one_off_compiler_options() == ONE_OFF_LEVEL
+
+
+# XLA's defaults for the flags conftest changes to compile the suite fast: the comparison is the one a run makes
+XLA_DEFAULTS = {"xla_llvm_disable_expensive_passes": False, "xla_cpu_use_fusion_emitters": True}
+
+
+@pytest.mark.slow
+def test_initialisation_at_the_one_off_level_draws_the_bits_of_xlas_default_level(tiny_cfg):
+    """The same lowered initialisation compiled at the one-off level and at XLA's default level (3): every
+    parameter and optimizer leaf bitwise equal. One architecture: both draw their weights alike."""
+    cfg = tiny_cfg()
+    setup = trainer.build(cfg, resolve_model(cfg.model, 256, cfg.train.seq_len), sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    with setup.context():
+        lowered = setup.init.lower()
+        levels = (ONE_OFF_LEVEL, {"xla_backend_optimization_level": 3})
+        one_off, default = (lowered.compile(compiler_options={**XLA_DEFAULTS, **o})() for o in levels)
+    for a, b in zip(jax.tree.leaves(one_off), jax.tree.leaves(default), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,5 +1,5 @@
 """Process set-up, done once before JAX compiles or touches a device: the persistent compilation cache,
-the CPU device count, and joining a multi-process run."""
+the CPU device count, and joining a multi-process run; and how the programs that run once compile."""
 
 from __future__ import annotations
 
@@ -27,6 +27,18 @@ def init_compile_cache(directory: str) -> Path | None:
     # JAX's default (1 s) skips most of a small model's programs, whose compiles add up to seconds.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
+
+
+# LLVM's optimisation level (XLA's default: 3) for programs that run once, such as the initialisation:
+# the tiny config's compiles in under half the CPU time at -O1, and its parameters are the same bits
+# (tests/test_runtime checks both architectures). Its run time is milliseconds either way.
+ONE_OFF_LEVEL = {"xla_backend_optimization_level": 1}
+
+
+def one_off_compiler_options() -> dict[str, int]:
+    """``compiler_options`` for a program that runs once per process: :data:`ONE_OFF_LEVEL`, unless
+    ``XLA_FLAGS`` chooses a level itself (the tests compile everything at -O0), which then wins."""
+    return {} if "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", "") else dict(ONE_OFF_LEVEL)
 
 
 def init_cpu_devices(count: int) -> None:

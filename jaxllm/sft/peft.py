@@ -36,6 +36,7 @@ import optax
 
 from jaxllm.core.config import ModelConfig
 from jaxllm.core.errors import ConfigError
+from jaxllm.core.runtime import one_off_compiler_options
 from jaxllm.model.transformer import Transformer
 
 METHODS = ("full", "lora", "prompt", "adapter")
@@ -122,7 +123,7 @@ def adapter_init(model_cfg: ModelConfig, key: jax.Array) -> dict:
         blocks = nn.unbox(Transformer(model_cfg).init(key, jnp.zeros((1, 8), jnp.int32))["params"])["blocks"]
         return {k: v for k, v in blocks.items() if k.startswith("adapter_")}
 
-    return jax.jit(init)()
+    return jax.jit(init, compiler_options=one_off_compiler_options())()
 
 
 # --------------------------------------------------------------------------- new tokens

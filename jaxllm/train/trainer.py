@@ -29,7 +29,7 @@ import optax
 
 from jaxllm.core.config import Config, ModelConfig, resolve_model, save_config, to_dict, validate
 from jaxllm.core.errors import UserError
-from jaxllm.core.runtime import init_process
+from jaxllm.core.runtime import init_process, one_off_compiler_options
 from jaxllm.data import corpus as data_lib
 from jaxllm.data import synthetic
 from jaxllm.model import decode, flops
@@ -113,7 +113,8 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
         tx=tx,
         state_shardings=state_sh,
         batch_sharding=batch_sh,
-        init=jax.jit(make_init(model_cfg, tx, cfg.train.seed, cfg.train.seq_len), out_shardings=state_sh),
+        init=jax.jit(make_init(model_cfg, tx, cfg.train.seed, cfg.train.seq_len), out_shardings=state_sh,
+                     compiler_options=one_off_compiler_options()),
         step=step,
         eval=jax.jit(
             eval_step, in_shardings=(param_sh, sharding.batch_sharding(mesh, 0)), out_shardings=repl
