@@ -198,3 +198,19 @@ def test_help_lists_every_command():
     result = scaling("--help")
     assert result.returncode == 0
     assert all(command in result.stdout for command in ("sweep", "fit", "predict", "forecast", "depth"))
+
+
+def test_huber_objective_gradient_equals_central_differences_in_both_regimes():
+    """Runs with residuals inside and beyond delta: the analytic gradient [5] against (f(x+h) - f(x-h)) / 2h."""
+    rng = np.random.default_rng(0)
+    log_N, log_D = rng.uniform(15, 22, 12), rng.uniform(18, 25, 12)
+    law = sl.ChinchillaLaw(E=1.7, A=400.0, B=410.0, alpha=0.34, beta=0.28)
+    log_loss = np.log(law.loss(np.exp(log_N), np.exp(log_D))) + rng.normal(0, 2 * sl.HUBER_DELTA, 12)
+    theta = np.array([np.log(law.A), np.log(law.B), np.log(law.E), law.alpha, law.beta])  # residuals: the noise
+    noise = np.abs(np.log(law.loss(np.exp(log_N), np.exp(log_D))) - log_loss)
+    assert (noise < sl.HUBER_DELTA).any() and (noise > sl.HUBER_DELTA).any()
+    _, grad = sl.huber_objective(theta, log_N, log_D, log_loss)
+    h = 1e-7
+    numeric = [(sl.huber_objective(theta + h * e, log_N, log_D, log_loss)[0]
+                - sl.huber_objective(theta - h * e, log_N, log_D, log_loss)[0]) / (2 * h) for e in np.eye(5)]
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-9)

@@ -338,16 +338,18 @@ def huber_objective(
     three terms are summed without overflow.
     """
     a, b, e, alpha, beta = theta
-    terms = np.stack([a - alpha * log_N, b - beta * log_D, np.full_like(log_N, e)])  # [3, runs]
-    top = terms.max(axis=0)
-    weights = np.exp(terms - top)
-    total = weights.sum(axis=0)
+    # the three terms [runs] one by one: stacking them cost a third of each call (fits call this ~200 times a start)
+    t_n, t_d = a - alpha * log_N, b - beta * log_D
+    top = np.maximum(np.maximum(t_n, t_d), e)
+    w_n, w_d, w_e = np.exp(t_n - top), np.exp(t_d - top), np.exp(e - top)
+    total = w_n + w_d + w_e
     residual = top + np.log(total) - log_loss  # [runs]
-    small = np.abs(residual) <= delta
-    value = np.where(small, 0.5 * residual**2, delta * (np.abs(residual) - 0.5 * delta)).sum()
+    size = np.abs(residual)
+    value = np.where(size <= delta, 0.5 * residual * residual, delta * (size - 0.5 * delta)).sum()
     # d log L_pred / d term_k is the softmax weight of term k.
-    dterm = np.clip(residual, -delta, delta) * weights / total  # [3, runs]
-    grad = np.array([*dterm.sum(axis=1), -(dterm[0] * log_N).sum(), -(dterm[1] * log_D).sum()])
+    g = np.clip(residual, -delta, delta) / total
+    g_n, g_d = g * w_n, g * w_d
+    grad = np.array([g_n.sum(), g_d.sum(), (g * w_e).sum(), -(g_n @ log_N), -(g_d @ log_D)])
     return float(value), grad
 
 
