@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import equality
+import jax
 import pytest
 
 import train
@@ -58,8 +59,18 @@ def test_analytic_state_bytes_equal_the_train_states_shards(name):
 @needs_libtpu
 @pytest.mark.parametrize(("arch", "target"), [("gpt2", "v5p-32"), ("llama", "v5e-16")])  # each arch, each TPU kind
 def test_reduced_model_compiles_for_tpu_slice_on_every_axis(arch, target):
+    """Also: nothing is stored in JAX's persistent cache (the suite's), which a slice's compile-only client
+    could never load back (JAX counts each stored program as a cache miss)."""
     mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.pipe=2", "pipeline.microbatches=2"]
-    result = run_plan(TINY_TPU + [f"model.arch={arch}"] + mesh, target)
+    events = []
+    listener = lambda event, **_: events.append(event)  # noqa: E731
+    jax.monitoring.register_event_listener(listener)
+    try:
+        result = run_plan(TINY_TPU + [f"model.arch={arch}"] + mesh, target)
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
+    assert "/jax/compilation_cache/compile_requests_use_cache" in events
+    assert "/jax/compilation_cache/cache_misses" not in events
     assert result["devices"] == 16 and result["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "pipe": 2}
     compiled = result["compiled_bytes"]
     state = result["analytic_bytes"]["params"] + result["analytic_bytes"]["optimizer"]
