@@ -63,7 +63,7 @@ def test_reduced_model_compiles_for_tpu_slice_on_every_axis(arch, target):
     could never load back (JAX counts each stored program as a cache miss)."""
     mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.pipe=2", "pipeline.microbatches=2"]
     events = []
-    listener = lambda event, **_: events.append(event)  # noqa: E731
+    listener = lambda event, **_: events.append(event)
     jax.monitoring.register_event_listener(listener)
     try:
         result = run_plan(TINY_TPU + [f"model.arch={arch}"] + mesh, target)
