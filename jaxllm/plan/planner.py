@@ -138,9 +138,9 @@ def compiled_bytes(executable: Any, by_peak: bool = False) -> dict[str, int]:
     """The compiler's bytes per device: argument, output, alias, temp, its reported peak, and the total
     held against the device's memory: argument + output - alias + temp (what XLA:GPU's allocator was
     measured to hold, bench/results/h200_*), or with ``by_peak`` the peak. XLA:TPU's temp block also
-    counts space that is never live at once, and its own HBM check goes by the peak: llama_1b on a
-    v5e-16 at batch 416 compiles with 17.4 GiB of temp and a 14.5 GiB peak, at 640 it is refused for
-    20.9 GiB of temporaries; XLA:CPU's peak is not comparable (a tenth of its temp)."""
+    counts space that is never live at once, and its own HBM check is not on that block: llama_1b on a
+    v5e-16 at batch 416 compiles with 17.4 GiB of temp (a 14.5 GiB peak) where 15.75 are available, at
+    640 it is refused for 20.9 GiB of temporaries; XLA:CPU's peak is not comparable (8-41% of the sum)."""
     stats = executable.memory_analysis()
     names = ("argument", "output", "alias", "temp")
     parts = {k: getattr(stats, f"{k}_size_in_bytes") for k in names} | {"peak": stats.peak_memory_in_bytes}
