@@ -31,7 +31,7 @@ def init_compile_cache(directory: str) -> Path | None:
 
 # LLVM's optimisation level (XLA's default: 3) for programs that run once, such as the initialisation:
 # the tiny config's compiles in under half the CPU time at -O1, and its parameters are the same bits
-# (tests/test_runtime checks both architectures). Its run time is milliseconds either way.
+# (tests/test_runtime compares every leaf). Its run time is milliseconds either way.
 ONE_OFF_LEVEL = {"xla_backend_optimization_level": 1}
 
 
