@@ -39,7 +39,9 @@ DEFAULT_OUT = Path("runs/scaling")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="scaling.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="scaling.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     _add_fit(commands)
     _add_predict(commands)
@@ -50,81 +52,127 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_fit(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("fit", help="fit Kaplan and Chinchilla laws to a CSV of runs",
-                            description="Fit Kaplan's power laws and Chinchilla's three approaches to a CSV of final "
-                                        "losses; write fit.json, print a table and draw PNG plots.")
+    p = commands.add_parser(
+        "fit",
+        help="fit Kaplan and Chinchilla laws to a CSV of runs",
+        description="Fit Kaplan's power laws and Chinchilla's three approaches to a CSV of final "
+        "losses; write fit.json, print a table and draw PNG plots.",
+    )
     p.add_argument("csv", type=Path, metavar="RESULTS.csv", help="one row per run")
     p.add_argument("--out", type=Path, help="folder for fit.json and the plots (default: the CSV's folder)")
     p.add_argument("--params-column", default="N", metavar="NAME", help="parameters column (default N)")
     p.add_argument("--tokens-column", metavar="NAME", help="training tokens column (default D, if present)")
-    p.add_argument("--flops-column", metavar="NAME",
-                   help="training FLOPs column (default C, if present); without tokens, D = C/6N")
+    p.add_argument(
+        "--flops-column", metavar="NAME", help="training FLOPs column (default C, if present); without tokens, D = C/6N"
+    )
     p.add_argument("--loss-column", default="loss", metavar="NAME", help="final loss column, nats/token (default loss)")
-    p.add_argument("--drop-highest-loss", type=int, default=0, metavar="K",
-                   help="drop the K highest-loss runs (published data has outliers)")
-    p.add_argument("--bootstrap", type=int, default=100, metavar="B",
-                   help="bootstrap resamples for the 95%% intervals (default 100); 0 = none")
+    p.add_argument(
+        "--drop-highest-loss",
+        type=int,
+        default=0,
+        metavar="K",
+        help="drop the K highest-loss runs (published data has outliers)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=100,
+        metavar="B",
+        help="bootstrap resamples for the 95%% intervals (default 100); 0 = none",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     starts = report_lib.STARTS
-    p.add_argument("--starts", choices=sorted(starts), default="paper",
-                   help=f"L-BFGS starting grid of approach 3: paper = Chinchilla's {len(starts['paper'])} starts, "
-                        f"coarse = {len(starts['coarse'])} (bootstrap refits always use coarse)")
-    p.add_argument("--entropy-rate", type=float, metavar="RATE",
-                   help="the true irreducible loss in nats/token, when known (a synthetic corpus): "
-                        "reported beside approach 3's E")
-    p.add_argument("--fix-E", action="store_true",
-                   help="fix approach 3's E at --entropy-rate and fit A, B, alpha, beta (a handful of budgets leaves "
-                        "E poorly determined)")
+    p.add_argument(
+        "--starts",
+        choices=sorted(starts),
+        default="paper",
+        help=f"L-BFGS starting grid of approach 3: paper = Chinchilla's {len(starts['paper'])} starts, "
+        f"coarse = {len(starts['coarse'])} (bootstrap refits always use coarse)",
+    )
+    p.add_argument(
+        "--entropy-rate",
+        type=float,
+        metavar="RATE",
+        help="the true irreducible loss in nats/token, when known (a synthetic corpus): reported beside approach 3's E",
+    )
+    p.add_argument(
+        "--fix-E",
+        action="store_true",
+        help="fix approach 3's E at --entropy-rate and fit A, B, alpha, beta (a handful of budgets leaves "
+        "E poorly determined)",
+    )
     p.set_defaults(run=run_fit)
 
 
 def _add_predict(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("predict", help="compute-optimal N, D and loss for a FLOP budget",
-                            description="Print, as JSON, the compute-optimal model size, tokens and predicted loss "
-                                        "for a FLOP budget from a fit.json written by `scaling.py fit`.")
+    p = commands.add_parser(
+        "predict",
+        help="compute-optimal N, D and loss for a FLOP budget",
+        description="Print, as JSON, the compute-optimal model size, tokens and predicted loss "
+        "for a FLOP budget from a fit.json written by `scaling.py fit`.",
+    )
     p.add_argument("--fit", type=Path, required=True, metavar="FIT.json", help="written by `scaling.py fit`")
     p.add_argument("--compute", type=float, required=True, metavar="C", help="training budget in FLOPs, e.g. 1e21")
     p.set_defaults(run=run_predict)
 
 
 def _add_forecast(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("forecast", help="size, predict and optionally train a sweep's larger run",
-                            description="From a sweep's fit.json: the compute-optimal run for budget C (approach 3, "
-                                        "shapes of the sweep's family, D = C / 6N), its predicted final loss with a "
-                                        "bootstrap interval; config.yaml, forecast.json and forecast.png in RUN_DIR. "
-                                        "With --train, train it and score the forecast.")
-    p.add_argument("--fit", type=Path, required=True, metavar="DIR/fit.json",
-                   help="written by `scaling.py sweep --fit` (its sweep.json is read beside it)")
-    p.add_argument("--compute", type=float, required=True, metavar="C",
-                   help="training budget in FLOPs, above the sweep's smallest")
+    p = commands.add_parser(
+        "forecast",
+        help="size, predict and optionally train a sweep's larger run",
+        description="From a sweep's fit.json: the compute-optimal run for budget C (approach 3, "
+        "shapes of the sweep's family, D = C / 6N), its predicted final loss with a "
+        "bootstrap interval; config.yaml, forecast.json and forecast.png in RUN_DIR. "
+        "With --train, train it and score the forecast.",
+    )
+    p.add_argument(
+        "--fit",
+        type=Path,
+        required=True,
+        metavar="DIR/fit.json",
+        help="written by `scaling.py sweep --fit` (its sweep.json is read beside it)",
+    )
+    p.add_argument(
+        "--compute", type=float, required=True, metavar="C", help="training budget in FLOPs, above the sweep's smallest"
+    )
     p.add_argument("--out", type=Path, metavar="RUN_DIR", help="default: DIR/forecast-C<C>")
     p.add_argument("--train", action="store_true", help="train the run (resumable) and print predicted vs actual")
     p.set_defaults(run=run_forecast)
 
 
 def _add_training_args(p: argparse.ArgumentParser, default_config: Path, default_out: Path) -> None:
-    p.add_argument("settings", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
-                   help=f"a config file (default {default_config.relative_to(Path(__file__).parent)}) and "
-                        "train.py-style overrides; --keys lists them all")
+    p.add_argument(
+        "settings",
+        nargs="*",
+        metavar="[CONFIG.yaml] [key=value ...]",
+        help=f"a config file (default {default_config.relative_to(Path(__file__).parent)}) and "
+        "train.py-style overrides; --keys lists them all",
+    )
     p.add_argument("--out", type=Path, default=default_out, help=f"output folder (default {default_out})")
     p.add_argument("--keys", action="store_true", help="list every config key with its default and exit")
 
 
 def _add_sweep(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("sweep", help="train an IsoFLOP grid and write results.csv",
-                            description="For each budget C in sweep.budgets, train sweep.sizes model sizes N, each on "
-                                        "D = C / 6N tokens (N: every weight matrix, output projection included), with train.py's code; write "
-                                        "OUT/results.csv. Finished runs are skipped on a rerun.")
+    p = commands.add_parser(
+        "sweep",
+        help="train an IsoFLOP grid and write results.csv",
+        description="For each budget C in sweep.budgets, train sweep.sizes model sizes N, each on "
+        "D = C / 6N tokens (N: every weight matrix, output projection included), with train.py's code; write "
+        "OUT/results.csv. Finished runs are skipped on a rerun.",
+    )
     _add_training_args(p, SWEEP_CONFIG, DEFAULT_OUT)
     p.add_argument("--fit", action="store_true", help="then fit and plot the results, as `scaling.py fit` does")
     p.set_defaults(run=run_sweep)
 
 
 def _add_depth(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("depth", help="the depth / residual / pre- vs post-LN study",
-                            description="Train stacks of depth.layers layers with and without residual connections, "
-                                        "with pre- and post-LN; plot final loss and per-layer gradient norms "
-                                        "against depth.")
+    p = commands.add_parser(
+        "depth",
+        help="the depth / residual / pre- vs post-LN study",
+        description="Train stacks of depth.layers layers with and without residual connections, "
+        "with pre- and post-LN; plot final loss and per-layer gradient norms "
+        "against depth.",
+    )
     _add_training_args(p, DEPTH_CONFIG, Path("runs/depth"))
     p.set_defaults(run=run_depth)
 
@@ -140,8 +188,9 @@ def _load(settings: list[str], cls: type, default: Path):
 
 def _bar(desc: str):
     """A tqdm bar over runs that starts at the runs already finished."""
-    return lambda items, total, done: tqdm(items, desc=desc, total=total, initial=done, unit="run",
-                                          dynamic_ncols=True, file=sys.stderr)
+    return lambda items, total, done: tqdm(
+        items, desc=desc, total=total, initial=done, unit="run", dynamic_ncols=True, file=sys.stderr
+    )
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -155,8 +204,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     rate = sweep.entropy_rate(cfg.data.source)
     print(sweep.describe(specs, args.out), file=sys.stderr)
     if rate is not None:
-        print(f"true entropy rate of {cfg.data.source}: {rate:.4f} nats/token (with {cfg.data.tokenizer} tokens)",
-              file=sys.stderr)
+        print(
+            f"true entropy rate of {cfg.data.source}: {rate:.4f} nats/token (with {cfg.data.tokenizer} tokens)",
+            file=sys.stderr,
+        )
     try:
         sweep.run_sweep(cfg, specs, args.out, _bar("sweep"))
     except Interrupted as e:
@@ -197,12 +248,28 @@ def run_depth(args: argparse.Namespace) -> int:
 
 def run_fit(args: argparse.Namespace) -> int:
     settings = report_lib.FitSettings(
-        csv=str(args.csv), drop_highest_loss=args.drop_highest_loss, resamples=args.bootstrap, seed=args.seed,
-        starts=args.starts, entropy_rate=args.entropy_rate, fix_E=args.fix_E,
-        columns={"params": args.params_column, "tokens": args.tokens_column, "flops": args.flops_column,
-                 "loss": args.loss_column})
-    runs = load_runs(args.csv, args.params_column, args.tokens_column, args.flops_column, args.loss_column,
-                     drop_highest=args.drop_highest_loss)
+        csv=str(args.csv),
+        drop_highest_loss=args.drop_highest_loss,
+        resamples=args.bootstrap,
+        seed=args.seed,
+        starts=args.starts,
+        entropy_rate=args.entropy_rate,
+        fix_E=args.fix_E,
+        columns={
+            "params": args.params_column,
+            "tokens": args.tokens_column,
+            "flops": args.flops_column,
+            "loss": args.loss_column,
+        },
+    )
+    runs = load_runs(
+        args.csv,
+        args.params_column,
+        args.tokens_column,
+        args.flops_column,
+        args.loss_column,
+        drop_highest=args.drop_highest_loss,
+    )
     out_dir = args.out if args.out is not None else args.csv.parent
     _make_dir(out_dir)
     progress = lambda it: tqdm(it, desc="bootstrap", unit="resample", file=sys.stderr)

@@ -112,11 +112,18 @@ def measure(name: str, steps: int | None, compile_only: bool) -> dict | None:
     t = cfg.train
     tok_s = t.grad_accum * t.batch_size * t.seq_len / step_s
     return {
-        "case": name, "config": path, "overrides": overrides, "device": device.device_kind,
-        "params": flops.param_counts(model_cfg)["total"], "tokens_per_step": t.grad_accum * t.batch_size * t.seq_len,
-        "compile_s": compile_s, "step_s": step_s, "tokens_per_sec": tok_s,
+        "case": name,
+        "config": path,
+        "overrides": overrides,
+        "device": device.device_kind,
+        "params": flops.param_counts(model_cfg)["total"],
+        "tokens_per_step": t.grad_accum * t.batch_size * t.seq_len,
+        "compile_s": compile_s,
+        "step_s": step_s,
+        "tokens_per_sec": tok_s,
         "mfu": flops.mfu(tok_s, model_cfg, t.seq_len, flops.peak_flops(device, cfg.log.peak_flops)),
-        "peak_bytes": peak, "predicted": predicted,
+        "peak_bytes": peak,
+        "predicted": predicted,
         "step_ratio": step_s / predicted["step_time_s"],
         "analytic_ratio": predicted["analytic_bytes"]["total"] / (peak or predicted["compiled_bytes"]["total"]),
         "compiled_ratio": predicted["compiled_bytes"]["total"] / peak if peak else None,
@@ -127,13 +134,17 @@ def row(r: dict) -> str:
     gib = 2.0**30
     peak = f"{r['peak_bytes'] / gib:9.2f}" if r["peak_bytes"] else f"{'-':>9}"
     p = r["predicted"]
-    return (f"{r['case']:<20}{r['step_s'] * 1e3:9.1f}{p['step_time_s'] * 1e3:9.1f}{r['step_ratio']:7.2f}"
-            f"{r['tokens_per_sec']:12,.0f}{r['mfu']:7.1%}{p['mfu']:7.1%}{peak}"
-            f"{p['compiled_bytes']['total'] / gib:9.2f}{p['analytic_bytes']['total'] / gib:9.2f}  {p['bound']}")
+    return (
+        f"{r['case']:<20}{r['step_s'] * 1e3:9.1f}{p['step_time_s'] * 1e3:9.1f}{r['step_ratio']:7.2f}"
+        f"{r['tokens_per_sec']:12,.0f}{r['mfu']:7.1%}{p['mfu']:7.1%}{peak}"
+        f"{p['compiled_bytes']['total'] / gib:9.2f}{p['analytic_bytes']['total'] / gib:9.2f}  {p['bound']}"
+    )
 
 
-HEADER = (f"{'case':<20}{'ms/step':>9}{'planned':>9}{'ratio':>7}{'tokens/s':>12}{'MFU':>7}{'plan':>7}"
-          f"{'peak GiB':>9}{'compiled':>9}{'analytic':>9}  bound")
+HEADER = (
+    f"{'case':<20}{'ms/step':>9}{'planned':>9}{'ratio':>7}{'tokens/s':>12}{'MFU':>7}{'plan':>7}"
+    f"{'peak GiB':>9}{'compiled':>9}{'analytic':>9}  bound"
+)
 
 
 def main() -> None:

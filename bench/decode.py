@@ -67,14 +67,28 @@ def measure(n_new: int, batch: int, repeats: int, uncached_steps: int, context: 
     apply_fn = _apply(model)
     uncached_s = best_seconds(
         lambda: gen.decode_full_forward(
-            params, jnp.asarray(buf), PROMPT, jax.random.PRNGKey(0), apply_fn=apply_fn, n_new=steps,
-            temperature=0.0, top_k=0, top_p=1.0,
+            params,
+            jnp.asarray(buf),
+            PROMPT,
+            jax.random.PRNGKey(0),
+            apply_fn=apply_fn,
+            n_new=steps,
+            temperature=0.0,
+            top_k=0,
+            top_p=1.0,
         ),
         repeats,
     )
     cached_tps, uncached_tps = batch * n_new / cached_s, batch * steps / uncached_s
-    return {"new_tokens": n_new, "batch": batch, "context": context, "cache_slots": gen.cache_slots(cfg, PROMPT, n_new),
-            "cached_tok_s": cached_tps, "uncached_tok_s": uncached_tps, "speedup": cached_tps / uncached_tps}
+    return {
+        "new_tokens": n_new,
+        "batch": batch,
+        "context": context,
+        "cache_slots": gen.cache_slots(cfg, PROMPT, n_new),
+        "cached_tok_s": cached_tps,
+        "uncached_tok_s": uncached_tps,
+        "speedup": cached_tps / uncached_tps,
+    }
 
 
 def _apply(model: Transformer):
@@ -94,10 +108,14 @@ def main() -> None:
     args = ap.parse_args()
     rows = [measure(n, b, args.repeats, args.uncached_steps, args.context) for n in args.new for b in args.batch]
     print(f"gpt2 4x128 (configs/tiny.yaml), {PROMPT}-token prompts, greedy, {jax.devices()[0].device_kind}")
-    print(f"{'new tokens':>10}{'batch':>7}{'context':>9}{'slots':>7}{'cached tok/s':>14}{'no-cache tok/s':>16}{'speed-up':>10}")
+    print(
+        f"{'new tokens':>10}{'batch':>7}{'context':>9}{'slots':>7}{'cached tok/s':>14}{'no-cache tok/s':>16}{'speed-up':>10}"
+    )
     for r in rows:
-        print(f"{r['new_tokens']:>10}{r['batch']:>7}{r['context']:>9}{r['cache_slots']:>7}{r['cached_tok_s']:>14.0f}"
-              f"{r['uncached_tok_s']:>16.1f}{r['speedup']:>9.1f}x")
+        print(
+            f"{r['new_tokens']:>10}{r['batch']:>7}{r['context']:>9}{r['cache_slots']:>7}{r['cached_tok_s']:>14.0f}"
+            f"{r['uncached_tok_s']:>16.1f}{r['speedup']:>9.1f}x"
+        )
     print(json.dumps({"bench": "decode", "rows": rows}))
 
 

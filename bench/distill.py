@@ -30,9 +30,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def student(run_dir: Path, steps: int, extra: list[str]) -> tuple[float, float]:
     """Trains one student; returns (final validation loss, seconds)."""
     overrides = [
-        f"run.dir={run_dir}", f"train.steps={steps}", "model.n_layer=2", "model.d_model=64", "model.n_head=4",
-        f"eval.every={steps}", "eval.sample_tokens=0", f"checkpoint.every={steps}", "log.progress=false",
-        "log.tensorboard=false", "optim.warmup_steps=30",
+        f"run.dir={run_dir}",
+        f"train.steps={steps}",
+        "model.n_layer=2",
+        "model.d_model=64",
+        "model.n_head=4",
+        f"eval.every={steps}",
+        "eval.sample_tokens=0",
+        f"checkpoint.every={steps}",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "optim.warmup_steps=30",
     ]
     start = time.perf_counter()
     summary = train(load_config(str(ROOT / "configs" / "tiny.yaml"), overrides + extra))
@@ -51,17 +59,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         plain, plain_s = student(Path(tmp) / "plain", args.steps, [])
         taught, taught_s = student(
-            Path(tmp) / "taught", args.steps,
-            [f"distill.teacher={args.teacher}", f"distill.temperature={args.temperature}", f"distill.alpha={args.alpha}"],
+            Path(tmp) / "taught",
+            args.steps,
+            [
+                f"distill.teacher={args.teacher}",
+                f"distill.temperature={args.temperature}",
+                f"distill.alpha={args.alpha}",
+            ],
         )
-    print(f"student gpt2 2x64 on the default data, {args.steps} steps; teacher {args.teacher} (eval loss {teacher_loss:.4f})")
+    print(
+        f"student gpt2 2x64 on the default data, {args.steps} steps; teacher {args.teacher} (eval loss {teacher_loss:.4f})"
+    )
     print(f"{'student':<34}{'eval loss':>10}{'seconds':>9}")
     print(f"{'without teacher':<34}{plain:>10.4f}{plain_s:>9.0f}")
     print(f"{f'distilled (T={args.temperature}, alpha={args.alpha})':<34}{taught:>10.4f}{taught_s:>9.0f}")
-    print(json.dumps({
-        "bench": "distill", "steps": args.steps, "teacher_eval_loss": teacher_loss, "plain_eval_loss": plain,
-        "distilled_eval_loss": taught, "improvement": plain - taught, "temperature": args.temperature, "alpha": args.alpha,
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "distill",
+                "steps": args.steps,
+                "teacher_eval_loss": teacher_loss,
+                "plain_eval_loss": plain,
+                "distilled_eval_loss": taught,
+                "improvement": plain - taught,
+                "temperature": args.temperature,
+                "alpha": args.alpha,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -42,22 +42,51 @@ def run_study(corpus: str, out_root: Path, multiple: float, fix_E: bool) -> dict
     fit_dir = out
     if fix_E and sweep["entropy_rate"] is not None:
         fit_dir = out / "fixE"
-        refit = [*scaling, "fit", str(out / "results.csv"), "--out", str(fit_dir), "--bootstrap", "30",
-                 "--entropy-rate", repr(sweep["entropy_rate"]), "--fix-E"]
+        refit = [
+            *scaling,
+            "fit",
+            str(out / "results.csv"),
+            "--out",
+            str(fit_dir),
+            "--bootstrap",
+            "30",
+            "--entropy-rate",
+            repr(sweep["entropy_rate"]),
+            "--fix-E",
+        ]
         if subprocess.run(refit, check=False).returncode:
             return None
     forecast_dir = fit_dir / f"forecast-{multiple:g}x"
-    forecast = [*scaling, "forecast", "--fit", str(fit_dir / "fit.json"),
-                "--compute", repr(compute), "--out", str(forecast_dir), "--train"]
+    forecast = [
+        *scaling,
+        "forecast",
+        "--fit",
+        str(fit_dir / "fit.json"),
+        "--compute",
+        repr(compute),
+        "--out",
+        str(forecast_dir),
+        "--train",
+    ]
     if subprocess.run(forecast, check=False).returncode:
         return None
     doc = json.loads((forecast_dir / "forecast.json").read_text())
     actual, predicted = doc["actual"], doc["predicted"]
     error = actual["relative_error"]
-    return {"bench": "forecast_study", "corpus": corpus, "E_fixed": fit_dir != out, "compute": compute,
-            "run": doc["run"], "predicted": predicted["loss"], "ci95": predicted["ci95"], "actual": actual["loss"],
-            "relative_error": error, "in_ci95": actual["in_ci95"], "target": target,
-            "passed": error is not None and abs(error) <= target and actual["in_ci95"]}
+    return {
+        "bench": "forecast_study",
+        "corpus": corpus,
+        "E_fixed": fit_dir != out,
+        "compute": compute,
+        "run": doc["run"],
+        "predicted": predicted["loss"],
+        "ci95": predicted["ci95"],
+        "actual": actual["loss"],
+        "relative_error": error,
+        "in_ci95": actual["in_ci95"],
+        "target": target,
+        "passed": error is not None and abs(error) <= target and actual["in_ci95"],
+    }
 
 
 def main() -> int:
@@ -75,8 +104,10 @@ def main() -> int:
         scores.append(score)
         low, high = score["ci95"]
         error = "n/a (diverged)" if score["relative_error"] is None else f"{100 * score['relative_error']:+.2f}%"
-        print(f"{corpus}: predicted {score['predicted']:.4f} [{low:.4f}, {high:.4f}], actual {score['actual']}, "
-              f"error {error} (target {100 * score['target']:.0f}%), interval covers: {score['in_ci95']}")
+        print(
+            f"{corpus}: predicted {score['predicted']:.4f} [{low:.4f}, {high:.4f}], actual {score['actual']}, "
+            f"error {error} (target {100 * score['target']:.0f}%), interval covers: {score['in_ci95']}"
+        )
         print(json.dumps(score))
     return int(not all(s["passed"] for s in scores))
 

@@ -44,15 +44,20 @@ def run_step(setup, state, tokens) -> dict:
         state = jax.device_put(state, setup.state_shardings)
         batch = jax.device_put(jnp.asarray(tokens), setup.batch_sharding)
         _, metrics = setup.step(state, batch)
-        return {k: np.asarray(jax.device_get(metrics[k]), np.float64) for k in ("loss", "grad_norm", "layer_grad_norms")}
+        return {
+            k: np.asarray(jax.device_get(metrics[k]), np.float64) for k in ("loss", "grad_norm", "layer_grad_norms")
+        }
 
 
 def rel(a: dict, b: dict) -> dict:
     def r(x, y):
         return float(np.max(np.abs(x - y) / np.maximum(np.abs(y), 1e-12)))
 
-    return {"loss": r(a["loss"], b["loss"]), "grad_norm": r(a["grad_norm"], b["grad_norm"]),
-            "layer_grad_norms": r(a["layer_grad_norms"], b["layer_grad_norms"])}
+    return {
+        "loss": r(a["loss"], b["loss"]),
+        "grad_norm": r(a["grad_norm"], b["grad_norm"]),
+        "layer_grad_norms": r(a["layer_grad_norms"], b["layer_grad_norms"]),
+    }
 
 
 def compare(name: str, overrides_a, device_a, overrides_b, device_b, precision: str | None) -> dict:
@@ -61,7 +66,9 @@ def compare(name: str, overrides_a, device_a, overrides_b, device_b, precision: 
         cfg, model_cfg, setup_a = build(overrides_a, device_a)
         _, _, setup_b = build(overrides_b, device_b)
         t = cfg.train
-        tokens = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (t.grad_accum, t.batch_size, t.seq_len + 1), np.int32)
+        tokens = np.random.default_rng(0).integers(
+            0, model_cfg.vocab_size, (t.grad_accum, t.batch_size, t.seq_len + 1), np.int32
+        )
         with setup_a.context():
             state = jax.device_get(setup_a.init())
         a, b = run_step(setup_a, state, tokens), run_step(setup_b, state, tokens)
@@ -79,12 +86,17 @@ def main() -> None:
     rows.append(compare("gpt2 f32 highest", f32, gpu, f32, cpu, "highest"))
     if gpu.platform == "gpu":
         bf16 = ["model.arch=llama", "model.dtype=bfloat16"]
-        rows.append(compare("llama bf16 cudnn/xla", [*bf16, "model.attention=cudnn"], gpu,
-                            [*bf16, "model.attention=xla"], gpu, None))
+        rows.append(
+            compare(
+                "llama bf16 cudnn/xla", [*bf16, "model.attention=cudnn"], gpu, [*bf16, "model.attention=xla"], gpu, None
+            )
+        )
     print(f"{gpu.device_kind} against the host CPU (relative differences)")
     print(f"{'case':<24}{'loss':>9}{'loss':>11}{'grad norm':>11}{'per layer':>11}")
     for r in rows:
-        print(f"{r['case']:<24}{r['loss']:9.4f}{r['rel_loss']:11.2e}{r['rel_grad_norm']:11.2e}{r['rel_layer_grad_norms']:11.2e}")
+        print(
+            f"{r['case']:<24}{r['loss']:9.4f}{r['rel_loss']:11.2e}{r['rel_grad_norm']:11.2e}{r['rel_layer_grad_norms']:11.2e}"
+        )
     print(json.dumps({"bench": "gpu_parity", "device": gpu.device_kind, "rows": rows}))
 
 

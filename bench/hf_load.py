@@ -40,8 +40,18 @@ from jaxllm.hf import stream as hf_stream
 
 
 def llama_1b(layers: int) -> ModelConfig:
-    return ModelConfig(arch="llama", n_layer=layers, d_model=2048, n_head=32, n_kv_head=8, d_ff=8192,
-                       vocab_size=128256, max_seq_len=2048, tie_embeddings=True, rope_theta=500000.0)
+    return ModelConfig(
+        arch="llama",
+        n_layer=layers,
+        d_model=2048,
+        n_head=32,
+        n_kv_head=8,
+        d_ff=8192,
+        vocab_size=128256,
+        max_seq_len=2048,
+        tie_embeddings=True,
+        rope_theta=500000.0,
+    )
 
 
 def write_checkpoint(m: ModelConfig, directory: Path, shard_gb: float) -> None:
@@ -97,8 +107,13 @@ def run_mode(mode: str, directory: Path, dtype: str) -> dict:
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     n_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    return {"mode": mode, "cpu_s": round(cpu, 1), "wall_s": round(wall, 1),
-            "peak_rss_gib": round((peak - base) / 2**20, 2), "params_gib": round(n_bytes / 2**30, 2)}
+    return {
+        "mode": mode,
+        "cpu_s": round(cpu, 1),
+        "wall_s": round(wall, 1),
+        "peak_rss_gib": round((peak - base) / 2**20, 2),
+        "params_gib": round(n_bytes / 2**30, 2),
+    }
 
 
 def main() -> None:
@@ -119,8 +134,20 @@ def main() -> None:
 
     def child(mode: str) -> str:
         # each in a fresh process: ru_maxrss is a high-water mark that a child inherits from its parent
-        cmd = [sys.executable, __file__, "--mode", mode, "--layers", str(args.layers), "--dir", args.dir,
-               "--dtype", args.dtype, "--shard-gb", str(args.shard_gb)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--mode",
+            mode,
+            "--layers",
+            str(args.layers),
+            "--dir",
+            args.dir,
+            "--dtype",
+            args.dtype,
+            "--shard-gb",
+            str(args.shard_gb),
+        ]
         return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
     if not (directory / hf.CONFIG).is_file():

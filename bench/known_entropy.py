@@ -25,17 +25,38 @@ def main() -> int:
     parser.add_argument("--tolerance", type=float, default=0.05, help="largest accepted |E - rate| / rate")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    cmd = [sys.executable, str(ROOT / "scaling.py"), "sweep", str(ROOT / "configs" / "scaling_markov.yaml"),
-           *args.overrides, "--out", str(args.out), "--fit"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scaling.py"),
+        "sweep",
+        str(ROOT / "configs" / "scaling_markov.yaml"),
+        *args.overrides,
+        "--out",
+        str(args.out),
+        "--fit",
+    ]
     if subprocess.run(cmd, check=False).returncode:
         return 2
     a3 = json.loads((args.out / "fit.json").read_text())["approach3"]
     E, (low, high) = a3["E"]["value"], a3["E"]["ci95"]
     rate = a3["true_entropy_rate"]
     gap = (E - rate) / rate
-    print(f"approach 3: E = {E:.4f} [{low:.4f}, {high:.4f}]; true entropy rate = {rate:.4f}; (E - rate) / rate = {100 * gap:+.2f}%")
-    print(json.dumps({"bench": "known_entropy", "E": E, "E_ci95": [low, high], "entropy_rate": rate, "relative_gap": gap,
-                      "rate_in_interval": low <= rate <= high, "tolerance": args.tolerance}))
+    print(
+        f"approach 3: E = {E:.4f} [{low:.4f}, {high:.4f}]; true entropy rate = {rate:.4f}; (E - rate) / rate = {100 * gap:+.2f}%"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "known_entropy",
+                "E": E,
+                "E_ci95": [low, high],
+                "entropy_rate": rate,
+                "relative_gap": gap,
+                "rate_in_interval": low <= rate <= high,
+                "tolerance": args.tolerance,
+            }
+        )
+    )
     return int(abs(gap) > args.tolerance)
 
 

@@ -47,8 +47,12 @@ MODEL = [
 
 def compiled(overrides: list[str], devices: int):
     cfg = load_config(None, MODEL + overrides)
-    setup = trainer.build(cfg, resolve_model(cfg.model, 256, cfg.train.seq_len), sharding.make_mesh(cfg.mesh, jax.devices()[:devices]))
-    batch = jax.ShapeDtypeStruct((1, cfg.train.batch_size, cfg.train.seq_len + 1), np.int32, sharding=setup.batch_sharding)
+    setup = trainer.build(
+        cfg, resolve_model(cfg.model, 256, cfg.train.seq_len), sharding.make_mesh(cfg.mesh, jax.devices()[:devices])
+    )
+    batch = jax.ShapeDtypeStruct(
+        (1, cfg.train.batch_size, cfg.train.seq_len + 1), np.int32, sharding=setup.batch_sharding
+    )
     with setup.context():
         start = time.process_time()
         step = setup.step.lower(jax.eval_shape(setup.init), batch).compile()
@@ -67,9 +71,12 @@ def measure(section: str, overrides: list[str], devices: int, speed: bool = Fals
     }
     if speed:
         row["tokens_per_cpu_s"] = tokens_per_cpu_second(setup, step, overrides)
-    print(f"{section:>9}  {row['settings']:<58} temp {row['temp_bytes'] / 2**20:>10.1f} MiB  "
-          f"args {row['argument_bytes'] / 2**20:>7.1f} MiB  compile {compile_s:>5.1f} s"
-          + (f"  {row['tokens_per_cpu_s']:.0f} tok/cpu-s" if speed else ""), flush=True)
+    print(
+        f"{section:>9}  {row['settings']:<58} temp {row['temp_bytes'] / 2**20:>10.1f} MiB  "
+        f"args {row['argument_bytes'] / 2**20:>7.1f} MiB  compile {compile_s:>5.1f} s"
+        + (f"  {row['tokens_per_cpu_s']:.0f} tok/cpu-s" if speed else ""),
+        flush=True,
+    )
     return row
 
 
@@ -112,10 +119,16 @@ def main(argv: list[str]) -> None:
         rows += part
     for impl in ("xla", "chunked"):
         part = [
-            measure("context", [f"train.seq_len={context_t}", f"model.attention={impl}", f"mesh.context={c}", "mesh.data=1"], c)
+            measure(
+                "context",
+                [f"train.seq_len={context_t}", f"model.attention={impl}", f"mesh.context={c}", "mesh.data=1"],
+                c,
+            )
             for c in (1, 2, 4, 8)
         ]
-        slopes[f"context {impl} T={context_t}: temp ~ c^k"] = slope(part, lambda r: float(r["settings"].split("context=")[1].split()[0]))
+        slopes[f"context {impl} T={context_t}: temp ~ c^k"] = slope(
+            part, lambda r: float(r["settings"].split("context=")[1].split()[0])
+        )
         rows += part
     pipe = ["train.seq_len=1024", "model.n_layer=4", "mesh.pipe=4", "mesh.data=1"]
     for m in (16, 32):
@@ -123,8 +136,16 @@ def main(argv: list[str]) -> None:
         rows += [measure("pipeline", pipe + sizes + [f"pipeline.schedule={s}"], 4) for s in ("gpipe", "1f1b")]
     for name, k in slopes.items():
         print(f"slope  {name}: k = {k:.2f}")
-    print(json.dumps({"bench": "long_context", "device": jax.devices()[0].platform, "rows": rows,
-                      "slopes": {k: round(v, 3) for k, v in slopes.items()}}))
+    print(
+        json.dumps(
+            {
+                "bench": "long_context",
+                "device": jax.devices()[0].platform,
+                "rows": rows,
+                "slopes": {k: round(v, 3) for k, v in slopes.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -74,8 +74,12 @@ def measure(config: str, overrides: list[str], steps: int, repeats: int) -> dict
     peak = flops.peak_flops(jax.devices()[0], cfg.log.peak_flops)
     counts = flops.param_counts(model_cfg)
     return {
-        "tok_s": tok_s, "tok_per_cpu_s": n_tokens / min(cpus), "mfu": flops.mfu(tok_s / n_devices, model_cfg, t.seq_len, peak),
-        "params": counts["total"], "active": counts["active"], "dropped": float(np.mean(metrics.get("moe_dropped", 0.0))),
+        "tok_s": tok_s,
+        "tok_per_cpu_s": n_tokens / min(cpus),
+        "mfu": flops.mfu(tok_s / n_devices, model_cfg, t.seq_len, peak),
+        "params": counts["total"],
+        "active": counts["active"],
+        "dropped": float(np.mean(metrics.get("moe_dropped", 0.0))),
     }
 
 
@@ -90,16 +94,34 @@ def main() -> None:
     jax.config.update("jax_num_cpu_devices", max(args.expert, 1))  # the CPU backend's devices, if it is the one used
     runs = variants(args.config, args.capacity_factor)
     if args.expert > 1:
-        runs |= {f"{name}_expert{args.expert}": runs[name] + [f"mesh.expert={args.expert}"] for name in ("dropless", "capacity")}
+        runs |= {
+            f"{name}_expert{args.expert}": runs[name] + [f"mesh.expert={args.expert}"]
+            for name in ("dropless", "capacity")
+        }
     rows = {name: measure(args.config, o, args.steps, args.repeats) for name, o in runs.items()}
-    where = f"one {jax.devices()[0].device_kind} device" + (f" ({args.expert} for _expert{args.expert})" if args.expert > 1 else "")
+    where = f"one {jax.devices()[0].device_kind} device" + (
+        f" ({args.expert} for _expert{args.expert})" if args.expert > 1 else ""
+    )
     print(f"{args.config}, {where}, {args.steps} steps, best of {args.repeats}")
     print(f"{'path':<18}{'params':>10}{'active':>10}{'tok/s':>10}{'tok/CPU-s':>11}{'MFU':>8}{'dropped':>9}")
     for name, r in rows.items():
-        print(f"{name:<18}{r['params']:>10,}{r['active']:>10,}{r['tok_s']:>10.0f}{r['tok_per_cpu_s']:>11.0f}"
-              f"{100 * r['mfu']:>7.2f}%{100 * r['dropped']:>8.1f}%")
-    print(json.dumps({"bench": "moe_throughput", "config": args.config, "device": jax.devices()[0].device_kind,
-                      "steps": args.steps, "capacity_factor": args.capacity_factor, "expert": args.expert, "rows": rows}))
+        print(
+            f"{name:<18}{r['params']:>10,}{r['active']:>10,}{r['tok_s']:>10.0f}{r['tok_per_cpu_s']:>11.0f}"
+            f"{100 * r['mfu']:>7.2f}%{100 * r['dropped']:>8.1f}%"
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "moe_throughput",
+                "config": args.config,
+                "device": jax.devices()[0].device_kind,
+                "steps": args.steps,
+                "capacity_factor": args.capacity_factor,
+                "expert": args.expert,
+                "rows": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

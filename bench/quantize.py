@@ -74,10 +74,15 @@ def main() -> None:
         if d is None:
             d = lm.config.data
             val = data_lib.prepare(d.source, d.tokenizer, d.val_fraction, d.bpe_vocab_size, d.cache_dir).val
-        rows.append({
-            "variant": name, "bytes": quant.storage_bytes(lm.params), "matmul_bytes": kernel_bytes(lm.params),
-            "ppl": perplexity(lm, val), "decode_tok_s": decode_tok_s(lm),
-        })
+        rows.append(
+            {
+                "variant": name,
+                "bytes": quant.storage_bytes(lm.params),
+                "matmul_bytes": kernel_bytes(lm.params),
+                "ppl": perplexity(lm, val),
+                "decode_tok_s": decode_tok_s(lm),
+            }
+        )
     base = rows[0]
     for r in rows:
         r["ppl_change"] = r["ppl"] / base["ppl"] - 1

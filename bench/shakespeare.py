@@ -37,12 +37,30 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
-                "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
-                "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
+NANOGPT_ARGS = [
+    "config/train_shakespeare_char.py",
+    "--device=cpu",
+    "--compile=False",
+    "--eval_iters=20",
+    "--log_interval=1",
+    "--block_size=64",
+    "--batch_size=12",
+    "--n_layer=4",
+    "--n_head=4",
+    "--n_embd=128",
+    "--max_iters=2000",
+    "--lr_decay_iters=2000",
+    "--dropout=0.0",
+]
 NANOGPT_FILES = ("train.py", "config/train_shakespeare_char.py", "data/shakespeare_char/prepare.py")
 # nanoGPT's own schedule (its config and README flags) on jaxllm, for the same-steps comparison
-NANOGPT_RECIPE = ["train.steps=2000", "optim.schedule=cosine", "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=100"]
+NANOGPT_RECIPE = [
+    "train.steps=2000",
+    "optim.schedule=cosine",
+    "optim.lr=1e-3",
+    "optim.min_lr=1e-4",
+    "optim.warmup_steps=100",
+]
 
 
 def timed(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float, float]:
@@ -58,8 +76,16 @@ def timed(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float,
 
 def run_jaxllm(data: str, overrides: list[str], tmp: Path) -> dict:
     """jaxllm's run: wall and CPU seconds of the whole command, final validation loss, ms/step, tokens/s."""
-    cmd = [sys.executable, str(ROOT / "train.py"), str(ROOT / "configs" / "shakespeare_char.yaml"),
-           f"data.source={data}", f"run.dir={tmp}/run", f"data.cache_dir={tmp}/cache", "log.progress=false", *overrides]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        str(ROOT / "configs" / "shakespeare_char.yaml"),
+        f"data.source={data}",
+        f"run.dir={tmp}/run",
+        f"data.cache_dir={tmp}/cache",
+        "log.progress=false",
+        *overrides,
+    ]
     out, wall, cpu = timed(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu"})  # nanoGPT's run is a CPU run
     if out.returncode:
         raise SystemExit(f"jaxllm's run failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
@@ -111,24 +137,43 @@ def report(jaxllm: dict, nanogpt: dict | None) -> None:
     """Both runs' losses, wall and CPU seconds, and jaxllm's ratios to nanoGPT (None: jaxllm's alone)."""
     print(f"{'':16}{'val loss':>10}{'wall s':>9}{'CPU s':>9}")
     if nanogpt is None:
-        print(f"{'jaxllm':16}{jaxllm['val_loss']:>10.4f}{jaxllm['wall_s']:>9.1f}{jaxllm['cpu_s']:>9.1f}   "
-              "(--vs-nanogpt DIR runs nanoGPT beside it for a ratio)")
+        print(
+            f"{'jaxllm':16}{jaxllm['val_loss']:>10.4f}{jaxllm['wall_s']:>9.1f}{jaxllm['cpu_s']:>9.1f}   "
+            "(--vs-nanogpt DIR runs nanoGPT beside it for a ratio)"
+        )
         print(json.dumps(jaxllm))
         return
     ratio, cpu_ratio = jaxllm["wall_s"] / nanogpt["wall_s"], jaxllm["cpu_s"] / nanogpt["cpu_s"]
     print(f"{'nanoGPT':16}{nanogpt['val_loss']:>10.4f}{nanogpt['wall_s']:>9.1f}{nanogpt['cpu_s']:>9.1f}")
-    print(f"{'jaxllm':16}{jaxllm['val_loss']:>10.4f}{jaxllm['wall_s']:>9.1f}{jaxllm['cpu_s']:>9.1f}   "
-          f"({ratio:.2f}x nanoGPT's time, {cpu_ratio:.2f}x its CPU time)")
-    print(json.dumps({**jaxllm, "nanogpt_val_loss": nanogpt["val_loss"], "nanogpt_wall_s": nanogpt["wall_s"],
-                      "nanogpt_cpu_s": nanogpt["cpu_s"], "time_ratio": round(ratio, 3), "cpu_ratio": round(cpu_ratio, 3)}))
+    print(
+        f"{'jaxllm':16}{jaxllm['val_loss']:>10.4f}{jaxllm['wall_s']:>9.1f}{jaxllm['cpu_s']:>9.1f}   "
+        f"({ratio:.2f}x nanoGPT's time, {cpu_ratio:.2f}x its CPU time)"
+    )
+    print(
+        json.dumps(
+            {
+                **jaxllm,
+                "nanogpt_val_loss": nanogpt["val_loss"],
+                "nanogpt_wall_s": nanogpt["wall_s"],
+                "nanogpt_cpu_s": nanogpt["cpu_s"],
+                "time_ratio": round(ratio, 3),
+                "cpu_ratio": round(cpu_ratio, 3),
+            }
+        )
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
-    parser.add_argument("--vs-nanogpt", metavar="DIR", help="a nanoGPT working tree: run its README CPU command after jaxllm's")
-    parser.add_argument("--nanogpt-recipe", action="store_true",
-                        help="train with nanoGPT's schedule (2000 steps, cosine from 1e-3) instead of the config's")
+    parser.add_argument(
+        "--vs-nanogpt", metavar="DIR", help="a nanoGPT working tree: run its README CPU command after jaxllm's"
+    )
+    parser.add_argument(
+        "--nanogpt-recipe",
+        action="store_true",
+        help="train with nanoGPT's schedule (2000 steps, cosine from 1e-3) instead of the config's",
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     problem = check_inputs(args.data, args.vs_nanogpt)

@@ -67,8 +67,13 @@ def main() -> None:
     ap.add_argument("--n-layer", type=int, default=4)
     args = ap.parse_args()
     model_args = [
-        "model.arch=gpt2", f"model.n_layer={args.n_layer}", f"model.d_model={args.d_model}", "model.n_head=8",
-        "model.vocab_size=512", "train.seq_len=128", "train.batch_size=16",
+        "model.arch=gpt2",
+        f"model.n_layer={args.n_layer}",
+        f"model.d_model={args.d_model}",
+        "model.n_head=8",
+        "model.vocab_size=512",
+        "train.seq_len=128",
+        "train.batch_size=16",
     ]
     rows = {name: measure(model_args, plan) for name, plan in PLANS.items()}
     base = rows["replicated (data=8)"]["state"]

@@ -117,17 +117,27 @@ def main() -> None:
     rates = matmul_rates(tokens_per_step, model_cfg.d_model, model_cfg.d_ff, devices, args.repeats)
     best_rate = max(rates.values())
     floor_s = step_flops / (best_rate * 1e9)
-    print(f"{os.cpu_count()} cores, {len(devices)} CPU devices; {step_flops / 1e9:.2f} GFLOP per step "
-          "(PaLM: 6N + 12LHQT per token)")
+    print(
+        f"{os.cpu_count()} cores, {len(devices)} CPU devices; {step_flops / 1e9:.2f} GFLOP per step "
+        "(PaLM: 6N + 12LHQT per token)"
+    )
     for name, rate in rates.items():
         print(f"  matmul {name:<34}{rate:8.1f} GFLOP/s")
     print(f"{'':28}{'ms/step':>9}{'GFLOP/s':>9}{'2000 steps, s':>15}")
     for name, seconds in (*plans.items(), ("best-matmul floor", floor_s)):
         print(f"{name:<28}{1000 * seconds:9.2f}{step_flops / seconds / 1e9:9.1f}{STEPS * seconds:15.1f}")
-    print(json.dumps({
-        "bench": "step_roofline", "step_gflop": step_flops / 1e9, "ms_per_step": {k: 1000 * v for k, v in plans.items()},
-        "best_matmul_gflops": best_rate, "floor_ms": 1000 * floor_s, "floor_2000_steps_s": STEPS * floor_s,
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "step_roofline",
+                "step_gflop": step_flops / 1e9,
+                "ms_per_step": {k: 1000 * v for k, v in plans.items()},
+                "best_matmul_gflops": best_rate,
+                "floor_ms": 1000 * floor_s,
+                "floor_2000_steps_s": STEPS * floor_s,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,11 @@ def measure(path: str, vocab: int, steps: int, repeats: int) -> dict:
     tok_s = steps * t.grad_accum * t.batch_size * t.seq_len / min(times)
     peak = flops.peak_flops(jax.devices()[0], cfg.log.peak_flops)
     return {
-        "config": path, "params": flops.param_counts(model_cfg)["total"], "tokens_per_step": t.batch_size * t.seq_len,
-        "tok_s": tok_s, "mfu": flops.mfu(tok_s, model_cfg, t.seq_len, peak),
+        "config": path,
+        "params": flops.param_counts(model_cfg)["total"],
+        "tokens_per_step": t.batch_size * t.seq_len,
+        "tok_s": tok_s,
+        "mfu": flops.mfu(tok_s, model_cfg, t.seq_len, peak),
     }
 
 
@@ -70,7 +73,9 @@ def main() -> None:
     print(f"single {jax.devices()[0].device_kind} device, float32, {os.cpu_count()} cores (shared)")
     print(f"{'config':<32}{'params':>10}{'tok/step':>10}{'tok/s':>10}{'MFU':>8}")
     for r in rows:
-        print(f"{r['config']:<32}{r['params']:>10,}{r['tokens_per_step']:>10}{r['tok_s']:>10.0f}{100 * r['mfu']:>7.2f}%")
+        print(
+            f"{r['config']:<32}{r['params']:>10,}{r['tokens_per_step']:>10}{r['tok_s']:>10.0f}{100 * r['mfu']:>7.2f}%"
+        )
     print(json.dumps({"bench": "train_throughput", "rows": rows}))
 
 

@@ -62,7 +62,9 @@ def child(steps: int, repeats: int) -> None:
 
     devices = jax.devices()
     cfg = load_config(str(CONFIG), [f"mesh.data={len(devices)}"])
-    setup = trainer.build(cfg, resolve_model(cfg.model, VOCAB, cfg.train.seq_len), sharding.make_mesh(cfg.mesh, devices))
+    setup = trainer.build(
+        cfg, resolve_model(cfg.model, VOCAB, cfg.train.seq_len), sharding.make_mesh(cfg.mesh, devices)
+    )
     t = cfg.train
     tokens = np.random.default_rng(0).integers(0, VOCAB, (t.grad_accum, t.batch_size, t.seq_len + 1))
     with setup.context():
@@ -84,9 +86,13 @@ def child(steps: int, repeats: int) -> None:
 
 
 def run_setting(flags: str, devices: int, steps: int, repeats: int) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices),
-           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip(),
-           "JAX_ENABLE_COMPILATION_CACHE": "false"}  # every setting compiles: its first step is comparable
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_NUM_CPU_DEVICES": str(devices),
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip(),
+        "JAX_ENABLE_COMPILATION_CACHE": "false",
+    }  # every setting compiles: its first step is comparable
     cmd = [sys.executable, __file__, "--child", f"--steps={steps}", f"--repeats={repeats}"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode:
@@ -100,8 +106,11 @@ def measure(settings: list[tuple[str, str, int]], rounds: int, steps: int, repea
     for r in range(rounds):
         for name, flags, devices in settings:
             res = run_setting(flags, devices, steps, repeats)
-            print(f"round {r + 1}/{rounds}: {name:>18}, {devices} devices: {res['step_ms']:7.2f} ms/step, "
-                  f"{res['cpu_ms']:7.2f} ms of CPU/step", file=sys.stderr)
+            print(
+                f"round {r + 1}/{rounds}: {name:>18}, {devices} devices: {res['step_ms']:7.2f} ms/step, "
+                f"{res['cpu_ms']:7.2f} ms of CPU/step",
+                file=sys.stderr,
+            )
             key = (name, devices)
             if key not in best or res["step_ms"] < best[key]["step_ms"]:
                 best[key] = {**res, "flags": flags, "devices": devices, "name": name}
@@ -109,13 +118,19 @@ def measure(settings: list[tuple[str, str, int]], rounds: int, steps: int, repea
 
 
 def table(best: dict, base: dict) -> str:
-    rows = [f"{'setting':>18} {'devices':>7} {'ms/step':>8} {'ratio':>6} {'CPU ms':>7} {'ratio':>6} {'first s':>8}  flags"]
+    rows = [
+        f"{'setting':>18} {'devices':>7} {'ms/step':>8} {'ratio':>6} {'CPU ms':>7} {'ratio':>6} {'first s':>8}  flags"
+    ]
     for (name, devices), res in best.items():
         ratio = res["step_ms"] / base["step_ms"]
-        loss_note = "" if abs(res["loss"] - base["loss"]) <= 1e-5 * abs(base["loss"]) else f"  (first loss {res['loss']:.6f})"
+        loss_note = (
+            "" if abs(res["loss"] - base["loss"]) <= 1e-5 * abs(base["loss"]) else f"  (first loss {res['loss']:.6f})"
+        )
         cpu_ratio = res["cpu_ms"] / base["cpu_ms"]
-        rows.append(f"{name:>18} {devices:>7} {res['step_ms']:8.2f} {ratio:6.3f} {res['cpu_ms']:7.1f} {cpu_ratio:6.3f} {res['first_s']:8.1f}  "
-                    f"{res['flags'] or '(none)'}{loss_note}")
+        rows.append(
+            f"{name:>18} {devices:>7} {res['step_ms']:8.2f} {ratio:6.3f} {res['cpu_ms']:7.1f} {cpu_ratio:6.3f} {res['first_s']:8.1f}  "
+            f"{res['flags'] or '(none)'}{loss_note}"
+        )
     return "\n".join(rows)
 
 
@@ -124,10 +139,18 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=50, help="steps per timed run")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per process (best kept)")
     ap.add_argument("--rounds", type=int, default=2, help="processes per setting, interleaved (best kept)")
-    ap.add_argument("--devices", default="2,1", help="CPU device counts to cross with the flag sets; the first is the baseline")
-    ap.add_argument("--sets", default=",".join(FLAG_SETS), help="which of the named flag sets to run ('default' is needed)")
-    ap.add_argument("--flags", action="append", default=[],
-                    help="another XLA flag set to compare (repeatable; --flags=--xla_...=... since it starts with --)")
+    ap.add_argument(
+        "--devices", default="2,1", help="CPU device counts to cross with the flag sets; the first is the baseline"
+    )
+    ap.add_argument(
+        "--sets", default=",".join(FLAG_SETS), help="which of the named flag sets to run ('default' is needed)"
+    )
+    ap.add_argument(
+        "--flags",
+        action="append",
+        default=[],
+        help="another XLA flag set to compare (repeatable; --flags=--xla_...=... since it starts with --)",
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -145,8 +168,10 @@ def main() -> int:
     settings = [(name, flags, d) for d in counts for name, flags in sets.items()]
     best = measure(settings, args.rounds, args.steps, args.repeats)
     base = best[("default", counts[0])]
-    print(f"Shakespeare step ({os.cpu_count()} CPUs; ratio to no flags on {counts[0]} devices; "
-          f"best of {args.rounds} processes x {args.repeats} runs of {args.steps} steps)")
+    print(
+        f"Shakespeare step ({os.cpu_count()} CPUs; ratio to no flags on {counts[0]} devices; "
+        f"best of {args.rounds} processes x {args.repeats} runs of {args.steps} steps)"
+    )
     print(table(best, base))
     print(json.dumps(list(best.values())))
     return 0

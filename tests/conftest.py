@@ -22,8 +22,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # at their tolerances. XLA:CPU splits a module's code generation over threads, which only adds work
 # when every core already runs a test worker (one split: 43 against 49-52 CPU s for test_model and
 # test_context_parallel, cold). Subprocesses inherit the flags (and share the cache, whose key includes them).
-FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1")
+FAST_COMPILE = (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+    "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
+)
 os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 # 8 faked CPU devices. The variable too, not only JAX's flag: it overrides a config's
@@ -94,7 +96,12 @@ def run_cli(script: str, *args: str, devices: int | None = 1, cwd: Path = ROOT, 
     if devices is not None:
         env["JAX_NUM_CPU_DEVICES"] = str(devices)
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         check=False,
     )
 
@@ -103,8 +110,13 @@ def kill_after_checkpoint(script: str, args: list[str], run_dir: Path, step: int
     """Runs ``python SCRIPT ARGS run.dir=RUN_DIR`` on one faked CPU device and SIGKILLs it as soon as
     checkpoint ``step`` is on disk (or after 120 s): a crash that gives the process no chance to save."""
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / script), *args, f"run.dir={run_dir}"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / script), *args, f"run.dir={run_dir}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (run_dir / "checkpoints" / str(step)).is_dir() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)

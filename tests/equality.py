@@ -24,7 +24,9 @@ def one_step(args: list[str], devices: list, vocab: int, seq: int, batch: int, i
     tokens = np.random.default_rng(0).integers(0, vocab, (1, batch, seq + 1), dtype=np.int32)
     with setup.context():
         initial = jax.device_get(setup.init()) if initial is None else initial
-        state, metrics = setup.step(jax.device_put(initial, setup.state_shardings), jax.device_put(tokens, setup.batch_sharding))
+        state, metrics = setup.step(
+            jax.device_put(initial, setup.state_shardings), jax.device_put(tokens, setup.batch_sharding)
+        )
         mu = optax.tree_utils.tree_get(state.opt_state, "mu")
         grads = jax.tree.map(lambda m: m / (1 - cfg.optim.b1), mu)
         return jax.device_get({"loss": float(metrics["loss"]), "grads": grads, "initial": initial})

@@ -105,7 +105,10 @@ def test_train_py_on_a_backend_without_the_kernel_exits_2_in_one_line(corpus, tm
     run_dir = tmp_path / "run"
     args = [*TINY, f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={run_dir}"]
     assert train.main([*args, "model.attention=splash"]) == 2
-    assert capsys.readouterr().err.strip() == "error: model.attention=splash needs a TPU (this is cpu); use chunked or auto"
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: model.attention=splash needs a TPU (this is cpu); use chunked or auto"
+    )
     assert not run_dir.exists()
 
 
@@ -130,8 +133,9 @@ def test_zigzag_gives_every_shard_one_early_and_one_late_chunk_and_equal_causal_
 
 
 def tiny(attention_impl: str, **kw) -> Transformer:
-    cfg = ModelConfig(arch="llama", n_layer=2, d_model=32, n_head=4, n_kv_head=2, attention=attention_impl,
-                      attention_block=4, **kw)
+    cfg = ModelConfig(
+        arch="llama", n_layer=2, d_model=32, n_head=4, n_kv_head=2, attention=attention_impl, attention_block=4, **kw
+    )
     return Transformer(resolve_model(cfg, 64, 32))
 
 
@@ -143,7 +147,9 @@ def test_model_with_chunked_attention_equals_xla_on_packed_rows():
     seg, pos = packed_segments(2, 16)
 
     def loss(model):
-        return jax.jit(jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, tokens, pos, seg) ** 2)))(params)
+        return jax.jit(jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, tokens, pos, seg) ** 2)))(
+            params
+        )
 
     (got, got_g), (want, want_g) = loss(chunked), loss(xla)
     assert abs(got - want) <= RTOL * abs(want)
@@ -157,7 +163,9 @@ def test_decoding_under_chunked_attention_equals_xla():
     params = nn.unbox(xla.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"])
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
     runs = {
-        impl: Decoder(dataclasses.replace(xla.cfg, attention=impl)).run(params, prompts, 6, temperature=0.0, with_logits=True)
+        impl: Decoder(dataclasses.replace(xla.cfg, attention=impl)).run(
+            params, prompts, 6, temperature=0.0, with_logits=True
+        )
         for impl in ("xla", "chunked")
     }
     assert np.asarray(runs["chunked"][0]).tolist() == np.asarray(runs["xla"][0]).tolist()
@@ -179,7 +187,9 @@ def test_splash_wrapper_equals_xla_in_pallas_interpret_mode(monkeypatch, packed)
     mask = attention.Mask(pos, pos, seg, seg, True)
 
     def value_and_grads(impl):
-        return jax.value_and_grad(lambda q, k, v: jnp.sum(attention.attend(impl, q, k, v, mask) * q), argnums=(0, 1, 2))(q, k, v)
+        return jax.value_and_grad(
+            lambda q, k, v: jnp.sum(attention.attend(impl, q, k, v, mask) * q), argnums=(0, 1, 2)
+        )(q, k, v)
 
     (got, got_g), (want, want_g) = value_and_grads("splash"), value_and_grads("xla")
     assert abs(got - want) <= RTOL * abs(want)

@@ -10,15 +10,30 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from jaxllm.core.errors import DataError
 from jaxllm.data import chat, chat_template, tokenizer
 
-transformers = pytest.importorskip("transformers", reason="the reference rendering is transformers' apply_chat_template")
+transformers = pytest.importorskip(
+    "transformers", reason="the reference rendering is transformers' apply_chat_template"
+)
 
-SPECIAL = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-LLAMA2 = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-          "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-          "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] | trim + ' [/INST]' }}"
-          "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}")
+SPECIAL = [
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA2 = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] | trim + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
 LLAMA3 = """{{- bos_token }}
 {%- for message in messages %}
     {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}
@@ -38,26 +53,42 @@ sys {{ message['content'] | tojson }}
 assistant:{% endif %}"""  # trim_blocks / lstrip_blocks decide every newline here
 TEMPLATES = {"chatml": CHATML, "llama2": LLAMA2, "llama3": LLAMA3, "blocks": BLOCKS}
 # What each template's loss mask learns of CHAT: the answers and the template's end of turn
-LEARNED = {"chatml": "ba<|im_end|>\n5<|im_end|>\n", "llama2": " ba </s> 5 </s>", "llama3": "ba<|eot_id|>5<|eot_id|>",
-           "blocks": " ba</s>\n 5</s>\n"}
-CHAT = [{"role": "user", "content": "rev ab"}, {"role": "assistant", "content": "ba"},
-        {"role": "user", "content": "2+3 is what"}, {"role": "assistant", "content": "5"}]
+LEARNED = {
+    "chatml": "ba<|im_end|>\n5<|im_end|>\n",
+    "llama2": " ba </s> 5 </s>",
+    "llama3": "ba<|eot_id|>5<|eot_id|>",
+    "blocks": " ba</s>\n 5</s>\n",
+}
+CHAT = [
+    {"role": "user", "content": "rev ab"},
+    {"role": "assistant", "content": "ba"},
+    {"role": "user", "content": "2+3 is what"},
+    {"role": "assistant", "content": "5"},
+]
 
 
 def bpe() -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=SPECIAL, show_progress=False)
-    tok.train_from_iterator(["reverse ab is ba; what is 2+3? the answer is 5, said the assistant to the user"] * 20, trainer)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=SPECIAL,
+        show_progress=False,
+    )
+    tok.train_from_iterator(
+        ["reverse ab is ba; what is 2+3? the answer is 5, said the assistant to the user"] * 20, trainer
+    )
     return tok
 
 
 @pytest.fixture(scope="module", params=list(TEMPLATES))
 def saved(request, tmp_path_factory):
     """``(name, transformers' tokenizer, its directory)`` as transformers saves it, with one template."""
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe(), bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe(), bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     hf.chat_template = TEMPLATES[request.param]
     directory = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(directory)

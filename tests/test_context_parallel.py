@@ -43,8 +43,19 @@ LAYOUTS = {
     "context2_fsdp2_tensor2": ["mesh.context=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.data=1"],
     "context2_chunked": ["mesh.context=2", "mesh.data=-1", "model.attention=chunked", "model.attention_block=4"],
     "context2_pipe2": ["mesh.context=2", "mesh.pipe=2", "mesh.data=-1"],
-    "context2_pipe2_1f1b": ["mesh.context=2", "mesh.pipe=2", "mesh.data=-1", "pipeline.schedule=1f1b", "pipeline.microbatches=4"],
-    "context2_tensor2_sequence_parallel": ["mesh.context=2", "mesh.tensor=2", "mesh.sequence_parallel=true", "mesh.data=-1"],
+    "context2_pipe2_1f1b": [
+        "mesh.context=2",
+        "mesh.pipe=2",
+        "mesh.data=-1",
+        "pipeline.schedule=1f1b",
+        "pipeline.microbatches=4",
+    ],
+    "context2_tensor2_sequence_parallel": [
+        "mesh.context=2",
+        "mesh.tensor=2",
+        "mesh.sequence_parallel=true",
+        "mesh.data=-1",
+    ],
 }
 
 
@@ -90,7 +101,13 @@ def test_context_parallelism_splits_the_activations_over_the_sequence():
     mesh_cfg = MeshConfig(data=2, context=4)
     table = dict(sharding.rules(mesh_cfg))
     assert table["seq"] == table["q_seq"] == "context" and table["kv_seq"] is None
-    assert sharding.make_mesh(mesh_cfg, jax.devices()).shape == {"data": 2, "fsdp": 1, "tensor": 1, "pipe": 1, "context": 4}
+    assert sharding.make_mesh(mesh_cfg, jax.devices()).shape == {
+        "data": 2,
+        "fsdp": 1,
+        "tensor": 1,
+        "pipe": 1,
+        "context": 4,
+    }
 
 
 def test_a_sequence_the_zigzag_cannot_split_is_refused_in_one_line(tmp_path, capsys):

@@ -56,9 +56,12 @@ def test_prepare_caches_tokens_and_round_trips(tmp_path, corpus):
     d2 = data.prepare(str(corpus), "byte", 0.1, cache_dir=str(tmp_path))
     assert d1.cache_dir == d2.cache_dir
     assert d1.train.dtype == np.uint16
-    assert d1.tokenizer.decode(d1.train.tolist()) + "\n" + d1.tokenizer.decode(d1.val.tolist()) == corpus.read_text()[
-        : int(len(corpus.read_text()) * 0.9)
-    ] + "\n" + corpus.read_text()[int(len(corpus.read_text()) * 0.9) :]
+    assert (
+        d1.tokenizer.decode(d1.train.tolist()) + "\n" + d1.tokenizer.decode(d1.val.tolist())
+        == corpus.read_text()[: int(len(corpus.read_text()) * 0.9)]
+        + "\n"
+        + corpus.read_text()[int(len(corpus.read_text()) * 0.9) :]
+    )
 
 
 @pytest.mark.parametrize("kind", ["byte", "char", "bpe"])

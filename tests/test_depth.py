@@ -23,7 +23,11 @@ def test_plan_crosses_every_depth_with_residual_and_norm_position():
     runs = depth_plan(cfg)
     assert [r.n_layer for r in runs] == [2] * 4 + [4] * 4 + [8] * 4
     assert {(r.variant.residual, r.variant.norm_position) for r in runs} == {
-        (True, "pre"), (True, "post"), (False, "pre"), (False, "post")}
+        (True, "pre"),
+        (True, "post"),
+        (False, "pre"),
+        (False, "post"),
+    }
 
 
 def test_layers_must_be_positive_counts():
@@ -44,8 +48,13 @@ def test_layer_norms_average_the_early_logged_steps(tmp_path):
 
 @pytest.mark.slow
 def test_study_writes_csv_json_and_figures_with_per_layer_norms(tmp_path, corpus):
-    overrides = [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=6", "log.every=2",
-                 "depth.layers=2"]
+    overrides = [
+        f"data.source={corpus}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "train.steps=6",
+        "log.every=2",
+        "depth.layers=2",
+    ]
     cfg = load_config(None, TINY + overrides, cls=DepthConfig)
     runs = depth_plan(cfg)[::3]  # pre-LN with residuals and post-LN without: two runs keep the test short
     rows = run_study(cfg, runs, tmp_path / "depth", devices=jax.devices()[:1])

@@ -38,7 +38,9 @@ def test_kl_term_equals_the_definition_at_temperature_2():
 
 def test_student_identical_to_teacher_has_zero_distillation_loss_at_alpha_1():
     model, params = init(0)
-    loss = jax.jit(distill.make_loss_fn(model, model, temperature=2.0, alpha=1.0))(params, TOKENS, jax.random.PRNGKey(0), params)
+    loss = jax.jit(distill.make_loss_fn(model, model, temperature=2.0, alpha=1.0))(
+        params, TOKENS, jax.random.PRNGKey(0), params
+    )
     assert abs(float(loss)) < 1e-6
 
 
@@ -104,8 +106,15 @@ def test_teacher_with_another_vocabulary_exits_2_with_one_line_and_writes_nothin
     corpus.write_text(corpus_text())
     student = tmp_path / "student"
     capsys.readouterr()
-    code = train_cli.main([*TINY, f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={student}",
-                           f"distill.teacher={teacher}"])
+    code = train_cli.main(
+        [
+            *TINY,
+            f"data.source={corpus}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"run.dir={student}",
+            f"distill.teacher={teacher}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "distillation needs the same tokenizer" in err

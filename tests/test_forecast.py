@@ -100,8 +100,15 @@ def test_a_run_between_two_rungs_is_within_half_a_head_step_of_N_opt_not_the_run
 
 # --- the command, on a tiny sweep ----------------------------------------------------------------------
 
-TINY_SWEEP = ["train.seq_len=16", "train.batch_size=8", "eval.batches=2", "log.every=5", "optim.warmup_steps=2",
-              "sweep.shapes=1x16,2x16,1x32,3x16,2x32", "sweep.budgets=1e8,2e8"]
+TINY_SWEEP = [
+    "train.seq_len=16",
+    "train.batch_size=8",
+    "eval.batches=2",
+    "log.every=5",
+    "optim.warmup_steps=2",
+    "sweep.shapes=1x16,2x16,1x32,3x16,2x32",
+    "sweep.budgets=1e8,2e8",
+]
 # N_opt = (C / 6)^0.5: about 9k parameters at the 5e8 FLOPs forecast, the ladder's small end.
 TINY_LAW = sl.ChinchillaLaw(E=1.0, A=10.0, B=10.0, alpha=0.5, beta=0.5)
 
@@ -112,8 +119,9 @@ def tiny_sweep(tmp_path, corpus):
     known law and bootstrap draws around it, not a fit)."""
     folder = tmp_path / "sweep"
     folder.mkdir()
-    cfg = load_config(None, TINY_SWEEP + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}"],
-                      cls=SweepConfig)
+    cfg = load_config(
+        None, TINY_SWEEP + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}"], cls=SweepConfig
+    )
     write_json(folder / "sweep.json", {"config": to_dict(cfg)})
     N = np.array([5e3, 1e4, 2e4] * 2)
     C = np.repeat([1e8, 2e8], 3)
@@ -122,8 +130,10 @@ def tiny_sweep(tmp_path, corpus):
     scale = np.linspace(0.98, 1.02, 9)
     draws = {k: list(getattr(TINY_LAW, k) * scale) for k in rl.LAW_KEYS}
     approach3 = {k: {"value": getattr(TINY_LAW, k), "ci95": None} for k in rl.LAW_KEYS}
-    write_json(folder / "fit.json", {"data": {"csv": str(folder / "results.csv")},
-                                     "approach3": {**approach3, "bootstrap_draws": draws}})
+    write_json(
+        folder / "fit.json",
+        {"data": {"csv": str(folder / "results.csv")}, "approach3": {**approach3, "bootstrap_draws": draws}},
+    )
     return folder
 
 

@@ -133,7 +133,9 @@ def test_save_hf_declares_the_models_eos_and_config_json_is_read_without_a_gener
 def test_sampling_with_top_k_1_gives_the_greedy_tokens():
     cfg, _, params = build("llama_gqa")
     decoder = Decoder(cfg)
-    assert decoder(params, PROMPTS, N_NEW, temperature=1.0, top_k=1, seed=3) == decoder(params, PROMPTS, N_NEW, temperature=0.0)
+    assert decoder(params, PROMPTS, N_NEW, temperature=1.0, top_k=1, seed=3) == decoder(
+        params, PROMPTS, N_NEW, temperature=0.0
+    )
 
 
 def test_top_k_and_top_p_keep_exactly_the_most_likely_tokens():
@@ -197,7 +199,9 @@ def test_cli_prints_the_prompt_and_the_same_completion_as_the_api(run_dir, capsy
     import jaxllm
 
     expected = jaxllm.load(run_dir, quantize="int8").generate("def ", 8, temperature=0.0)
-    status = generate.main([str(run_dir), "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0", "--quantize", "int8"])
+    status = generate.main(
+        [str(run_dir), "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0", "--quantize", "int8"]
+    )
     assert status == 0
     assert capsys.readouterr().out == "def " + expected + "\n"
 

@@ -34,8 +34,15 @@ def gpt2_model():
 def llama_model():
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
     )
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -78,8 +85,11 @@ def test_save_hf_output_loads_in_transformers_with_the_same_logits(build, tmp_pa
 
 
 def test_pickled_bin_only_directory_is_refused_without_unpickling(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4,
-                                                        "vocab_size": 128, "n_positions": 32}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": 128, "n_positions": 32}
+        )
+    )
     (tmp_path / "pytorch_model.bin").write_bytes(b"not even a pickle")
     with pytest.raises(ConfigError, match="safetensors"):
         jaxllm.load(tmp_path)
@@ -93,10 +103,15 @@ def _edit_config(directory, **changes):
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda d: (d / "model.safetensors").write_bytes(b"PK\x03\x04 a zip, not safetensors"),
-         "is not a readable safetensors file"),
+        (
+            lambda d: (d / "model.safetensors").write_bytes(b"PK\x03\x04 a zip, not safetensors"),
+            "is not a readable safetensors file",
+        ),
         (lambda d: _edit_config(d, n_embd=64), "the weights' shapes disagree with config.json"),
-        (lambda d: _edit_config(d, vocab_size=256), r"tensor 'transformer.wte.weight' is \(128, 32\) but config.json describes \(256, 32\)"),
+        (
+            lambda d: _edit_config(d, vocab_size=256),
+            r"tensor 'transformer.wte.weight' is \(128, 32\) but config.json describes \(256, 32\)",
+        ),
         (lambda d: _edit_config(d, n_layer="two"), "n_layer must be a int, got 'two'"),
         (lambda d: _edit_config(d, n_layer=0), "n_layer must be positive"),
         (lambda d: _edit_config(d, n_embd=None), "holds a value of the wrong type"),

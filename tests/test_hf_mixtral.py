@@ -29,10 +29,21 @@ TOKENS = np.array([[3, 17, 42, 5, 99, 0, 64, 7, 12, 33, 71, 2], [9, 8, 7, 6, 5, 
 
 def mixtral_model(**overrides):
     torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(**{
-        "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 32,
-        "tie_word_embeddings": False, **overrides})
+    cfg = transformers.MixtralConfig(
+        **{
+            "vocab_size": 128,
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "max_position_embeddings": 32,
+            "tie_word_embeddings": False,
+            **overrides,
+        }
+    )
     model = transformers.MixtralForCausalLM(cfg).eval()
     with torch.no_grad():  # a decisive router: at init (std 0.02) near-ties would let rounding pick the experts
         for layer in model.model.layers:
@@ -92,10 +103,13 @@ def test_save_hf_writes_back_the_same_mixtral_tensors_and_transformers_reads_the
     np.testing.assert_array_equal(torch_logits(reloaded, TOKENS), torch_logits(model, TOKENS))
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"num_experts_per_tok": 1}, "num_experts_per_tok=1 weighs its expert by 1"),
-    ({"sliding_window": 8}, "sliding_window=8 is not supported"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"num_experts_per_tok": 1}, "num_experts_per_tok=1 weighs its expert by 1"),
+        ({"sliding_window": 8}, "sliding_window=8 is not supported"),
+    ],
+)
 def test_a_mixtral_jaxllm_would_run_differently_is_refused_in_one_line(tmp_path, override, message):
     mixtral_model(**override).save_pretrained(tmp_path, safe_serialization=True)
     with pytest.raises(ConfigError, match=message):
@@ -104,8 +118,12 @@ def test_a_mixtral_jaxllm_would_run_differently_is_refused_in_one_line(tmp_path,
 
 @pytest.mark.parametrize("moe", [{"top_k": 1}, {"every": 2}, {"shared_experts": 1}])
 def test_an_moe_without_a_mixtral_equivalent_is_not_exported(tmp_path, moe):
-    m = resolve_model(ModelConfig(arch="llama", n_layer=2, d_model=32, n_head=4, moe=MoEConfig(n_experts=4, **moe)), 128, 32)
-    params = jax.eval_shape(lambda: nn.unbox(Transformer(m).init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))["params"]))
+    m = resolve_model(
+        ModelConfig(arch="llama", n_layer=2, d_model=32, n_head=4, moe=MoEConfig(n_experts=4, **moe)), 128, 32
+    )
+    params = jax.eval_shape(
+        lambda: nn.unbox(Transformer(m).init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))["params"])
+    )
     with pytest.raises(ConfigError, match="has a Hugging Face \\(Mixtral\\) equivalent"):
         hf.write(m, params, tmp_path)
     assert not any(tmp_path.iterdir())  # refused before anything is written

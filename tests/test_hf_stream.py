@@ -32,9 +32,19 @@ TOKENS = np.array([[3, 17, 42, 5, 99, 0, 64, 7, 12, 33, 71, 2], [9, 8, 7, 6, 5, 
 def llama_model(**sizes):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        **{"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32, "rms_norm_eps": 1e-5,
-           "tie_word_embeddings": False, **sizes})
+        **{
+            "vocab_size": 128,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False,
+            **sizes,
+        }
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -71,8 +81,9 @@ def sharded_logits(m, params, mesh_cfg) -> np.ndarray:
 
 
 def mesh_shardings(m, mesh_cfg):
-    return sharding.logical_shardings(hf_stream.abstract_params(m), sharding.make_mesh(mesh_cfg),
-                                      sharding.rules(mesh_cfg))
+    return sharding.logical_shardings(
+        hf_stream.abstract_params(m), sharding.make_mesh(mesh_cfg), sharding.rules(mesh_cfg)
+    )
 
 
 MESHES = {
@@ -216,20 +227,33 @@ def _drop_a_shard(d):
 
 
 def _wrong_shape(d):
-    _rewrite(_shard_of(d, "model.layers.1.mlp.up_proj.weight"), "model.layers.1.mlp.up_proj.weight",
-             np.zeros((64, 16), np.float32))
+    _rewrite(
+        _shard_of(d, "model.layers.1.mlp.up_proj.weight"),
+        "model.layers.1.mlp.up_proj.weight",
+        np.zeros((64, 16), np.float32),
+    )
 
 
 def _integer_dtype(d):
-    _rewrite(_shard_of(d, "model.layers.0.input_layernorm.weight"), "model.layers.0.input_layernorm.weight",
-             np.ones(32, np.int32))
+    _rewrite(
+        _shard_of(d, "model.layers.0.input_layernorm.weight"),
+        "model.layers.0.input_layernorm.weight",
+        np.ones(32, np.int32),
+    )
 
 
-@pytest.mark.parametrize("damage, message", [
-    (_drop_a_shard, r"model.safetensors.index.json names model-\d+-of-\d+.safetensors, which is not in"),
-    (_wrong_shape, r"tensor 'model.layers.1.mlp.up_proj.weight' is \(64, 16\) but config.json describes \(64, 32\)"),
-    (_integer_dtype, r"tensor 'model.layers.0.input_layernorm.weight' is I32; jaxllm's parameters take floating"),
-], ids=["index_names_a_missing_file", "wrong_shape", "integer_dtype"])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_drop_a_shard, r"model.safetensors.index.json names model-\d+-of-\d+.safetensors, which is not in"),
+        (
+            _wrong_shape,
+            r"tensor 'model.layers.1.mlp.up_proj.weight' is \(64, 16\) but config.json describes \(64, 32\)",
+        ),
+        (_integer_dtype, r"tensor 'model.layers.0.input_layernorm.weight' is I32; jaxllm's parameters take floating"),
+    ],
+    ids=["index_names_a_missing_file", "wrong_shape", "integer_dtype"],
+)
 def test_a_damaged_sharded_checkpoint_is_one_line_and_exit_2(llama_dir, tmp_path, capsys, damage, message):
     from jaxllm.infer import generate
 

@@ -92,6 +92,7 @@ def test_jaxllm_imports_form_no_cycle():
 def package_graph(graph: dict[str, set[str]], package: str) -> dict[str, set[str]]:
     """The module graph folded onto the package's direct subpackages (``jaxllm.model.moe`` ->
     ``model``); the top-level package itself and its own modules are left out."""
+
     def sub(name: str) -> str | None:
         parts = name.split(".")
         return parts[1] if len(parts) > 2 and parts[0] == package else None
@@ -125,44 +126,61 @@ def _write_package(root: Path, files: dict[str, str]) -> None:
 
 def test_an_import_inside_a_function_closes_a_cycle(tmp_path):
     # the shape of the model <-> quantize cycle: the second edge hidden in a function body
-    _write_package(tmp_path, {
-        "pkg/__init__.py": "",
-        "pkg/model.py": "from pkg.quantize import dot\n",
-        "pkg/quantize.py": "def axes():\n    from pkg.model import Linear\n",
-    })
+    _write_package(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/model.py": "from pkg.quantize import dot\n",
+            "pkg/quantize.py": "def axes():\n    from pkg.model import Linear\n",
+        },
+    )
     assert find_cycle(import_graph(tmp_path, "pkg")) == ["pkg.model", "pkg.quantize", "pkg.model"]
 
 
 def test_importing_the_package_reaches_what_its_init_imports(tmp_path):
     # the shape of the generate -> jaxllm (whose lazy __getattr__ imports api) -> generate cycle
-    _write_package(tmp_path, {
-        "pkg/__init__.py": "def __getattr__(name):\n    from pkg import api\n    return getattr(api, name)\n",
-        "pkg/api.py": "from pkg import generate\n",
-        "pkg/generate.py": "def main():\n    import pkg\n    pkg.load()\n",
-        "pkg/sub/__init__.py": "",
-        "pkg/sub/leaf.py": "from .. import api\nfrom . import other\n",
-        "pkg/sub/other.py": "",
-    })
+    _write_package(
+        tmp_path,
+        {
+            "pkg/__init__.py": "def __getattr__(name):\n    from pkg import api\n    return getattr(api, name)\n",
+            "pkg/api.py": "from pkg import generate\n",
+            "pkg/generate.py": "def main():\n    import pkg\n    pkg.load()\n",
+            "pkg/sub/__init__.py": "",
+            "pkg/sub/leaf.py": "from .. import api\nfrom . import other\n",
+            "pkg/sub/other.py": "",
+        },
+    )
     graph = import_graph(tmp_path, "pkg")
     assert graph["pkg.sub.leaf"] == {"pkg.api", "pkg.sub.other"}  # relative imports resolve
     assert find_cycle(graph) == ["pkg", "pkg.api", "pkg.generate", "pkg"]
 
 
 def test_a_dag_has_no_cycle(tmp_path):
-    _write_package(tmp_path, {
-        "pkg/__init__.py": "",
-        "pkg/a.py": "from pkg import b, c\n",
-        "pkg/b.py": "from pkg.c import x\n",
-        "pkg/c.py": "import os\n",
-    })
+    _write_package(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/a.py": "from pkg import b, c\n",
+            "pkg/b.py": "from pkg.c import x\n",
+            "pkg/c.py": "import os\n",
+        },
+    )
     assert find_cycle(import_graph(tmp_path, "pkg")) is None
 
 
 def test_train_py_refuses_a_bad_config_before_importing_jax():
     # min_lr > lr is a relation between keys, found by config.validate, not by parsing
-    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import train; "
-             "status = train.main(['optim.lr=0.1', 'optim.min_lr=1']); print(status, 'jax' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", probe, str(ROOT)], capture_output=True, text=True, timeout=60, check=False,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import train; "
+        "status = train.main(['optim.lr=0.1', 'optim.min_lr=1']); print(status, 'jax' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert out.stdout.split() == ["2", "False"], out.stderr
     assert "optim.min_lr" in out.stderr

@@ -21,7 +21,9 @@ FLAVOURS = {
 
 
 def model_of(arch="gpt2", **kw) -> Transformer:
-    return Transformer(resolve_model(ModelConfig(**{"n_layer": 2, "d_model": 32, "n_head": 4, **FLAVOURS[arch], **kw}), 64, 16))
+    return Transformer(
+        resolve_model(ModelConfig(**{"n_layer": 2, "d_model": 32, "n_head": 4, **FLAVOURS[arch], **kw}), 64, 16)
+    )
 
 
 def make(arch="gpt2", **kw) -> tuple[Transformer, dict]:
@@ -71,7 +73,9 @@ def test_flavours_and_ablations_give_finite_distinct_logits(arch, variant):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_parameter_counts_match_the_hand_count(arch):
     for variant in ({}, {"norm_position": "post"}, {"tie_embeddings": False}):
-        cfg = resolve_model(ModelConfig(**{"n_layer": 2, "d_model": 32, "n_head": 4, **FLAVOURS[arch], **variant}), 64, 16)
+        cfg = resolve_model(
+            ModelConfig(**{"n_layer": 2, "d_model": 32, "n_head": 4, **FLAVOURS[arch], **variant}), 64, 16
+        )
         model = Transformer(cfg)
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"]
         real = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))

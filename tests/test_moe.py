@@ -79,7 +79,10 @@ def test_one_expert_top1_equals_the_dense_block(arch):
     dense, dense_params, _ = model_and_params([f"model.arch={arch}", "model.moe.n_experts=0"])
     mlp = dict(params["blocks"]["mlp"])
     mlp.pop("router")
-    same = {**params, "blocks": {**params["blocks"], "mlp": jax.tree.map(lambda w: w[:, 0], mlp)}}  # [L, 1, ...] -> [L, ...]
+    same = {
+        **params,
+        "blocks": {**params["blocks"], "mlp": jax.tree.map(lambda w: w[:, 0], mlp)},
+    }  # [L, 1, ...] -> [L, ...]
     assert jax.tree.structure(same) == jax.tree.structure(dense_params)
     np.testing.assert_allclose(apply(model, params, tokens), apply(dense, same, tokens), rtol=1e-6, atol=1e-6)
 
@@ -147,8 +150,14 @@ def test_bad_moe_config_exits_2_with_one_line(tmp_path, corpus, capsys, override
 
 # --------------------------------------------------------------------------- expert parallelism
 
-BASE = MOE + ["model.arch=llama", f"model.vocab_size={VOCAB}", f"train.seq_len={SEQ}", f"train.batch_size={BATCH}",
-              "optim.warmup_steps=1", "optim.clip_norm=0"]
+BASE = MOE + [
+    "model.arch=llama",
+    f"model.vocab_size={VOCAB}",
+    f"train.seq_len={SEQ}",
+    f"train.batch_size={BATCH}",
+    "optim.warmup_steps=1",
+    "optim.clip_norm=0",
+]
 LAYOUTS = {
     "expert2": ["mesh.expert=2", "mesh.data=-1"],
     "expert4": ["mesh.expert=4", "mesh.data=-1"],
@@ -190,14 +199,19 @@ def test_expert_parallel_step_exchanges_tokens_by_all_to_all_and_gathers_no_expe
     model_cfg = resolve_model(cfg.model, VOCAB, SEQ)
     text = planner.lower_step(cfg, model_cfg, jax.devices())[1].compile().as_text()
     assert "all-to-all(" in text
-    gathered = [int(np.prod([int(d) for d in dims.split(",") if d])) for line in text.splitlines() if " all-gather(" in line
-                for dims in re.findall(r"\w+\[([\d,]*)\]", line.split(" all-gather(")[0])]
+    gathered = [
+        int(np.prod([int(d) for d in dims.split(",") if d]))
+        for line in text.splitlines()
+        if " all-gather(" in line
+        for dims in re.findall(r"\w+\[([\d,]*)\]", line.split(" all-gather(")[0])
+    ]
     one_expert = model_cfg.d_model * moe.expert_width(model_cfg)  # a device's shard of a kernel: 8 experts, 8 devices
     assert max(gathered, default=0) < one_expert
 
 
 def layer_grad(layer):
     """``(params, x_BxTxD) -> (grads, (out, sown statistics))`` of ``sum(sin(layer(x)))``."""
+
     def loss(p, x_BxTxD):
         out, sown = layer.apply({"params": p}, x_BxTxD, mutable=[moe.COLLECTION])
         return jnp.sum(jnp.sin(out)), (out, sown[moe.COLLECTION])
@@ -225,10 +239,14 @@ def assert_trees_close(got, want):
         assert rel(g, want[path]) <= RTOL, jax.tree_util.keystr(path)
 
 
-@pytest.mark.parametrize(("mesh", "overrides"), [
-    (LAYOUTS["expert2_data4"], ["model.arch=llama"]),
-    (["mesh.data=8"], ["model.arch=gpt2"]),  # no expert axis: each device sorts its own assignments
-], ids=["expert2_data4", "data8"])
+@pytest.mark.parametrize(
+    ("mesh", "overrides"),
+    [
+        (LAYOUTS["expert2_data4"], ["model.arch=llama"]),
+        (["mesh.data=8"], ["model.arch=gpt2"]),  # no expert axis: each device sorts its own assignments
+    ],
+    ids=["expert2_data4", "data8"],
+)
 def test_layer_under_a_mesh_and_its_router_statistics_equal_one_device(mesh, overrides):
     layer, params, x_BxTxD = layer_and_input(overrides)
     want_grads, (want, want_stats) = jax.jit(layer_grad(layer))(params, x_BxTxD)
@@ -252,12 +270,19 @@ def test_capacity_with_split_experts_is_each_devices_own():
     assert_trees_close(grads, jax.tree.map(lambda g: jnp.sum(g, axis=0), row_grads))
 
 
-@pytest.mark.parametrize("overrides", [["model.arch=gpt2", "model.moe.shared_experts=2"],
-                                       ["model.arch=llama", "model.moe.every=2", "model.moe.d_ff=48", "model.moe.shared_experts=1"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.arch=gpt2", "model.moe.shared_experts=2"],
+        ["model.arch=llama", "model.moe.every=2", "model.moe.d_ff=48", "model.moe.shared_experts=1"],
+    ],
+)
 def test_param_counts_match_the_parameter_tree(overrides):
     m = resolved(overrides)
     shapes = jax.eval_shape(lambda: Transformer(m).init(jax.random.PRNGKey(0), jnp.zeros((1, SEQ), jnp.int32)))
-    assert flops.param_counts(m)["total"] == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes["params"])))
+    assert flops.param_counts(m)["total"] == sum(
+        int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes["params"]))
+    )
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -271,7 +296,9 @@ def test_active_weights_are_a_dense_model_top_k_experts_wide_plus_the_router(arc
 @pytest.mark.slow
 def test_cached_decoding_of_grouped_moe_blocks_equals_greedy_full_forward():
     # every=2: the scan runs groups of two blocks, and the KV cache must follow (generate.init_cache)
-    m = resolve_model(load_config(None, MOE + ["model.arch=llama", "model.n_layer=4", "model.moe.every=2"]).model, VOCAB, 32)
+    m = resolve_model(
+        load_config(None, MOE + ["model.arch=llama", "model.n_layer=4", "model.moe.every=2"]).model, VOCAB, 32
+    )
     model = Transformer(m)
     params = jax.jit(lambda t: nn.unbox(model.init(jax.random.PRNGKey(0), t))["params"])(jnp.zeros((1, 8), jnp.int32))
     prompt = [3, 1, 4, 1, 5]
@@ -320,13 +347,23 @@ def test_logged_expert_load_and_drops_match_a_hand_count(tmp_path):
     inputs_AxBxT = (2 * np.arange(16) + odd_AxG).reshape(2, 2, 8)
     tokens_AxBxT1 = np.concatenate([inputs_AxBxT, np.zeros((2, 2, 1), int)], axis=-1).astype(np.int32)
     tx = optax.sgd(0.0)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0)
+    )
     step = jax.jit(make_train_step(make_loss_fn(model), tx, optax.constant_schedule(0.0)))
     _, metrics = step(state, jnp.asarray(tokens_AxBxT1))
 
     log = MetricsLog(tmp_path / "metrics.jsonl", 0, True, None)
-    parts = loop.Parts(step=None, batch_at=None, save=None, checkpoint_dir=tmp_path, log=log, mfu=lambda tps: 0.0,
-                       tokens_per_step=64, context=None)
+    parts = loop.Parts(
+        step=None,
+        batch_at=None,
+        save=None,
+        checkpoint_dir=tmp_path,
+        log=log,
+        mfu=lambda tps: 0.0,
+        tokens_per_step=64,
+        context=None,
+    )
     log.write(loop.report([(1, metrics)], parts, loop.Throughput(64), None))
     record = fileio.read_jsonl(tmp_path / "metrics.jsonl", "metrics")[0]
 
@@ -353,7 +390,7 @@ def test_distillation_loss_carries_the_router_losses():
     from jaxllm.train import distill
 
     model, params, tokens = model_and_params(["model.moe.aux_loss=1.0", "model.moe.router_z_loss=1.0"])
-    tokens_BxT1 = jnp.concatenate([tokens, tokens[:, :1]], axis=1)[:, : SEQ]
+    tokens_BxT1 = jnp.concatenate([tokens, tokens[:, :1]], axis=1)[:, :SEQ]
     want, router_term = pretraining_loss_and_router_term(model, params, tokens_BxT1)
     assert router_term > 0.5  # the balance loss alone is >= 1 at weight 1
     got = jax.jit(distill.make_loss_fn(model, model, 2.0, 0.0))(params, tokens_BxT1, jax.random.PRNGKey(0), params)
@@ -367,12 +404,17 @@ def test_fine_tuning_loss_carries_the_router_losses():
     from jaxllm.sft import peft
 
     model, params, tokens = model_and_params(["model.moe.aux_loss=1.0", "model.moe.router_z_loss=1.0"])
-    tokens_BxT1 = jnp.concatenate([tokens, tokens[:, :1]], axis=1)[:, : SEQ]
+    tokens_BxT1 = jnp.concatenate([tokens, tokens[:, :1]], axis=1)[:, :SEQ]
     want, router_term = pretraining_loss_and_router_term(model, params, tokens_BxT1)
     assert router_term > 0.5
     B, T = tokens_BxT1.shape[0], SEQ - 1
-    rows = {chat.INPUTS: tokens_BxT1[:, :-1], chat.TARGETS: tokens_BxT1[:, 1:], chat.MASK: jnp.ones((B, T), jnp.int32),
-            chat.POSITIONS: jnp.broadcast_to(jnp.arange(T), (B, T)), chat.SEGMENTS: jnp.ones((B, T), jnp.int32)}
+    rows = {
+        chat.INPUTS: tokens_BxT1[:, :-1],
+        chat.TARGETS: tokens_BxT1[:, 1:],
+        chat.MASK: jnp.ones((B, T), jnp.int32),
+        chat.POSITIONS: jnp.broadcast_to(jnp.arange(T), (B, T)),
+        chat.SEGMENTS: jnp.ones((B, T), jnp.int32),
+    }
     batch_Bx5xT = jnp.stack([rows[i] for i in range(5)], axis=1)  # one example per row, every target counted
     loss_fn = sft.make_loss_fn(model, peft.trainable_mask(params, "full"), 0.0)
     got, _ = jax.jit(loss_fn)(params, batch_Bx5xT, jax.random.PRNGKey(0))
@@ -389,7 +431,9 @@ def test_shared_experts_add_a_dense_mlp_of_their_width_to_the_routed_output(arch
     params = nn.unbox(layer.init(jax.random.PRNGKey(0), x_BxTxD)["params"])
     got = layer.apply({"params": params}, x_BxTxD, mutable=[moe.COLLECTION])[0]
     routed_only = moe.MoEMLP(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, shared_experts=0)), 0.02)
-    routed = routed_only.apply({"params": {k: v for k, v in params.items() if k != "shared"}}, x_BxTxD, mutable=[moe.COLLECTION])[0]
+    routed = routed_only.apply(
+        {"params": {k: v for k, v in params.items() if k != "shared"}}, x_BxTxD, mutable=[moe.COLLECTION]
+    )[0]
     w = params["shared"]
     assert w["up_kernel"].shape == (cfg.d_model, 2 * 24)
     if arch == "gpt2":

@@ -23,7 +23,9 @@ TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)), jnp.int
 
 
 def model_cfg(arch: str) -> ModelConfig:
-    return resolve_model(ModelConfig(arch=arch, n_layer=2, d_model=32, n_head=4, n_kv_head=2), vocab_size=256, seq_len=16)
+    return resolve_model(
+        ModelConfig(arch=arch, n_layer=2, d_model=32, n_head=4, n_kv_head=2), vocab_size=256, seq_len=16
+    )
 
 
 def init_params(cfg: ModelConfig):
@@ -36,8 +38,9 @@ def legacy(params, arch: str):
     inner = "LayerNorm_0" if arch == "gpt2" else "RMSNorm_0"
 
     def convert(node):
-        return {k: {inner: v} if k.startswith("norm") else convert(v) if isinstance(v, dict) else v
-                for k, v in node.items()}
+        return {
+            k: {inner: v} if k.startswith("norm") else convert(v) if isinstance(v, dict) else v for k, v in node.items()
+        }
 
     return convert(params)
 

@@ -63,7 +63,9 @@ M_PER_P = {
 }
 FAST_CASE = ("pipe2_data2_tensor2", 1)  # the fast lane's one pipelined case: pipe composed with data and tensor
 CASES = [
-    pytest.param(name, m_per_p, id=f"{name}-M{m_per_p}P", marks=[] if (name, m_per_p) == FAST_CASE else [pytest.mark.slow])
+    pytest.param(
+        name, m_per_p, id=f"{name}-M{m_per_p}P", marks=[] if (name, m_per_p) == FAST_CASE else [pytest.mark.slow]
+    )
     for name in LAYOUTS
     for m_per_p in M_PER_P[name]
 ]
@@ -96,8 +98,11 @@ def three_steps(cfg: Config, setup: trainer.Setup, state: trainer.TrainState) ->
             state, metrics = setup.step(state, jax.device_put(tokens, setup.batch_sharding))
             if not out:
                 mu = optax.tree_utils.tree_get(state.opt_state, "mu")
-                out = {"loss": float(metrics["loss"]), "grads": jax.tree.map(lambda m: m / (1 - cfg.optim.b1), mu),
-                       "moe": {k: v for k, v in metrics.items() if k.startswith("moe_")}}
+                out = {
+                    "loss": float(metrics["loss"]),
+                    "grads": jax.tree.map(lambda m: m / (1 - cfg.optim.b1), mu),
+                    "moe": {k: v for k, v in metrics.items() if k.startswith("moe_")},
+                }
         return jax.device_get({**out, "params": state.params})
 
 
@@ -153,9 +158,20 @@ def test_pipelined_three_steps_equal_single_device(reference, name, m_per_p):
 
 
 MOE = {  # mixture-of-experts blocks, every layer dropless, or every second layer with a capacity
-    "dropless": ["model.moe.n_experts=4", "model.moe.top_k=2", "model.moe.aux_loss=0.1", "model.moe.router_z_loss=0.01"],
-    "capacity": ["model.moe.n_experts=4", "model.moe.top_k=2", "model.moe.aux_loss=0.1", "model.moe.router_z_loss=0.01",
-                 "model.moe.capacity_factor=1.0", "model.moe.every=2"],
+    "dropless": [
+        "model.moe.n_experts=4",
+        "model.moe.top_k=2",
+        "model.moe.aux_loss=0.1",
+        "model.moe.router_z_loss=0.01",
+    ],
+    "capacity": [
+        "model.moe.n_experts=4",
+        "model.moe.top_k=2",
+        "model.moe.aux_loss=0.1",
+        "model.moe.router_z_loss=0.01",
+        "model.moe.capacity_factor=1.0",
+        "model.moe.every=2",
+    ],
 }
 MOE_CASES = {  # name -> (MoE blocks, mesh and pipeline overrides, M): each schedule (GPipe with capacity
     # layers: its loop is circular's with one repeat), and pipe with expert
@@ -170,7 +186,9 @@ def moe_reference(moe: str, micro: int, initial: trainer.TrainState | None = Non
     """One device accumulating the M micro-batches the pipeline splits the batch into; with ``initial``
     ``None``, also the initial state (built once per MoE model and M)."""
     if (moe, micro) not in _moe_references:
-        cfg, setup = make_setup(MOE[moe] + [f"train.grad_accum={micro}", f"train.batch_size={BATCH // micro}"], jax.devices()[:1])
+        cfg, setup = make_setup(
+            MOE[moe] + [f"train.grad_accum={micro}", f"train.batch_size={BATCH // micro}"], jax.devices()[:1]
+        )
         with setup.context():
             initial = jax.device_get(setup.init())
         _moe_references[moe, micro] = {**three_steps(cfg, setup, initial), "initial": initial}
@@ -281,8 +299,15 @@ def test_layers_not_divisible_by_stages_times_repeats_exits_2(corpus, tmp_path, 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_fewer_microbatches_than_stages_exits_2(corpus, tmp_path, capsys, schedule):
-    line = _refusal(corpus, tmp_path, capsys, "mesh.pipe=4", "model.n_layer=4", "pipeline.microbatches=2",
-                    f"pipeline.schedule={schedule}")
+    line = _refusal(
+        corpus,
+        tmp_path,
+        capsys,
+        "mesh.pipe=4",
+        "model.n_layer=4",
+        "pipeline.microbatches=2",
+        f"pipeline.schedule={schedule}",
+    )
     assert "pipeline.microbatches=2 is smaller than mesh.pipe=4" in line
 
 

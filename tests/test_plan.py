@@ -18,8 +18,13 @@ from jaxllm.plan import planner as plan
 
 # bench/sharding_memory.py's model and five parallel plans (and its sequence-parallel one), plus a pipeline
 SHARDING_MODEL = [
-    "model.arch=gpt2", "model.n_layer=4", "model.d_model=256", "model.n_head=8", "model.vocab_size=512",
-    "train.seq_len=128", "train.batch_size=16",
+    "model.arch=gpt2",
+    "model.n_layer=4",
+    "model.d_model=256",
+    "model.n_head=8",
+    "model.vocab_size=512",
+    "train.seq_len=128",
+    "train.batch_size=16",
 ]
 PLANS = {
     "replicated": ["mesh.data=8"],
@@ -31,8 +36,14 @@ PLANS = {
     "pipeline": ["mesh.data=2", "mesh.pipe=4", "pipeline.microbatches=8"],
     "pipeline-fsdp-remat": ["mesh.fsdp=4", "mesh.pipe=2", "model.remat=true"],
 }
-TINY_TPU = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "train.seq_len=32", "train.batch_size=16",
-            "model.dtype=bfloat16"]
+TINY_TPU = [
+    "model.n_layer=2",
+    "model.d_model=64",
+    "model.n_head=4",
+    "train.seq_len=32",
+    "train.batch_size=16",
+    "model.dtype=bfloat16",
+]
 needs_libtpu = pytest.mark.skipif(not plan.libtpu_installed(), reason="libtpu not installed (pip install -e '.[tpu]')")
 
 
@@ -77,7 +88,11 @@ def test_reduced_model_compiles_for_tpu_slice_on_every_axis(arch, target):
     assert compiled["argument"] >= state  # the donated state is an argument of the step
     assert compiled["alias"] > 0 and compiled["temp"] > 0
     # held against the chip's memory: XLA:TPU's peak, below the temp block plus arguments it reports
-    assert compiled["total"] == compiled["peak"] < compiled["argument"] + compiled["output"] - compiled["alias"] + compiled["temp"]
+    assert (
+        compiled["total"]
+        == compiled["peak"]
+        < compiled["argument"] + compiled["output"] - compiled["alias"] + compiled["temp"]
+    )
     assert result["fits"] and result["device_kind"].startswith("TPU v5")
 
 
@@ -96,12 +111,35 @@ def test_gpu_target_without_gpus_is_analytic_only_and_says_so():
 @pytest.mark.slow
 def test_plan_out_has_the_documented_keys_and_leaves_run_dir_alone(tmp_path, tiny_cfg):
     run_dir, out = tmp_path / "run", tmp_path / "plan.json"
-    code = train.main(["model.n_layer=2", "model.d_model=32", "train.seq_len=16", "train.batch_size=8",
-                       f"run.dir={run_dir}", "--plan", "cpu:8", "--plan-out", str(out)])
+    code = train.main(
+        [
+            "model.n_layer=2",
+            "model.d_model=32",
+            "train.seq_len=16",
+            "train.batch_size=8",
+            f"run.dir={run_dir}",
+            "--plan",
+            "cpu:8",
+            "--plan-out",
+            str(out),
+        ]
+    )
     assert code == 0 and not run_dir.exists()
     result = json.loads(out.read_text())
-    for key in ("target", "device_kind", "devices", "mesh", "analytic_bytes", "compiled_bytes", "device_memory_bytes",
-                "fits", "step_time_s", "tokens_per_sec", "mfu", "bound"):
+    for key in (
+        "target",
+        "device_kind",
+        "devices",
+        "mesh",
+        "analytic_bytes",
+        "compiled_bytes",
+        "device_memory_bytes",
+        "fits",
+        "step_time_s",
+        "tokens_per_sec",
+        "mfu",
+        "bound",
+    ):
         assert key in result
     assert set(result["analytic_bytes"]) == {"params", "grads", "optimizer", "activations", "total"}
     assert set(result["compiled_bytes"]) == {"argument", "output", "alias", "temp", "peak", "total"}
@@ -113,8 +151,17 @@ def test_plan_leaves_an_existing_run_dir_untouched(tmp_path):
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("model: {n_layer: 9}\n")
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.iterdir()}
-    code = train.main(["model.n_layer=2", "model.d_model=32", "train.seq_len=16", "train.batch_size=8",
-                       f"run.dir={run_dir}", "--plan", "cpu:8"])
+    code = train.main(
+        [
+            "model.n_layer=2",
+            "model.d_model=32",
+            "train.seq_len=16",
+            "train.batch_size=8",
+            f"run.dir={run_dir}",
+            "--plan",
+            "cpu:8",
+        ]
+    )
     assert code == 0
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.iterdir()} == before
 
@@ -122,8 +169,19 @@ def test_plan_leaves_an_existing_run_dir_untouched(tmp_path):
 @pytest.mark.slow
 def test_search_ranks_fitting_meshes_by_step_time_and_compiles_the_top(tmp_path, capsys):
     out = tmp_path / "search.json"
-    code = train.main(["model.n_layer=2", "model.d_model=32", "train.seq_len=16", "train.batch_size=8",
-                       "--plan", "cpu:8", "--search", "--plan-out", str(out)])
+    code = train.main(
+        [
+            "model.n_layer=2",
+            "model.d_model=32",
+            "train.seq_len=16",
+            "train.batch_size=8",
+            "--plan",
+            "cpu:8",
+            "--search",
+            "--plan-out",
+            str(out),
+        ]
+    )
     assert code == 0
     ranked = json.loads(out.read_text())["candidates"]
     times = [r["step_time_s"] for r in ranked if r["fits"]]
@@ -171,8 +229,9 @@ def test_peak_flops_table_tells_l4_from_l40s_and_v5e_from_v5p():
 
 def test_roofline_bound_moves_from_compute_to_tensor_collectives_on_slow_links():
     """Same mesh, same FLOPs: only the interconnect slows down, and the tensor all-reduces take over."""
-    cfg = load_config(None, SHARDING_MODEL + ["mesh.tensor=8", "model.d_model=8192", "model.n_head=64",
-                                              "model.dtype=bfloat16"])
+    cfg = load_config(
+        None, SHARDING_MODEL + ["mesh.tensor=8", "model.d_model=8192", "model.n_head=64", "model.dtype=bfloat16"]
+    )
     model_cfg = plan.resolve(cfg)
     sizes = {"data": 1, "fsdp": 1, "tensor": 8, "pipe": 1}
     h100 = hardware.DEVICE_KINDS["h100"]

@@ -40,8 +40,19 @@ def predicted(row: dict) -> dict:
 
 # Fused (cuDNN) or chunked attention; XLA's attention on a GPU is outside the model (it keeps fewer
 # float32 score copies than XLA:CPU: gpt2_124m_xla is +1%, long8k_xla -14%).
-@pytest.mark.parametrize("case", ["gpt2_124m", "gpt2_124m_noremat", "llama_1b_b16", "moe_dense_twin", "moe_dropless",
-                                  "moe_capacity", "long8k_cudnn", "long8k_chunked"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "gpt2_124m",
+        "gpt2_124m_noremat",
+        "llama_1b_b16",
+        "moe_dense_twin",
+        "moe_dropless",
+        "moe_capacity",
+        "long8k_cudnn",
+        "long8k_chunked",
+    ],
+)
 def test_analytic_memory_within_10pct_of_the_h200s_peak(case):
     row = measured(case)
     assert predicted(row)["analytic_bytes"]["total"] == pytest.approx(row["peak_bytes"], rel=0.10)
@@ -56,7 +67,9 @@ def test_roofline_predicts_held_out_h200_step_times_within_25pct(case):
 def test_the_attention_kernel_changes_the_planned_activations():
     row = measured("long8k_cudnn")
     fused = predicted(row)["analytic_bytes"]["activations"]
-    chunked = predicted({**row, "overrides": [*row["overrides"], "model.attention=chunked"]})["analytic_bytes"]["activations"]
+    chunked = predicted({**row, "overrides": [*row["overrides"], "model.attention=chunked"]})["analytic_bytes"][
+        "activations"
+    ]
     xla = predicted({**row, "overrides": [*row["overrides"], "model.attention=xla"]})["analytic_bytes"]["activations"]
     assert fused < chunked < xla / 5  # the 8k x 8k float32 scores dominate XLA's attention
 
@@ -69,8 +82,19 @@ def test_planning_a_gpu_kernel_on_a_cpu_host_needs_no_gpu():
 @pytest.mark.slow
 @needs_libtpu
 def test_auto_attention_lowers_to_splash_for_a_tpu_slice_under_data_parallelism():
-    cfg = load_config(None, ["model.n_layer=1", "model.d_model=256", "model.n_head=2", "train.seq_len=512",
-                             "train.batch_size=8", "model.dtype=bfloat16", "model.attention=auto", "mesh.data=4"])
+    cfg = load_config(
+        None,
+        [
+            "model.n_layer=1",
+            "model.d_model=256",
+            "model.n_head=2",
+            "train.seq_len=512",
+            "train.batch_size=8",
+            "model.dtype=bfloat16",
+            "model.attention=auto",
+            "mesh.data=4",
+        ],
+    )
     model_cfg = plan.resolve(cfg)
     _, lowered = plan.lower_step(cfg, model_cfg, plan.tpu_devices(hardware.parse_target("v5p-8")))
     assert "tpu_custom_call" in lowered.as_text()  # the Mosaic kernel, per device under a shard_map

@@ -12,8 +12,16 @@ from jaxllm.core.config import load_config
 from jaxllm.plan import planner as plan
 
 MOE_MODEL = [
-    "model.arch=gpt2", "model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.vocab_size=256",
-    "train.seq_len=32", "train.batch_size=16", "model.moe.n_experts=8", "model.moe.top_k=2", "model.moe.d_ff=128",
+    "model.arch=gpt2",
+    "model.n_layer=2",
+    "model.d_model=64",
+    "model.n_head=4",
+    "model.vocab_size=256",
+    "train.seq_len=32",
+    "train.batch_size=16",
+    "model.moe.n_experts=8",
+    "model.moe.top_k=2",
+    "model.moe.d_ff=128",
 ]
 MESHES = {
     "expert8": ["mesh.expert=8"],
@@ -23,7 +31,9 @@ MESHES = {
 }
 
 
-@pytest.mark.parametrize("name", [n if n == "expert2-fsdp4" else pytest.param(n, marks=pytest.mark.slow) for n in MESHES])
+@pytest.mark.parametrize(
+    "name", [n if n == "expert2-fsdp4" else pytest.param(n, marks=pytest.mark.slow) for n in MESHES]
+)
 def test_analytic_state_bytes_equal_the_moe_train_states_shards(name):
     equality.assert_state_bytes_exact(MOE_MODEL + MESHES[name])
 
@@ -36,15 +46,27 @@ def test_moe_activations_follow_the_tokens_not_the_experts_where_grouped_matmuls
         sizes = {"data": 1, "fsdp": 1, "tensor": 1, "pipe": 1, "expert": 2}
         return plan.memory_model.activation_bytes(cfg, plan.resolve(cfg), sizes, platform)
 
-    assert abs(activations("tpu", "model.moe.n_experts=16") / activations("tpu") - 1) < 0.01  # only the router's probabilities grow
+    assert (
+        abs(activations("tpu", "model.moe.n_experts=16") / activations("tpu") - 1) < 0.01
+    )  # only the router's probabilities grow
     assert activations("tpu", "model.moe.top_k=4") > 1.2 * activations("tpu")
     assert activations("cpu", "model.moe.n_experts=16") > 1.2 * activations("cpu")
     capacity = "model.moe.capacity_factor=1.25"
     assert abs(activations("cpu", capacity, "model.moe.n_experts=16") / activations("cpu", capacity) - 1) < 0.01
 
 
-ONE_DEVICE = ["model.d_model=128", "model.vocab_size=512", "train.seq_len=128", "train.batch_size=8", "model.moe.d_ff=256",
-              "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.pipe=1", "mesh.expert=1"]
+ONE_DEVICE = [
+    "model.d_model=128",
+    "model.vocab_size=512",
+    "train.seq_len=128",
+    "train.batch_size=8",
+    "model.moe.d_ff=256",
+    "mesh.data=1",
+    "mesh.fsdp=1",
+    "mesh.tensor=1",
+    "mesh.pipe=1",
+    "mesh.expert=1",
+]
 # Seen on one device: 0.88-1.03 over gpt2/llama, dropless/capacity, remat on/off, E 8 and 16 with
 # XLA:CPU's default flags (README). The suite's fast-compile flags (conftest) schedule a remat dropless
 # step into fewer copies (1.24-1.40), so remat is checked here on the capacity path only. Split experts
@@ -57,7 +79,9 @@ COMPILED_CASES = {  # name -> (overrides, devices, relative tolerance)
 }
 
 
-@pytest.mark.parametrize("name", [n if n == "gpt2-dropless-E16" else pytest.param(n, marks=pytest.mark.slow) for n in COMPILED_CASES])
+@pytest.mark.parametrize(
+    "name", [n if n == "gpt2-dropless-E16" else pytest.param(n, marks=pytest.mark.slow) for n in COMPILED_CASES]
+)
 def test_analytic_moe_activations_near_the_compiled_cpu_step(name):
     """Activations against what XLA:CPU allocates beyond the gradients per device (the dropless layers'
     per-expert copies of their grouped matmuls are most of it, and with split experts the padded rows)."""
@@ -65,6 +89,8 @@ def test_analytic_moe_activations_near_the_compiled_cpu_step(name):
     cfg = load_config(None, MOE_MODEL + ONE_DEVICE + overrides)
     model_cfg = plan.resolve(cfg)
     sizes = plan.check_mesh(cfg, model_cfg, devices)
-    analytic = plan.memory_model.estimate(cfg, model_cfg, plan.memory_model.boxed_params(model_cfg, cfg.train.seq_len), sizes)
+    analytic = plan.memory_model.estimate(
+        cfg, model_cfg, plan.memory_model.boxed_params(model_cfg, cfg.train.seq_len), sizes
+    )
     compiled = plan.compiled_bytes(plan.lower_step(cfg, model_cfg, jax.devices()[:devices])[1].compile())
     assert analytic.activations == pytest.approx(compiled["temp"] - analytic.grads, rel=rtol)

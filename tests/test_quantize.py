@@ -30,12 +30,18 @@ def float_model():
 
 
 def quantized(model, params, mode: str, group_size: int = 64):
-    convert = functools.partial(quant.quantize_params, axes_by_path=linear_axes(model, params), mode=mode, group_size=group_size)
+    convert = functools.partial(
+        quant.quantize_params, axes_by_path=linear_axes(model, params), mode=mode, group_size=group_size
+    )
     return jax.jit(convert)(params)
 
 
 def kernels(params) -> list[quant.QuantizedKernel]:
-    return [x for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, quant.QuantizedKernel)) if isinstance(x, quant.QuantizedKernel)]
+    return [
+        x
+        for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, quant.QuantizedKernel))
+        if isinstance(x, quant.QuantizedKernel)
+    ]
 
 
 @pytest.mark.parametrize("mode, dtype, bits", [("int8", jnp.int8, 8), ("int4", jnp.int4, 4)])

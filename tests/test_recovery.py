@@ -50,8 +50,11 @@ def two_checkpoints(finished_run, tmp_path):
 @pytest.mark.slow
 def test_optimizer_change_is_refused_naming_the_keys_and_nothing_moves(two_checkpoints, tiny_cfg):
     before = {p: p.read_bytes() for p in two_checkpoints.rglob("*") if p.is_file()}
-    with pytest.raises(ConfigError, match=r"checkpoint 4 .* another configuration \(only in the checkpoint: opt_state\.1\.0\.count.*"
-                       r"only in this run: opt_state\.0\.0\.count") as e:
+    with pytest.raises(
+        ConfigError,
+        match=r"checkpoint 4 .* another configuration \(only in the checkpoint: opt_state\.1\.0\.count.*"
+        r"only in this run: opt_state\.0\.0\.count",
+    ) as e:
         trainer.train(tiny_cfg("optim.clip_norm=0", "train.steps=6"), one_device())
     assert "\n" not in str(e.value)
     assert {p: p.read_bytes() for p in two_checkpoints.rglob("*") if p.is_file()} == before
@@ -133,8 +136,10 @@ def test_a_second_writer_of_a_run_directory_is_refused(tiny_cfg, tmp_path):
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_folder(tiny_cfg, tmp_path, monkeypatch):
     def no_space(*_args, **_kwargs):  # what tensorstore raises when a write hits ENOSPC
-        raise ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x\": Failed to write 6761 bytes: "
-                         "No space left on device [os_error_code='28']\nmore detail")
+        raise ValueError(
+            'RESOURCE_EXHAUSTED: Error writing local file "x": Failed to write 6761 bytes: '
+            "No space left on device [os_error_code='28']\nmore detail"
+        )
 
     monkeypatch.setattr(ckpt.ocp.CheckpointManager, "save", no_space)
     with pytest.raises(UserError) as e:
@@ -171,8 +176,17 @@ def test_the_loop_never_queues_more_than_two_steps(tmp_path):
         return state + 1, {"loss": 1.0, "lr": 0.0, "grad_norm": 0.0, "layer_grad_norms": [], "done": Ticket(state + 1)}
 
     log = MetricsLog(tmp_path / "metrics.jsonl", 0, True, None)
-    parts = loop.Parts(step=step, batch_at=lambda s: None, save=lambda s, st: None, checkpoint_dir=tmp_path, log=log,
-                       mfu=lambda tps: 0.0, tokens_per_step=1, context=contextlib.nullcontext, progress=False)
+    parts = loop.Parts(
+        step=step,
+        batch_at=lambda s: None,
+        save=lambda s, st: None,
+        checkpoint_dir=tmp_path,
+        log=log,
+        mfu=lambda tps: 0.0,
+        tokens_per_step=1,
+        context=contextlib.nullcontext,
+        progress=False,
+    )
     out = loop.run(parts, loop.Cadence(steps=30, log_every=1000, eval_every=1000, checkpoint_every=1000), 0, 0, None)
     log.close()
     assert out.step == 30 and len(queued) == 30

@@ -52,8 +52,13 @@ def test_rerun_loads_every_program_from_the_compile_cache(tmp_path, corpus):
     folder gains no entry) and JAX logs a cache hit for the train step. With no JAX_NUM_CPU_DEVICES set,
     the config's ``dist.cpu_devices`` splits the host CPU (test_train's SIGTERM test: the variable wins)."""
     cache = tmp_path / "xla"
-    args = TINY + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=1",
-                   f"run.compile_cache={cache}", "dist.cpu_devices=2"]
+    args = TINY + [
+        f"data.source={corpus}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "train.steps=1",
+        f"run.compile_cache={cache}",
+        "dist.cpu_devices=2",
+    ]
     env = {"JAX_COMPILATION_CACHE_DIR": "", "JAX_LOG_COMPILES": "1"}  # the suite's cache set aside
     first = run_cli("train.py", *args, f"run.dir={tmp_path / 'a'}", devices=None, env_extra=env)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -82,7 +87,9 @@ def test_initialisation_at_the_one_off_level_draws_the_bits_of_xlas_default_leve
     """The same lowered initialisation compiled at the one-off level and at XLA's default level (3): every
     parameter and optimizer leaf bitwise equal. One architecture: both draw their weights alike."""
     cfg = tiny_cfg()
-    setup = trainer.build(cfg, resolve_model(cfg.model, 256, cfg.train.seq_len), sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    setup = trainer.build(
+        cfg, resolve_model(cfg.model, 256, cfg.train.seq_len), sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    )
     with setup.context():
         lowered = setup.init.lower()
         levels = (ONE_OFF_LEVEL, {"xla_backend_optimization_level": 3})

@@ -20,7 +20,9 @@ from jaxllm.scaling.csv_io import load_runs
 from jaxllm.scaling.report import FitSettings
 
 CHINCHILLA_CSV = SHARED_DATA / "chinchilla_epoch_svg_extracted.csv"
-needs_shared = pytest.mark.skipif(not CHINCHILLA_CSV.is_file(), reason=f"{CHINCHILLA_CSV} is absent (the ../shared checkout)")
+needs_shared = pytest.mark.skipif(
+    not CHINCHILLA_CSV.is_file(), reason=f"{CHINCHILLA_CSV} is absent (the ../shared checkout)"
+)
 CHINCHILLA_COLUMNS = ["--params-column", "Model Size", "--flops-column", "Training FLOP"]
 # The Chinchilla paper's fit (approach 3), used as the law to recover.
 PAPER_LAW = sl.ChinchillaLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
@@ -163,8 +165,19 @@ def test_cli_missing_file_exits_2_with_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def chinchilla_fit(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fit")
-    result = scaling("fit", str(CHINCHILLA_CSV), "--out", str(out), *CHINCHILLA_COLUMNS,
-                     "--drop-highest-loss", "5", "--bootstrap", "3", "--starts", "coarse")
+    result = scaling(
+        "fit",
+        str(CHINCHILLA_CSV),
+        "--out",
+        str(out),
+        *CHINCHILLA_COLUMNS,
+        "--drop-highest-loss",
+        "5",
+        "--bootstrap",
+        "3",
+        "--starts",
+        "coarse",
+    )
     assert result.returncode == 0, result.stderr
     return out
 
@@ -212,6 +225,12 @@ def test_huber_objective_gradient_equals_central_differences_in_both_regimes():
     assert (noise < sl.HUBER_DELTA).any() and (noise > sl.HUBER_DELTA).any()
     _, grad = sl.huber_objective(theta, log_N, log_D, log_loss)
     h = 1e-7
-    numeric = [(sl.huber_objective(theta + h * e, log_N, log_D, log_loss)[0]
-                - sl.huber_objective(theta - h * e, log_N, log_D, log_loss)[0]) / (2 * h) for e in np.eye(5)]
+    numeric = [
+        (
+            sl.huber_objective(theta + h * e, log_N, log_D, log_loss)[0]
+            - sl.huber_objective(theta - h * e, log_N, log_D, log_loss)[0]
+        )
+        / (2 * h)
+        for e in np.eye(5)
+    ]
     np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-9)

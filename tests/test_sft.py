@@ -28,8 +28,13 @@ TOK = chat.chat_tokenizer(ByteTokenizer())
 SEQ = 32
 CHATS = [  # 11 + 19 positions share the first row of 32; the third starts a second row
     [{"role": "user", "content": "rev ab"}, {"role": "assistant", "content": "ba"}],
-    [{"role": "system", "content": "hi"}, {"role": "user", "content": "2+3"},
-     {"role": "assistant", "content": "5"}, {"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}],
+    [
+        {"role": "system", "content": "hi"},
+        {"role": "user", "content": "2+3"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "1+1"},
+        {"role": "assistant", "content": "2"},
+    ],
     [{"role": "user", "content": "up hi"}, {"role": "assistant", "content": "HI"}],
 ]
 
@@ -39,7 +44,11 @@ BASE_VOCAB = ByteTokenizer().vocab_size  # the chat markers are new rows beyond 
 
 def tiny(arch: str = "gpt2", **kw) -> tuple[Transformer, dict]:
     """A model over the chat vocabulary whose params hold the markers' rows apart, as sft.prepare does."""
-    cfg = resolve_model(ModelConfig(arch=arch, n_layer=2, d_model=32, n_head=4, n_kv_head=2 if arch == "llama" else 0, **kw), TOK.vocab_size, 2 * SEQ)
+    cfg = resolve_model(
+        ModelConfig(arch=arch, n_layer=2, d_model=32, n_head=4, n_kv_head=2 if arch == "llama" else 0, **kw),
+        TOK.vocab_size,
+        2 * SEQ,
+    )
     model = Transformer(cfg)
     params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
     base = {**params, "wte": {"embedding": params["wte"]["embedding"][:BASE_VOCAB]}}
@@ -57,7 +66,10 @@ def test_loss_mask_covers_exactly_the_assistant_tokens():
     learned = [i for i, m in zip(ids, mask) if m]
     end = TOK.token_id("<|end|>")
     assert learned == TOK.encode("5") + [end] + TOK.encode("2") + [end]
-    assert TOK.decode([i for i, m in zip(ids, mask) if not m]) == "<|system|>hi<|end|><|user|>2+3<|end|><|assistant|><|user|>1+1<|end|><|assistant|>"
+    assert (
+        TOK.decode([i for i, m in zip(ids, mask) if not m])
+        == "<|system|>hi<|end|><|user|>2+3<|end|><|assistant|><|user|>1+1<|end|><|assistant|>"
+    )
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -93,7 +105,9 @@ def assert_only_trainable_changed(before: dict, after: dict, method: str) -> Non
     flat_b, flat_a, flat_m = (jax.tree_util.tree_leaves_with_path(t) for t in (before, after, mask))
     for (path, b), (_, a), (_, m) in zip(flat_b, flat_a, flat_m):
         if m:
-            assert not np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(path)  # LoRA's A too, once B moved
+            assert not np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(
+                path
+            )  # LoRA's A too, once B moved
         else:
             assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), jax.tree_util.keystr(path)
 
@@ -171,11 +185,15 @@ def test_new_token_rows_start_at_the_mean_and_append_to_the_base_table(tie):
     plain = peft.model_params(params, 0.0)
     base_VxD = params["wte"]["embedding"]
     np.testing.assert_array_equal(plain["wte"]["embedding"][:BASE_VOCAB], base_VxD)
-    np.testing.assert_allclose(plain["wte"]["embedding"][BASE_VOCAB:], np.stack([base_VxD.mean(0)] * len(chat.SPECIAL)), rtol=1e-6)
+    np.testing.assert_allclose(
+        plain["wte"]["embedding"][BASE_VOCAB:], np.stack([base_VxD.mean(0)] * len(chat.SPECIAL)), rtol=1e-6
+    )
     if "lm_head" in params:
         w_DxV = params["lm_head"]["kernel"]
         np.testing.assert_array_equal(plain["lm_head"]["kernel"][:, :BASE_VOCAB], w_DxV)
-        np.testing.assert_allclose(plain["lm_head"]["kernel"][:, BASE_VOCAB:], np.stack([w_DxV.mean(1)] * len(chat.SPECIAL), 1), rtol=1e-6)
+        np.testing.assert_allclose(
+            plain["lm_head"]["kernel"][:, BASE_VOCAB:], np.stack([w_DxV.mean(1)] * len(chat.SPECIAL), 1), rtol=1e-6
+        )
 
 
 def test_greedy_answers_equal_a_full_forward_argmax_decode_with_a_learned_prompt():
@@ -204,7 +222,11 @@ def test_greedy_answers_equal_a_full_forward_argmax_decode_with_a_learned_prompt
 def write_hf_base(directory, tok):
     """A random tiny LLaMA over ``tok``'s vocabulary as a Hugging Face directory (several safetensors
     files and an index) with ``tok`` beside it: what `sft.py init.from=HF_DIR` starts from."""
-    m = resolve_model(ModelConfig(arch="llama", n_layer=2, d_model=32, n_head=4, n_kv_head=2, tie_embeddings=False), tok.vocab_size, 96)
+    m = resolve_model(
+        ModelConfig(arch="llama", n_layer=2, d_model=32, n_head=4, n_kv_head=2, tie_embeddings=False),
+        tok.vocab_size,
+        96,
+    )
     params = nn.unbox(Transformer(m).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
     hf.write(m, params, directory, max_shard_bytes=40_000)
     tok.save(directory)
@@ -216,8 +238,10 @@ def hf_base(tmp_path_factory):
     return write_hf_base(tmp_path_factory.mktemp("hf_base"), ByteTokenizer())
 
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -230,8 +254,20 @@ def hf_chat_base(tmp_path_factory):
 
 
 def sft_cfg(directory, *overrides: str):
-    return load_config(None, [f"init.from={directory}", "sft.n_train=2", "sft.n_eval=1", "train.seq_len=32",
-                              "train.batch_size=8", "train.steps=2", "optim.warmup_steps=0", *overrides], cls=SFTConfig)
+    return load_config(
+        None,
+        [
+            f"init.from={directory}",
+            "sft.n_train=2",
+            "sft.n_eval=1",
+            "train.seq_len=32",
+            "train.batch_size=8",
+            "train.steps=2",
+            "optim.warmup_steps=0",
+            *overrides,
+        ],
+        cls=SFTConfig,
+    )
 
 
 def two_steps(cfg, p: sft.Prepared) -> tuple[list[float], dict]:
@@ -246,16 +282,25 @@ def two_steps(cfg, p: sft.Prepared) -> tuple[list[float], dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [pytest.param(["mesh.data=1", "mesh.fsdp=8"], id="fsdp"),
-                                  pytest.param(["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "optim.shard_state=true"],
-                                               id="fsdp_tensor_zero1_lora")])
+@pytest.mark.parametrize(
+    "mesh",
+    [
+        pytest.param(["mesh.data=1", "mesh.fsdp=8"], id="fsdp"),
+        pytest.param(
+            ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "optim.shard_state=true"], id="fsdp_tensor_zero1_lora"
+        ),
+    ],
+)
 def test_hf_base_streams_into_the_mesh_and_fine_tunes_as_on_one_device(hf_base, mesh):
     assert (hf_base / "model.safetensors.index.json").is_file()
     method = ["sft.method=lora"] if "optim.shard_state=true" in mesh else []  # a masked optimizer under ZeRO-1
     one_cfg, cfg = sft_cfg(hf_base, "mesh.data=1", *method), sft_cfg(hf_base, *mesh, *method)
     p = sft.prepare(cfg, jax.devices())
     up = p.params["blocks"]["mlp"]["up"]["kernel"]  # [L, D, F]: D over fsdp, F over tensor, as pre-training
-    assert up.sharding.spec == sharding.logical_shardings(nn.Partitioned(up, ("layers", "embed", "mlp")), p.mesh, p.rules).spec
+    assert (
+        up.sharding.spec
+        == sharding.logical_shardings(nn.Partitioned(up, ("layers", "embed", "mlp")), p.mesh, p.rules).spec
+    )
     assert all(s.data.size < up.size for s in up.addressable_shards)  # no device holds the whole parameter
     one_losses, one_params = two_steps(one_cfg, sft.prepare(one_cfg, jax.devices()[:1]))
     losses, params = two_steps(cfg, p)
@@ -292,8 +337,10 @@ def test_optimizer_state_is_sharded_like_the_trainable_parameters_and_split_by_z
 
 
 def test_compute_options_apply_to_a_hf_base_and_its_weights_stay_float32(hf_base):
-    p = sft.prepare(sft_cfg(hf_base, "model.dtype=bfloat16", "model.remat=true", "model.n_layer=2", "mesh.data=1"),
-                    jax.devices()[:1])
+    p = sft.prepare(
+        sft_cfg(hf_base, "model.dtype=bfloat16", "model.remat=true", "model.n_layer=2", "mesh.data=1"),
+        jax.devices()[:1],
+    )
     assert (p.model_cfg.dtype, p.model_cfg.remat, p.model_cfg.n_layer) == ("bfloat16", True, 2)
     assert {x.dtype for x in jax.tree.leaves(p.params)} == {jnp.dtype("float32")}
 

@@ -70,8 +70,12 @@ def test_malformed_jsonl_names_its_line(tmp_path, base_run, capsys):
 
 def test_record_without_its_fields_is_refused(tmp_path, base_run, capsys):
     data = tmp_path / "d.jsonl"
-    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"prompt": "x"}\n')
-    assert_one_line_error(*run(capsys, f"init.from={base_run}", f"sft.data={data}"), "d.jsonl:2", "'instruction' and 'output'")
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"prompt": "x"}\n'
+    )
+    assert_one_line_error(
+        *run(capsys, f"init.from={base_run}", f"sft.data={data}"), "d.jsonl:2", "'instruction' and 'output'"
+    )
 
 
 def test_unknown_method_is_refused(base_run, capsys):
@@ -85,7 +89,9 @@ def test_lora_target_that_does_not_exist_is_refused(base_run, capsys):
 def test_method_learning_rate_sets_the_peak_and_scales_the_floor():
     from jaxllm.sft.finetune import method_optim
 
-    cfg = load_config(None, ["sft.method=prompt", "prompt.lr=3e-2", "optim.lr=1e-3", "optim.min_lr=1e-4", "lora.lr=9"], cls=SFTConfig)
+    cfg = load_config(
+        None, ["sft.method=prompt", "prompt.lr=3e-2", "optim.lr=1e-3", "optim.min_lr=1e-4", "lora.lr=9"], cls=SFTConfig
+    )
     assert (method_optim(cfg).lr, method_optim(cfg).min_lr) == pytest.approx((3e-2, 3e-3))
     cfg.sft.method = "full"  # optim as given
     assert (method_optim(cfg).lr, method_optim(cfg).min_lr) == (1e-3, 1e-4)
@@ -105,8 +111,17 @@ def test_init_from_neither_run_nor_hf_directory_is_refused(tmp_path, capsys):
 def test_data_parallel_lora_run_writes_eval_json_and_a_loadable_merged_model(tmp_path, base_run, capsys):
     run_dir = tmp_path / "sft"
     code, err = run(
-        capsys, f"init.from={base_run}", f"run.dir={run_dir}", "sft.method=lora", "sft.n_train=20", "sft.n_eval=4",
-        "sft.max_new_tokens=4", "train.steps=2", "train.batch_size=8", "mesh.data=-1", "log.every=1",
+        capsys,
+        f"init.from={base_run}",
+        f"run.dir={run_dir}",
+        "sft.method=lora",
+        "sft.n_train=20",
+        "sft.n_eval=4",
+        "sft.max_new_tokens=4",
+        "train.steps=2",
+        "train.batch_size=8",
+        "mesh.data=-1",
+        "log.every=1",
     )
     assert code == 0, err
     result = json.loads((run_dir / "eval.json").read_text())
@@ -123,8 +138,17 @@ def test_data_parallel_lora_run_writes_eval_json_and_a_loadable_merged_model(tmp
 def test_prompt_tuned_run_loads_with_its_prompt_in_front_of_every_input(tmp_path, base_run, capsys):
     run_dir = tmp_path / "sft"
     code, err = run(
-        capsys, f"init.from={base_run}", f"run.dir={run_dir}", "sft.method=prompt", "prompt.n_virtual_tokens=4",
-        "sft.n_train=20", "sft.n_eval=4", "sft.max_new_tokens=4", "train.steps=2", "train.batch_size=8", "log.every=1",
+        capsys,
+        f"init.from={base_run}",
+        f"run.dir={run_dir}",
+        "sft.method=prompt",
+        "prompt.n_virtual_tokens=4",
+        "sft.n_train=20",
+        "sft.n_eval=4",
+        "sft.max_new_tokens=4",
+        "train.steps=2",
+        "train.batch_size=8",
+        "log.every=1",
     )
     assert code == 0, err
     loaded = jaxllm.load(run_dir)
@@ -133,8 +157,10 @@ def test_prompt_tuned_run_loads_with_its_prompt_in_front_of_every_input(tmp_path
     prefixed = Transformer(loaded.config.model).apply({"params": loaded.params}, np.pad(tokens, ((0, 0), (4, 0))))
     np.testing.assert_allclose(loaded.logits(tokens), prefixed[:, 4:], rtol=1e-5, atol=1e-6)  # jitted vs eager
     without = loaded.params | {"prompt": jnp.zeros_like(loaded.params["prompt"])}  # the prompt does matter
-    assert not np.allclose(loaded.logits(tokens), Transformer(loaded.config.model).apply(
-        {"params": without}, np.pad(tokens, ((0, 0), (4, 0))))[:, 4:])
+    assert not np.allclose(
+        loaded.logits(tokens),
+        Transformer(loaded.config.model).apply({"params": without}, np.pad(tokens, ((0, 0), (4, 0))))[:, 4:],
+    )
     assert len(loaded.generate("ab", max_new_tokens=3, temperature=0)) > 0
     with pytest.raises(jaxllm.core.errors.ConfigError, match="prompt-tuned model has no Hugging Face form"):
         loaded.save_hf(tmp_path / "hf")
@@ -198,7 +224,9 @@ def test_sft_of_another_config_into_an_existing_run_is_refused(base_run, finishe
 
 def test_a_second_sft_on_one_run_directory_is_refused(base_run, tmp_path, capsys):
     with dir_lock(tmp_path / "sft", "a running sft.py"):
-        assert_one_line_error(*run(capsys, f"init.from={base_run}", f"run.dir={tmp_path / 'sft'}", *SMALL), "is writing to")
+        assert_one_line_error(
+            *run(capsys, f"init.from={base_run}", f"run.dir={tmp_path / 'sft'}", *SMALL), "is writing to"
+        )
     assert [p.name for p in (tmp_path / "sft").iterdir()] == [".lock"]
 
 
@@ -210,12 +238,23 @@ def sft_losses(run_dir) -> list[tuple[int, float, float]]:
 def test_sft_sigkill_after_a_checkpoint_then_rerun_gives_bitwise_identical_losses(base_run, tmp_path, capsys):
     """Only the killed run needs a process of its own; the uninterrupted reference and the rerun fine-tune
     in this one, on one device and from sft.py's default config as the process does."""
-    args = [f"init.from={base_run}", "train.seq_len=32", *SMALL, "train.steps=16", "checkpoint.every=4",
-            "checkpoint.keep=10", "sft.method=lora", "log.progress=false", "log.tensorboard=false"]
+    args = [
+        f"init.from={base_run}",
+        "train.seq_len=32",
+        *SMALL,
+        "train.steps=16",
+        "checkpoint.every=4",
+        "checkpoint.keep=10",
+        "sft.method=lora",
+        "log.progress=false",
+        "log.tensorboard=false",
+    ]
 
     def run_here(run_dir):
-        finetune(load_config(None, [*args, f"run.dir={run_dir}"], cls=SFTConfig, default=str(sft_cli.DEFAULT_CONFIG)),
-                 jax.devices()[:1])
+        finetune(
+            load_config(None, [*args, f"run.dir={run_dir}"], cls=SFTConfig, default=str(sft_cli.DEFAULT_CONFIG)),
+            jax.devices()[:1],
+        )
 
     run_here(tmp_path / "ref")
     killed = tmp_path / "killed"
@@ -227,4 +266,6 @@ def test_sft_sigkill_after_a_checkpoint_then_rerun_gives_bitwise_identical_losse
 
 
 def test_a_model_override_that_changes_the_base_shape_exits_2(base_run, capsys):
-    assert_one_line_error(*run(capsys, f"init.from={base_run}", "model.d_model=64"), "model.d_model=64 would change init.from's model")
+    assert_one_line_error(
+        *run(capsys, f"init.from={base_run}", "model.d_model=64"), "model.d_model=64 would change init.from's model"
+    )

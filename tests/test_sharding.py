@@ -151,7 +151,9 @@ def fast_lane(cases: list[tuple], fast: tuple) -> list:
 
 # llama differs from gpt2 where tensor parallelism splits it (grouped key/value heads, the gated MLP);
 # pure data parallelism and ZeRO-1 do not look inside the model, so gpt2 alone covers them.
-EQUALITY_CASES = [(p, f) for p in PLANS for f in FLAVOURS if (p, f) not in {("data8", "llama"), ("zero1_data8", "llama")}]
+EQUALITY_CASES = [
+    (p, f) for p in PLANS for f in FLAVOURS if (p, f) not in {("data8", "llama"), ("zero1_data8", "llama")}
+]
 
 
 @pytest.mark.parametrize(("plan", "flavour"), fast_lane(EQUALITY_CASES, ("data2_fsdp2_tensor2", "gpt2")))

@@ -22,8 +22,10 @@ import train
         (["model.d_ff=66", "mesh.tensor=4"], "model.d_ff=66 is not divisible by mesh.tensor=4"),
         (["model.vocab_size=257", "mesh.tensor=2"], "pad it with model.vocab_size=258"),
         (["train.batch_size=12", "mesh.data=8"], "train.batch_size=12 is not divisible by the data axes"),
-        (["model.d_ff=36", "mesh.fsdp=8", "mesh.rules={mlp: fsdp}"],
-         "its 'mlp' dimension 36 is not divisible by mesh fsdp=8"),
+        (
+            ["model.d_ff=36", "mesh.fsdp=8", "mesh.rules={mlp: fsdp}"],
+            "its 'mlp' dimension 36 is not divisible by mesh fsdp=8",
+        ),
     ],
     ids=["mesh_product", "n_head", "n_kv_head", "d_ff", "vocab", "batch", "rules_override"],
 )

@@ -58,7 +58,11 @@ def test_metrics_log_writes_each_record_as_one_tensorboard_event(tmp_path):
     (event,) = [event_pb2.Event.FromString(r) for r in read_records(path)][1:]
     assert event.step == 10
     assert {v.tag: v.simple_value for v in event.summary.value} == {
-        "loss": 3.0, "grad_norm": 0.5, "layer_grad_norm/0": 0.25, "layer_grad_norm/1": 0.125}
+        "loss": 3.0,
+        "grad_norm": 0.5,
+        "layer_grad_norm/0": 0.25,
+        "layer_grad_norm/1": 0.125,
+    }
 
 
 def test_training_imports_neither_torch_nor_tensorboardx(tmp_path):
@@ -71,8 +75,15 @@ def test_training_imports_neither_torch_nor_tensorboardx(tmp_path):
         "log.write({'step': 1, 'loss': 1.0}); log.close(); "
         "print(sorted(m for m in ('torch', 'tensorboardX') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
 

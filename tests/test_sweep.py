@@ -17,8 +17,13 @@ from jaxllm.scaling.sweep import Shape, SweepConfig, plan, run_sweep, shape_mode
 from jaxllm.train import trainer
 
 TINY_SWEEP = [
-    "train.seq_len=16", "train.batch_size=8", "eval.batches=2", "log.every=5", "optim.warmup_steps=2",
-    "sweep.shapes=1x16,2x16,1x32,3x16,2x32", "sweep.sizes=5",
+    "train.seq_len=16",
+    "train.batch_size=8",
+    "eval.batches=2",
+    "log.every=5",
+    "optim.warmup_steps=2",
+    "sweep.shapes=1x16,2x16,1x32,3x16,2x32",
+    "sweep.sizes=5",
 ]
 
 
@@ -66,8 +71,11 @@ def test_a_budget_too_small_for_its_models_is_refused_before_training():
 
 @pytest.mark.slow
 def test_sweep_writes_results_csv_then_skips_finished_runs(tmp_path, corpus, monkeypatch):
-    cfg = load_config(None, TINY_SWEEP + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
-                                          "sweep.budgets=6e8"], cls=SweepConfig)
+    cfg = load_config(
+        None,
+        TINY_SWEEP + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "sweep.budgets=6e8"],
+        cls=SweepConfig,
+    )
     specs = sweep_plan(cfg)[-2:]  # the two largest sizes, fewest steps: the plan is tested above
     out = tmp_path / "sweep"
     rows = run_sweep(cfg, specs, out, devices=jax.devices()[:1])

@@ -88,7 +88,9 @@ def test_accumulating_two_half_batches_equals_one_full_batch(tiny_cfg):
 
 
 def test_run_directory_holds_every_output(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("train.steps=4", "eval.every=2", "eval.sample_tokens=8", "log.tensorboard=true", "checkpoint.every=2")
+    cfg = tiny_cfg(
+        "train.steps=4", "eval.every=2", "eval.sample_tokens=8", "log.tensorboard=true", "checkpoint.every=2"
+    )
     trainer.train(cfg, one_device())
     run = tmp_path / "run"
     for name in ("config.yaml", "tokenizer.json", "metrics.jsonl", "loss.png"):
@@ -129,7 +131,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_cfg, tmp_path
 @pytest.mark.slow
 def test_nan_loss_stops_training_naming_the_step(tiny_cfg):
     cfg = tiny_cfg("train.steps=30", "optim.lr=1e12", "optim.clip_norm=0", "optim.warmup_steps=0")
-    with pytest.raises(trainer.TrainingDiverged, match=r"loss became (nan|inf) at step \d+.*Last good checkpoint: none"):
+    with pytest.raises(
+        trainer.TrainingDiverged, match=r"loss became (nan|inf) at step \d+.*Last good checkpoint: none"
+    ):
         trainer.train(cfg, one_device())
 
 
@@ -146,7 +150,9 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_bitwise_identical_losses(tm
     ]
 
     def run_here(run_dir):
-        trainer.train(load_config(None, [*args, f"run.dir={run_dir}"], default=str(ROOT / "configs" / "tiny.yaml")), one_device())
+        trainer.train(
+            load_config(None, [*args, f"run.dir={run_dir}"], default=str(ROOT / "configs" / "tiny.yaml")), one_device()
+        )
 
     run_here(tmp_path / "ref")
     killed_dir = tmp_path / "killed"
@@ -161,11 +167,23 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_bitwise_identical_losses(tm
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path, corpus):
     """Also: JAX_NUM_CPU_DEVICES wins over the config's ``dist.cpu_devices`` (test_runtime's compile-cache
     test: without the variable, the key splits the host CPU)."""
-    args = TINY + [f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=100000",
-                   f"run.dir={tmp_path / 'run'}", "log.every=10", "dist.cpu_devices=2"]
+    args = TINY + [
+        f"data.source={corpus}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "train.steps=100000",
+        f"run.dir={tmp_path / 'run'}",
+        "log.every=10",
+        "dist.cpu_devices=2",
+    ]
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     metrics = tmp_path / "run" / "metrics.jsonl"
     while (not metrics.exists() or not metrics.read_text()) and time.time() < deadline:

@@ -93,8 +93,11 @@ def test_remat_recomputes_blocks_without_changing_loss_or_gradients(params):
     # and the flag took effect: the backward pass holds a rematerialised block
     grad_fn = jax.grad(lambda p: make_loss_fn(Transformer(tiny(remat=True)))(p, TOKENS_BxT1, jax.random.PRNGKey(0))[0])
     assert "remat" in str(jax.make_jaxpr(grad_fn)(params))
-    assert "remat" not in str(jax.make_jaxpr(jax.grad(lambda p: make_loss_fn(Transformer(tiny()))(
-        p, TOKENS_BxT1, jax.random.PRNGKey(0))[0]))(params))
+    assert "remat" not in str(
+        jax.make_jaxpr(jax.grad(lambda p: make_loss_fn(Transformer(tiny()))(p, TOKENS_BxT1, jax.random.PRNGKey(0))[0]))(
+            params
+        )
+    )
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_logits_within_bfloat16_rounding(params):
@@ -118,12 +121,15 @@ LR, MIN_LR, WARMUP, STEPS = 1e-3, 1e-4, 10, 110  # 100 steps after the warmup
 MID, END = WARMUP + 50, STEPS
 
 
-@pytest.mark.parametrize("name, at_mid, at_end", [
-    ("cosine", (LR + MIN_LR) / 2, MIN_LR),  # lr_min + (lr - lr_min)(1 + cos(pi t))/2 at t = 1/2 and 1
-    ("linear", (LR + MIN_LR) / 2, MIN_LR),
-    ("wsd", LR, MIN_LR),  # stable until the last decay_fraction (20 of 100 steps), then linear
-    ("constant", LR, LR),
-])
+@pytest.mark.parametrize(
+    "name, at_mid, at_end",
+    [
+        ("cosine", (LR + MIN_LR) / 2, MIN_LR),  # lr_min + (lr - lr_min)(1 + cos(pi t))/2 at t = 1/2 and 1
+        ("linear", (LR + MIN_LR) / 2, MIN_LR),
+        ("wsd", LR, MIN_LR),  # stable until the last decay_fraction (20 of 100 steps), then linear
+        ("constant", LR, LR),
+    ],
+)
 def test_schedule_after_warmup_at_the_middle_and_the_end(name, at_mid, at_end):
     lr = optim.schedule(OptimConfig(lr=LR, min_lr=MIN_LR, warmup_steps=WARMUP, schedule=name), STEPS)
     assert float(lr(0)) == 0.0
@@ -149,7 +155,9 @@ def test_weight_decay_reaches_matrices_and_the_token_embedding_only():
     decayed = {".".join(k.key for k in path) for path, on in mask if on}
     kernels = {n for n in ckpt.layout(params) if n.endswith(".kernel")}
     assert decayed == kernels | {"wte.embedding"}
-    assert {"wpe.embedding", "norm_f.scale", "norm_f.bias", "blocks.norm1.scale", "blocks.attn.q.bias"}.isdisjoint(decayed)
+    assert {"wpe.embedding", "norm_f.scale", "norm_f.bias", "blocks.norm1.scale", "blocks.attn.q.bias"}.isdisjoint(
+        decayed
+    )
 
 
 def test_the_optimizer_decays_exactly_the_masked_leaves(params):
@@ -204,23 +212,33 @@ def test_eval_batches_are_evenly_spaced_windows_split_across_processes():
 # --------------------------------------------------------------------------- Hugging Face configs
 
 GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": 64, "n_positions": 16}
-LLAMA = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "intermediate_size": 64, "vocab_size": 64, "max_position_embeddings": 16}
+LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "vocab_size": 64,
+    "max_position_embeddings": 16,
+}
 
 
 def test_the_plain_hf_configs_are_read():  # the refusals below are each one key away from these
     assert (hf.model_config(GPT2, "c").arch, hf.model_config(LLAMA, "c").arch) == ("gpt2", "llama")
 
 
-@pytest.mark.parametrize("config, message", [
-    ({**GPT2, "model_type": "mistral"}, "model_type 'mistral' is not supported; jaxllm reads gpt2"),
-    ({**GPT2, "activation_function": "relu"}, "GPT-2 activation 'relu' is not supported"),
-    ({**GPT2, "scale_attn_by_inverse_layer_idx": True}, "GPT-2 attention variants"),
-    ({**LLAMA, "head_dim": 16}, "head_dim=16 differs from hidden_size/num_attention_heads"),
-    ({**LLAMA, "attention_bias": True}, "LLaMA with biases or an activation other than silu"),
-    ({**LLAMA, "hidden_act": "gelu"}, "LLaMA with biases or an activation other than silu"),
-    ({**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling .* is not supported"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({**GPT2, "model_type": "mistral"}, "model_type 'mistral' is not supported; jaxllm reads gpt2"),
+        ({**GPT2, "activation_function": "relu"}, "GPT-2 activation 'relu' is not supported"),
+        ({**GPT2, "scale_attn_by_inverse_layer_idx": True}, "GPT-2 attention variants"),
+        ({**LLAMA, "head_dim": 16}, "head_dim=16 differs from hidden_size/num_attention_heads"),
+        ({**LLAMA, "attention_bias": True}, "LLaMA with biases or an activation other than silu"),
+        ({**LLAMA, "hidden_act": "gelu"}, "LLaMA with biases or an activation other than silu"),
+        ({**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling .* is not supported"),
+    ],
+)
 def test_hf_configs_jaxllm_cannot_express_are_refused_by_name(config, message):
     with pytest.raises(ConfigError, match=message):
         hf.model_config(config, "config.json")

@@ -170,7 +170,9 @@ def set_key(cfg: Any, dotted: str, value: Any) -> None:
         if not dataclasses.is_dataclass(node) or part not in _fields(node):
             options = list(_fields(node)) if dataclasses.is_dataclass(node) else []
             where = ".".join(walked) or "config"
-            raise ConfigError(f"unknown config section {'.'.join(walked + [part])!r} in {where}{_suggest(part, options)}")
+            raise ConfigError(
+                f"unknown config section {'.'.join(walked + [part])!r} in {where}{_suggest(part, options)}"
+            )
         node, walked = getattr(node, part), walked + [part]
     fields_ = _fields(node) if dataclasses.is_dataclass(node) else {}
     if leaf in fields_ and dataclasses.is_dataclass(getattr(node, leaf)):
@@ -318,11 +320,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     if cfg.eval.sample_tokens and (cfg.model.max_seq_len or t.seq_len) < 2:
         # the sample's prompt gets half the context, and at least one token of each is needed
-        raise ConfigError(f"train.seq_len={t.seq_len} leaves no room for the evaluation sample's prompt and "
-                          "continuation; use train.seq_len >= 2 or eval.sample_tokens=0")
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} leaves no room for the evaluation sample's prompt and "
+            "continuation; use train.seq_len >= 2 or eval.sample_tokens=0"
+        )
     if cfg.mesh.context > 1 and t.seq_len % (2 * cfg.mesh.context):
-        raise ConfigError(f"train.seq_len={t.seq_len} is not divisible by 2*mesh.context={2 * cfg.mesh.context} "
-                          "(context parallelism's zig-zag split)")
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} is not divisible by 2*mesh.context={2 * cfg.mesh.context} "
+            "(context parallelism's zig-zag split)"
+        )
     validate_pipeline(cfg.pipeline)
     validate_distill(cfg.distill)
     check_folder_path(cfg.run.dir, "run.dir")

@@ -22,8 +22,11 @@ def option(default: Any, help: str, sign: str | None = None) -> Any:
 @dataclass
 class RunConfig:
     dir: str = option("runs/tiny", "run directory: config, metrics, plots, checkpoints (resumes if present)")
-    compile_cache: str = option("~/.cache/jaxllm/xla", "folder of compiled programs reused by later runs of the same "
-                                "shapes (skips compilation); '' = off; JAX_COMPILATION_CACHE_DIR, when set, wins")
+    compile_cache: str = option(
+        "~/.cache/jaxllm/xla",
+        "folder of compiled programs reused by later runs of the same "
+        "shapes (skips compilation); '' = off; JAX_COMPILATION_CACHE_DIR, when set, wins",
+    )
 
 
 @dataclass
@@ -41,12 +44,24 @@ class MoEConfig:
     top_k: int = option(2, "experts each token is sent to", POSITIVE)
     every: int = option(1, "an MoE block every k layers (the k-th of each group), dense MLPs between", POSITIVE)
     d_ff: int = option(0, "hidden width of one expert; 0 = model.d_ff", NON_NEGATIVE)
-    shared_experts: int = option(0, "experts every token also goes through, unrouted and unweighted (DeepSeekMoE's "
-                                 "shared experts): one dense MLP of shared_experts x the expert width", NON_NEGATIVE)
-    capacity_factor: float = option(0.0, "tokens an expert takes, as a multiple of its even share; beyond it they "
-                                    "are dropped (counted); 0 = dropless (grouped matmul)", NON_NEGATIVE)
-    aux_loss: float = option(0.01, "weight of the load-balancing loss (Switch/GShard: n_experts sum_e f_e p_e)", NON_NEGATIVE)
-    router_z_loss: float = option(0.001, "weight of the router z-loss (mean squared log-sum-exp of router logits)", NON_NEGATIVE)
+    shared_experts: int = option(
+        0,
+        "experts every token also goes through, unrouted and unweighted (DeepSeekMoE's "
+        "shared experts): one dense MLP of shared_experts x the expert width",
+        NON_NEGATIVE,
+    )
+    capacity_factor: float = option(
+        0.0,
+        "tokens an expert takes, as a multiple of its even share; beyond it they "
+        "are dropped (counted); 0 = dropless (grouped matmul)",
+        NON_NEGATIVE,
+    )
+    aux_loss: float = option(
+        0.01, "weight of the load-balancing loss (Switch/GShard: n_experts sum_e f_e p_e)", NON_NEGATIVE
+    )
+    router_z_loss: float = option(
+        0.001, "weight of the router z-loss (mean squared log-sum-exp of router logits)", NON_NEGATIVE
+    )
 
 
 @dataclass
@@ -57,29 +72,50 @@ class ModelConfig:
     n_head: int = option(4, "attention (query) heads", POSITIVE)
     n_kv_head: int = option(0, "key/value heads for grouped-query attention; 0 = n_head", NON_NEGATIVE)
     d_ff: int = option(0, "MLP hidden width; 0 = 4*d_model (gpt2) or 8/3*d_model rounded to 64 (llama)", NON_NEGATIVE)
-    vocab_size: int = option(0, "embedding rows; 0 = the tokenizer's size; larger pads (e.g. to divide by mesh.tensor)", NON_NEGATIVE)
-    max_seq_len: int = option(0, "longest sequence the model accepts (learned positions, RoPE tables); 0 = train.seq_len", NON_NEGATIVE)
+    vocab_size: int = option(
+        0, "embedding rows; 0 = the tokenizer's size; larger pads (e.g. to divide by mesh.tensor)", NON_NEGATIVE
+    )
+    max_seq_len: int = option(
+        0, "longest sequence the model accepts (learned positions, RoPE tables); 0 = train.seq_len", NON_NEGATIVE
+    )
     residual: bool = option(True, "keep the skip connections; false is the no-residual ablation")
     norm_position: str = option("pre", "pre (pre-LN, modern) | post (post-LN, the original transformer)")
     dropout: float = option(0.0, "dropout rate on attention and MLP outputs and embeddings")
     dtype: str = option("float32", "compute dtype: float32 | bfloat16 | float16 (parameters stay float32)")
     remat: bool = option(False, "recompute each block's activations in the backward pass (saves memory)")
-    scan_unroll: int = option(1, "blocks per iteration of the layer loop; n_layer unrolls it (small models run faster, compile slower)", POSITIVE)
+    scan_unroll: int = option(
+        1,
+        "blocks per iteration of the layer loop; n_layer unrolls it (small models run faster, compile slower)",
+        POSITIVE,
+    )
     tie_embeddings: bool = option(True, "share the token embedding with the output projection")
     rope_theta: float = option(10000.0, "RoPE base frequency (llama)", POSITIVE)
     norm_eps: float = option(1e-5, "epsilon of LayerNorm / RMSNorm", POSITIVE)
-    adapter_dim: int = option(0, "bottleneck adapter width after attention and MLP (fine-tuning, sft.method=adapter); 0 = none", NON_NEGATIVE)
-    prompt_tokens: int = option(0, "learned vectors that replace the embeddings of the first prompt_tokens positions (prompt tuning, "
-                               "sft.method=prompt; jaxllm.load puts placeholders there); 0 = none", NON_NEGATIVE)
-    attention: str = option("xla", "xla (scores materialised, T^2 memory) | chunked (blockwise online softmax, O(T) memory, "
-                            "any backend) | cudnn (GPU, bf16/fp16) | splash (TPU) | auto (the best this backend has)")
+    adapter_dim: int = option(
+        0, "bottleneck adapter width after attention and MLP (fine-tuning, sft.method=adapter); 0 = none", NON_NEGATIVE
+    )
+    prompt_tokens: int = option(
+        0,
+        "learned vectors that replace the embeddings of the first prompt_tokens positions (prompt tuning, "
+        "sft.method=prompt; jaxllm.load puts placeholders there); 0 = none",
+        NON_NEGATIVE,
+    )
+    attention: str = option(
+        "xla",
+        "xla (scores materialised, T^2 memory) | chunked (blockwise online softmax, O(T) memory, "
+        "any backend) | cudnn (GPU, bf16/fp16) | splash (TPU) | auto (the best this backend has)",
+    )
     attention_block: int = option(512, "chunked attention: query and key block length (positions)", POSITIVE)
-    moe: MoEConfig = field(default_factory=MoEConfig, metadata={"help": "mixture-of-experts blocks: model.moe.KEY, below"})
+    moe: MoEConfig = field(
+        default_factory=MoEConfig, metadata={"help": "mixture-of-experts blocks: model.moe.KEY, below"}
+    )
 
 
 @dataclass
 class DataConfig:
-    source: str = option("stdlib", "stdlib | a text file, folder or glob | a .jsonl with a 'text' field | synthetic:markov:...")
+    source: str = option(
+        "stdlib", "stdlib | a text file, folder or glob | a .jsonl with a 'text' field | synthetic:markov:..."
+    )
     tokenizer: str = option("byte", "byte | char | bpe (trained on the corpus) | path to a tokenizer.json")
     bpe_vocab_size: int = option(4096, "vocabulary size when data.tokenizer=bpe", POSITIVE)
     val_fraction: float = option(0.02, "share held out for validation: whole files, or the tail of a single file")
@@ -114,7 +150,9 @@ class EvalConfig:
 @dataclass
 class LogConfig:
     every: int = option(10, "log metrics every N steps", POSITIVE)
-    peak_flops: float = option(0.0, "peak FLOP/s of one device for MFU; 0 = built-in table by device kind", NON_NEGATIVE)
+    peak_flops: float = option(
+        0.0, "peak FLOP/s of one device for MFU; 0 = built-in table by device kind", NON_NEGATIVE
+    )
     tensorboard: bool = option(True, "write TensorBoard events into run.dir/tb")
     progress: bool = option(True, "show a progress bar")
 
@@ -128,31 +166,50 @@ class CheckpointConfig:
 @dataclass
 class MeshConfig:
     data: int = option(-1, "data-parallel ways; -1 = the devices the other axes leave (yields to another axis's -1)")
-    fsdp: int = option(1, "FSDP / ZeRO-3 ways: parameters and optimizer state sharded; -1 = the devices the other axes leave")
-    tensor: int = option(1, "tensor-parallel ways: heads, MLP hidden and vocabulary split; -1 = the devices the other axes leave")
+    fsdp: int = option(
+        1, "FSDP / ZeRO-3 ways: parameters and optimizer state sharded; -1 = the devices the other axes leave"
+    )
+    tensor: int = option(
+        1, "tensor-parallel ways: heads, MLP hidden and vocabulary split; -1 = the devices the other axes leave"
+    )
     pipe: int = option(1, "pipeline stages; -1 = the devices the other axes leave")
-    context: int = option(1, "context-parallel ways: the sequence split over devices (zig-zag), keys/values gathered", POSITIVE)
-    expert: int = option(1, "expert-parallel ways: the experts of MoE blocks split over devices (and the batch with them)", POSITIVE)
+    context: int = option(
+        1, "context-parallel ways: the sequence split over devices (zig-zag), keys/values gathered", POSITIVE
+    )
+    expert: int = option(
+        1, "expert-parallel ways: the experts of MoE blocks split over devices (and the batch with them)", POSITIVE
+    )
     sequence_parallel: bool = option(False, "shard activations along seq over the tensor axis outside attention/MLP")
     rules: dict | None = option(None, "overrides of the logical-axis rules, e.g. {embed: null, mlp: [tensor, fsdp]}")
 
 
 @dataclass
 class PipelineConfig:
-    microbatches: int = option(0, "micro-batches each batch is split into when mesh.pipe > 1; 0 = mesh.pipe", NON_NEGATIVE)
-    schedule: str = option("gpipe", "gpipe (all forwards, then all backwards) | circular (layers go round the pipe) | "
-                           "1f1b (one forward, one backward per iteration: stage inputs of < 2P micro-batches live, not M)")
+    microbatches: int = option(
+        0, "micro-batches each batch is split into when mesh.pipe > 1; 0 = mesh.pipe", NON_NEGATIVE
+    )
+    schedule: str = option(
+        "gpipe",
+        "gpipe (all forwards, then all backwards) | circular (layers go round the pipe) | "
+        "1f1b (one forward, one backward per iteration: stage inputs of < 2P micro-batches live, not M)",
+    )
     repeats: int = option(1, "circular: rounds through the pipe, i.e. non-adjacent layer chunks per stage", POSITIVE)
 
 
 @dataclass
 class DistConfig:
-    coordinator: str = option("", "host:port of process 0 (multi-host); auto = from SLURM / Open MPI / TPU pod; '' = one process")
+    coordinator: str = option(
+        "", "host:port of process 0 (multi-host); auto = from SLURM / Open MPI / TPU pod; '' = one process"
+    )
     num_processes: int = option(1, "processes in a multi-host run", POSITIVE)
     process_id: int = option(0, "this process's index", NON_NEGATIVE)
-    cpu_devices: int = option(0, "JAX devices the host CPU is split into (XLA's CPU backend runs a small model faster as one "
-                             "device per core, data-parallel, than as one multi-threaded device); 0 = JAX's default; "
-                             "JAX_NUM_CPU_DEVICES, when set, wins; GPU and TPU runs ignore it", NON_NEGATIVE)
+    cpu_devices: int = option(
+        0,
+        "JAX devices the host CPU is split into (XLA's CPU backend runs a small model faster as one "
+        "device per core, data-parallel, than as one multi-threaded device); 0 = JAX's default; "
+        "JAX_NUM_CPU_DEVICES, when set, wins; GPU and TPU runs ignore it",
+        NON_NEGATIVE,
+    )
 
 
 @dataclass
@@ -188,7 +245,11 @@ class InitConfig:
 
 
 InitConfig.__annotations__ = {"from": str}
-setattr(InitConfig, "from", option("runs/tiny", "a jaxllm run directory, or a Hugging Face model directory (config.json + *.safetensors)"))
+setattr(
+    InitConfig,
+    "from",
+    option("runs/tiny", "a jaxllm run directory, or a Hugging Face model directory (config.json + *.safetensors)"),
+)
 InitConfig = dataclass(init=False, repr=False, eq=False)(InitConfig)
 
 
@@ -206,19 +267,25 @@ class LoRAConfig:
     rank: int = option(8, "rank r of the update W + (alpha/r) A B", POSITIVE)
     alpha: float = option(16.0, "scale numerator of the update")
     targets: str = option("q,v", "comma-separated projections among q, k, v, o, gate, up, down")
-    lr: float = option(0.0, "peak learning rate with sft.method=lora; 0 = optim.lr (optim.min_lr scales with it)", NON_NEGATIVE)
+    lr: float = option(
+        0.0, "peak learning rate with sft.method=lora; 0 = optim.lr (optim.min_lr scales with it)", NON_NEGATIVE
+    )
 
 
 @dataclass
 class PromptConfig:
     n_virtual_tokens: int = option(16, "learned embeddings placed before every example", POSITIVE)
-    lr: float = option(0.0, "peak learning rate with sft.method=prompt; 0 = optim.lr (optim.min_lr scales with it)", NON_NEGATIVE)
+    lr: float = option(
+        0.0, "peak learning rate with sft.method=prompt; 0 = optim.lr (optim.min_lr scales with it)", NON_NEGATIVE
+    )
 
 
 @dataclass
 class AdapterConfig:
     dim: int = option(32, "bottleneck width of the adapters after attention and after the MLP", POSITIVE)
-    lr: float = option(0.0, "peak learning rate with sft.method=adapter; 0 = optim.lr (optim.min_lr scales with it)", NON_NEGATIVE)
+    lr: float = option(
+        0.0, "peak learning rate with sft.method=adapter; 0 = optim.lr (optim.min_lr scales with it)", NON_NEGATIVE
+    )
 
 
 @dataclass

@@ -130,7 +130,9 @@ def read_jsonl(path: Path | str, what: str = "JSONL file", torn_tail_ok: bool = 
     return [record for _, record in read_jsonl_numbered(path, what, torn_tail_ok)]
 
 
-def read_jsonl_numbered(path: Path | str, what: str = "JSONL file", torn_tail_ok: bool = False) -> list[tuple[int, dict]]:
+def read_jsonl_numbered(
+    path: Path | str, what: str = "JSONL file", torn_tail_ok: bool = False
+) -> list[tuple[int, dict]]:
     """:func:`read_jsonl` with each record's line number, for errors about a record's content."""
     lines = read_text(path, what).splitlines()
     records = []
@@ -178,5 +180,7 @@ def dir_lock(directory: Path | str, holder: str = "another process") -> Iterator
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"{holder} is writing to {directory}; wait for it to finish or choose another folder") from None
+            raise UserError(
+                f"{holder} is writing to {directory}; wait for it to finish or choose another folder"
+            ) from None
         yield

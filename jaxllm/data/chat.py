@@ -50,7 +50,9 @@ def end_id(tok: Tokenizer) -> int:
     """The token that ends an answer: the template's ``eos_token``, or ``<|end|>``."""
     eos = _role_id(tok, "eos_token") if tok.chat_template else None
     if tok.chat_template and eos is None:
-        raise DataError("the tokenizer has a chat template but no eos_token in its tokenizer_config.json to end answers")
+        raise DataError(
+            "the tokenizer has a chat template but no eos_token in its tokenizer_config.json to end answers"
+        )
     return tok.token_id("<|end|>") if eos is None else eos
 
 
@@ -102,7 +104,11 @@ def record_to_chat(record: object, where: str) -> Chat:
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: the conversation has no assistant message to learn from")
         return messages
-    if isinstance(record, dict) and isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
+    if (
+        isinstance(record, dict)
+        and isinstance(record.get("instruction"), str)
+        and isinstance(record.get("output"), str)
+    ):
         user = record["instruction"] + (f"\n{record['input']}" if record.get("input") else "")
         return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
     raise DataError(f"{where}: a record needs 'instruction' and 'output' (Alpaca form) or 'messages' (chat form)")

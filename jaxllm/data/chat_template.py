@@ -51,9 +51,13 @@ def render(tok: HFTokenizer, messages: Chat, add_generation_prompt: bool = False
     """The text of ``messages`` in ``tok``'s chat template (``transformers``' ``apply_chat_template``,
     ``tokenize=False``)."""
     try:
-        return _compiled(tok.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt, **tok.roles)
+        return _compiled(tok.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **tok.roles
+        )
     except jinja2.exceptions.TemplateError as e:
-        raise DataError(f"the tokenizer's chat template refused a conversation: {' '.join(str(e).split())[:200]}") from None
+        raise DataError(
+            f"the tokenizer's chat template refused a conversation: {' '.join(str(e).split())[:200]}"
+        ) from None
 
 
 def assistant_spans(tok: HFTokenizer, messages: Chat) -> tuple[str, list[tuple[int, int]]]:
@@ -64,8 +68,10 @@ def assistant_spans(tok: HFTokenizer, messages: Chat) -> tuple[str, list[tuple[i
             continue
         before, upto = render(tok, messages[:i], add_generation_prompt=True), render(tok, messages[: i + 1])
         if not (upto.startswith(before) and text.startswith(upto)):
-            raise DataError(f"the chat template renders message {i} differently once the conversation goes on, so the "
-                            "assistant's tokens cannot be told apart; use the jaxllm markers (a tokenizer without one)")
+            raise DataError(
+                f"the chat template renders message {i} differently once the conversation goes on, so the "
+                "assistant's tokens cannot be told apart; use the jaxllm markers (a tokenizer without one)"
+            )
         spans.append((len(before), len(upto)))
     return text, spans
 

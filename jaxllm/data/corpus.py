@@ -152,10 +152,14 @@ def _read_tokens(path: Path, vocab_size: int) -> np.ndarray:
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise DataError(f"cached tokens {path} cannot be read ({e.strerror}); delete {path.parent} to tokenize again") from None
+        raise DataError(
+            f"cached tokens {path} cannot be read ({e.strerror}); delete {path.parent} to tokenize again"
+        ) from None
     if size % dtype.itemsize:
-        raise DataError(f"cached tokens {path} are damaged ({size} bytes is not a whole number of tokens); "
-                        f"delete {path.parent} to tokenize again")
+        raise DataError(
+            f"cached tokens {path} are damaged ({size} bytes is not a whole number of tokens); "
+            f"delete {path.parent} to tokenize again"
+        )
     return np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)  # no memmap of an empty file
 
 
@@ -222,7 +226,13 @@ def train_batch(
 
 
 def eval_batch(
-    tokens: np.ndarray, index: int, n_batches: int, batch_size: int, seq_len: int, process_index: int = 0, process_count: int = 1
+    tokens: np.ndarray,
+    index: int,
+    n_batches: int,
+    batch_size: int,
+    seq_len: int,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> np.ndarray:
     """Batch ``index`` of ``n_batches`` evenly spaced windows over the split: int32 ``[batch_size / process_count, seq_len+1]``."""
     starts = np.linspace(0, len(tokens) - seq_len - 1, n_batches * batch_size).astype(np.int64)

@@ -40,7 +40,9 @@ def parse(source: str) -> MarkovSpec:
     for item in filter(None, (parts[2] if len(parts) > 2 else "").split(",")):
         key, _, value = item.partition("=")
         if key not in MarkovSpec.__dataclass_fields__:
-            raise ConfigError(f"synthetic:markov has no field {key!r}; fields: vocab, order, concentration, tokens, seed")
+            raise ConfigError(
+                f"synthetic:markov has no field {key!r}; fields: vocab, order, concentration, tokens, seed"
+            )
         try:
             fields[key] = float(value) if key == "concentration" else int(value)
         except ValueError:

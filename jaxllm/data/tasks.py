@@ -99,4 +99,9 @@ def dataset(split: str, n_per_task: int, seed: int = 0) -> list[tuple[str, Chat]
     held-out task; in training, ``TRAIN_WEIGHT[task]`` times that many."""
     weight = {t: TRAIN_WEIGHT.get(t, 1) if split == "train" else 1 for t in TASKS}
     per_task = {t: examples(t, split, n_per_task * weight[t], seed) for t in TASKS}
-    return [(t, as_chat(*per_task[t][i * weight[t] + j])) for i in range(n_per_task) for t in TASKS for j in range(weight[t])]
+    return [
+        (t, as_chat(*per_task[t][i * weight[t] + j]))
+        for i in range(n_per_task)
+        for t in TASKS
+        for j in range(weight[t])
+    ]

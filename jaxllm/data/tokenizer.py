@@ -282,7 +282,9 @@ def _hf_config(directory: Path) -> tuple[dict[str, str], str | None]:
     roles = {k: t for k in ROLES if (t := _token(config.get(k), directory / CONFIG, k)) is not None}
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: the default one is the chat template
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
     if (directory / TEMPLATE).is_file():
         template = read_text(directory / TEMPLATE, "chat template")
     if template is not None and not isinstance(template, str):

@@ -49,29 +49,47 @@ def model_config(hf: dict, where: str) -> ModelConfig:
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ConfigError(f"{where}: GPT-2 activation {act!r} is not supported (jaxllm uses tanh-approximate GELU)")
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-            raise ConfigError(f"{where}: GPT-2 attention variants (scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn) are not supported")
+            raise ConfigError(
+                f"{where}: GPT-2 attention variants (scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn) are not supported"
+            )
         d = hf["n_embd"]
         return ModelConfig(
-            arch="gpt2", n_layer=hf["n_layer"], d_model=d, n_head=hf["n_head"], n_kv_head=hf["n_head"],
-            d_ff=hf.get("n_inner") or 4 * d, vocab_size=hf["vocab_size"], max_seq_len=hf["n_positions"],
-            tie_embeddings=hf.get("tie_word_embeddings", True), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            arch="gpt2",
+            n_layer=hf["n_layer"],
+            d_model=d,
+            n_head=hf["n_head"],
+            n_kv_head=hf["n_head"],
+            d_ff=hf.get("n_inner") or 4 * d,
+            vocab_size=hf["vocab_size"],
+            max_seq_len=hf["n_positions"],
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         )
     if kind == "mixtral":
         return _mixtral(hf, where)
     if kind == "llama":
         d, heads = hf["hidden_size"], hf["num_attention_heads"]
         if (hf.get("head_dim") or d // heads) != d // heads:
-            raise ConfigError(f"{where}: head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads; not supported")
+            raise ConfigError(
+                f"{where}: head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads; not supported"
+            )
         if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{where}: LLaMA with biases or an activation other than silu is not supported")
         scaling = hf.get("rope_scaling") or {}
         if scaling.get("rope_type", scaling.get("type", "default")) != "default":
             raise ConfigError(f"{where}: rope_scaling {scaling!r} is not supported")
         return ModelConfig(
-            arch="llama", n_layer=hf["num_hidden_layers"], d_model=d, n_head=heads,
-            n_kv_head=hf.get("num_key_value_heads") or heads, d_ff=hf["intermediate_size"], vocab_size=hf["vocab_size"],
-            max_seq_len=hf["max_position_embeddings"], tie_embeddings=hf.get("tie_word_embeddings", False),
-            rope_theta=_rope_theta(hf), norm_eps=hf.get("rms_norm_eps", 1e-6),
+            arch="llama",
+            n_layer=hf["num_hidden_layers"],
+            d_model=d,
+            n_head=heads,
+            n_kv_head=hf.get("num_key_value_heads") or heads,
+            d_ff=hf["intermediate_size"],
+            vocab_size=hf["vocab_size"],
+            max_seq_len=hf["max_position_embeddings"],
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            rope_theta=_rope_theta(hf),
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
         )
     raise ConfigError(f"{where}: model_type {kind!r} is not supported; jaxllm reads gpt2, llama and mixtral")
 
@@ -82,13 +100,21 @@ def _mixtral(hf: dict, where: str) -> ModelConfig:
     :func:`jaxllm.model.moe.route` does for top_k > 1, dropless. With one expert per token Mixtral gives it
     weight 1 where jaxllm (Switch) weighs it by its probability: refused rather than run differently."""
     if hf.get("sliding_window") is not None:
-        raise ConfigError(f"{where}: Mixtral with sliding_window={hf['sliding_window']} is not supported (jaxllm attends to every earlier position)")
+        raise ConfigError(
+            f"{where}: Mixtral with sliding_window={hf['sliding_window']} is not supported (jaxllm attends to every earlier position)"
+        )
     if hf["num_experts_per_tok"] == 1:
-        raise ConfigError(f"{where}: Mixtral with num_experts_per_tok=1 weighs its expert by 1, jaxllm's top-1 routing by the "
-                          "router probability (Switch); not supported")
+        raise ConfigError(
+            f"{where}: Mixtral with num_experts_per_tok=1 weighs its expert by 1, jaxllm's top-1 routing by the "
+            "router probability (Switch); not supported"
+        )
     base = model_config({**hf, "model_type": "llama"}, where)
-    moe = MoEConfig(n_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
-                    aux_loss=float(hf.get("router_aux_loss_coef", 0.001)), router_z_loss=0.0)
+    moe = MoEConfig(
+        n_experts=hf["num_local_experts"],
+        top_k=hf["num_experts_per_tok"],
+        aux_loss=float(hf.get("router_aux_loss_coef", 0.001)),
+        router_z_loss=0.0,
+    )
     return dataclasses.replace(base, moe=moe)
 
 
@@ -113,32 +139,64 @@ def hf_config(m: ModelConfig) -> dict:
     common = {"vocab_size": m.vocab_size, "tie_word_embeddings": m.tie_embeddings, "torch_dtype": "float32"}
     if m.arch == "gpt2":
         if m.n_kv_head != m.n_head:
-            raise ConfigError("GPT-2 has no grouped-query attention; a gpt2 model with n_kv_head != n_head cannot be exported")
+            raise ConfigError(
+                "GPT-2 has no grouped-query attention; a gpt2 model with n_kv_head != n_head cannot be exported"
+            )
         return {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": m.n_layer, "n_embd": m.d_model,
-            "n_head": m.n_head, "n_inner": m.d_ff, "n_positions": m.max_seq_len, "activation_function": "gelu_new",
-            "layer_norm_epsilon": m.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **common,
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "n_layer": m.n_layer,
+            "n_embd": m.d_model,
+            "n_head": m.n_head,
+            "n_inner": m.d_ff,
+            "n_positions": m.max_seq_len,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": m.norm_eps,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            **common,
         }
     if m.moe.n_experts:
         return _mixtral_config(m, common)
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": m.n_layer,
-        "hidden_size": m.d_model, "num_attention_heads": m.n_head, "num_key_value_heads": m.n_kv_head,
-        "head_dim": m.d_model // m.n_head, "intermediate_size": m.d_ff, "max_position_embeddings": m.max_seq_len,
-        "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta}, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False, **common,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "num_hidden_layers": m.n_layer,
+        "hidden_size": m.d_model,
+        "num_attention_heads": m.n_head,
+        "num_key_value_heads": m.n_kv_head,
+        "head_dim": m.d_model // m.n_head,
+        "intermediate_size": m.d_ff,
+        "max_position_embeddings": m.max_seq_len,
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        **common,
     }
 
 
 def _mixtral_config(m: ModelConfig, common: dict) -> dict:
     e = m.moe
     if m.arch != "llama" or e.every != 1 or e.top_k == 1 or (e.d_ff and e.d_ff != m.d_ff) or e.shared_experts:
-        raise ConfigError("only a llama MoE with every block MoE (model.moe.every=1), top_k > 1, experts of "
-                          "model.d_ff and no shared experts has a Hugging Face (Mixtral) equivalent")
+        raise ConfigError(
+            "only a llama MoE with every block MoE (model.moe.every=1), top_k > 1, experts of "
+            "model.d_ff and no shared experts has a Hugging Face (Mixtral) equivalent"
+        )
     llama = hf_config(dataclasses.replace(m, moe=MoEConfig()))
-    return {**llama, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": e.n_experts,
-            "num_experts_per_tok": e.top_k, "router_aux_loss_coef": e.aux_loss, "sliding_window": None, **common}
+    return {
+        **llama,
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "num_local_experts": e.n_experts,
+        "num_experts_per_tok": e.top_k,
+        "router_aux_loss_coef": e.aux_loss,
+        "sliding_window": None,
+        **common,
+    }
 
 
 # --------------------------------------------------------------------------- directories
@@ -185,8 +243,13 @@ def declared_eos(directory: Path) -> tuple[int, ...]:
     return ()
 
 
-def write(m: ModelConfig, params: Any, directory: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES,
-          eos_ids: tuple[int, ...] = ()) -> None:
+def write(
+    m: ModelConfig,
+    params: Any,
+    directory: str | Path,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    eos_ids: tuple[int, ...] = (),
+) -> None:
     """``config.json`` + safetensors that ``transformers`` loads (the tokenizer is the caller's): one
     ``model.safetensors``, or files of at most ``max_shard_bytes`` and an index; with ``eos_ids``, a
     ``generation_config.json`` that stops ``generate`` there. Gathers one tensor at a time; in a

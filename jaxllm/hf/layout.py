@@ -86,15 +86,20 @@ class Source:
 
 def _gpt2() -> dict[str, Source]:
     h = "transformer.h.{i}."
-    qkv = {f"['blocks']['attn']['{n}']['kernel']": Source(h + "attn.c_attn.weight", ((0,), (1, 2)), part=(j, 3))
-           for j, n in enumerate("qkv")}
-    qkv_b = {f"['blocks']['attn']['{n}']['bias']": Source(h + "attn.c_attn.bias", ((0, 1),), part=(j, 3))
-             for j, n in enumerate("qkv")}
+    qkv = {
+        f"['blocks']['attn']['{n}']['kernel']": Source(h + "attn.c_attn.weight", ((0,), (1, 2)), part=(j, 3))
+        for j, n in enumerate("qkv")
+    }
+    qkv_b = {
+        f"['blocks']['attn']['{n}']['bias']": Source(h + "attn.c_attn.bias", ((0, 1),), part=(j, 3))
+        for j, n in enumerate("qkv")
+    }
     one = ((0,),)
     table = {
         "['wte']['embedding']": Source("transformer.wte.weight", ((0,), (1,))),
         "['wpe']['embedding']": Source("transformer.wpe.weight", ((0,), (1,))),
-        **qkv, **qkv_b,
+        **qkv,
+        **qkv_b,
         "['blocks']['attn']['o']['kernel']": Source(h + "attn.c_proj.weight", ((0, 1), (2,))),
         "['blocks']['attn']['o']['bias']": Source(h + "attn.c_proj.bias", one),
         "['blocks']['mlp']['up']['kernel']": Source(h + "mlp.c_fc.weight", ((0,), (1,))),
@@ -115,11 +120,15 @@ def _llama() -> dict[str, Source]:
     one = ((0,),)
     table = {
         "['wte']['embedding']": Source("model.embed_tokens.weight", ((0,), (1,))),
-        **{f"['blocks']['attn']['{n}']['kernel']": Source(h + f"self_attn.{n}_proj.weight", ((0,), (1, 2)), True)
-           for n in "qkv"},
+        **{
+            f"['blocks']['attn']['{n}']['kernel']": Source(h + f"self_attn.{n}_proj.weight", ((0,), (1, 2)), True)
+            for n in "qkv"
+        },
         "['blocks']['attn']['o']['kernel']": Source(h + "self_attn.o_proj.weight", ((0, 1), (2,)), True),
-        **{f"['blocks']['mlp']['{n}']['kernel']": Source(h + f"mlp.{n}_proj.weight", ((0,), (1,)), True)
-           for n in ("gate", "up", "down")},
+        **{
+            f"['blocks']['mlp']['{n}']['kernel']": Source(h + f"mlp.{n}_proj.weight", ((0,), (1,)), True)
+            for n in ("gate", "up", "down")
+        },
         "['blocks']['norm1']['scale']": Source(h + "input_layernorm.weight", one),
         "['blocks']['norm2']['scale']": Source(h + "post_attention_layernorm.weight", one),
         "['norm_f']['scale']": Source("model.norm.weight", one),
@@ -132,7 +141,9 @@ def _mixtral() -> dict[str, Source]:
     h = "model.layers.{i}.block_sparse_moe."
     table["['blocks']['mlp']['router']['kernel']"] = Source(h + "gate.weight", ((0,), (1,)), True)
     for ours, theirs in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
-        table[f"['blocks']['mlp']['{ours}']['kernel']"] = Source(h + "experts.{j}." + theirs + ".weight", ((0,), (1,)), True, experts=True)
+        table[f"['blocks']['mlp']['{ours}']['kernel']"] = Source(
+            h + "experts.{j}." + theirs + ".weight", ((0,), (1,)), True, experts=True
+        )
     return table
 
 

@@ -137,8 +137,11 @@ def write(
     renamed). Returns the file names."""
     dtype = np.dtype(dtype)
     groups = _plan(shapes, dtype.itemsize, max_shard_bytes)
-    names = [SINGLE] if len(groups) == 1 else [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-                                                for k in range(len(groups))]
+    names = (
+        [SINGLE]
+        if len(groups) == 1
+        else [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
+    )
     for name, group in zip(names, groups):
         if not writer:  # the tensors are still computed: gathering one is a collective of every process
             for k in group:

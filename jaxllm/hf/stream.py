@@ -39,17 +39,21 @@ def abstract_params(m: ModelConfig) -> Any:
 def _check(directory: Path, key: str, src: layout.Source, shape: tuple, entries: dict, m: ModelConfig) -> None:
     """The stored tensor ``src`` names exists for every layer (and expert), with a float dtype and the
     shape config.json implies."""
-    expected = src.stored_shape(shape[layout.leading(key, src):])
+    expected = src.stored_shape(shape[layout.leading(key, src) :])
     for _, name in layout.pieces(key, src, shape):
         if name not in entries:
             raise ConfigError(f"{directory}: tensor {name!r} is missing for a {m.arch} model")
         e = entries[name]
         if e.dtype not in st.DTYPES:
-            raise ConfigError(f"{e.path}: tensor {name!r} is {e.dtype}; jaxllm's parameters take floating-point "
-                              f"weights ({', '.join(st.DTYPES)})")
+            raise ConfigError(
+                f"{e.path}: tensor {name!r} is {e.dtype}; jaxllm's parameters take floating-point "
+                f"weights ({', '.join(st.DTYPES)})"
+            )
         if e.shape != expected:
-            raise ConfigError(f"{directory}: tensor {name!r} is {e.shape} but config.json describes {expected}; "
-                              "the weights' shapes disagree with config.json")
+            raise ConfigError(
+                f"{directory}: tensor {name!r} is {e.shape} but config.json describes {expected}; "
+                "the weights' shapes disagree with config.json"
+            )
 
 
 def _bounding(blocks: list[tuple[slice, ...]]) -> tuple[slice, ...]:
@@ -137,8 +141,10 @@ def load_params(directory: Path, m: ModelConfig, shardings: Any = None, dtype=np
         raise ConfigError(f"parameter {missing[0]} of this {m.arch} model has no Hugging Face tensor")
     for k, (_, leaf) in zip(keys, leaves):
         _check(directory, k, table[k], leaf.shape, entries, m)
-    arrays = [_load(k, table[k], leaf.shape, s, entries, dtype)
-              for k, (_, leaf), s in zip(keys, leaves, jax.tree.leaves(shardings))]
+    arrays = [
+        _load(k, table[k], leaf.shape, s, entries, dtype)
+        for k, (_, leaf), s in zip(keys, leaves, jax.tree.leaves(shardings))
+    ]
     return jax.tree_util.tree_unflatten(treedef, arrays)
 
 
@@ -163,7 +169,7 @@ def stored_tensors(m: ModelConfig, params: Any) -> tuple[dict[str, tuple], Any]:
             parts.setdefault(name, []).append((src.part[0], key, idx))
 
     def inner_shape(key: str) -> tuple:
-        return flat[key].shape[layout.leading(key, table[key]):]
+        return flat[key].shape[layout.leading(key, table[key]) :]
 
     shapes = {name: table[p[0][1]].stored_shape(inner_shape(p[0][1])) for name, p in parts.items()}
 

@@ -37,8 +37,10 @@ class NoTokenizer:
     directory: str
 
     def _refuse(self, *_args) -> Any:
-        raise ConfigError(f"{self.directory} has no {tokenizers.FILENAME}: this model reads and writes token ids "
-                          "only (logits, generate_ids), not text")
+        raise ConfigError(
+            f"{self.directory} has no {tokenizers.FILENAME}: this model reads and writes token ids "
+            "only (logits, generate_ids), not text"
+        )
 
     encode = decode = save = _refuse
 
@@ -102,21 +104,29 @@ class LoadedModel:
         ``on_token(i, tokens_B)`` sees each step's tokens as they are chosen."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = self.generate_ids(
-            [self.tokenizer.encode(p) for p in prompts], max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed, on_token=on_token, eos_ids=self.eos_ids,
+            [self.tokenizer.encode(p) for p in prompts],
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            on_token=on_token,
+            eos_ids=self.eos_ids,
         )
         texts = [self.tokenizer.decode(row) for row in ids]
         return texts[0] if isinstance(prompt, str) else texts
 
-    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 100, eos_ids: tuple[int, ...] = (),
-                     **sampling) -> list[list[int]]:
+    def generate_ids(
+        self, prompts: list[list[int]], max_new_tokens: int = 100, eos_ids: tuple[int, ...] = (), **sampling
+    ) -> list[list[int]]:
         """The new token ids after each prompt of token ids (one batch), cut before the first of ``eos_ids``;
         ``sampling``: temperature, top_k, top_p, seed, on_token as for :meth:`generate`."""
         m = self.config.model
         for p in prompts:
             gen.check_tokens(np.asarray([p]), m.vocab_size, m.max_seq_len - len(self.prefix))
-        return self.decoder(self.params, [self.prefix + list(p) for p in prompts], max_new_tokens, eos_ids=eos_ids,
-                            **sampling)
+        return self.decoder(
+            self.params, [self.prefix + list(p) for p in prompts], max_new_tokens, eos_ids=eos_ids, **sampling
+        )
 
     def save_hf(self, out_dir: str | Path, max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> None:
         """A Hugging Face directory that ``transformers`` loads (``GPT2LMHeadModel`` / ``LlamaForCausalLM`` / ``MixtralForCausalLM``),
@@ -124,8 +134,10 @@ class LoadedModel:
         tokenizers) and a ``generation_config.json`` naming :attr:`eos_ids`, so that ``transformers``'
         ``generate`` stops where this model does; weights over ``max_shard_bytes`` go in several files and an index."""
         if self.config.model.prompt_tokens:
-            raise ConfigError("a prompt-tuned model has no Hugging Face form (its learned prompt is not a weight "
-                              "transformers knows); use it through jaxllm.load")
+            raise ConfigError(
+                "a prompt-tuned model has no Hugging Face form (its learned prompt is not a weight "
+                "transformers knows); use it through jaxllm.load"
+            )
         hf.write(self.config.model, self.params, out_dir, max_shard_bytes, self.eos_ids)
         if not isinstance(self.tokenizer, NoTokenizer) and jax.process_index() == 0:
             self.tokenizer.save(Path(out_dir))
@@ -216,7 +228,9 @@ def _newest_readable(checkpointer: ckpt.Checkpointer, run_dir: Path) -> Any:
             failures.append(f"{found.step} ({found.unreadable or 'fails its checksums'})")
             continue
         if failures:
-            print(f"warning: checkpoint {', '.join(failures)} of {run_dir} is damaged; loaded step {found.step}",
-                  file=sys.stderr)
+            print(
+                f"warning: checkpoint {', '.join(failures)} of {run_dir} is damaged; loaded step {found.step}",
+                file=sys.stderr,
+            )
         return found.state
     raise ConfigError(f"{str(run_dir)!r} has no readable checkpoint (unreadable: {', '.join(failures) or 'none'})")

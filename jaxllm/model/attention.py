@@ -185,7 +185,9 @@ def _key_step(carry, q, kv, *, scale: float):
     def fold(carry):
         m, l, acc = carry
         s = jnp.einsum("bcqkgh,bskh->bckgqs", q_BxcxqxKxGxH, k_BxsxKxH, preferred_element_type=jnp.float32) * scale
-        ok = (kpos_Bxs[:, None, None, :] <= qpos_Bxcxq[..., None]) & (kseg_Bxs[:, None, None, :] == qseg_Bxcxq[..., None])
+        ok = (kpos_Bxs[:, None, None, :] <= qpos_Bxcxq[..., None]) & (
+            kseg_Bxs[:, None, None, :] == qseg_Bxcxq[..., None]
+        )
         s = jnp.where(ok[:, :, None, None], s, _NEG)
         # The result does not depend on the running max, only its rounding does: no gradient through it.
         m_new = jnp.maximum(m, jax.lax.stop_gradient(s.max(-1)))
@@ -213,8 +215,9 @@ def splash(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask: Mask) -> 
     q_spec = _divisible(nn.logical_to_mesh_axes(("batch", "q_seq", "heads", "head_dim")), q_BxTxNxH.shape, mesh)
     kv_spec = _divisible(nn.logical_to_mesh_axes(("batch", "kv_seq", "kv_heads", "head_dim")), k_BxSxKxH.shape, mesh)
     seg_specs = () if len(args) == 3 else (P(q_spec[0], None), P(kv_spec[0], None))
-    return jax.shard_map(_splash_local, in_specs=(q_spec, kv_spec, kv_spec, *seg_specs), out_specs=q_spec,
-                         check_vma=False)(*args)
+    return jax.shard_map(
+        _splash_local, in_specs=(q_spec, kv_spec, kv_spec, *seg_specs), out_specs=q_spec, check_vma=False
+    )(*args)
 
 
 def _ways(axes, mesh) -> int:
@@ -243,7 +246,9 @@ def _splash_local(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, q_seg_Bx
         out_BxNxTxH = jax.vmap(kernel)(q_BxNxTxH, k_BxNxSxH, v_BxNxSxH)
     else:
         segments = sk.SegmentIds(q=q_seg_BxT, kv=k_seg_BxS)
-        out_BxNxTxH = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(q_BxNxTxH, k_BxNxSxH, v_BxNxSxH, segments)
+        out_BxNxTxH = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(
+            q_BxNxTxH, k_BxNxSxH, v_BxNxSxH, segments
+        )
     return jnp.swapaxes(out_BxNxTxH, 1, 2)
 
 

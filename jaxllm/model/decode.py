@@ -187,9 +187,7 @@ def _decode(
     tokens_BxU = jnp.full((B, n_new), eos_ids[0], jnp.int32)
     logits_BxUxV = jnp.zeros((B, n_new, last_BxV.shape[-1]), jnp.float32) if with_logits else None
     rng, sub = jax.random.split(rng)
-    tok_B, done_B, tokens_BxU, logits_BxUxV = choose(
-        0, last_BxV, sub, jnp.zeros((B,), bool), tokens_BxU, logits_BxUxV
-    )
+    tok_B, done_B, tokens_BxU, logits_BxUxV = choose(0, last_BxV, sub, jnp.zeros((B,), bool), tokens_BxU, logits_BxUxV)
 
     def cond(carry):
         i, _, done_B, *_ = carry

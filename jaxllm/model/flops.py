@@ -58,7 +58,13 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     matmul_moe = (e.n_experts + e.shared_experts) * expert + D * e.n_experts  # the experts, shared ones, the router
     if cfg.arch == "gpt2":
         biases = cfg.n_head * head + 2 * cfg.n_kv_head * head + D + F + D
-        biases_moe = biases - F - D + e.n_experts * ((e.d_ff or F) + D) + (e.shared_experts * (e.d_ff or F) + D if e.shared_experts else 0)
+        biases_moe = (
+            biases
+            - F
+            - D
+            + e.n_experts * ((e.d_ff or F) + D)
+            + (e.shared_experts * (e.d_ff or F) + D if e.shared_experts else 0)
+        )
         norms = 2 * 2 * D
     else:
         biases = biases_moe = 0

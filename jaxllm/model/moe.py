@@ -122,8 +122,12 @@ def with_capacity(
     return out_GxD, 1.0 - jnp.mean(keep_Gk.astype(jnp.float32))
 
 
-def run_experts(cfg: ModelConfig, per_token: tuple[Array, Array], weights: dict[str, tuple[Array, Array | None]],
-                exchange: moe_dispatch.Exchange) -> tuple[tuple[Array, Array, Array], Array]:
+def run_experts(
+    cfg: ModelConfig,
+    per_token: tuple[Array, Array],
+    weights: dict[str, tuple[Array, Array | None]],
+    exchange: moe_dispatch.Exchange,
+) -> tuple[tuple[Array, Array, Array], Array]:
     """``((out_GxD, probs_GxE, experts_Gxk), dropped)``: the G tokens at hand (``(x_GxD, logits_GxE)``)
     routed and run through the experts, dropless or with a capacity for these G. ``weights``: the experts
     at hand; ``exchange`` sends rows to the other experts' devices and back."""
@@ -132,7 +136,9 @@ def run_experts(cfg: ModelConfig, per_token: tuple[Array, Array], weights: dict[
     ffn = ExpertFFN(weights, cfg.arch, jnp.dtype(cfg.dtype))
     cap = capacity(cfg, x_GxD.shape[0])
     if cap:
-        out_GxD, dropped = with_capacity(x_GxD, weights_Gxk, experts_Gxk, exchange.batched(ffn.batched), cfg.moe.n_experts, cap)
+        out_GxD, dropped = with_capacity(
+            x_GxD, weights_Gxk, experts_Gxk, exchange.batched(ffn.batched), cfg.moe.n_experts, cap
+        )
     else:
         out_GxD = dropless(x_GxD, weights_Gxk, experts_Gxk, exchange.grouped(ffn.grouped), cfg.moe.n_experts)
         dropped = jnp.zeros((), jnp.float32)
@@ -201,10 +207,14 @@ class SharedExperts(nn.Module):
             kernel = self.param(f"{name}_kernel", _init(std, axes), shape)
             if not use_bias:
                 return kernel, None
-            return kernel, self.param(f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]), shape[1:])
+            return kernel, self.param(
+                f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]), shape[1:]
+            )
 
-        weights = {"up": weight("up", (D, SF), ("embed", "mlp"), 0.02, bias),
-                   "down": weight("down", (SF, D), ("mlp", "embed"), self.down_std, bias)}
+        weights = {
+            "up": weight("up", (D, SF), ("embed", "mlp"), 0.02, bias),
+            "down": weight("down", (SF, D), ("mlp", "embed"), self.down_std, bias),
+        }
         if c.arch == "llama":
             weights["gate"] = weight("gate", (D, SF), ("embed", "mlp"), 0.02, False)
         return ExpertFFN(weights, c.arch, jnp.dtype(c.dtype)).dense(x_GxD)
@@ -242,11 +252,15 @@ class MoEMLP(nn.Module):
             weights["gate"] = Experts(e.n_experts, (D, F), ("embed", "mlp"), 0.02, False, name="gate")()
         lay = moe_dispatch.layout(x_BxTxD.shape[0], e.n_experts, dropless=not e.capacity_factor)
         (out_BxTxD, probs_BxTxE, experts_BxTxk), dropped = moe_dispatch.dispatch(
-            functools.partial(run_experts, c), lay, (x_BxTxD, logits_BxTxE), weights)
+            functools.partial(run_experts, c), lay, (x_BxTxD, logits_BxTxE), weights
+        )
         if e.shared_experts:
             out_BxTxD = out_BxTxD + SharedExperts(c, self.down_std, name="shared")(x_BxTxD)
-        stats = router_losses(logits_BxTxE.reshape(-1, e.n_experts), probs_BxTxE.reshape(-1, e.n_experts),
-                              experts_BxTxk.reshape(-1, e.top_k))
+        stats = router_losses(
+            logits_BxTxE.reshape(-1, e.n_experts),
+            probs_BxTxE.reshape(-1, e.n_experts),
+            experts_BxTxk.reshape(-1, e.top_k),
+        )
         self.sow(COLLECTION, "loss", e.aux_loss * stats["balance"] + e.router_z_loss * stats["z"])
         for name in ("balance", "z", "load"):
             self.sow(COLLECTION, name, stats[name])

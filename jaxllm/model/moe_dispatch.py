@@ -103,8 +103,9 @@ def dispatch(experts: Callable, lay: Layout | None, per_token: tuple[Array, ...]
 
     rows, by_expert = P(lay.tokens), jax.tree.map(lambda _: P(lay.expert), params)
     # manual over the stage axes too: under a pipeline's vmap (spmd_axis_name) they split every argument
-    return jax.shard_map(sharded, in_specs=(rows, by_expert), out_specs=(rows, P()),
-                         axis_names=set(lay.tokens + lay.stages))(per_token, params)
+    return jax.shard_map(
+        sharded, in_specs=(rows, by_expert), out_specs=(rows, P()), axis_names=set(lay.tokens + lay.stages)
+    )(per_token, params)
 
 
 def _grouped(x_MxD: Array, group_sizes_E: Array, expert_M: Array, *, ffn: Callable, axes, n: int) -> Array:
@@ -124,8 +125,11 @@ def _grouped(x_MxD: Array, group_sizes_E: Array, expert_M: Array, *, ffn: Callab
     steps_nxM1 = jnp.zeros((n, M + 1), jnp.int32).at[jnp.arange(n)[:, None], ends_nxEl].add(1)
     local_nM = jnp.cumsum(steps_nxM1[:, :M], axis=1).reshape(-1)  # how many of a source's groups end at or before a row
     order_nM = jnp.argsort(local_nM, stable=True)
-    y_nMxD = ffn(recv_nxMxD.reshape(n * M, D)[order_nM], jnp.sum(recv_sizes_nxEl, axis=0),
-                 jnp.minimum(local_nM[order_nM], E_l - 1))
+    y_nMxD = ffn(
+        recv_nxMxD.reshape(n * M, D)[order_nM],
+        jnp.sum(recv_sizes_nxEl, axis=0),
+        jnp.minimum(local_nM[order_nM], E_l - 1),
+    )
     back_nxMxD = jnp.zeros_like(y_nMxD).at[order_nM].set(y_nMxD).reshape(n, M, -1)
     return jax.lax.all_to_all(back_nxMxD, axes, 0, 0, tiled=True)[shard_M, slot_M]
 

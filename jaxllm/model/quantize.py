@@ -87,8 +87,9 @@ def quantized_dot(x: jax.Array, k: QuantizedKernel, n_in: int, dtype: Any) -> ja
     return y_xO.reshape(batch + outs)
 
 
-def quantize_params(params: Any, axes_by_path: dict[tuple[str, ...], tuple[int, int]], mode: str,
-                    group_size: int = 64) -> Any:
+def quantize_params(
+    params: Any, axes_by_path: dict[tuple[str, ...], tuple[int, int]], mode: str, group_size: int = 64
+) -> Any:
     """``params`` with the kernel of every module in ``axes_by_path`` (``{module path: (input axes,
     input + output axes)}``, :func:`jaxllm.model.transformer.linear_axes`) replaced by a :class:`QuantizedKernel`
     (a new tree)."""

@@ -87,8 +87,13 @@ def norm(c: ModelConfig, name: str | None = None) -> nn.Module:
     ``<name>/scale`` (and ``<name>/bias``), the names checkpoints and ``jaxllm.hf.layout`` use (checkpoints
     from before they were named hold ``<name>/LayerNorm_0/scale``: ``checkpoint.current_name``)."""
     if c.arch == "gpt2":
-        return nn.LayerNorm(epsilon=c.norm_eps, dtype=compute_dtype(c), scale_init=_ones(("embed",)),
-                            bias_init=_zeros(("embed",)), name=name)
+        return nn.LayerNorm(
+            epsilon=c.norm_eps,
+            dtype=compute_dtype(c),
+            scale_init=_ones(("embed",)),
+            bias_init=_zeros(("embed",)),
+            name=name,
+        )
     return nn.RMSNorm(epsilon=c.norm_eps, dtype=compute_dtype(c), scale_init=_ones(("embed",)), name=name)
 
 
@@ -180,7 +185,13 @@ class Attention(nn.Module):
         out_BxTxNxH = attention.attend(impl, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, c.attention_block)
         out_BxTxNxH = constrain(out_BxTxNxH, ("batch", "q_seq", "heads", "head_dim"))
         out_BxTxD = Linear(
-            (c.n_head, head), (c.d_model,), ("heads", "head_dim", "embed"), residual_std(c), bias, compute_dtype(c), name="o"
+            (c.n_head, head),
+            (c.d_model,),
+            ("heads", "head_dim", "embed"),
+            residual_std(c),
+            bias,
+            compute_dtype(c),
+            name="o",
         )(out_BxTxNxH)
         return nn.Dropout(c.dropout)(out_BxTxD, deterministic=self.deterministic)
 
@@ -332,9 +343,13 @@ class Transformer(nn.Module):
         table_VxD = constrain(self.wte.embedding, ("vocab", "embed_rows")).astype(compute_dtype(self.cfg))
         x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0)
         if self.cfg.arch == "gpt2":
-            x_BxTxD = x_BxTxD + jnp.take(constrain(self.wpe.embedding, (None, "embed_rows")), positions_BxT, axis=0).astype(x_BxTxD.dtype)
+            x_BxTxD = x_BxTxD + jnp.take(
+                constrain(self.wpe.embedding, (None, "embed_rows")), positions_BxT, axis=0
+            ).astype(x_BxTxD.dtype)
         x_BxTxD = self.drop(x_BxTxD, deterministic=self.deterministic)
-        if n_prompt := self.cfg.prompt_tokens:  # the first n_prompt positions hold the learned prompt, whatever their tokens
+        if (
+            n_prompt := self.cfg.prompt_tokens
+        ):  # the first n_prompt positions hold the learned prompt, whatever their tokens
             virtual_BxTxD = self.prompt[jnp.minimum(positions_BxT, n_prompt - 1)].astype(x_BxTxD.dtype)
             x_BxTxD = jnp.where((positions_BxT < n_prompt)[..., None], virtual_BxTxD, x_BxTxD)
         return constrain(x_BxTxD, ("batch", "seq", "embed"))

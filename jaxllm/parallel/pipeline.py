@@ -70,7 +70,9 @@ def check(model: ModelConfig, cfg: PipelineConfig, mesh: Mesh, batch_size: int) 
     m, r, units = microbatches(cfg, p), repeats(cfg), scan_length(model)
     if units % (p * r):
         stack = f"model.n_layer={model.n_layer}" if units == model.n_layer else f"model.n_layer/model.moe.every={units}"
-        raise ConfigError(f"{stack} is not divisible by mesh.pipe*pipeline.repeats={p * r}; every stage chunk needs the same number of layers")
+        raise ConfigError(
+            f"{stack} is not divisible by mesh.pipe*pipeline.repeats={p * r}; every stage chunk needs the same number of layers"
+        )
     if m < p:
         raise ConfigError(
             f"pipeline.microbatches={m} is smaller than mesh.pipe={p}; use at least {p} so every stage has "
@@ -109,7 +111,9 @@ def one_f_one_b(stages: int, micro: int) -> tuple[np.ndarray, np.ndarray]:
     t_IxP = np.arange(micro + 2 * stages - 2)[:, None]
     p_1xP = np.arange(stages)[None, :]
     forward, backward = t_IxP - p_1xP, t_IxP - 2 * (stages - 1) + p_1xP
-    return np.where((forward >= 0) & (forward < micro), forward, -1), np.where((backward >= 0) & (backward < micro), backward, -1)
+    return np.where((forward >= 0) & (forward < micro), forward, -1), np.where(
+        (backward >= 0) & (backward < micro), backward, -1
+    )
 
 
 def bubble_fraction(stages: int, micro: int, rounds: int, schedule: str = "gpipe") -> float:
@@ -175,7 +179,9 @@ def run_stages(
         in_PxbxTxD = jnp.where(is_first_P, first_bxTxD, jnp.roll(out_PxbxTxD, 1, axis=0))
         in_PxbxTxD = jax.lax.with_sharding_constraint(in_PxbxTxD, state_spec)
         round_P = jnp.maximum(k_P, 0) // micro
-        out_PxbxTxD, aux_P = stage_P(w_RxPxCxZ, round_P, in_PxbxTxD, jax.random.split(jax.random.fold_in(rng, t), stages))
+        out_PxbxTxD, aux_P = stage_P(
+            w_RxPxCxZ, round_P, in_PxbxTxD, jax.random.split(jax.random.fold_in(rng, t), stages)
+        )
         out_PxbxTxD = jax.lax.with_sharding_constraint(out_PxbxTxD, state_spec)
         k_last, slot = k_P[-1], jnp.maximum(k_P[-1], 0) % micro
         done_bxTxD = jnp.where(k_last >= 0, out_PxbxTxD[-1], ring_MxbxTxD[slot])
@@ -214,12 +220,17 @@ def run_1f1b(stage: Callable, w_PxCxZ: Any, ends: Any, micro: int, stages: int, 
     Returns ``(loss, aux_1xP, grads outside the blocks, grads of w_PxCxZ)``, ``aux`` as :func:`chunk_means`'s."""
     forward_IxP, backward_IxP = one_f_one_b(stages, micro)
     slots = 2 * stages - 1
-    is_first_P, is_last_P = (jnp.arange(stages) == 0)[:, None, None, None], (jnp.arange(stages) == stages - 1)[:, None, None, None]
+    is_first_P, is_last_P = (
+        (jnp.arange(stages) == 0)[:, None, None, None],
+        (jnp.arange(stages) == stages - 1)[:, None, None, None],
+    )
     spec = functools.partial(jax.lax.with_sharding_constraint, shardings=state_spec)
     stash_spec = NamedSharding(state_spec.mesh, PartitionSpec(state_spec.spec[0], None, *state_spec.spec[1:]))
 
     def keys(m_P):  # micro-batch m's dropout key on stage p, the same forward and backward
-        return jax.vmap(lambda m, p: jax.random.fold_in(jax.random.fold_in(rng, m), p))(jnp.maximum(m_P, 0), jnp.arange(stages))
+        return jax.vmap(lambda m, p: jax.random.fold_in(jax.random.fold_in(rng, m), p))(
+            jnp.maximum(m_P, 0), jnp.arange(stages)
+        )
 
     stage_P = jax.vmap(stage, spmd_axis_name="pipe")
     backward_P = jax.vmap(functools.partial(_stage_vjp, stage), spmd_axis_name="pipe")
@@ -253,10 +264,15 @@ def run_1f1b(stage: Callable, w_PxCxZ: Any, ends: Any, micro: int, stages: int, 
     x0_bxTxD, embed_vjp = ends.first(0)
     zeros_P = jnp.zeros((stages, *x0_bxTxD.shape), x0_bxTxD.dtype)
     stash_P = jnp.zeros((stages, slots, *x0_bxTxD.shape), x0_bxTxD.dtype)
-    aux = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(stage_P, w_PxCxZ, zeros_P, keys(jnp.zeros(stages, int)))[1])
+    aux = jax.tree.map(
+        lambda a: jnp.zeros(a.shape, a.dtype),
+        jax.eval_shape(stage_P, w_PxCxZ, zeros_P, keys(jnp.zeros(stages, int)))[1],
+    )
     g_ends = jax.tree.map(jnp.zeros_like, embed_vjp(x0_bxTxD)[0])
     init = (zeros_P, zeros_P, stash_P, jnp.float32(0), aux, g_ends, jax.tree.map(jnp.zeros_like, w_PxCxZ))
-    (_, _, _, loss, aux, g_ends, g_w), _ = jax.lax.scan(iteration, init, (jnp.asarray(forward_IxP), jnp.asarray(backward_IxP)))
+    (_, _, _, loss, aux, g_ends, g_w), _ = jax.lax.scan(
+        iteration, init, (jnp.asarray(forward_IxP), jnp.asarray(backward_IxP))
+    )
     return loss, jax.tree.map(lambda a: a[None], aux), g_ends, g_w
 
 
@@ -316,7 +332,9 @@ class _Pipelined:
         stages = mesh.shape["pipe"]
         self.model, self.block_shardings, self.stages = model, block_shardings, stages
         self.micro, self.rounds = microbatches(cfg, stages), repeats(cfg)
-        self.chunk = block_stack(model.cfg, model.deterministic, length=scan_length(model.cfg) // (stages * self.rounds))
+        self.chunk = block_stack(
+            model.cfg, model.deterministic, length=scan_length(model.cfg) // (stages * self.rounds)
+        )
         act = nn.logical_to_mesh_axes(("batch", "seq", "embed"), rules)
         self.state_spec = NamedSharding(mesh, PartitionSpec("pipe", *act))
         self.ring_spec = NamedSharding(mesh, PartitionSpec(None, *act))
@@ -345,7 +363,9 @@ class _Pipelined:
             return self.stage(jax.tree.map(lambda w: w[round_], w_RxCxZ), x_bxTxD, rng, positions_T)
 
         table_IxP = work_items(stages, micro, rounds)
-        y_MxbxTxD, aux_RxP = run_stages(stage_in_round, w, x_MxbxTxD, table_IxP, self.state_spec, jax.random.fold_in(rng, 1))
+        y_MxbxTxD, aux_RxP = run_stages(
+            stage_in_round, w, x_MxbxTxD, table_IxP, self.state_spec, jax.random.fold_in(rng, 1)
+        )
         y_BxTxD = y_MxbxTxD.swapaxes(0, 1).reshape(x_BxTxD.shape)
         logits_BxTxV = model.apply({"params": params}, y_BxTxD, method="head")
         return (cross_entropy(logits_BxTxV, targets_BxT)[0], *router_terms(aux_RxP))
@@ -363,7 +383,9 @@ class _Pipelined:
         def first(m):
             def embed(rest):
                 rngs = {"dropout": jax.random.fold_in(jax.random.fold_in(rng, 0), m)}
-                return model.apply({"params": {**rest, "blocks": blocks}}, inputs_MxbxT[m], positions_bxT, method="embed", rngs=rngs)
+                return model.apply(
+                    {"params": {**rest, "blocks": blocks}}, inputs_MxbxT[m], positions_bxT, method="embed", rngs=rngs
+                )
 
             return jax.vjp(embed, rest)
 
@@ -377,7 +399,9 @@ class _Pipelined:
 
         w = jax.tree.map(lambda w, s: _stage_layout(w, s, self.stages, 1)[0], blocks, self.block_shardings)
         stage_at = functools.partial(self.stage, positions_T=positions_T)
-        ce, aux_1xP, g_rest, g_w = run_1f1b(stage_at, w, _Ends(first, last), micro, self.stages, self.state_spec, jax.random.fold_in(rng, 1))
+        ce, aux_1xP, g_rest, g_w = run_1f1b(
+            stage_at, w, _Ends(first, last), micro, self.stages, self.state_spec, jax.random.fold_in(rng, 1)
+        )
         router, stats = router_terms(aux_1xP)
         g_blocks = jax.tree.map(lambda g, w: g.reshape(w.shape), g_w, blocks)
         return (ce + router, stats), {**g_rest, "blocks": g_blocks}

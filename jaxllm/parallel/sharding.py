@@ -68,7 +68,9 @@ def rules(cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:
         flat = [axes] if isinstance(axes, str) or axes is None else list(axes)
         bad = [a for a in flat if a is not None and a not in mesh_axes(cfg)]
         if bad:
-            raise ConfigError(f"mesh.rules.{name}: unknown mesh axis {bad[0]!r}; mesh axes are {', '.join(mesh_axes(cfg))}")
+            raise ConfigError(
+                f"mesh.rules.{name}: unknown mesh axis {bad[0]!r}; mesh axes are {', '.join(mesh_axes(cfg))}"
+            )
         table[name] = axes if axes is None or isinstance(axes, str) else tuple(axes)
     return tuple(table.items())
 
@@ -146,6 +148,7 @@ def check_param_divisible(boxed_tree: Any, mesh: Mesh, rule_table) -> None:
     ``boxed_tree``: ``nn.Partitioned`` leaves, e.g. ``jax.eval_shape`` of ``model.init``. The backstop
     behind :func:`check_divisible` for ``mesh.rules`` overrides, which JAX would reject only at jit time.
     """
+
     def is_boxed(x) -> bool:
         return isinstance(x, nn.Partitioned)
 

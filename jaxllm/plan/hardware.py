@@ -65,8 +65,18 @@ DEVICE_KINDS = {
 }
 
 # Slice sizes Cloud sells (accelerator-type suffix) and the topology each one is, as libtpu names it.
-_TORUS_3D = {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8", 512: "4x8x8",
-             1024: "8x8x8", 2048: "8x8x16", 4096: "8x16x16"}
+_TORUS_3D = {
+    8: "2x2x1",
+    16: "2x2x2",
+    32: "2x2x4",
+    64: "2x4x4",
+    128: "4x4x4",
+    256: "4x4x8",
+    512: "4x8x8",
+    1024: "8x8x8",
+    2048: "8x8x16",
+    4096: "8x16x16",
+}
 _TORUS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 TPU_SLICES = {"v4": _TORUS_3D, "v5p": _TORUS_3D, "v5e": _TORUS_2D, "v6e": _TORUS_2D}
 TPU_TOPOLOGY_PREFIX = {"v4": "v4", "v5p": "v5p", "v5e": "v5e", "v6e": "v6e"}

@@ -98,8 +98,9 @@ def score_values(m: ModelConfig, seq_len: int, tensor: int, kernel: str) -> floa
     return m.n_head / tensor
 
 
-def layer_values_per_token(m: ModelConfig, seq_len: int, tensor: int, sequence_parallel: bool,
-                           kernel: str = "xla", expert_ways: int = 1) -> tuple[float, float]:
+def layer_values_per_token(
+    m: ModelConfig, seq_len: int, tensor: int, sequence_parallel: bool, kernel: str = "xla", expert_ways: int = 1
+) -> tuple[float, float]:
     """``(compute-dtype values, float32 values)`` one layer keeps per token for its backward pass.
 
     Korthikanti's minimum without dropout is ``8 D + 2 F`` values (GELU MLP); XLA keeps about twice
@@ -123,7 +124,11 @@ def mlp_values_per_token(m: ModelConfig, expert_ways: int = 1) -> float:
     if not e.n_experts:
         return mats * m.d_ff
     copies = e.top_k * (e.capacity_factor or expert_ways)
-    expert = copies * (2 * m.d_model + mats * (e.d_ff or m.d_ff)) + mats * e.shared_experts * (e.d_ff or m.d_ff) + e.n_experts
+    expert = (
+        copies * (2 * m.d_model + mats * (e.d_ff or m.d_ff))
+        + mats * e.shared_experts * (e.d_ff or m.d_ff)
+        + e.n_experts
+    )
     return (mats * m.d_ff * (e.every - 1) + expert) / e.every
 
 
@@ -172,7 +177,9 @@ def activation_bytes(cfg: Config, m: ModelConfig, sizes: dict[str, int], platfor
     ``platform`` (cpu | gpu | tpu: which attention kernel runs, and :func:`loss_bytes`)."""
     t, p = sizes["tensor"], sizes["pipe"]
     c = 2 if m.dtype in ("bfloat16", "float16") else 4
-    rows = cfg.train.batch_size // (sizes["data"] * sizes["fsdp"] * sizes.get("expert", 1))  # expert: a data axis outside MoE
+    rows = cfg.train.batch_size // (
+        sizes["data"] * sizes["fsdp"] * sizes.get("expert", 1)
+    )  # expert: a data axis outside MoE
     seq = cfg.train.seq_len
     kernel = attention.resolve(m.attention, platform, m.dtype)
     low, f32 = layer_values_per_token(m, seq, t, cfg.mesh.sequence_parallel, kernel, sizes.get("expert", 1))
@@ -205,4 +212,3 @@ def estimate(cfg: Config, model_cfg: ModelConfig, boxed: Any, sizes: dict[str, i
     params, optimizer = state_bytes(boxed, sizes, sharding.rules(cfg.mesh), cfg.optim.shard_state)
     grads = params * (2 if cfg.train.grad_accum > 1 else 1)
     return Memory(params, grads, optimizer, activation_bytes(cfg, model_cfg, sizes, platform))
-

@@ -76,7 +76,9 @@ def tpu_devices(target: Target) -> list:
     try:
         topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology)
     except Exception as e:  # noqa: BLE001  (libtpu raises XlaRuntimeError and friends)
-        raise ConfigError(f"libtpu cannot describe {target.name} ({target.topology}): {str(e).splitlines()[0]}") from None
+        raise ConfigError(
+            f"libtpu cannot describe {target.name} ({target.topology}): {str(e).splitlines()[0]}"
+        ) from None
     if len(topo.devices) != target.devices:
         raise ConfigError(f"libtpu describes {target.name} with {len(topo.devices)} devices, not {target.devices}")
     return list(topo.devices)
@@ -130,7 +132,9 @@ def lower_step(cfg: Config, model_cfg: ModelConfig, devices: list) -> tuple[Any,
     t = cfg.train
     with setup.context():
         state = ckpt.abstract(jax.eval_shape(setup.init), setup.state_shardings)
-        batch = jax.ShapeDtypeStruct((t.grad_accum, t.batch_size, t.seq_len + 1), jnp.int32, sharding=setup.batch_sharding)
+        batch = jax.ShapeDtypeStruct(
+            (t.grad_accum, t.batch_size, t.seq_len + 1), jnp.int32, sharding=setup.batch_sharding
+        )
         return setup, setup.step.lower(state, batch)
 
 
@@ -219,7 +223,9 @@ def overrides_line(result: dict) -> str:
     return " ".join(parts + result.get("changes", []))
 
 
-def fixes(cfg: Config, model_cfg: ModelConfig, boxed: Any, target: Target, sizes: dict[str, int], devices) -> list[dict]:
+def fixes(
+    cfg: Config, model_cfg: ModelConfig, boxed: Any, target: Target, sizes: dict[str, int], devices
+) -> list[dict]:
     """For a run that does not fit: the cheapest changes that make it fit, each compiled to check."""
     options = []
     if not model_cfg.remat:
@@ -341,8 +347,10 @@ def table(result: dict) -> str:
     a, c = result["analytic_bytes"], result["compiled_bytes"] or {}
     mesh = " ".join(f"{k}={v}" for k, v in result["mesh"].items())
     unit, unit_name = (GiB, "GiB") if max(a["total"], c.get("total") or 0) >= GiB else (2**20, "MiB")
-    title = (f"plan: {result['devices']} x {result['device_kind']} ({_gib(result['device_memory_bytes'])} GiB each), "
-             f"mesh {mesh}, remat {'on' if result['remat'] else 'off'}")
+    title = (
+        f"plan: {result['devices']} x {result['device_kind']} ({_gib(result['device_memory_bytes'])} GiB each), "
+        f"mesh {mesh}, remat {'on' if result['remat'] else 'off'}"
+    )
     lines = [title, f"{'per device, ' + unit_name:<18}{'analytic':>10}   {'compiled':<10}"]
     total_name = "peak" if c and c["total"] == c["peak"] else "total"  # a TPU's: see compiled_bytes
     for (name, value), (cname, cvalue) in zip(
@@ -360,18 +368,25 @@ def table(result: dict) -> str:
     lines.append(
         f"roofline (ms per step): {terms}\npredicted: {result['step_time_s'] * 1e3:.1f} ms/step, "
         f"{result['tokens_per_sec']:,.0f} tokens/s, MFU {result['mfu']:.1%}, bound by {result['bound']} "
-        + (f"(matmuls at {result['efficiency']:.0%} of peak, as measured on this kind)" if result["efficiency"] < 1
-           else "(matmuls at the spec peak: a lower bound on the step time)")
+        + (
+            f"(matmuls at {result['efficiency']:.0%} of peak, as measured on this kind)"
+            if result["efficiency"] < 1
+            else "(matmuls at the spec peak: a lower bound on the step time)"
+        )
     )
     for fix in result.get("fixes", []):
-        lines.append(f"fix: {' '.join(fix['changes'])} -> {'fits' if fix['fits'] else 'still too big'}, headroom {fix['headroom']:.0%}")
+        lines.append(
+            f"fix: {' '.join(fix['changes'])} -> {'fits' if fix['fits'] else 'still too big'}, headroom {fix['headroom']:.0%}"
+        )
     return "\n".join(lines)
 
 
 def search_table(result: dict, top: int = 12) -> str:
     """The ranked candidates, then the winner's overrides on one line."""
-    header = (f"{'#':>3} {'data':>5}{'fsdp':>5}{'tens':>5}{'pipe':>5}{'M':>4}{'remat':>6}{'GiB':>8}{'compiled':>9}"
-              f"{'fits':>6}{'ms/step':>9}{'tok/s':>11}{'MFU':>7}  bound")
+    header = (
+        f"{'#':>3} {'data':>5}{'fsdp':>5}{'tens':>5}{'pipe':>5}{'M':>4}{'remat':>6}{'GiB':>8}{'compiled':>9}"
+        f"{'fits':>6}{'ms/step':>9}{'tok/s':>11}{'MFU':>7}  bound"
+    )
     rows = [header]
     for i, r in enumerate(result["candidates"][:top], 1):
         m = r["mesh"]

@@ -52,7 +52,9 @@ def _passes(m: ModelConfig, pipe: int) -> int:
     return 4 if _recomputes(m, pipe) else 3
 
 
-def terms(cfg: Config, m: ModelConfig, sizes: dict[str, int], kind: DeviceKind, activation_bytes: int) -> dict[str, float]:
+def terms(
+    cfg: Config, m: ModelConfig, sizes: dict[str, int], kind: DeviceKind, activation_bytes: int
+) -> dict[str, float]:
     """Seconds per optimizer step of each roofline term, per device (see the module docstring)."""
     d, f, t, p = sizes["data"], sizes["fsdp"], sizes["tensor"], sizes["pipe"]
     n, accum, seq = d * f * t * p, cfg.train.grad_accum, cfg.train.seq_len
@@ -89,9 +91,14 @@ def step_time(cfg: Config, m: ModelConfig, sizes: dict[str, int], kind: DeviceKi
     if step == exposed:
         bound = max(("compute", "tensor", "pipe"), key=parts.get)
         p = sizes["pipe"]
-        if p > 1 and pipeline.theory_bubble(p, pipeline.microbatches(cfg.pipeline, p), pipeline.repeats(cfg.pipeline)) > 0.25:
+        if (
+            p > 1
+            and pipeline.theory_bubble(p, pipeline.microbatches(cfg.pipeline, p), pipeline.repeats(cfg.pipeline)) > 0.25
+        ):
             bound = "compute (pipeline bubble)" if bound == "compute" else bound
     tokens = cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum
     n = sizes["data"] * sizes["fsdp"] * sizes["tensor"] * sizes["pipe"]
     tokens_per_sec = tokens / step
-    return StepTime(parts, step, tokens_per_sec, flops.mfu(tokens_per_sec, m, cfg.train.seq_len, n * kind.peak_flops), bound)
+    return StepTime(
+        parts, step, tokens_per_sec, flops.mfu(tokens_per_sec, m, cfg.train.seq_len, n * kind.peak_flops), bound
+    )

@@ -51,7 +51,8 @@ def intervals(draws: dict[str, list[float]], percentiles: tuple[float, float] = 
     """The percentile interval of each name's draws."""
     return {
         name: Interval(*(float(q) for q in np.percentile(v, percentiles)), samples=len(v))
-        for name, v in draws.items() if v
+        for name, v in draws.items()
+        if v
     }
 
 

@@ -35,8 +35,18 @@ from jaxllm.scaling.run_manager import run_in_order, study_folder, study_run_con
 # The first this share of logged steps is "early training", where vanishing gradients show before
 # the optimizer has adapted to them.
 EARLY_SHARE = 0.2
-COLUMNS = ("variant", "residual", "norm_position", "n_layer", "loss", "train_loss", "diverged",
-           "grad_first_layer", "grad_last_layer", "grad_ratio")
+COLUMNS = (
+    "variant",
+    "residual",
+    "norm_position",
+    "n_layer",
+    "loss",
+    "train_loss",
+    "diverged",
+    "grad_first_layer",
+    "grad_last_layer",
+    "grad_ratio",
+)
 
 
 @dataclass(frozen=True)
@@ -96,8 +106,9 @@ def depth_plan(cfg: DepthConfig) -> list[DepthRun]:
 def run_config(cfg: DepthConfig, run: DepthRun, run_dir: Path) -> Config:
     """The train.py config of one run: the run's depth, residual and norm position, set up as every
     study's run is (:func:`run_manager.study_run_config`)."""
-    model = dataclasses.replace(cfg.model, n_layer=run.n_layer, residual=run.variant.residual,
-                                norm_position=run.variant.norm_position)
+    model = dataclasses.replace(
+        cfg.model, n_layer=run.n_layer, residual=run.variant.residual, norm_position=run.variant.norm_position
+    )
     return study_run_config(cfg, run_dir, cfg.train.steps, model)
 
 
@@ -113,21 +124,29 @@ def layer_norms(metrics_path: Path) -> dict[str, list[float]]:
 
 
 def run_study(
-    cfg: DepthConfig, runs: list[DepthRun], out: Path, progress: Callable[[list, int, int], Iterable] | None = None,
+    cfg: DepthConfig,
+    runs: list[DepthRun],
+    out: Path,
+    progress: Callable[[list, int, int], Iterable] | None = None,
     devices: list | None = None,
 ) -> list[dict[str, Any]]:
     """Trains ``runs`` into ``out/runs`` on ``devices`` (default all; finished runs are skipped) under
     ``out``'s lock, and returns one row per run."""
     by_name = {r.name: r for r in runs}
     with study_folder(out, "another depth study") as runs_dir:
-        results = run_in_order(list(by_name), runs_dir, lambda name: _train(cfg, by_name[name], runs_dir, devices),
-                               progress)
+        results = run_in_order(
+            list(by_name), runs_dir, lambda name: _train(cfg, by_name[name], runs_dir, devices), progress
+        )
     return [_row(run, results[run.name]) for run in runs]
 
 
 def _train(cfg: DepthConfig, run: DepthRun, runs_dir: Path, devices: list | None) -> dict[str, Any]:
-    record = {"variant": run.variant.name, "residual": run.variant.residual,
-              "norm_position": run.variant.norm_position, "n_layer": run.n_layer}
+    record = {
+        "variant": run.variant.name,
+        "residual": run.variant.residual,
+        "norm_position": run.variant.norm_position,
+        "n_layer": run.n_layer,
+    }
     measure = lambda run_dir: layer_norms(run_dir / "metrics.jsonl")
     return train_once(run_config(cfg, run, runs_dir / run.name), record, measure, devices)
 
@@ -135,11 +154,20 @@ def _train(cfg: DepthConfig, run: DepthRun, runs_dir: Path, devices: list | None
 def _row(run: DepthRun, result: dict[str, Any]) -> dict[str, Any]:
     early = result["grad_early"]
     first, last = (early[0], early[-1]) if early else (math.nan, math.nan)
-    return {"variant": run.variant.name, "residual": run.variant.residual, "norm_position": run.variant.norm_position,
-            "n_layer": run.n_layer, "loss": result["loss"], "train_loss": result["train_loss"],
-            "diverged": result["diverged"], "grad_first_layer": first, "grad_last_layer": last,
-            "grad_ratio": first / last if last > 0 else math.nan, "grad_early": early,
-            "grad_last": result["grad_last"]}
+    return {
+        "variant": run.variant.name,
+        "residual": run.variant.residual,
+        "norm_position": run.variant.norm_position,
+        "n_layer": run.n_layer,
+        "loss": result["loss"],
+        "train_loss": result["train_loss"],
+        "diverged": result["diverged"],
+        "grad_first_layer": first,
+        "grad_last_layer": last,
+        "grad_ratio": first / last if last > 0 else math.nan,
+        "grad_early": early,
+        "grad_last": result["grad_last"],
+    }
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -147,8 +175,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'variant':<22}{'layers':>7}{'val loss':>10}{'grad L0':>11}{'grad L-1':>11}{'L0/(L-1)':>10}"]
     for r in rows:
         loss = "diverged" if r["diverged"] else f"{r['loss']:.4f}"
-        lines.append(f"{r['variant']:<22}{r['n_layer']:>7}{loss:>10}{r['grad_first_layer']:>11.3g}"
-                     f"{r['grad_last_layer']:>11.3g}{r['grad_ratio']:>10.3g}")
+        lines.append(
+            f"{r['variant']:<22}{r['n_layer']:>7}{loss:>10}{r['grad_first_layer']:>11.3g}"
+            f"{r['grad_last_layer']:>11.3g}{r['grad_ratio']:>10.3g}"
+        )
     return "\n".join(lines)
 
 
@@ -164,8 +194,12 @@ def write_outputs(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
 # --- figures -----------------------------------------------------------------------------------------
 
-STYLE = {"pre-LN": ("tab:blue", "-"), "post-LN": ("tab:orange", "-"),
-         "pre-LN, no residual": ("tab:blue", "--"), "post-LN, no residual": ("tab:orange", "--")}
+STYLE = {
+    "pre-LN": ("tab:blue", "-"),
+    "post-LN": ("tab:orange", "-"),
+    "pre-LN, no residual": ("tab:blue", "--"),
+    "post-LN, no residual": ("tab:orange", "--"),
+}
 
 
 def plot_loss(rows: list[dict[str, Any]], path: Path) -> None:

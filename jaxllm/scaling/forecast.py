@@ -86,8 +86,10 @@ def find_sweep(fit_path: Path, report: dict[str, Any]) -> Sweep:
         if (folder / "sweep.json").is_file():
             meta = read_json(folder / "sweep.json", "sweep record")
             return Sweep(from_dict(meta.get("config", {}), SweepConfig), folder)
-    raise DataError(f"no sweep.json beside {fit_path} or its CSV: a forecast builds its run from the config of "
-                    "the sweep that was fitted (`scaling.py sweep --fit`)")
+    raise DataError(
+        f"no sweep.json beside {fit_path} or its CSV: a forecast builds its run from the config of "
+        "the sweep that was fitted (`scaling.py sweep --fit`)"
+    )
 
 
 def check_budget(C: float, budgets: list[float]) -> None:
@@ -95,8 +97,10 @@ def check_budget(C: float, budgets: list[float]) -> None:
     if not (math.isfinite(C) and C > 0):
         raise ConfigError(f"--compute must be a FLOP count > 0, got {C:g}")
     if C <= min(budgets):
-        raise ConfigError(f"--compute {C:.3g} is at or below the sweep's smallest budget {min(budgets):.3g} FLOPs; "
-                          "a forecast is for a larger run")
+        raise ConfigError(
+            f"--compute {C:.3g} is at or below the sweep's smallest budget {min(budgets):.3g} FLOPs; "
+            "a forecast is for a larger run"
+        )
 
 
 def shape_family(ladder: list[Shape], count: Callable[[Shape], int], N_target: float) -> list[Shape]:
@@ -110,8 +114,11 @@ def shape_family(ladder: list[Shape], count: Callable[[Shape], int], N_target: f
     family = list(ladder)
     for small, big in itertools.pairwise(rungs):
         widths = range(small.d_model + HEAD_SIZE, big.d_model, HEAD_SIZE)
-        family += [s for s in (Shape(small.n_layer, w) for w in widths)
-                   if count(small) < count(s) < count(big) and s not in family]
+        family += [
+            s
+            for s in (Shape(small.n_layer, w) for w in widths)
+            if count(small) < count(s) < count(big) and s not in family
+        ]
     largest = rungs[-1]
     shape = largest
     while count(shape) < N_target:
@@ -121,25 +128,43 @@ def shape_family(ladder: list[Shape], count: Callable[[Shape], int], N_target: f
 
 
 def plan(
-    law: ChinchillaLaw, draws: list[ChinchillaLaw], C: float, ladder: list[Shape], count: Callable[[Shape], int],
+    law: ChinchillaLaw,
+    draws: list[ChinchillaLaw],
+    C: float,
+    ladder: list[Shape],
+    count: Callable[[Shape], int],
     tokens_per_step: int,
 ) -> Plan:
     """The run for budget ``C``: the family's shape nearest N_opt in log N, trained on D = C / 6N tokens."""
     N_opt, D_opt = float(law.optimal_N(C)), float(law.optimal_D(C))
     if not (math.isfinite(N_opt) and N_opt > 0):
-        raise ConfigError(f"approach 3's law (alpha {law.alpha:.3g}, beta {law.beta:.3g}) has no compute-optimal "
-                          "model size to forecast with; see the fit's table")
+        raise ConfigError(
+            f"approach 3's law (alpha {law.alpha:.3g}, beta {law.beta:.3g}) has no compute-optimal "
+            "model size to forecast with; see the fit's table"
+        )
     shape = min(shape_family(ladder, count, N_opt), key=lambda s: abs(math.log(count(s) / N_opt)))
     N = count(shape)
     steps = round(C / (FLOPS_PER_PARAM_TOKEN * N) / tokens_per_step)
     if steps < MIN_STEPS:
-        raise ConfigError(f"--compute {C:.3g} gives the {shape.n_layer}x{shape.d_model} model (N={N}) only {steps} "
-                          f"steps; a forecast needs at least {MIN_STEPS}")
+        raise ConfigError(
+            f"--compute {C:.3g} gives the {shape.n_layer}x{shape.d_model} model (N={N}) only {steps} "
+            f"steps; a forecast needs at least {MIN_STEPS}"
+        )
     D = steps * tokens_per_step
     spread = [float(d.loss(N, D)) for d in draws]
     low, high = (float(q) for q in np.percentile(spread, PERCENTILES))
-    return Plan(compute=C, shape=shape, N=N, steps=steps, D=D, N_opt=N_opt, D_opt=D_opt,
-                loss=float(law.loss(N, D)), ci95=(low, high), frontier_loss=float(law.loss(N_opt, D_opt)))
+    return Plan(
+        compute=C,
+        shape=shape,
+        N=N,
+        steps=steps,
+        D=D,
+        N_opt=N_opt,
+        D_opt=D_opt,
+        loss=float(law.loss(N, D)),
+        ci95=(low, high),
+        frontier_loss=float(law.loss(N_opt, D_opt)),
+    )
 
 
 @dataclass(frozen=True)
@@ -190,8 +215,15 @@ def _approach2(laws: tuple[PowerLaw, PowerLaw] | None, C: float, law: Chinchilla
 def train_run(f: Forecast, devices: list | None = None) -> dict[str, Any]:
     """Trains the planned run in ``out/runs/<name>`` under ``out``'s lock (a finished one is read back)."""
     p = f.plan
-    record = {"name": run_name(p), "n_layer": p.shape.n_layer, "d_model": p.shape.d_model, "N": p.N, "D": p.D,
-              "C": p.C, "steps": p.steps}
+    record = {
+        "name": run_name(p),
+        "n_layer": p.shape.n_layer,
+        "d_model": p.shape.d_model,
+        "N": p.N,
+        "D": p.D,
+        "C": p.C,
+        "steps": p.steps,
+    }
     with study_folder(f.out, "another forecast"):
         return train_once(f.run_cfg, record, devices=devices)
 
@@ -203,16 +235,36 @@ def document(f: Forecast, result: dict[str, Any] | None) -> dict[str, Any]:
     actual = None
     if result is not None:
         loss = result["loss"] if math.isfinite(result["loss"]) else None  # None: diverged (JSON has no NaN)
-        actual = {"loss": loss, "train_loss": result["train_loss"] if loss is not None else None,
-                  "diverged": result["diverged"], "relative_error": None if loss is None else (p.loss - loss) / loss,
-                  "in_ci95": loss is not None and low <= loss <= high}
+        actual = {
+            "loss": loss,
+            "train_loss": result["train_loss"] if loss is not None else None,
+            "diverged": result["diverged"],
+            "relative_error": None if loss is None else (p.loss - loss) / loss,
+            "in_ci95": loss is not None and low <= loss <= high,
+        }
     return {
-        "compute": p.compute, "fit": str(f.fit_path), "config": to_dict(f.run_cfg),
-        "run": {"name": run_name(p), "n_layer": p.shape.n_layer, "d_model": p.shape.d_model, "N": p.N,
-                "D": p.D, "C": p.C, "steps": p.steps},
-        "predicted": {"loss": p.loss, "ci95": [low, high], "approach": 3, "N_opt": p.N_opt, "D_opt": p.D_opt,
-                      "frontier_loss": p.frontier_loss},
-        "approach2": f.approach2, "actual": actual,
+        "compute": p.compute,
+        "fit": str(f.fit_path),
+        "config": to_dict(f.run_cfg),
+        "run": {
+            "name": run_name(p),
+            "n_layer": p.shape.n_layer,
+            "d_model": p.shape.d_model,
+            "N": p.N,
+            "D": p.D,
+            "C": p.C,
+            "steps": p.steps,
+        },
+        "predicted": {
+            "loss": p.loss,
+            "ci95": [low, high],
+            "approach": 3,
+            "N_opt": p.N_opt,
+            "D_opt": p.D_opt,
+            "frontier_loss": p.frontier_loss,
+        },
+        "approach2": f.approach2,
+        "actual": actual,
     }
 
 
@@ -232,15 +284,21 @@ def summary(doc: dict[str, Any]) -> str:
     """Two or three lines: the run, the prediction, and the score once trained."""
     r, pred = doc["run"], doc["predicted"]
     low, high = pred["ci95"]
-    lines = [(f"forecast for C = {doc['compute']:.3g} FLOPs: {r['n_layer']}x{r['d_model']} model, N = {r['N']:,} "
-              f"(approach 3's N_opt = {pred['N_opt']:,.0f}), D = {r['D']:,} tokens, {r['steps']} steps"),
-             f"predicted final loss {pred['loss']:.4f} nats/token, 95% interval [{low:.4f}, {high:.4f}]"]
+    lines = [
+        (
+            f"forecast for C = {doc['compute']:.3g} FLOPs: {r['n_layer']}x{r['d_model']} model, N = {r['N']:,} "
+            f"(approach 3's N_opt = {pred['N_opt']:,.0f}), D = {r['D']:,} tokens, {r['steps']} steps"
+        ),
+        f"predicted final loss {pred['loss']:.4f} nats/token, 95% interval [{low:.4f}, {high:.4f}]",
+    ]
     actual = doc["actual"]
     if actual is not None:
         if actual["loss"] is None:
             lines.append("actual: the run diverged (loss NaN/Inf)")
         else:
             inside = "inside" if actual["in_ci95"] else "outside"
-            lines.append(f"actual final loss {actual['loss']:.4f}: predicted - actual = "
-                         f"{100 * actual['relative_error']:+.2f}% of it, {inside} the interval")
+            lines.append(
+                f"actual final loss {actual['loss']:.4f}: predicted - actual = "
+                f"{100 * actual['relative_error']:+.2f}% of it, {inside} the interval"
+            )
     return "\n".join(lines)

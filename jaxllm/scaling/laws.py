@@ -48,8 +48,11 @@ def start_grid(
 
 # The Chinchilla paper's grid (its appendix D.2): 4500 starts.
 PAPER_STARTS = start_grid(
-    a=np.arange(0, 30, 5), b=np.arange(0, 30, 5), e=np.arange(-1, 1.5, 0.5),
-    alpha=np.arange(0, 2.5, 0.5), beta=np.arange(0, 2.5, 0.5),
+    a=np.arange(0, 30, 5),
+    b=np.arange(0, 30, 5),
+    e=np.arange(-1, 1.5, 0.5),
+    alpha=np.arange(0, 2.5, 0.5),
+    beta=np.arange(0, 2.5, 0.5),
 )
 # A coarse grid for bootstrap refits, where a few hundred fits must stay fast: 32 starts.
 BOOTSTRAP_STARTS = start_grid(a=(5, 10), b=(5, 10), e=(0, 1), alpha=(0.3, 1), beta=(0.3, 1))
@@ -75,9 +78,7 @@ class Runs:
         return Runs(self.N[idx], self.D[idx], self.C[idx], self.loss[idx])
 
 
-def make_runs(
-    N: np.ndarray, loss: np.ndarray, D: np.ndarray | None = None, C: np.ndarray | None = None
-) -> Runs:
+def make_runs(N: np.ndarray, loss: np.ndarray, D: np.ndarray | None = None, C: np.ndarray | None = None) -> Runs:
     """Validated :class:`Runs` from arrays of shape [runs]; the missing one of D, C is C = 6ND."""
     if D is None and C is None:
         raise ConfigError("runs need tokens D or FLOPs C (D = C / 6N when only C is given)")
@@ -94,7 +95,6 @@ def make_runs(
     D = arrays["D"] if "D" in arrays else arrays["C"] / (FLOPS_PER_PARAM_TOKEN * N)
     C = arrays["C"] if "C" in arrays else FLOPS_PER_PARAM_TOKEN * N * D
     return Runs(N=N, D=D, C=C, loss=arrays["loss"])
-
 
 
 # --- Power laws in log-log: Kaplan, and the N_opt ~ C^a fits of approaches 1 and 2 ----------------
@@ -209,8 +209,11 @@ def _allocation(C: np.ndarray, N: np.ndarray, D: np.ndarray, what: str) -> Alloc
             f"(runs within {ISOFLOP_TOLERANCE_DEX} dex of FLOPs count as one budget), found {len(C)}"
         )
     return Allocation(
-        N_opt=fit_power_law(C, N, f"{what} N_opt ~ C^a"), D_opt=fit_power_law(C, D, f"{what} D_opt ~ C^b"),
-        C=C, N=N, D=D,
+        N_opt=fit_power_law(C, N, f"{what} N_opt ~ C^a"),
+        D_opt=fit_power_law(C, D, f"{what} D_opt ~ C^b"),
+        C=C,
+        N=N,
+        D=D,
     )
 
 
@@ -376,7 +379,12 @@ def fit_chinchilla(
     with threadpool_limits(limits=1, user_api="blas"):
         for start in starts:
             result = scipy.optimize.minimize(
-                huber_objective, start, args=data, jac=True, method="L-BFGS-B", bounds=bounds,
+                huber_objective,
+                start,
+                args=data,
+                jac=True,
+                method="L-BFGS-B",
+                bounds=bounds,
                 options={"maxiter": 1000, "ftol": 1e-15, "gtol": 1e-10},
             )
             # log A, log B, log E beyond ~700 overflow a float: a degenerate fit, not a law.

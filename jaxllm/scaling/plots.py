@@ -176,16 +176,30 @@ def plot_forecast(runs: Runs, law: ChinchillaLaw, draws: list[ChinchillaLaw], fo
     band = np.percentile([_optimal_loss(d, C) for d in draws], [2.5, 97.5], axis=0)
     ax.fill_between(C, band[0], band[1], color="tab:blue", alpha=0.15, label="95% band of the bootstrap refits")
     ax.plot(C, _optimal_loss(law, C), color="tab:blue", lw=2, label="approach 3 at compute-optimal N, D")
-    points = ax.scatter(runs.C, runs.loss, c=runs.N, cmap="viridis", norm=LogNorm(), s=18, zorder=3,
-                        label="sweep run")
+    points = ax.scatter(runs.C, runs.loss, c=runs.N, cmap="viridis", norm=LogNorm(), s=18, zorder=3, label="sweep run")
     fig.colorbar(points, ax=ax, label="model size N (parameters)")
     low, high = predicted["ci95"]
-    ax.errorbar([run["C"]], [predicted["loss"]], yerr=[[predicted["loss"] - low], [high - predicted["loss"]]],
-                fmt="o", color="tab:red", capsize=5, ms=8, zorder=4,
-                label=f"forecast {run['n_layer']}x{run['d_model']}: {predicted['loss']:.4f} [{low:.4f}, {high:.4f}]")
+    ax.errorbar(
+        [run["C"]],
+        [predicted["loss"]],
+        yerr=[[predicted["loss"] - low], [high - predicted["loss"]]],
+        fmt="o",
+        color="tab:red",
+        capsize=5,
+        ms=8,
+        zorder=4,
+        label=f"forecast {run['n_layer']}x{run['d_model']}: {predicted['loss']:.4f} [{low:.4f}, {high:.4f}]",
+    )
     if actual is not None and actual["loss"] is not None:
-        ax.scatter([run["C"]], [actual["loss"]], marker="*", s=220, color="black", zorder=5,
-                   label=f"actual: {actual['loss']:.4f} ({100 * actual['relative_error']:+.2f}% predicted - actual)")
+        ax.scatter(
+            [run["C"]],
+            [actual["loss"]],
+            marker="*",
+            s=220,
+            color="black",
+            zorder=5,
+            label=f"actual: {actual['loss']:.4f} ({100 * actual['relative_error']:+.2f}% predicted - actual)",
+        )
     _log_loss_axes(ax)
     ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
     ax.yaxis.set_major_locator(MaxNLocator(nbins=8))

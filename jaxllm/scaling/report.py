@@ -124,8 +124,13 @@ def fit_with_intervals(
     fit = fit_all(runs, STARTS[settings.starts], settings.fixed_E)
     if not settings.resamples:
         return fit, {}, {}
-    draws = sb.bootstrap_draws(runs, lambda r: fit_all(r, BOOTSTRAP_STARTS, settings.fixed_E).parameters(), settings.resamples,
-                               settings.seed, progress)
+    draws = sb.bootstrap_draws(
+        runs,
+        lambda r: fit_all(r, BOOTSTRAP_STARTS, settings.fixed_E).parameters(),
+        settings.resamples,
+        settings.seed,
+        progress,
+    )
     found = sb.intervals(draws)
     for name, alloc in (("approach1", fit.approach1), ("approach2", fit.approach2)):
         if alloc is not None:  # one point per budget: resample the budgets, not the runs
@@ -146,24 +151,40 @@ def fit_report(
         return max((iv.samples for name, iv in found.items() if name.startswith(prefix)), default=0)
 
     report: dict[str, Any] = {
-        "data": {"csv": settings.csv, "runs": len(runs), "dropped_highest_loss": settings.drop_highest_loss,
-                 "columns": settings.columns},
-        "bootstrap": {"resamples": settings.resamples, "seed": settings.seed, "percentiles": list(sb.PERCENTILES),
-                      "starts": len(BOOTSTRAP_STARTS)},
+        "data": {
+            "csv": settings.csv,
+            "runs": len(runs),
+            "dropped_highest_loss": settings.drop_highest_loss,
+            "columns": settings.columns,
+        },
+        "bootstrap": {
+            "resamples": settings.resamples,
+            "seed": settings.seed,
+            "percentiles": list(sb.PERCENTILES),
+            "starts": len(BOOTSTRAP_STARTS),
+        },
         "kaplan": {f"L({x})": _kaplan_entry(x, fit, entry, samples) for x in "NDC"},
     }
     for name, alloc in (("approach1", fit.approach1), ("approach2", fit.approach2)):
         report[name] = _allocation_entry(name, alloc, fit.skipped, entry, samples)
     report["approach2_profiles"] = [
-        {"C": p.C, "runs": len(p.runs), "N_opt": p.N_opt, "D_opt": p.D_opt, "loss_min": p.loss_min,
-         "skipped": p.skipped}
+        {
+            "C": p.C,
+            "runs": len(p.runs),
+            "N_opt": p.N_opt,
+            "D_opt": p.D_opt,
+            "loss_min": p.loss_min,
+            "skipped": p.skipped,
+        }
         for p in fit.profiles
     ]
     params = fit.parameters()
     report["approach3"] = {
         "law": "L = E + A / N^alpha + B / D^beta; N_opt = G (C/6)^a, D_opt = C / (6 N_opt)",
         **{key: entry(f"approach3.{key}", params[f"approach3.{key}"]) for key in APPROACH3_KEYS},
-        "huber_objective": fit.objective, "starts": len(STARTS[settings.starts]), "E_fixed": settings.fix_E,
+        "huber_objective": fit.objective,
+        "starts": len(STARTS[settings.starts]),
+        "E_fixed": settings.fix_E,
         "bootstrap_fits": samples("approach3."),
         "bootstrap_draws": {key: draws.get(f"approach3.{key}", []) for key in LAW_KEYS},
     }
@@ -177,9 +198,13 @@ def _kaplan_entry(x: str, fit: ScalingFit, entry: Callable, samples: Callable) -
     law = fit.kaplan.get(x)
     if law is None:
         return {"skipped": fit.skipped[f"kaplan_{x}"]}
-    return {"law": f"L = ({x}_c / {x})^alpha", "alpha": entry(f"kaplan_{x}.alpha", law.alpha),
-            "X_c": entry(f"kaplan_{x}.X_c", law.X_c), "envelope_runs": law.points,
-            "bootstrap_fits": samples(f"kaplan_{x}.")}
+    return {
+        "law": f"L = ({x}_c / {x})^alpha",
+        "alpha": entry(f"kaplan_{x}.alpha", law.alpha),
+        "X_c": entry(f"kaplan_{x}.X_c", law.X_c),
+        "envelope_runs": law.points,
+        "bootstrap_fits": samples(f"kaplan_{x}."),
+    }
 
 
 def _allocation_entry(
@@ -189,9 +214,12 @@ def _allocation_entry(
         return {"skipped": skipped[name]}
     how = {"approach1": "lowest-loss run of each budget", "approach2": "vertex of a parabola in log N per budget"}
     return {
-        "method": how[name], "law": "N_opt = N_coefficient * C^a, D_opt = D_coefficient * C^b",
-        "a": entry(f"{name}.a", alloc.a), "b": entry(f"{name}.b", alloc.b),
-        "N_coefficient": alloc.N_opt.coefficient, "D_coefficient": alloc.D_opt.coefficient,
+        "method": how[name],
+        "law": "N_opt = N_coefficient * C^a, D_opt = D_coefficient * C^b",
+        "a": entry(f"{name}.a", alloc.a),
+        "b": entry(f"{name}.b", alloc.b),
+        "N_coefficient": alloc.N_opt.coefficient,
+        "D_coefficient": alloc.D_opt.coefficient,
         "budgets": [{"C": c, "N_opt": n, "D_opt": d} for c, n, d in zip(alloc.C, alloc.N, alloc.D)],
         "bootstrap_fits": samples(f"{name}."),
     }
@@ -201,9 +229,14 @@ def format_table(report: dict[str, Any]) -> str:
     """The fitted numbers of a fit.json document as an aligned text table."""
     data = report["data"]
     dropped = f", {data['dropped_highest_loss']} highest-loss dropped" if data["dropped_highest_loss"] else ""
-    lines = [(f"{data['runs']} runs from {data['csv']}{dropped}; "
-              f"95% intervals from {report['bootstrap']['resamples']} bootstrap resamples"), "",
-             f"{'fit':<14}{'parameter':<11}{'value':>12}   95% interval"]
+    lines = [
+        (
+            f"{data['runs']} runs from {data['csv']}{dropped}; "
+            f"95% intervals from {report['bootstrap']['resamples']} bootstrap resamples"
+        ),
+        "",
+        f"{'fit':<14}{'parameter':<11}{'value':>12}   95% interval",
+    ]
 
     def row(fit: str, name: str, entry: dict[str, Any]) -> None:
         ci = entry["ci95"]
@@ -228,7 +261,9 @@ def format_table(report: dict[str, Any]) -> str:
         row("Chinchilla 3" if i == 0 else "", key, a3[key])
     if "true_entropy_rate" in a3:
         rate, gap = a3["true_entropy_rate"], a3["E_minus_entropy_rate"]
-        lines.append(f"{'':<14}{'true rate':<11}{_num(rate):>12}   E - rate = {gap:+.4f} nats/token ({gap / rate:+.1%})")
+        lines.append(
+            f"{'':<14}{'true rate':<11}{_num(rate):>12}   E - rate = {gap:+.4f} nats/token ({gap / rate:+.1%})"
+        )
     used = sum(p["skipped"] is None for p in report["approach2_profiles"])
     lines.append(f"\nIsoFLOP profiles: {used} of {len(report['approach2_profiles'])} budgets used by approach 2")
     return "\n".join(lines)
@@ -249,8 +284,10 @@ def laws_from_report(report: dict[str, Any], path: Path) -> tuple[ChinchillaLaw,
         a2 = report.get("approach2", {})
         approach2 = None
         if "a" in a2:
-            approach2 = (PowerLaw(float(a2["a"]["value"]), float(a2["N_coefficient"])),
-                         PowerLaw(float(a2["b"]["value"]), float(a2["D_coefficient"])))
+            approach2 = (
+                PowerLaw(float(a2["a"]["value"]), float(a2["N_coefficient"])),
+                PowerLaw(float(a2["b"]["value"]), float(a2["D_coefficient"])),
+            )
     except (KeyError, TypeError, ValueError, AttributeError):
         raise DataError(f"{path} is not a fit written by `scaling.py fit`: no approach3 E, A, B, alpha, beta") from None
     return law, approach2
@@ -261,8 +298,10 @@ def approach3_draws(report: dict[str, Any], path: Path) -> list[ChinchillaLaw]:
     stored = report.get("approach3", {}).get("bootstrap_draws") or {}
     columns = [stored.get(k) or [] for k in LAW_KEYS]
     if not all(columns) or len({len(c) for c in columns}) != 1:
-        raise DataError(f"{path} holds no bootstrap draws of approach 3 (written with --bootstrap 0, or before "
-                        "forecasts existed); rerun `scaling.py fit` on its CSV")
+        raise DataError(
+            f"{path} holds no bootstrap draws of approach 3 (written with --bootstrap 0, or before "
+            "forecasts existed); rerun `scaling.py fit` on its CSV"
+        )
     return [ChinchillaLaw(*row) for row in zip(*columns) if None not in row]
 
 

@@ -68,7 +68,9 @@ def study_folder(out: Path, holder: str) -> Iterator[Path]:
 
 
 def run_in_order(
-    names: list[str], runs_dir: Path, train: Callable[[str], dict[str, Any]],
+    names: list[str],
+    runs_dir: Path,
+    train: Callable[[str], dict[str, Any]],
     progress: Callable[[list, int, int], Iterable] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``train(name)`` for every run, the finished ones (a ``result.json`` in ``runs_dir/<name>``) first;
@@ -89,7 +91,9 @@ def run_in_order(
 
 
 def train_once(
-    cfg: Config, record: dict[str, Any], measure: Callable[[Path], dict[str, Any]] | None = None,
+    cfg: Config,
+    record: dict[str, Any],
+    measure: Callable[[Path], dict[str, Any]] | None = None,
     devices: list | None = None,
 ) -> dict:
     """Trains ``cfg`` in ``cfg.run.dir`` (on ``devices``, default all) unless its ``result.json`` says that

@@ -41,18 +41,37 @@ from jaxllm.scaling.run_manager import run_in_order, study_folder, study_run_con
 
 HEAD_SIZE = 8  # every shape of the ladder uses heads of 8 dimensions: n_head = d_model / 8
 MIN_STEPS = 20  # fewer optimizer steps than this is warm-up only, not a trained model
-COLUMNS = ("name", "budget", "n_layer", "d_model", "n_head", "N", "N_nonembed", "N_total", "D", "C", "C_palm",
-           "steps", "loss", "train_loss")
+COLUMNS = (
+    "name",
+    "budget",
+    "n_layer",
+    "d_model",
+    "n_head",
+    "N",
+    "N_nonembed",
+    "N_total",
+    "D",
+    "C",
+    "C_palm",
+    "steps",
+    "loss",
+    "train_loss",
+)
 
 
 @dataclass
 class SweepSection:
     budgets: str = option("6e10,2e11,6e11", "compute budgets C = 6 N D in FLOPs, comma-separated")
     sizes: int = option(5, "model sizes per budget (consecutive shapes of the ladder); >= 5 for an IsoFLOP parabola")
-    tokens_per_param: float = option(300.0, "each budget's sizes are centred on the N with D / N = this "
-                                          "(Chinchilla: 20; byte-level models of ~10k parameters want far more)")
-    shapes: str = option("2x8,1x16,2x16,3x16,2x24,2x32,3x32,2x48,2x64,3x64,4x96,4x128",
-                       "the model shapes, n_layer x d_model, comma-separated; n_head = d_model / 8")
+    tokens_per_param: float = option(
+        300.0,
+        "each budget's sizes are centred on the N with D / N = this "
+        "(Chinchilla: 20; byte-level models of ~10k parameters want far more)",
+    )
+    shapes: str = option(
+        "2x8,1x16,2x16,3x16,2x24,2x32,3x32,2x48,2x64,3x64,4x96,4x128",
+        "the model shapes, n_layer x d_model, comma-separated; n_head = d_model / 8",
+    )
 
 
 @dataclass
@@ -121,8 +140,9 @@ def parse_shapes(text: str) -> list[Shape]:
 
 def shaped(base: ModelConfig, shape: Shape) -> ModelConfig:
     """``base`` with the shape's depth, width and heads; MLP width and key/value heads follow (0 = automatic)."""
-    return dataclasses.replace(base, n_layer=shape.n_layer, d_model=shape.d_model, n_head=shape.n_head, d_ff=0,
-                               n_kv_head=0)
+    return dataclasses.replace(
+        base, n_layer=shape.n_layer, d_model=shape.d_model, n_head=shape.n_head, d_ff=0, n_kv_head=0
+    )
 
 
 def shape_model(base: ModelConfig, shape: Shape, vocab_size: int, seq_len: int) -> ModelConfig:
@@ -143,8 +163,12 @@ def size_window(N_ladder: list[int], centre: float, sizes: int) -> range:
 
 
 def plan(
-    budgets: list[float], ladder: list[tuple[Shape, ModelConfig]], sizes: int, tokens_per_param: float,
-    tokens_per_step: int, seq_len: int,
+    budgets: list[float],
+    ladder: list[tuple[Shape, ModelConfig]],
+    sizes: int,
+    tokens_per_param: float,
+    tokens_per_step: int,
+    seq_len: int,
 ) -> list[RunSpec]:
     """The grid: per budget, ``sizes`` shapes around sqrt(C / (6 tokens_per_param)), smallest budget first."""
     if sizes < MIN_PROFILE_SIZES:
@@ -170,12 +194,20 @@ def plan(
                     f"steps of {tokens_per_step} tokens; raise the budget or shrink the batch (at least {MIN_STEPS})"
                 )
             D = steps * tokens_per_step
-            specs.append(RunSpec(
-                name=f"C{budget:.3g}-L{shape.n_layer}-d{shape.d_model}".replace("+", ""), budget=budget, shape=shape,
-                N=N, N_nonembed=counts["non_embedding"], N_total=counts["total"], steps=steps, D=D,
-                C=FLOPS_PER_PARAM_TOKEN * N * D,
-                C_palm=flops.flops_per_token(model_cfg, seq_len) * D,
-            ))
+            specs.append(
+                RunSpec(
+                    name=f"C{budget:.3g}-L{shape.n_layer}-d{shape.d_model}".replace("+", ""),
+                    budget=budget,
+                    shape=shape,
+                    N=N,
+                    N_nonembed=counts["non_embedding"],
+                    N_total=counts["total"],
+                    steps=steps,
+                    D=D,
+                    C=FLOPS_PER_PARAM_TOKEN * N * D,
+                    C_palm=flops.flops_per_token(model_cfg, seq_len) * D,
+                )
+            )
     return specs
 
 
@@ -183,8 +215,9 @@ def run_config(cfg: Config, shape: Shape, steps: int, run_dir: Path) -> Config:
     """The train.py config of one run: ``cfg`` with the run's shape, steps and directory, set up as every
     study's run is (:func:`run_manager.study_run_config`), and warm-up capped at a tenth of the steps."""
     run = study_run_config(cfg, run_dir, steps, shaped(cfg.model, shape))
-    return dataclasses.replace(run, optim=dataclasses.replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps,
-                                                                                          steps // 10)))
+    return dataclasses.replace(
+        run, optim=dataclasses.replace(cfg.optim, warmup_steps=min(cfg.optim.warmup_steps, steps // 10))
+    )
 
 
 # --- running -----------------------------------------------------------------------------------------
@@ -216,15 +249,24 @@ def entropy_rate(source: str) -> float | None:
 
 
 def run_sweep(
-    cfg: SweepConfig, specs: list[RunSpec], out: Path, progress: Callable[[list, int, int], Iterable] | None = None,
+    cfg: SweepConfig,
+    specs: list[RunSpec],
+    out: Path,
+    progress: Callable[[list, int, int], Iterable] | None = None,
     devices: list | None = None,
 ) -> list[dict[str, Any]]:
     """Trains ``specs`` (from :func:`sweep_plan`) into ``out``, skipping finished runs; writes and returns
     the rows of results.csv. ``progress`` wraps the loop over runs, as in :func:`run_manager.run_in_order`."""
     with study_folder(out, "another sweep") as runs_dir:
-        write_json(out / "sweep.json", {"runs": len(specs), "entropy_rate": entropy_rate(cfg.data.source),
-                                        "counting": "N = flops.param_counts()['matmul'], C = 6 N D",
-                                        "config": to_dict(cfg)})
+        write_json(
+            out / "sweep.json",
+            {
+                "runs": len(specs),
+                "entropy_rate": entropy_rate(cfg.data.source),
+                "counting": "N = flops.param_counts()['matmul'], C = 6 N D",
+                "config": to_dict(cfg),
+            },
+        )
         by_name = {s.name: s for s in specs}
         rows: dict[str, dict[str, Any]] = {}
 
@@ -240,9 +282,20 @@ def run_sweep(
 
 
 def _record(spec: RunSpec) -> dict[str, Any]:
-    return {"name": spec.name, "budget": spec.budget, "n_layer": spec.shape.n_layer, "d_model": spec.shape.d_model,
-            "n_head": spec.shape.n_head, "N": spec.N, "N_nonembed": spec.N_nonembed, "N_total": spec.N_total,
-            "D": spec.D, "C": spec.C, "C_palm": spec.C_palm, "steps": spec.steps}
+    return {
+        "name": spec.name,
+        "budget": spec.budget,
+        "n_layer": spec.shape.n_layer,
+        "d_model": spec.shape.d_model,
+        "n_head": spec.shape.n_head,
+        "N": spec.N,
+        "N_nonembed": spec.N_nonembed,
+        "N_total": spec.N_total,
+        "D": spec.D,
+        "C": spec.C,
+        "C_palm": spec.C_palm,
+        "steps": spec.steps,
+    }
 
 
 def _row(spec: RunSpec, result: dict[str, Any]) -> dict[str, Any]:

@@ -87,13 +87,21 @@ def validate_sft(cfg: SFTConfig) -> None:
         if getattr(cfg.train, key) <= 0:
             raise ConfigError(f"train.{key} must be positive, got {getattr(cfg.train, key)}")
     if cfg.optim.lr <= 0 or not 0 <= cfg.optim.min_lr <= cfg.optim.lr:
-        raise ConfigError(f"optim.lr must be positive and optim.min_lr in [0, optim.lr], got {cfg.optim.lr}, {cfg.optim.min_lr}")
+        raise ConfigError(
+            f"optim.lr must be positive and optim.min_lr in [0, optim.lr], got {cfg.optim.lr}, {cfg.optim.min_lr}"
+        )
     for key in ("lora.lr", "prompt.lr", "adapter.lr"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key} must be positive (or 0 for optim.lr), got {getattr(getattr(cfg, section), name)}")
-    for key, value in (("sft.n_train", cfg.sft.n_train), ("sft.n_eval", cfg.sft.n_eval), ("sft.max_new_tokens", cfg.sft.max_new_tokens),
-                       ("lora.rank", cfg.lora.rank), ("prompt.n_virtual_tokens", cfg.prompt.n_virtual_tokens), ("adapter.dim", cfg.adapter.dim)):
+    for key, value in (
+        ("sft.n_train", cfg.sft.n_train),
+        ("sft.n_eval", cfg.sft.n_eval),
+        ("sft.max_new_tokens", cfg.sft.max_new_tokens),
+        ("lora.rank", cfg.lora.rank),
+        ("prompt.n_virtual_tokens", cfg.prompt.n_virtual_tokens),
+        ("adapter.dim", cfg.adapter.dim),
+    ):
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
     src = Path(init_from(cfg))
@@ -107,8 +115,16 @@ def validate_sft(cfg: SFTConfig) -> None:
 # --------------------------------------------------------------------------- the model
 
 
-def forward(model: Transformer, params: dict, lora_scale: float, tokens_BxT, positions_BxT, segments_BxT=None, rngs=None,
-            mutable=False):
+def forward(
+    model: Transformer,
+    params: dict,
+    lora_scale: float,
+    tokens_BxT,
+    positions_BxT,
+    segments_BxT=None,
+    rngs=None,
+    mutable=False,
+):
     """Logits ``[B, T, V]`` of the fine-tuned model, whatever the method (see :mod:`jaxllm.sft.peft`); with
     ``mutable`` (``[moe.COLLECTION]``), ``(logits, collections)`` as ``Module.apply`` returns them."""
     variables = {"params": peft.model_params(params, lora_scale)}
@@ -122,9 +138,19 @@ def make_loss_fn(model: Transformer, mask: dict, lora_scale: float) -> Callable:
     def loss_fn(params, batch_Bx5xT, rng):
         params = peft.stop_frozen(params, mask)
         b = batch_Bx5xT
-        logits, sown = forward(model, params, lora_scale, b[:, chat.INPUTS], b[:, chat.POSITIONS], b[:, chat.SEGMENTS],
-                               {"dropout": rng}, mutable=[moe.COLLECTION])
-        return cross_entropy(logits, b[:, chat.TARGETS], b[:, chat.MASK].astype(jnp.float32))[0] + moe.loss(sown), moe.telemetry(sown)
+        logits, sown = forward(
+            model,
+            params,
+            lora_scale,
+            b[:, chat.INPUTS],
+            b[:, chat.POSITIONS],
+            b[:, chat.SEGMENTS],
+            {"dropout": rng},
+            mutable=[moe.COLLECTION],
+        )
+        return cross_entropy(logits, b[:, chat.TARGETS], b[:, chat.MASK].astype(jnp.float32))[0] + moe.loss(
+            sown
+        ), moe.telemetry(sown)
 
     return loss_fn
 
@@ -132,7 +158,9 @@ def make_loss_fn(model: Transformer, mask: dict, lora_scale: float) -> Callable:
 def per_token_nll(model: Transformer, params: dict, batch_Bx5xT, lora_scale: float = 0.0) -> jax.Array:
     """Next-token negative log-likelihood ``[B, T]`` (nats) of every position of a packed batch."""
     b = batch_Bx5xT
-    logits = forward(model, params, lora_scale, b[:, chat.INPUTS], b[:, chat.POSITIONS], b[:, chat.SEGMENTS]).astype(jnp.float32)
+    logits = forward(model, params, lora_scale, b[:, chat.INPUTS], b[:, chat.POSITIONS], b[:, chat.SEGMENTS]).astype(
+        jnp.float32
+    )
     return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, b[:, chat.TARGETS][..., None], -1)[..., 0]
 
 
@@ -220,12 +248,16 @@ def prepare(cfg: SFTConfig, devices: list | None = None) -> Prepared:
     method = cfg.sft.method
     m = base.config.model
     model_cfg = dataclasses.replace(
-        m, vocab_size=max(m.vocab_size, tok.vocab_size), adapter_dim=cfg.adapter.dim if method == "adapter" else m.adapter_dim,
+        m,
+        vocab_size=max(m.vocab_size, tok.vocab_size),
+        adapter_dim=cfg.adapter.dim if method == "adapter" else m.adapter_dim,
         prompt_tokens=cfg.prompt.n_virtual_tokens if method == "prompt" else m.prompt_tokens,
     )
     validate_model(model_cfg)
     if cfg.train.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds the model's context of {model_cfg.max_seq_len} tokens")
+        raise ConfigError(
+            f"train.seq_len={cfg.train.seq_len} exceeds the model's context of {model_cfg.max_seq_len} tokens"
+        )
     key = jax.random.PRNGKey(cfg.train.seed)
     params = peft.new_tokens_init(base.params, model_cfg.vocab_size)
     lora_scale = 0.0
@@ -245,9 +277,23 @@ def prepare(cfg: SFTConfig, devices: list | None = None) -> Prepared:
             f"the longest held-out prompt plus sft.max_new_tokens needs {longest} positions; the model has {model_cfg.max_seq_len}"
         )
     rows = packed_rows(train_chats, tok, cfg.train.seq_len, prefix)
-    shardings = sft_base.param_shardings(params, dataclasses.replace(model_cfg, vocab_size=m.vocab_size), mesh, rule_table)
-    return Prepared(model_cfg, base.config, tok, params, peft.trainable_mask(params, method), lora_scale, rows, eval_set,
-                    prefix, mesh, rule_table, shardings)
+    shardings = sft_base.param_shardings(
+        params, dataclasses.replace(model_cfg, vocab_size=m.vocab_size), mesh, rule_table
+    )
+    return Prepared(
+        model_cfg,
+        base.config,
+        tok,
+        params,
+        peft.trainable_mask(params, method),
+        lora_scale,
+        rows,
+        eval_set,
+        prefix,
+        mesh,
+        rule_table,
+        shardings,
+    )
 
 
 def _export_config(cfg: SFTConfig, p: Prepared) -> Config:
@@ -298,13 +344,17 @@ def build(cfg: SFTConfig, p: Prepared) -> Job:
     with jax.set_mesh(mesh), nn.logical_axis_rules(p.rules):
         step_fn = jax.jit(
             make_train_step(make_loss_fn(model, p.mask, p.lora_scale), tx, schedule(optim_cfg, t.steps)),
-            in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0,
+            in_shardings=(state_sh, batch_sh),
+            out_shardings=(state_sh, repl),
+            donate_argnums=0,
         )
 
     def init() -> TrainState:
         params = jax.device_put(p.params, p.shardings)
         rng = jax.random.fold_in(jax.random.PRNGKey(t.seed), 1)
-        return jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng), state_sh)
+        return jax.device_put(
+            TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng), state_sh
+        )
 
     merged = jax.eval_shape(lambda x: peft.model_params(x, p.lora_scale), p.params)
     merged_sh = sft_base.param_shardings(merged, p.model_cfg, mesh, p.rules)
@@ -370,16 +420,23 @@ def _finetune(cfg: SFTConfig, p: Prepared, job: Job, run_dir: Path) -> dict:
         p.tokenizer.save(run_dir)
         log = MetricsLog(run_dir / "metrics.jsonl", start, True, run_dir / "tb" if cfg.log.tensorboard else None)
         trainable, total = peft.count(p.params, p.mask)
-        print(f"sft: {cfg.sft.method} on {init_from(cfg)}: {trainable:,} trainable of {total:,} parameters "
-              f"({trainable / total:.2%}); {len(p.rows)} packed rows of {t.seq_len} tokens; peak lr {method_optim(cfg).lr:g}; "
-              + (f"resuming at step {start}" if restored else "from the start"), file=sys.stderr)
+        print(
+            f"sft: {cfg.sft.method} on {init_from(cfg)}: {trainable:,} trainable of {total:,} parameters "
+            f"({trainable / total:.2%}); {len(p.rows)} packed rows of {t.seq_len} tokens; peak lr {method_optim(cfg).lr:g}; "
+            + (f"resuming at step {start}" if restored else "from the start"),
+            file=sys.stderr,
+        )
         t0 = time.perf_counter()
         before = evaluate(jax.device_put(p.params, p.shardings))
         parts = loop.Parts(
-            step=job.step, batch_at=functools.partial(batch_at, p.rows, batch_order(len(p.rows), t), job.batch_sharding),
-            save=functools.partial(save_state, checkpointer, job, to_dict(p.model_cfg)), checkpoint_dir=checkpointer.directory,
-            log=log, mfu=trainer.model_flops_utilisation(p.model_cfg, job.mesh, t.seq_len, cfg.log.peak_flops),
-            tokens_per_step=t.batch_size * t.grad_accum * t.seq_len, context=job.context,
+            step=job.step,
+            batch_at=functools.partial(batch_at, p.rows, batch_order(len(p.rows), t), job.batch_sharding),
+            save=functools.partial(save_state, checkpointer, job, to_dict(p.model_cfg)),
+            checkpoint_dir=checkpointer.directory,
+            log=log,
+            mfu=trainer.model_flops_utilisation(p.model_cfg, job.mesh, t.seq_len, cfg.log.peak_flops),
+            tokens_per_step=t.batch_size * t.grad_accum * t.seq_len,
+            context=job.context,
             progress=cfg.log.progress,
         )
         out = loop.run(parts, trainer.cadence(cfg), state, start, start if restored else None)
@@ -388,8 +445,14 @@ def _finetune(cfg: SFTConfig, p: Prepared, job: Job, run_dir: Path) -> dict:
         if log is not None:
             log.close()
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    summary = {"before": before, "trainable": trainable, "total": total, "loss": out.loss, "step": out.step,
-               "first_step_s": out.first_step_s}
+    summary = {
+        "before": before,
+        "trainable": trainable,
+        "total": total,
+        "loss": out.loss,
+        "step": out.step,
+        "first_step_s": out.first_step_s,
+    }
     if out.interrupted:
         return {**summary, "interrupted": out.interrupted, "signal": out.signal}
     after = evaluate(out.state.params)

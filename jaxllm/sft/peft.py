@@ -154,7 +154,10 @@ def _with_new_tokens(params: dict) -> dict:
     out["wte"] = {**params["wte"], "embedding": jnp.concatenate([table_VxD, new["embedding"].astype(table_VxD.dtype)])}
     if "lm_head" in new:
         w_DxV = params["lm_head"]["kernel"]
-        out["lm_head"] = {**params["lm_head"], "kernel": jnp.concatenate([w_DxV, new["lm_head"].astype(w_DxV.dtype)], 1)}
+        out["lm_head"] = {
+            **params["lm_head"],
+            "kernel": jnp.concatenate([w_DxV, new["lm_head"].astype(w_DxV.dtype)], 1),
+        }
     return out
 
 

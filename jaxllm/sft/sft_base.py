@@ -35,7 +35,8 @@ def with_compute_options(base: ModelConfig, asked: ModelConfig) -> ModelConfig:
         if key not in COMPUTE_ONLY and getattr(asked, key) != getattr(base, key):
             raise ConfigError(
                 f"model.{key}={getattr(asked, key)!r} would change init.from's model ({key} is {getattr(base, key)!r}); "
-                f"its weights fix the shape: only {', '.join('model.' + k for k in COMPUTE_ONLY)} may be set")
+                f"its weights fix the shape: only {', '.join('model.' + k for k in COMPUTE_ONLY)} may be set"
+            )
     return dataclasses.replace(base, **{k: getattr(asked, k) for k in chosen if k in COMPUTE_ONLY})
 
 
@@ -64,6 +65,9 @@ def load(init_from: str | Path, asked: ModelConfig, mesh: jax.sharding.Mesh, rul
     shardings = param_shardings(nn.unbox(hf_stream.abstract_params(m)), m, mesh, rule_table)
     base = api.load(init_from, shardings=shardings)
     if isinstance(base.tokenizer, api.NoTokenizer):
-        raise ConfigError(f"init.from={str(init_from)!r} has no tokenizer.json: fine-tuning on text needs the model's tokenizer")
-    return dataclasses.replace(base, config=dataclasses.replace(base.config, model=m),
-                               params=jax.device_put(base.params, shardings))
+        raise ConfigError(
+            f"init.from={str(init_from)!r} has no tokenizer.json: fine-tuning on text needs the model's tokenizer"
+        )
+    return dataclasses.replace(
+        base, config=dataclasses.replace(base.config, model=m), params=jax.device_put(base.params, shardings)
+    )

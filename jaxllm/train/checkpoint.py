@@ -122,11 +122,16 @@ def layout_difference(saved: dict[str, list], current: dict[str, list]) -> str:
     """One line naming the leaves that differ between two :func:`layout` s ('' when none do)."""
     only_saved = sorted(set(saved) - set(current))
     only_current = sorted(set(current) - set(saved))
-    changed = [f"{k} {tuple(saved[k][0])} {saved[k][1]} vs {tuple(current[k][0])} {current[k][1]}"
-               for k in sorted(set(saved) & set(current)) if list(saved[k]) != list(current[k])]
-    parts = [f"only in the checkpoint: {_few(only_saved)}" if only_saved else "",
-             f"only in this run: {_few(only_current)}" if only_current else "",
-             f"changed: {_few(changed)}" if changed else ""]
+    changed = [
+        f"{k} {tuple(saved[k][0])} {saved[k][1]} vs {tuple(current[k][0])} {current[k][1]}"
+        for k in sorted(set(saved) & set(current))
+        if list(saved[k]) != list(current[k])
+    ]
+    parts = [
+        f"only in the checkpoint: {_few(only_saved)}" if only_saved else "",
+        f"only in this run: {_few(only_current)}" if only_current else "",
+        f"changed: {_few(changed)}" if changed else "",
+    ]
     return "; ".join(p for p in parts if p)
 
 
@@ -193,7 +198,9 @@ class Checkpointer:
         meta = {**meta, "layout": layout(state), "checksums": sums}
         try:
             self.manager.save(
-                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
             )
         except Exception as e:  # noqa: BLE001  (an earlier asynchronous save's failure surfaces here too)
             raise self._write_error(e) from None
@@ -207,7 +214,9 @@ class Checkpointer:
     def _write_error(self, e: Exception) -> UserError:
         """One line for a failed write: the OS's reason (full disk, read-only) when tensorstore gives it."""
         code = re.search(r"os_error_code='(\d+)'", str(e))
-        reason = os.strerror(int(code.group(1))) if code else getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+        reason = (
+            os.strerror(int(code.group(1))) if code else getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+        )
         return UserError(f"cannot write checkpoints to {self.directory}: {reason}")
 
     def read_meta(self, step: int) -> dict:
@@ -248,8 +257,11 @@ class Checkpointer:
         for found in self.newest_first(lambda step, meta: self._restore(step, meta, abstract_state, model)):
             if found.intact:
                 return found.state, found.meta
-            why = (f"is unreadable ({found.unreadable})" if found.unreadable else
-                   "fails its integrity check (its arrays' checksums differ from those saved with it)")
+            why = (
+                f"is unreadable ({found.unreadable})"
+                if found.unreadable
+                else "fails its integrity check (its arrays' checksums differ from those saved with it)"
+            )
             set_aside.append(self._set_aside(found.step, why))
         earlier = sorted(p.name for p in self.directory.glob("corrupt-*")) if self.directory.is_dir() else []
         if set_aside or earlier:
@@ -272,7 +284,9 @@ class Checkpointer:
             )
         if any(current_name(k) != k for k in saved):
             return self._restore_renamed(step, abstract_state)
-        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
+            "state"
+        ]
 
     def _set_aside(self, step: int, why: str) -> str:
         """Renames checkpoint ``step`` to a ``corrupt-<step>`` name no earlier one holds (kept for
@@ -315,8 +329,20 @@ class Checkpointer:
                 self.manager.close()
 
 
-SHAPE_KEYS = ("arch", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size", "max_seq_len", "tie_embeddings",
-              "norm_position", "adapter_dim", "prompt_tokens")
+SHAPE_KEYS = (
+    "arch",
+    "n_layer",
+    "d_model",
+    "n_head",
+    "n_kv_head",
+    "d_ff",
+    "vocab_size",
+    "max_seq_len",
+    "tie_embeddings",
+    "norm_position",
+    "adapter_dim",
+    "prompt_tokens",
+)
 
 
 def check_same_model(saved: dict, model: ModelConfig, where: Path) -> None:
@@ -324,8 +350,7 @@ def check_same_model(saved: dict, model: ModelConfig, where: Path) -> None:
     diff = [f"{k}: {saved.get(k)!r} vs {current[k]!r}" for k in SHAPE_KEYS if k in saved and saved[k] != current[k]]
     if diff:
         raise ConfigError(
-            f"{where} holds a checkpoint of a different model ({'; '.join(diff)}); "
-            "choose another run.dir or delete it"
+            f"{where} holds a checkpoint of a different model ({'; '.join(diff)}); choose another run.dir or delete it"
         )
 
 

@@ -104,7 +104,9 @@ def check_teacher(path: str, student: ModelConfig, tokenizer: tokenizers.Tokeniz
             f"the student {student.vocab_size} ({tokenizer.kind}); distillation needs the same tokenizer"
         )
     if teacher.max_seq_len < seq_len:
-        raise ConfigError(f"distill.teacher={path!r} has a context of {teacher.max_seq_len} tokens < train.seq_len={seq_len}")
+        raise ConfigError(
+            f"distill.teacher={path!r} has a context of {teacher.max_seq_len} tokens < train.seq_len={seq_len}"
+        )
 
 
 def load_teacher(path: str, mesh: jax.sharding.Mesh, rules: Any) -> Teacher:

@@ -170,8 +170,14 @@ def save(parts: Parts, step: int, state: Any, saved: int | None) -> int:
 def _progress_bar(parts: Parts, cadence: Cadence, start: int):
     from tqdm import tqdm
 
-    return tqdm(total=cadence.steps, initial=start, disable=not (parts.progress and parts.is_main), unit="step",
-                dynamic_ncols=True, file=sys.stderr)
+    return tqdm(
+        total=cadence.steps,
+        initial=start,
+        disable=not (parts.progress and parts.is_main),
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
 
 
 def two_in_flight(previous: Any, latest: Any) -> Any:
@@ -194,8 +200,10 @@ def _first_step_done(parts: Parts, metrics: Any, bar) -> float:
     elapsed = seconds_since_process_start()
     cpu = sum(psutil.Process().cpu_times()[:2])  # user + system: what a busy machine does not inflate
     if parts.is_main:
-        bar.write(f"jaxllm: first step done {elapsed:.1f} s after the process started ({cpu:.1f} s of CPU; "
-                  "start-up and compilation)")
+        bar.write(
+            f"jaxllm: first step done {elapsed:.1f} s after the process started ({cpu:.1f} s of CPU; "
+            "start-up and compilation)"
+        )
     return elapsed
 
 
@@ -237,12 +245,23 @@ def run(parts: Parts, cadence: Cadence, state: Any, start: int, saved: int | Non
     return out
 
 
-def _after_step(parts: Parts, cadence: Cadence, out: Outcome, pending: list, meter: Throughput, saved: int | None,
-                bar, stop: int | None) -> int | None:
+def _after_step(
+    parts: Parts,
+    cadence: Cadence,
+    out: Outcome,
+    pending: list,
+    meter: Throughput,
+    saved: int | None,
+    bar,
+    stop: int | None,
+) -> int | None:
     """Logging, evaluation and checkpointing due after ``out.step``; returns the newest checkpoint's step."""
     step = out.step
-    if pending and (cadence.due(cadence.log_every, step) or stop is not None
-                    or (parts.evaluate is not None and cadence.due(cadence.eval_every, step))):
+    if pending and (
+        cadence.due(cadence.log_every, step)
+        or stop is not None
+        or (parts.evaluate is not None and cadence.due(cadence.eval_every, step))
+    ):
         record = report(pending, parts, meter, saved)
         parts.log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:,.0f}", refresh=False)

@@ -61,7 +61,11 @@ class MetricsLog:
 def _moe_scalars(record: dict) -> list[tuple[str, float]]:
     """TensorBoard tags of the router's per-layer statistics: ``moe_load/layer{i}/expert{e}``,
     ``moe_dropped/layer{i}``, ``moe_balance/layer{i}``, ``moe_z/layer{i}``."""
-    tags = [(f"moe_load/layer{i}/expert{e}", f) for i, row in enumerate(record.get("moe_load", [])) for e, f in enumerate(row)]
+    tags = [
+        (f"moe_load/layer{i}/expert{e}", f)
+        for i, row in enumerate(record.get("moe_load", []))
+        for e, f in enumerate(row)
+    ]
     for key in ("moe_dropped", "moe_balance", "moe_z"):
         tags += [(f"{key}/layer{i}", v) for i, v in enumerate(record.get(key, []))]
     return tags

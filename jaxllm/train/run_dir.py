@@ -31,15 +31,25 @@ def check_finetune_dir(run_dir: Path, init_from: Path, cfg: SFTConfig) -> None:
     """``run_dir`` must be new (or empty), or hold a fine-tuning run of ``cfg`` (which then resumes);
     never ``init_from``, never another kind of run (ConfigError, before anything is written)."""
     if run_dir.resolve() == init_from.resolve():
-        raise ConfigError(f"run.dir={str(run_dir)!r} is init.from: fine-tuning would overwrite the model it starts from; "
-                          "choose another run.dir")
+        raise ConfigError(
+            f"run.dir={str(run_dir)!r} is init.from: fine-tuning would overwrite the model it starts from; "
+            "choose another run.dir"
+        )
     if not run_dir.is_dir() or not [p for p in run_dir.iterdir() if p.name != ".lock"]:
         return
     if not (run_dir / "sft.yaml").is_file():
-        raise ConfigError(f"run.dir={str(run_dir)!r} holds files but no fine-tuning run (no sft.yaml); choose a new folder")
+        raise ConfigError(
+            f"run.dir={str(run_dir)!r} holds files but no fine-tuning run (no sft.yaml); choose a new folder"
+        )
     saved = _flat(to_dict(load_config(str(run_dir / "sft.yaml"), cls=SFTConfig)))
     current = _flat(to_dict(cfg))
-    diff = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    diff = [
+        k
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k) != current.get(k) and not k.startswith(RESUMABLE_CHANGES)
+    ]
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} vs {current.get(k)!r}" for k in diff[:4])
-        raise ConfigError(f"run.dir={str(run_dir)!r} holds a fine-tuning run of another config ({shown}); choose a new folder")
+        raise ConfigError(
+            f"run.dir={str(run_dir)!r} holds a fine-tuning run of another config ({shown}); choose a new folder"
+        )

@@ -66,8 +66,9 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def event(wall_time: float, step: int | None = None, scalars: dict[str, float] | None = None,
-          file_version: str | None = None) -> bytes:
+def event(
+    wall_time: float, step: int | None = None, scalars: dict[str, float] | None = None, file_version: str | None = None
+) -> bytes:
     """An ``Event`` proto: wall_time = 1 (double), step = 2 (int64), file_version = 3, summary = 5."""
     out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time)
     if step is not None:
@@ -75,8 +76,10 @@ def event(wall_time: float, step: int | None = None, scalars: dict[str, float] |
     if file_version is not None:
         out += _field(3, file_version.encode())
     if scalars:
-        values = b"".join(_field(1, _field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", v))
-                          for tag, v in scalars.items())  # Summary.value = 1: Value{tag = 1, simple_value = 2}
+        values = b"".join(
+            _field(1, _field(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", v))
+            for tag, v in scalars.items()
+        )  # Summary.value = 1: Value{tag = 1, simple_value = 2}
         out += _field(5, values)
     return out
 

@@ -29,7 +29,10 @@ class TrainState:
 
 def layer_grad_norms(grads) -> jax.Array:
     """L2 norm of each block's gradient, ``[n_layer]`` (the stacked leaves' leading axis)."""
-    sq = [jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim))) for g in jax.tree.leaves(grads["blocks"])]
+    sq = [
+        jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
+        for g in jax.tree.leaves(grads["blocks"])
+    ]
     return jnp.sqrt(sum(sq))
 
 

@@ -79,7 +79,9 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
         # the tokens are created inside the traced function: an eager array here would compile a program
-        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.train.seq_len), jnp.int32)))["params"]
+        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.train.seq_len), jnp.int32)))[
+            "params"
+        ]
         sharding.check_param_divisible(boxed, mesh, rule_table)  # any mesh.rules override included
         param_sh = sharding.logical_shardings(boxed, mesh, rule_table)
         abstract_params = jax.eval_shape(nn.unbox, boxed)  # the boxes hold ShapeDtypeStructs: no model trace
@@ -99,10 +101,16 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
     if cfg.distill.teacher:  # the loss also matches a frozen teacher, run inside the same jitted step
         teacher = distill.load_teacher(cfg.distill.teacher, mesh, rule_table)
         distill_step = distill.make_train_step(
-            model, teacher.model, cfg.distill, lambda loss: make_train_step(loss, tx, schedule(cfg.optim, cfg.train.steps))
+            model,
+            teacher.model,
+            cfg.distill,
+            lambda loss: make_train_step(loss, tx, schedule(cfg.optim, cfg.train.steps)),
         )
         jitted = jax.jit(
-            distill_step, in_shardings=(state_sh, batch_sh, teacher.shardings), out_shardings=(state_sh, repl), donate_argnums=0
+            distill_step,
+            in_shardings=(state_sh, batch_sh, teacher.shardings),
+            out_shardings=(state_sh, repl),
+            donate_argnums=0,
         )
         step = lambda state, batch: jitted(state, batch, teacher.params)
     return Setup(
@@ -113,12 +121,13 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
         tx=tx,
         state_shardings=state_sh,
         batch_sharding=batch_sh,
-        init=jax.jit(make_init(model_cfg, tx, cfg.train.seed, cfg.train.seq_len), out_shardings=state_sh,
-                     compiler_options=one_off_compiler_options()),
-        step=step,
-        eval=jax.jit(
-            eval_step, in_shardings=(param_sh, sharding.batch_sharding(mesh, 0)), out_shardings=repl
+        init=jax.jit(
+            make_init(model_cfg, tx, cfg.train.seed, cfg.train.seq_len),
+            out_shardings=state_sh,
+            compiler_options=one_off_compiler_options(),
         ),
+        step=step,
+        eval=jax.jit(eval_step, in_shardings=(param_sh, sharding.batch_sharding(mesh, 0)), out_shardings=repl),
     )
 
 
@@ -141,7 +150,6 @@ def make_init(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: in
 def global_batch(local_np: np.ndarray, sharding_: Any, global_shape: tuple[int, ...]) -> jax.Array:
     """This process's rows -> one global array (each host supplies only its own slice)."""
     return jax.make_array_from_process_local_data(sharding_, local_np, global_shape)
-
 
 
 def _prepare_tokens(cfg: Config) -> data_lib.TokenData:
@@ -250,7 +258,9 @@ class Evaluator:
         prompt_text = e.sample_prompt or tok.decode(self.tokens.val[:16].tolist())
         prompt = tok.encode(prompt_text)[: m.max_seq_len // 2]
         n_new = min(e.sample_tokens, m.max_seq_len - len(prompt))
-        out = decode.generate_tokens(self.apply_fn, params, prompt, n_new, m.max_seq_len, e.temperature, e.top_k, seed=self.cfg.train.seed)
+        out = decode.generate_tokens(
+            self.apply_fn, params, prompt, n_new, m.max_seq_len, e.temperature, e.top_k, seed=self.cfg.train.seed
+        )
         return prompt_text + tok.decode(out)
 
     def __call__(self, state: TrainState, step: int) -> tuple[dict, str]:
@@ -267,7 +277,9 @@ def save_state(checkpointer: ckpt.Checkpointer, model: dict, config: dict, step:
     checkpointer.save(step, state, {"step": step, "data_step": step, "model": model, "config": config})
 
 
-def model_flops_utilisation(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, seq_len: int, peak_flops: float) -> Callable:
+def model_flops_utilisation(
+    model_cfg: ModelConfig, mesh: jax.sharding.Mesh, seq_len: int, peak_flops: float
+) -> Callable:
     """``tokens/s -> MFU`` over the mesh's devices. Faked CPU devices share the host's cores: the peak
     is per process there, per device elsewhere."""
     device = mesh.devices.flat[0]
@@ -289,8 +301,11 @@ def banner(cfg: Config, setup: Setup, tokens: data_lib.TokenData, start: int, re
         print(pipeline.describe(cfg.pipeline, setup.mesh.shape["pipe"]), file=sys.stderr)
     if cfg.data.source.startswith("synthetic:"):
         rate = synthetic.entropy_rate(synthetic.parse(cfg.data.source))
-        print(f"jaxllm: true entropy rate of the source {rate:.4f} nats/character (= nats/token with byte or char "
-              "tokens): the lowest loss any model can reach", file=sys.stderr)
+        print(
+            f"jaxllm: true entropy rate of the source {rate:.4f} nats/character (= nats/token with byte or char "
+            "tokens): the lowest loss any model can reach",
+            file=sys.stderr,
+        )
 
 
 def cadence(cfg: Config) -> loop.Cadence:
@@ -324,11 +339,17 @@ def _train(cfg: Config, setup: Setup, tokens: data_lib.TokenData, run_dir: Path)
             banner(cfg, setup, tokens, start, restored)
         t = cfg.train
         parts = loop.Parts(
-            step=setup.step, batch_at=functools.partial(batch_at, tokens.train, cfg, setup.batch_sharding),
+            step=setup.step,
+            batch_at=functools.partial(batch_at, tokens.train, cfg, setup.batch_sharding),
             save=functools.partial(save_state, checkpointer, to_dict(setup.model_cfg), to_dict(resolved)),
-            checkpoint_dir=checkpointer.directory, log=log, mfu=model_flops_utilisation(setup.model_cfg, setup.mesh, t.seq_len, cfg.log.peak_flops),
-            tokens_per_step=t.batch_size * t.grad_accum * t.seq_len, context=setup.context,
-            evaluate=Evaluator(cfg, setup, tokens, _apply_fn(setup.model.clone(deterministic=True))), is_main=is_main, progress=cfg.log.progress,
+            checkpoint_dir=checkpointer.directory,
+            log=log,
+            mfu=model_flops_utilisation(setup.model_cfg, setup.mesh, t.seq_len, cfg.log.peak_flops),
+            tokens_per_step=t.batch_size * t.grad_accum * t.seq_len,
+            context=setup.context,
+            evaluate=Evaluator(cfg, setup, tokens, _apply_fn(setup.model.clone(deterministic=True))),
+            is_main=is_main,
+            progress=cfg.log.progress,
         )
         out = loop.run(parts, cadence(cfg), state, start, start if restored else None)
     finally:
@@ -342,8 +363,13 @@ def _train(cfg: Config, setup: Setup, tokens: data_lib.TokenData, run_dir: Path)
 
 
 def summary(out: loop.Outcome, start: int, model_cfg: ModelConfig) -> dict:
-    s = {"start_step": start, "step": out.step, "eval_loss": out.eval.get("eval_loss", math.nan),
-         "params": flops.param_counts(model_cfg)["total"], "first_step_s": out.first_step_s}
+    s = {
+        "start_step": start,
+        "step": out.step,
+        "eval_loss": out.eval.get("eval_loss", math.nan),
+        "params": flops.param_counts(model_cfg)["total"],
+        "first_step_s": out.first_step_s,
+    }
     if not math.isnan(out.loss):
         s["loss"] = out.loss
     if out.interrupted:
