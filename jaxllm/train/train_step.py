@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxllm.data import documents
 from jaxllm.model import moe
 from jaxllm.model.transformer import Transformer, cross_entropy
 
@@ -36,14 +37,20 @@ def layer_grad_norms(grads) -> jax.Array:
     return jnp.sqrt(sum(sq))
 
 
-def make_loss_fn(model: Transformer) -> Callable:
+def make_loss_fn(model: Transformer, eod_id: int | None = None) -> Callable:
     """``loss(params, tokens_BxT1, rng) -> (loss, stats)``: the mean next-token cross-entropy (nats) plus
     the weighted router losses of mixture-of-experts layers (``jaxllm.model.moe.loss``), and the router's
-    statistics to log (``jaxllm.model.moe.telemetry``); both extras are absent from a dense model."""
+    statistics to log (``jaxllm.model.moe.telemetry``); both extras are absent from a dense model.
+    ``eod_id``: attention stays within each document (``data.document_mask``)."""
 
     def loss_fn(params, tokens_BxT1, rng):
+        inputs_BxT = tokens_BxT1[:, :-1]
         logits_BxTxV, sown = model.apply(
-            {"params": params}, tokens_BxT1[:, :-1], rngs={"dropout": rng}, mutable=[moe.COLLECTION]
+            {"params": params},
+            inputs_BxT,
+            **documents.model_inputs(inputs_BxT, eod_id),
+            rngs={"dropout": rng},
+            mutable=[moe.COLLECTION],
         )
         return cross_entropy(logits_BxTxV, tokens_BxT1[:, 1:])[0] + moe.loss(sown), moe.telemetry(sown)
 
@@ -94,11 +101,13 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, lr_sche
     return train_step
 
 
-def make_eval_step(model: Transformer) -> Callable:
-    """``eval(params, tokens_BxT1) -> mean next-token cross-entropy`` (nats), no dropout."""
+def make_eval_step(model: Transformer, eod_id: int | None = None) -> Callable:
+    """``eval(params, tokens_BxT1) -> mean next-token cross-entropy`` (nats), no dropout; ``eod_id`` as
+    in :func:`make_loss_fn`."""
 
     def eval_step(params, tokens_BxT1):
-        logits = model.apply({"params": params}, tokens_BxT1[:, :-1])
+        inputs_BxT = tokens_BxT1[:, :-1]
+        logits = model.apply({"params": params}, inputs_BxT, **documents.model_inputs(inputs_BxT, eod_id))
         return cross_entropy(logits, tokens_BxT1[:, 1:])[0]
 
     return eval_step
