@@ -98,8 +98,12 @@ def test_a_bad_mixture_is_a_config_error(spec, message):
         mixture.parse(spec)
 
 
-def test_mixture_spec_keeps_urls_whole():
+def test_mixture_spec_keeps_urls_and_commas_of_sources_whole():
     assert mixture.parse("0.7:gs://bucket/web, 3:/data/code") == [(0.7, "gs://bucket/web"), (3.0, "/data/code")]
+    assert mixture.parse("1e-1:synthetic:markov:vocab=4,seed=2,.5:/x") == [
+        (0.1, "synthetic:markov:vocab=4,seed=2"),
+        (0.5, "/x"),
+    ]
 
 
 def test_mixture_draws_follow_the_weights_within_binomial_tolerance():

@@ -1,7 +1,8 @@
 """A weighted mixture of sources: which source every row of every batch comes from.
 
 ``data.mixture`` reads ``WEIGHT:SOURCE,WEIGHT:SOURCE,...`` (for example
-``0.7:gs://bucket/web,0.3:/data/code``); weights are positive and need not sum to 1.
+``0.7:gs://bucket/web,0.3:/data/code``); weights are positive and need not sum to 1. A comma
+separates entries only where a weight and its colon follow, so a source may contain commas.
 
 Rows are numbered globally, ``slot = (step * A + micro) * B + row``. Slots come in blocks of
 :data:`BLOCK`: each block holds every source's share of the block rounded to whole rows (largest
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,12 +26,14 @@ from jaxllm.core.errors import ConfigError
 from jaxllm.data import sampling
 
 BLOCK = 1 << 16  # slots per block: weights are honoured to 1/65536
+# entries split at a comma that a weight and its colon follow: a source may hold commas (synthetic:...)
+_ENTRY = re.compile(r",(?=\s*(?:[-+]?[\d.]+(?:[eE][-+]?\d+)?|[-+]?inf|nan)\s*:)", re.IGNORECASE)
 
 
 def parse(spec: str) -> list[tuple[float, str]]:
     """``"0.7:/data/web,0.3:gs://b/code"`` -> ``[(0.7, "/data/web"), (0.3, "gs://b/code")]``."""
     entries = []
-    for item in (s.strip() for s in spec.split(",")):
+    for item in (s.strip() for s in _ENTRY.split(spec)):
         weight, sep, source = item.partition(":")
         try:
             w = float(weight)
