@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxllm.core.config import ModelConfig, resolve_model
-from jaxllm.data import documents
+from jaxllm.data import segments
 from jaxllm.model.transformer import Transformer
 from jaxllm.train.train_step import make_eval_step, make_loss_fn
 
@@ -17,15 +17,15 @@ EOD = 63
 
 def test_segments_and_positions_follow_the_end_ids():
     tokens = jnp.array([[5, 6, EOD, 7, 8, 9, EOD, EOD, 4], [1, 2, 3, 4, 5, 6, 7, 8, 9]])
-    segments, positions = documents.segments_and_positions(tokens, EOD)
-    np.testing.assert_array_equal(segments[0], [1, 1, 1, 2, 2, 2, 2, 3, 4])  # an end id ends its own document
+    segment_ids, positions = segments.segments_and_positions(tokens, EOD)
+    np.testing.assert_array_equal(segment_ids[0], [1, 1, 1, 2, 2, 2, 2, 3, 4])  # an end id ends its own document
     np.testing.assert_array_equal(positions[0], [0, 1, 2, 0, 1, 2, 3, 0, 0])
-    np.testing.assert_array_equal(segments[1], np.ones(9))
+    np.testing.assert_array_equal(segment_ids[1], np.ones(9))
     np.testing.assert_array_equal(positions[1], np.arange(9))
 
 
 def test_no_end_id_means_no_extra_inputs():
-    assert documents.model_inputs(jnp.zeros((1, 4), jnp.int32), None) == {}
+    assert segments.model_inputs(jnp.zeros((1, 4), jnp.int32), None) == {}
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -43,7 +43,7 @@ def _embedding_grad(model, params, tokens_BxT, eod_id, position):
 
     def loss_at(delta_BxTxD):
         def forward(m):
-            extra = documents.model_inputs(tokens_BxT, eod_id)
+            extra = segments.model_inputs(tokens_BxT, eod_id)
             positions = extra.get("positions_BxT", jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape))
             x = m.embed(tokens_BxT, positions) + delta_BxTxD
             x, _ = m.blocks(x, positions, extra.get("segment_ids_BxT"))

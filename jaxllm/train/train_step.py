@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxllm.data import documents
+from jaxllm.data import segments
 from jaxllm.model import moe
 from jaxllm.model.transformer import Transformer, cross_entropy
 
@@ -48,7 +48,7 @@ def make_loss_fn(model: Transformer, eod_id: int | None = None) -> Callable:
         logits_BxTxV, sown = model.apply(
             {"params": params},
             inputs_BxT,
-            **documents.model_inputs(inputs_BxT, eod_id),
+            **segments.model_inputs(inputs_BxT, eod_id),
             rngs={"dropout": rng},
             mutable=[moe.COLLECTION],
         )
@@ -107,7 +107,7 @@ def make_eval_step(model: Transformer, eod_id: int | None = None) -> Callable:
 
     def eval_step(params, tokens_BxT1):
         inputs_BxT = tokens_BxT1[:, :-1]
-        logits = model.apply({"params": params}, inputs_BxT, **documents.model_inputs(inputs_BxT, eod_id))
+        logits = model.apply({"params": params}, inputs_BxT, **segments.model_inputs(inputs_BxT, eod_id))
         return cross_entropy(logits, tokens_BxT1[:, 1:])[0]
 
     return eval_step
