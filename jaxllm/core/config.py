@@ -263,8 +263,8 @@ def resolve_model(m: ModelConfig, vocab_size: int, seq_len: int) -> ModelConfig:
         m.n_kv_head = m.n_head
     if m.d_ff == 0:
         m.d_ff = 4 * m.d_model if m.arch == "gpt2" else 64 * -(-(8 * m.d_model // 3) // 64)
-    if m.vocab_size == 0:
-        m.vocab_size = vocab_size
+    if m.vocab_size == 0:  # a multiple of 64: the embedding splits over tensor-parallel devices
+        m.vocab_size = -(-vocab_size // 64) * 64
     elif m.vocab_size < vocab_size:
         raise ConfigError(
             f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "

@@ -73,7 +73,9 @@ class ModelConfig:
     n_kv_head: int = option(0, "key/value heads for grouped-query attention; 0 = n_head", NON_NEGATIVE)
     d_ff: int = option(0, "MLP hidden width; 0 = 4*d_model (gpt2) or 8/3*d_model rounded to 64 (llama)", NON_NEGATIVE)
     vocab_size: int = option(
-        0, "embedding rows; 0 = the tokenizer's size; larger pads (e.g. to divide by mesh.tensor)", NON_NEGATIVE
+        0,
+        "embedding rows; 0 = the tokenizer's size rounded up to a multiple of 64; larger pads (e.g. to divide by mesh.tensor)",
+        NON_NEGATIVE,
     )
     max_seq_len: int = option(
         0, "longest sequence the model accepts (learned positions, RoPE tables); 0 = train.seq_len", NON_NEGATIVE

@@ -22,6 +22,7 @@ FILENAME = "tokenizer.json"
 CONFIG = "tokenizer_config.json"  # Hugging Face's: special tokens and the chat template
 TEMPLATE = "chat_template.jinja"  # where transformers >= 4.43 saves the chat template
 ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
+EOD = "<|endoftext|>"  # the end-of-document token build() guarantees (GPT-2's name for it)
 
 
 class Tokenizer:
@@ -44,6 +45,11 @@ class Tokenizer:
 
     def token_id(self, special: str) -> int:
         return self.base_size + self.special.index(special)
+
+    @property
+    def eod_id(self) -> int | None:
+        """The id written after every document of a prepared corpus; None if this tokenizer has none."""
+        return self.token_id(EOD) if EOD in self.special else None
 
     def with_special(self, tokens: Iterable[str]) -> Tokenizer:
         """A copy that also knows ``tokens`` (appended; existing ids never move)."""
@@ -191,6 +197,14 @@ class HFTokenizer(Tokenizer):
         self.roles = dict(roles or {})
         self.chat_template = chat_template
 
+    @property
+    def eod_id(self) -> int | None:
+        """The tokenizer's own eos token when it names one, else ``EOD`` where its vocabulary has it."""
+        for i in (self.role_id("eos_token"), self.tok.token_to_id(EOD)):
+            if i is not None:
+                return i
+        return super().eod_id
+
     def role_id(self, role: str) -> int | None:
         """The id of the special token named ``role`` (``"eos_token"``, ...), None if there is none."""
         return self.tok.token_to_id(self.roles[role]) if role in self.roles else None
@@ -301,13 +315,22 @@ def _strings(tree: dict, key: str, path: Path) -> list[str]:
 
 
 def build(spec: str, train_texts: Iterable[str], bpe_vocab_size: int) -> Tokenizer:
-    """The tokenizer named by ``data.tokenizer``, trained on ``train_texts`` where it needs training."""
+    """The tokenizer named by ``data.tokenizer``, trained on ``train_texts`` where it needs training
+    (read once, as a stream), with an end-of-document id (:attr:`Tokenizer.eod_id`): byte and char
+    tokenizers append ``EOD`` after their ids, a trained BPE reserves it as a special token, a loaded
+    tokenizer uses its eos token or ``EOD`` when it has one and appends ``EOD`` otherwise."""
     if spec == "byte":
-        return ByteTokenizer()
-    if spec == "char":
-        return CharTokenizer.train("".join(train_texts))
-    if spec == "bpe":
-        return HFTokenizer.train(train_texts, bpe_vocab_size)
-    if spec.endswith(".json") or Path(spec).is_dir():
-        return load(spec)
-    raise ConfigError(f"data.tokenizer={spec!r} is unknown; use byte, char, bpe or a path to a tokenizer.json")
+        tok: Tokenizer = ByteTokenizer()
+    elif spec == "char":
+        chars: set[str] = set()
+        for text in train_texts:
+            chars.update(text)
+        tok = CharTokenizer("".join(sorted(chars)))
+    elif spec == "bpe":
+        tok = HFTokenizer.train(train_texts, bpe_vocab_size - 1)
+        tok.tok.add_special_tokens([EOD])  # the last id of the vocabulary, as in GPT-2
+    elif spec.endswith(".json") or Path(spec).is_dir():
+        tok = load(spec)
+    else:
+        raise ConfigError(f"data.tokenizer={spec!r} is unknown; use byte, char, bpe or a path to a tokenizer.json")
+    return tok if tok.eod_id is not None else tok.with_special([EOD])

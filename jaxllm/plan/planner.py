@@ -41,7 +41,7 @@ def tokenizer_vocab(cfg: Config) -> int:
     """The tokenizer's vocabulary size, read without the corpus."""
     d = cfg.data
     if d.tokenizer == "byte":
-        return 256
+        return 257  # the byte values and the end-of-document id
     if d.tokenizer == "bpe":
         return d.bpe_vocab_size
     if d.tokenizer == "char":
@@ -50,7 +50,7 @@ def tokenizer_vocab(cfg: Config) -> int:
         raise ConfigError("data.tokenizer=char takes its vocabulary from the corpus; give model.vocab_size to plan")
     from jaxllm.data import tokenizer
 
-    return tokenizer.load(d.tokenizer).vocab_size
+    return tokenizer.build(d.tokenizer, [], 0).vocab_size  # with the end-of-document id build() may append
 
 
 def resolve(cfg: Config) -> ModelConfig:
