@@ -131,12 +131,15 @@ def read_jsonl(path: Path | str, what: str = "JSONL file", torn_tail_ok: bool = 
 
 
 def read_jsonl_numbered(
-    path: Path | str, what: str = "JSONL file", torn_tail_ok: bool = False
+    path: Path | str, what: str = "JSONL file", torn_tail_ok: bool = False, max_line: int | None = None
 ) -> list[tuple[int, dict]]:
-    """:func:`read_jsonl` with each record's line number, for errors about a record's content."""
+    """:func:`read_jsonl` with each record's line number, for errors about a record's content; a line
+    longer than ``max_line`` characters (None: any length) is refused before it is parsed."""
     lines = read_text(path, what).splitlines()
     records = []
     for n, line in enumerate(lines, start=1):
+        if max_line is not None and len(line) > max_line:
+            raise DataError(f"{what} {path}:{n} holds {len(line):,} characters, above the {max_line:,} a record may")
         if not line.strip():
             continue
         try:

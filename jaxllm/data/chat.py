@@ -33,6 +33,7 @@ from jaxllm.data.tokenizer import HFTokenizer, Tokenizer
 SPECIAL = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 ROLES = ("system", "user", "assistant")
 INPUTS, TARGETS, MASK, POSITIONS, SEGMENTS = range(5)
+MAX_RECORD = 1 << 20  # characters of one JSONL record: far more than any training sequence holds
 
 Chat = list[dict[str, str]]
 
@@ -115,7 +116,9 @@ def record_to_chat(record: object, where: str) -> Chat:
 
 
 def read_jsonl(path: str | Path) -> list[Chat]:
-    chats = [record_to_chat(record, f"{path}:{n}") for n, record in read_jsonl_numbered(path, "sft.data file")]
+    """The records of an ``sft.data`` file, each line at most :data:`MAX_RECORD` characters."""
+    numbered = read_jsonl_numbered(path, "sft.data file", max_line=MAX_RECORD)
+    chats = [record_to_chat(record, f"{path}:{n}") for n, record in numbered]
     if not chats:
         raise DataError(f"{path} holds no records")
     return chats

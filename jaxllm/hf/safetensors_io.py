@@ -9,6 +9,7 @@ numpy (its numpy backend has no such dtype) and its flax backend puts every slic
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterable
@@ -43,17 +44,48 @@ def _unreadable(path: Path, why: str) -> ConfigError:
 
 
 def header(path: Path) -> dict[str, Entry]:
-    """The tensors a safetensors file holds, by name; reads only its header."""
+    """The tensors a safetensors file holds, by name; reads only its header, and checks every entry
+    against the file (a known dtype, a span of exactly its shape's bytes, inside the data, no two
+    spans overlapping) so that no lying header is read."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            if not 2 <= n <= MAX_HEADER:
-                raise _unreadable(path, f"header length {n}")
+            if not 2 <= n <= min(MAX_HEADER, size - 8):
+                raise _unreadable(path, f"header length {n} in a file of {size} bytes")
             tree = json.loads(f.read(n))
         tree.pop("__metadata__", None)
-        return {k: Entry(path, v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0]) for k, v in tree.items()}
+        spans = {k: _span(k, v) for k, v in tree.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise _unreadable(path, str(e) or type(e).__name__) from None
+    _check_layout(path, spans, size - 8 - n)
+    return {k: Entry(path, tree[k]["dtype"], tuple(tree[k]["shape"]), 8 + n + begin) for k, (begin, _) in spans.items()}
+
+
+def _span(name: str, v: dict) -> tuple[int, int]:
+    """The ``[begin, end)`` bytes of one header entry, which must be its shape's bytes in its dtype."""
+    dtype, shape, offsets = v["dtype"], v["shape"], v["data_offsets"]
+    if dtype not in DTYPES:
+        raise ValueError(f"tensor {name!r} has dtype {dtype!r}; readable: {', '.join(DTYPES)}")
+    ints = [*shape, *offsets]
+    if len(offsets) != 2 or not all(type(x) is int and x >= 0 for x in ints):
+        raise ValueError(f"tensor {name!r} needs a shape and two data_offsets of integers >= 0")
+    begin, end = offsets
+    expected = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+    if end - begin != expected:
+        raise ValueError(f"tensor {name!r}: {dtype} {list(shape)} is {expected} bytes but its span is {end - begin}")
+    return begin, end
+
+
+def _check_layout(path: Path, spans: dict[str, tuple[int, int]], data_bytes: int) -> None:
+    """Every span inside the file's ``data_bytes``, and no two sharing a byte (a truncated file fails here)."""
+    ordered = sorted(spans.items(), key=lambda kv: kv[1])
+    for name, (_, end) in ordered:
+        if end > data_bytes:
+            raise _unreadable(path, f"tensor {name!r} ends at byte {end} of data, past the {data_bytes} the file holds")
+    for (a, (_, end_a)), (b, (begin_b, _)) in itertools.pairwise(ordered):
+        if begin_b < end_a:
+            raise _unreadable(path, f"tensors {a!r} and {b!r} overlap")
 
 
 def _files(directory: Path) -> list[Path]:
