@@ -158,6 +158,17 @@ def test_an_unreachable_url_is_one_line(capsys):
 
 
 @pytest.mark.slow
+def test_an_unreachable_hub_dataset_is_one_line(tmp_path):
+    pytest.importorskip("datasets")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}  # as unreachable as the Hub gets
+    cmd = [sys.executable, "-m", "jaxllm.data.prepare", "--out", str(tmp_path / "o"), "hf:nobody/no-such-dataset"]
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: hf:nobody/no-such-dataset: cannot open the Hub dataset")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
 def test_sigkill_midway_then_rerun_gives_the_uninterrupted_bytes(tmp_path):
     write_jsonl(tmp_path / "big.jsonl", make_docs(20_000, seed=3))
     args = [str(tmp_path / "big.jsonl"), "--tokenizer", "bpe", "--bpe-vocab-size", "400", "--workers", "2"]

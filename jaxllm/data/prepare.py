@@ -10,18 +10,19 @@
 3. Each part of this task (part p belongs to task p % tasks) is read one document at a time
    (:mod:`jaxllm.data.documents`), tokenized by ``workers`` processes in order
    (:mod:`jaxllm.data.encode`) and written as shards (:mod:`jaxllm.data.shard_writer`);
-   ``parts/<p>.json`` records a finished part, so a rerun skips it.
-4. Whichever task finds every part finished writes ``index.json`` (:mod:`jaxllm.data.shards`): the
-   same bytes whoever writes it, since the dataset is a function of the inputs and options alone.
+   ``parts/<p>.json`` records a finished part, so a rerun skips it (:mod:`jaxllm.data.dataset_dir`).
+4. Whichever task finds every part finished writes ``index.json`` (read by :mod:`jaxllm.data.shards`):
+   the same bytes whoever writes it, since the dataset is a function of the inputs and options alone.
+
+Workers start by ``spawn``: a script that calls :func:`prepare` with more than one worker does so
+under ``if __name__ == "__main__":``, as with any multiprocessing pool.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -31,19 +32,18 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxllm.core.errors import ConfigError, DataError, UserError
-from jaxllm.core.fileio import atomic_write, read_json, write_json
-from jaxllm.data import encode
+from jaxllm.core.errors import ConfigError
+from jaxllm.core.fileio import write_json
+from jaxllm.data import dataset_dir, encode
 from jaxllm.data import tokenizer as tokenizers
 from jaxllm.data.documents import documents
-from jaxllm.data.shard_writer import END_DTYPE, SplitWriter
-from jaxllm.data.shards import FORMAT, INDEX, SPLITS, token_dtype
-from jaxllm.data.sources import Piece, expand, group
+from jaxllm.data.shard_writer import SplitWriter
+from jaxllm.data.shards import INDEX, SPLITS, token_dtype
+from jaxllm.data.sources import expand, group
 
 SHARD_TOKENS = 100_000_000  # ~200 MB of uint16 per shard
 PART_MB = 256.0
 CHUNK_CHARS, CHUNK_DOCS = 1 << 20, 1024  # one task for a worker: enough text to amortise the transfer
-OURS = re.compile(r"(index\.json|tokenizer(_config)?\.json|parts|(train|val)-\d{5}-\d{4}\.(bin|idx)|\..*\.tmp)")
 
 
 def _check_options(tokenizer: str, bpe_vocab_size: int, val_fraction: float, workers: int,
@@ -64,55 +64,6 @@ def _tokenizer_identity(spec: str) -> dict:
     path = Path(spec) / tokenizers.FILENAME if Path(spec).is_dir() else Path(spec)
     tokenizers.build(spec, [], 0)  # refuses an unknown name or an unreadable file, before anything is written
     return {"spec": spec, "file_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-
-
-def _inputs(pieces: Iterable[Piece]) -> list[dict]:
-    """Each input once: a file's path and size, a Hub dataset's name, a synthetic spec."""
-    seen: dict[str, dict] = {}
-    for p in pieces:
-        if p.path not in seen:
-            if p.kind == "hub":
-                seen[p.path] = {"hub": p.path, "shards": p.stop}
-            elif p.path.startswith("synthetic:"):
-                seen[p.path] = {"synthetic": p.path}
-            else:
-                seen[p.path] = {"path": p.path, "bytes": os.path.getsize(p.path)}
-    return list(seen.values())
-
-
-def _plan(parts: list[tuple[Piece, ...]], tokenizer: dict, options: dict) -> bytes:
-    plan = {
-        "format": FORMAT,
-        "tokenizer": tokenizer,
-        "options": options,
-        "inputs": _inputs(p for part in parts for p in part),
-        "parts": [[[p.kind, p.path, p.start, p.stop] for p in part] for part in parts],
-    }
-    return (json.dumps(plan, indent=1) + "\n").encode()
-
-
-def _claim(root: Path, plan: bytes) -> bool:
-    """Makes ``root`` this preparation's folder (True if this call created it), refusing a file,
-    a folder of other files or another preparation's folder."""
-    if root.exists() and not root.is_dir():
-        raise UserError(f"--out {root} is a file, not a folder")
-    plan_path = root / "parts" / "plan.json"
-    if plan_path.is_file():
-        if plan_path.read_bytes() != plan:
-            raise DataError(
-                f"--out {root} holds a preparation of other sources or options; delete it or choose another folder"
-            )
-        return False
-    others = sorted(p.name for p in root.iterdir() if not OURS.fullmatch(p.name)) if root.is_dir() else []
-    if others:
-        raise DataError(f"--out {root} holds other files ({others[0]}, ...); choose a new or empty folder")
-    created = not root.exists()
-    try:
-        (root / "parts").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {root}: {e.strerror}") from None
-    atomic_write(plan_path, plan)
-    return created
 
 
 def _sample(parts: list, field: str, val_fraction: float, budget: int, with_val: bool) -> Iterator[str]:
@@ -144,8 +95,7 @@ def _tokenizer(root: Path, spec: str, parts: list, options: dict) -> tokenizers.
             tok.save(Path(tmp))
             for name in (tokenizers.CONFIG, tokenizers.FILENAME):  # tokenizer.json last: it marks the pair
                 if (Path(tmp) / name).is_file():
-                    with contextlib.suppress(FileExistsError):
-                        os.link(Path(tmp) / name, root / name)
+                    dataset_dir.place_once(Path(tmp) / name, root / name)
     return tokenizers.load(root)
 
 
@@ -209,56 +159,6 @@ def _prepare_part(
     stats.parts += 1
 
 
-def _part_done(root: Path, p: int, itemsize: int) -> bool:
-    """Whether part ``p`` was finished and its shards are all there at their sizes."""
-    meta = root / "parts" / f"{p:05d}.json"
-    if not meta.is_file():
-        return False
-    shards = read_json(meta, "part record")["shards"]
-    for s in (s for split in SPLITS for s in shards[split]):
-        for suffix, size in ((".bin", s["tokens"] * itemsize), (".idx", s["documents"] * END_DTYPE.itemsize)):
-            f = root / f"{s['name']}{suffix}"
-            if not f.is_file() or f.stat().st_size != size:
-                return False
-    return True
-
-
-def _finish(root: Path, plan: bytes, n_parts: int, tok: tokenizers.Tokenizer) -> dict | None:
-    """Writes ``index.json`` if every part is finished; returns the index (None if parts remain)."""
-    metas = []
-    for p in range(n_parts):
-        if not (root / "parts" / f"{p:05d}.json").is_file():
-            return None
-        metas.append(read_json(root / "parts" / f"{p:05d}.json", "part record"))
-    shards = {s: [sh for m in metas for sh in m["shards"][s]] for s in SPLITS}
-    if not shards["train"]:
-        raise DataError("the sources hold no training documents (empty files, or every document in validation)")
-    planned = json.loads(plan)
-    index = {
-        "format": FORMAT,
-        "dtype": token_dtype(tok.vocab_size),
-        "vocab_size": tok.vocab_size,
-        "eod_id": tok.eod_id,
-        "tokenizer": {
-            **planned["tokenizer"],
-            "sha256": hashlib.sha256((root / tokenizers.FILENAME).read_bytes()).hexdigest(),
-        },
-        "options": planned["options"],
-        "inputs": planned["inputs"],
-        "splits": {
-            s: {"documents": sum(x["documents"] for x in v), "tokens": sum(x["tokens"] for x in v), "shards": v}
-            for s, v in shards.items()
-        },
-    }
-    for stray in root.glob(".*.tmp"):  # left by an interrupted run; every part is finished now
-        if stray.is_dir():
-            shutil.rmtree(stray, ignore_errors=True)
-        else:
-            stray.unlink(missing_ok=True)
-    write_json(root / INDEX, index)
-    return index
-
-
 def _run(root: Path, todo: list, options: dict, dtype: str, workers: int, progress: bool, stats: Stats) -> None:
     from tqdm import tqdm
 
@@ -313,21 +213,23 @@ def prepare(
         "part_mb": part_mb,
         **({"bpe_vocab_size": bpe_vocab_size, "bpe_sample_mb": bpe_sample_mb} if tokenizer == "bpe" else {}),
     }
-    plan = _plan(parts, _tokenizer_identity(tokenizer), options)
+    plan = dataset_dir.plan(parts, _tokenizer_identity(tokenizer), options)
     root = Path(out)
-    if (root / INDEX).is_file() and (root / "parts" / "plan.json").is_file() and _claim(root, plan) is False:
+    created = dataset_dir.claim(root, plan)
+    if (root / INDEX).is_file():
         if progress:
             print(f"{out} is already prepared from these sources and options", file=sys.stderr)
         return
-    created = _claim(root, plan)
     stats = Stats()
     try:
         tok = _tokenizer(root, tokenizer, parts, options)
         dtype = token_dtype(tok.vocab_size)
-        todo = [p for p in range(task, len(parts), tasks) if not _part_done(root, p, np.dtype(dtype).itemsize)]
+        todo = [
+            p for p in range(task, len(parts), tasks) if not dataset_dir.part_done(root, p, np.dtype(dtype).itemsize)
+        ]
         if todo:
             _run(root, [(p, parts[p]) for p in todo], options, dtype, workers or _cores(), progress, stats)
-        index = _finish(root, plan, len(parts), tok)
+        index = dataset_dir.finish(root, plan, len(parts), tok)
     except BaseException:
         if created and tasks == 1 and not any(root.glob("*.bin")):
             shutil.rmtree(root, ignore_errors=True)  # no shard finished: leave no trace of this run

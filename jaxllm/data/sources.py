@@ -141,6 +141,11 @@ def open_hub(name: str, config: str | None, split: str):
         import datasets
     except ImportError:
         raise DataError("hf: sources need the datasets library: pip install datasets") from None
+    import huggingface_hub.utils
+
+    datasets.logging.set_verbosity_error()  # the retries' warnings would bury the one-line error
+    huggingface_hub.utils.logging.set_verbosity_error()
+    datasets.logging.disable_progress_bar()
     try:
         return datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as e:  # noqa: BLE001  (datasets and huggingface_hub raise many types: network, auth, names)
