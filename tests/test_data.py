@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -131,17 +133,36 @@ def test_chat_content_cannot_forge_special_tokens():
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b'{"jaxllm_tokenizer": "char"}', "'chars' must be a string"),
-        (b'{"jaxllm_tokenizer": "char", "chars": 5}', "'chars' must be a string"),
-        (b'{"jaxllm_tokenizer": "byte", "special": "<|end|>"}', "must be"),
-        (b'{"jaxllm_tokenizer": "byte"\xff}', "is not UTF-8 text"),
         (b"[1, 2]", "must hold a JSON object"),
         (b'{"model": {"type": "nonsense"}}', "is not a valid tokenizer.json"),
         (b"{", "is not valid JSON"),
+        (b'{"model": 5}\xff', "is not UTF-8 text"),
     ],
 )
 def test_a_damaged_tokenizer_json_is_one_user_error(tmp_path, content, message):
     (tmp_path / "tokenizer.json").write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        tokenizers.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "side, vocab, message",
+    [
+        ({"kind": "char"}, {"ab": 0}, "must map single characters to 0..n-1"),
+        ({"kind": "char"}, {"a": 0, "b": 2}, "must map single characters to 0..n-1"),
+        ({"kind": "byte", "special": "<|end|>"}, {}, "must be a list of non-empty strings"),
+        ({"kind": "byte", "roles": ["<|end|>"]}, {}, "'roles' must map role names"),
+        ({"kind": "words"}, {}, "'kind' must be byte, char or bpe"),
+    ],
+)
+def test_a_damaged_jaxllm_side_file_is_one_user_error(tmp_path, side, vocab, message):
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.BPE(vocab={"a": 0}, merges=[])).save(str(tmp_path / "tokenizer.json"))
+    tree = json.loads((tmp_path / "tokenizer.json").read_text())
+    tree["model"]["vocab"] = vocab
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tree))
+    (tmp_path / tokenizers.SIDE).write_text(json.dumps(side))
     with pytest.raises(UserError, match=message):
         tokenizers.load(tmp_path)
 

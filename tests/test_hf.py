@@ -117,7 +117,7 @@ def _edit_config(directory, **changes):
         (lambda d: _edit_config(d, n_embd=None), "holds a value of the wrong type"),
         (lambda d: (d / "config.json").write_bytes(b'{"model_type": "gpt2\xff"}'), "is not UTF-8 text"),
         (lambda d: (d / "config.json").write_text("[1, 2]"), "must hold a JSON object"),
-        (lambda d: (d / "tokenizer.json").write_text('{"jaxllm_tokenizer": "char"}'), "tokenizer.json"),
+        (lambda d: (d / "tokenizer.json").write_text('{"model": {"type": "nonsense"}}'), "tokenizer.json"),
     ],
 )
 def test_a_damaged_hugging_face_directory_is_one_user_error(tmp_path, damage, message):

@@ -147,7 +147,9 @@ def test_an_index_that_does_not_match_its_shards_is_refused(capsys, prepared):
 
 
 def test_a_swapped_tokenizer_is_refused(capsys, prepared):
-    (prepared / "tokenizer.json").write_text(json.dumps({"jaxllm_tokenizer": "byte", "special": []}))
+    from jaxllm.data.tokenizer import ByteTokenizer
+
+    (prepared / "tokenizer.json").write_text(ByteTokenizer()._to_json())
     assert "is not the tokenizer the index names" in run_cli(capsys, shards.main, str(prepared))
 
 

@@ -93,7 +93,7 @@ def _tokenizer(root: Path, spec: str, parts: list, options: dict) -> tokenizers.
             dir=root, prefix=".tokenizer.", suffix=".tmp", ignore_cleanup_errors=True
         ) as tmp:
             tok.save(Path(tmp))
-            for name in (tokenizers.CONFIG, tokenizers.FILENAME):  # tokenizer.json last: it marks the pair
+            for name in tokenizers.FILES:  # tokenizer.json last: it marks the set
                 if (Path(tmp) / name).is_file():
                     dataset_dir.place_once(Path(tmp) / name, root / name)
     return tokenizers.load(root)

@@ -217,9 +217,10 @@ def _load_tokenizer(store: _Store, index: dict) -> tokenizers.Tokenizer:
         return tokenizers.load(store.root)
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, tokenizers.FILENAME).write_bytes(raw)
-        config = store.read(tokenizers.CONFIG, missing_ok=True)
-        if config is not None:
-            Path(tmp, tokenizers.CONFIG).write_bytes(config)
+        for name in (tokenizers.CONFIG, tokenizers.SIDE):
+            extra = store.read(name, missing_ok=True)
+            if extra is not None:
+                Path(tmp, name).write_bytes(extra)
         return tokenizers.load(tmp)
 
 

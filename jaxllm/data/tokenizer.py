@@ -1,10 +1,14 @@
 """Tokenizers: bytes (the default, nothing to train), characters, and BPE through Hugging Face ``tokenizers``.
 
-All three save as one ``tokenizer.json`` in the run directory and load back with :func:`load`.
-Byte and char tokenizers use a small jaxllm format (``{"jaxllm_tokenizer": "byte" | "char", ...}``);
-BPE uses Hugging Face's own format, so any ``tokenizer.json`` from the Hub loads as well, with the
-special tokens (bos, eos, pad, unk) and the Jinja chat template of the ``tokenizer_config.json`` (or
-``chat_template.jinja``) beside it. jaxllm's own chat markers are appended after the base vocabulary.
+All three save as a ``tokenizer.json`` in Hugging Face's own format, which ``tokenizers`` (and so
+``transformers``) encodes to the very ids jaxllm does: bytes as a byte-level BPE with no merges (id =
+the byte), characters as a BPE with no merges (id = the character's place in the alphabet), and
+jaxllm's special tokens as its added tokens, after the base vocabulary. Beside it, ``jaxllm_tokenizer.json``
+keeps what only jaxllm reads (:data:`SIDE`): the kind, which added tokens are jaxllm's special tokens
+(so that chat content encoded with :meth:`Tokenizer.encode_ordinary` cannot forge them), the special
+tokens' roles and the chat template. :func:`load` reads both back; a ``tokenizer.json`` from the Hub
+(no side file) loads with the roles (bos, eos, pad, unk) and the Jinja chat template of the
+``tokenizer_config.json`` (or ``chat_template.jinja``) beside it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from jaxllm.core.fileio import atomic_write, read_json, read_text
 FILENAME = "tokenizer.json"
 CONFIG = "tokenizer_config.json"  # Hugging Face's: special tokens and the chat template
 TEMPLATE = "chat_template.jinja"  # where transformers >= 4.43 saves the chat template
+SIDE = "jaxllm_tokenizer.json"  # jaxllm's own fields: kind, special tokens, roles, chat template
+FILES = (SIDE, FILENAME)  # what save() writes, in the order a copy should place them (tokenizer.json last)
 ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
 EOD = "<|endoftext|>"  # the end-of-document token build() guarantees (GPT-2's name for it)
 
@@ -98,7 +104,28 @@ class Tokenizer:
         return np.asarray(self.encode(text), dtype=np.int64)
 
     def save(self, directory: Path) -> None:
-        atomic_write(Path(directory) / FILENAME, self._to_json())  # a unique temporary: processes may race
+        """``tokenizer.json`` (Hugging Face's format) and the side file, each written atomically
+        (a unique temporary: processes may race)."""
+        side = {"kind": self.kind, "special": self.special, "roles": self.roles, "chat_template": self.chat_template}
+        atomic_write(Path(directory) / SIDE, json.dumps(side, indent=2))
+        atomic_write(Path(directory) / FILENAME, self._to_json())
+
+    def hf_tokenizer(self):
+        """A ``tokenizers.Tokenizer`` that encodes and decodes as this one does, the special tokens
+        as its added tokens at their jaxllm ids."""
+        from tokenizers import AddedToken
+
+        tok = self._hf_base()
+        tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in self.special])
+        for s in self.special:
+            if tok.token_to_id(s) != self.token_id(s):
+                raise DataError(
+                    f"the special token {s!r} is also an ordinary token of the vocabulary; it has no single id"
+                )
+        return tok
+
+    def _to_json(self) -> str:
+        return self.hf_tokenizer().to_str()
 
     # Subclasses implement these.
     def _encode(self, text: str) -> list[int]:
@@ -107,7 +134,7 @@ class Tokenizer:
     def _decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
-    def _to_json(self) -> str:
+    def _hf_base(self):
         raise NotImplementedError
 
     def _copy(self) -> Tokenizer:
@@ -134,8 +161,15 @@ class ByteTokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
 
-    def _to_json(self) -> str:
-        return json.dumps({"jaxllm_tokenizer": "byte", "special": self.special})
+    def _hf_base(self):
+        from tokenizers import Tokenizer as _Tok
+        from tokenizers import decoders, models, pre_tokenizers
+
+        vocab = {ch: b for b, ch in enumerate(byte_alphabet())}
+        tok = _Tok(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        return tok
 
     def _copy(self) -> ByteTokenizer:
         return ByteTokenizer(self.special)
@@ -178,8 +212,13 @@ class CharTokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
 
-    def _to_json(self) -> str:
-        return json.dumps({"jaxllm_tokenizer": "char", "chars": self.chars, "special": self.special})
+    def _hf_base(self):
+        from tokenizers import Tokenizer as _Tok
+        from tokenizers import decoders, models
+
+        tok = _Tok(models.BPE(vocab={ch: i for i, ch in enumerate(self.chars)}, merges=[]))
+        tok.decoder = decoders.Fuse()  # the characters, joined with nothing between them
+        return tok
 
     def _copy(self) -> CharTokenizer:
         return CharTokenizer(self.chars, self.special)
@@ -215,12 +254,6 @@ class HFTokenizer(Tokenizer):
         enc = self.tok.encode(text, add_special_tokens=False)
         return enc.ids, enc.offsets
 
-    def save(self, directory: Path) -> None:
-        super().save(directory)
-        if self.roles or self.chat_template:
-            config = {**self.roles, **({"chat_template": self.chat_template} if self.chat_template else {})}
-            atomic_write(Path(directory) / CONFIG, json.dumps(config, indent=2))
-
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> HFTokenizer:
         from tokenizers import Tokenizer as _Tok
@@ -247,37 +280,68 @@ class HFTokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
 
-    def _to_json(self) -> str:
-        tree = json.loads(self.tok.to_str())
-        tree["jaxllm_special"] = self.special
-        return json.dumps(tree)
+    def _hf_base(self):
+        from tokenizers import Tokenizer as _Tok
+
+        return _Tok.from_str(self.tok.to_str())
 
     def _copy(self) -> HFTokenizer:
         return HFTokenizer(self.tok, self.special, self.roles, self.chat_template)
 
 
+def byte_alphabet() -> list[str]:
+    """The character byte-level BPE writes for each byte 0..255 (GPT-2's table: printable bytes stand
+    for themselves, the others for the code points from 256 on, in byte order)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = iter(range(256, 512))
+    return [chr(b) if b in kept else chr(next(moved)) for b in range(256)]
+
+
 def load(path: str | Path) -> Tokenizer:
-    """Loads a ``tokenizer.json`` (a file, or a directory holding one), jaxllm or Hugging Face format."""
+    """Loads a ``tokenizer.json`` (a file, or a directory holding one): jaxllm's (with its side file)
+    or any Hugging Face one."""
     path = Path(path)
     if path.is_dir():
         path = path / FILENAME
     tree = read_json(path, "tokenizer file")
-    kind = tree.get("jaxllm_tokenizer")
+    side_path = path.parent / SIDE
+    if not side_path.is_file():
+        return HFTokenizer(_parse(tree, path), (), *_hf_config(path.parent))
+    side = read_json(side_path, "jaxllm tokenizer file")
+    special, kind = _strings(side, "special", side_path), side.get("kind")
+    roles, template = side.get("roles") or {}, side.get("chat_template")
+    if not (isinstance(roles, dict) and all(isinstance(v, str) for v in roles.values())):
+        raise DataError(f"{side_path}: 'roles' must map role names to token strings")
     if kind == "byte":
-        return ByteTokenizer(_strings(tree, "special", path))
-    if kind == "char":
-        if not isinstance(tree.get("chars"), str):
-            raise DataError(f"tokenizer file {path}: 'chars' must be a string (the char tokenizer's alphabet)")
-        return CharTokenizer(tree["chars"], _strings(tree, "special", path))
+        tok: Tokenizer = ByteTokenizer(special)
+    elif kind == "char":
+        tok = CharTokenizer(_alphabet(tree, path), special)
+    elif kind == "bpe":
+        tree["added_tokens"] = [t for t in tree.get("added_tokens") or [] if t.get("content") not in special]
+        tok = HFTokenizer(_parse(tree, path), special)
+    else:
+        raise DataError(f"{side_path}: 'kind' must be byte, char or bpe, got {kind!r}")
+    tok.roles, tok.chat_template = dict(roles), template if isinstance(template, str) else None
+    return tok
+
+
+def _parse(tree: dict, path: Path):
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` tree; a one-line DataError if it is none."""
     from tokenizers import Tokenizer as _Tok
 
-    special = _strings(tree, "jaxllm_special", path)
-    tree.pop("jaxllm_special", None)
     try:
-        tok = _Tok.from_str(json.dumps(tree))
+        return _Tok.from_str(json.dumps(tree))
     except Exception as e:  # noqa: BLE001  (the tokenizers library raises its own exception types)
         raise DataError(f"{str(path)!r} is not a valid tokenizer.json: {' '.join(str(e).split())[:200]}") from None
-    return HFTokenizer(tok, special, *_hf_config(path.parent))
+
+
+def _alphabet(tree: dict, path: Path) -> str:
+    """A char tokenizer's characters in id order, read off its ``tokenizer.json``'s vocabulary."""
+    vocab = (tree.get("model") or {}).get("vocab") if isinstance(tree.get("model"), dict) else None
+    ok = isinstance(vocab, dict) and all(isinstance(k, str) and len(k) == 1 for k in vocab)
+    if not ok or sorted(vocab.values()) != list(range(len(vocab))):
+        raise DataError(f"tokenizer file {path}: a char tokenizer's vocabulary must map single characters to 0..n-1")
+    return "".join(sorted(vocab, key=vocab.__getitem__))
 
 
 def _token(value: object, where: Path, key: str) -> str | None:

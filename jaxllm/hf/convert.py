@@ -248,16 +248,21 @@ def write(
     params: Any,
     directory: str | Path,
     max_shard_bytes: int = MAX_SHARD_BYTES,
-    eos_ids: tuple[int, ...] = (),
+    config_ids: dict | None = None,
+    generation_ids: dict | None = None,
 ) -> None:
     """``config.json`` + safetensors that ``transformers`` loads (the tokenizer is the caller's): one
-    ``model.safetensors``, or files of at most ``max_shard_bytes`` and an index; with ``eos_ids``, a
-    ``generation_config.json`` that stops ``generate`` there. Gathers one tensor at a time; in a
-    multi-host run every process calls this and process 0 writes. Weight files (and a generation
-    config) an earlier export left in ``directory`` are removed, so ``transformers`` cannot mix the two."""
-    config = hf_config(m)
-    shapes, tensor = hf_stream.stored_tensors(m, params)
+    ``model.safetensors``, or files of at most ``max_shard_bytes`` and an index. ``config_ids`` (the
+    ``bos/eos/pad_token_id`` keys) go into ``config.json``, ``generation_ids`` into a
+    ``generation_config.json`` (its ``eos_token_id`` stops ``generate``). Gathers one tensor at a time;
+    in a multi-host run every process calls this and process 0 writes. Weight files (and a
+    generation config) an earlier export left in ``directory`` are removed, so ``transformers``
+    cannot mix the two. A ``directory`` that is a file is refused before anything is written."""
+    config = {**hf_config(m), **(config_ids or {})}
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{str(directory)!r} is a file; save_hf writes a directory")
+    shapes, tensor = hf_stream.stored_tensors(m, params)
     writer = jax.process_index() == 0
     if writer:
         directory.mkdir(parents=True, exist_ok=True)
@@ -266,7 +271,7 @@ def write(
         for old in st.stale(directory, names):
             old.unlink()
         atomic_write(directory / CONFIG, json.dumps(config, indent=2))
-        if eos_ids:
-            atomic_write(directory / GENERATION_CONFIG, json.dumps({"eos_token_id": list(eos_ids)}, indent=2))
+        if generation_ids:
+            atomic_write(directory / GENERATION_CONFIG, json.dumps(generation_ids, indent=2))
         else:
             (directory / GENERATION_CONFIG).unlink(missing_ok=True)

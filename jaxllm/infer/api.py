@@ -21,6 +21,7 @@ from jaxllm.core.errors import ConfigError
 from jaxllm.core.fileio import read_yaml
 from jaxllm.data import tokenizer as tokenizers
 from jaxllm.hf import convert as hf
+from jaxllm.hf import tokenizer_export as tok_export
 from jaxllm.model import decode as gen
 from jaxllm.model import quantize as quant
 from jaxllm.model.transformer import Transformer, linear_axes
@@ -72,12 +73,18 @@ class LoadedModel:
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
-        """The ids that end a generation: those the checkpoint declares (``hf.declared_eos``) and the
-        tokenizer's own (its ``tokenizer_config.json``'s ``eos_token``, else a conventional name); not
-        ids outside the vocabulary (``transformers``' GPT-2 config names 50256 whatever the vocabulary)."""
-        own = None if isinstance(self.tokenizer, NoTokenizer) else gen.eos_id(self.tokenizer)
-        ids = self.declared_eos + (() if own is None else (own,))
-        return tuple(i for i in dict.fromkeys(ids) if 0 <= i < self.config.model.vocab_size)
+        """The ids that end a generation: those the checkpoint declares (``hf.declared_eos``), the
+        tokenizer's own (its ``tokenizer_config.json``'s ``eos_token``, else a conventional name) and a
+        chat model's end of answer (:func:`jaxllm.hf.tokenizer_export.roles`); not ids outside the
+        vocabulary (``transformers``' GPT-2 config names 50256 whatever the vocabulary)."""
+        if isinstance(self.tokenizer, NoTokenizer):
+            return tuple(i for i in dict.fromkeys(self.declared_eos) if 0 <= i < self.config.model.vocab_size)
+        return self.roles.stop
+
+    @property
+    def roles(self) -> tok_export.Roles:
+        """The bos/eos/pad ids of this model's tokenizer, as its Hugging Face export names them."""
+        return tok_export.roles(self.tokenizer, self.declared_eos, self.config.model.vocab_size)
 
     def logits(self, tokens_BxT) -> jax.Array:
         """float32 ``[B, T, V]`` next-token logits for integer tokens ``[B, T]`` (after the prefix, if any);
@@ -130,17 +137,24 @@ class LoadedModel:
 
     def save_hf(self, out_dir: str | Path, max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> None:
         """A Hugging Face directory that ``transformers`` loads (``GPT2LMHeadModel`` / ``LlamaForCausalLM`` / ``MixtralForCausalLM``),
-        with this model's ``tokenizer.json`` if it has one (jaxllm's own format for byte and char
-        tokenizers) and a ``generation_config.json`` naming :attr:`eos_ids`, so that ``transformers``'
-        ``generate`` stops where this model does; weights over ``max_shard_bytes`` go in several files and an index."""
+        with this model's tokenizer (if it has one) in Hugging Face's format, its roles and chat
+        template (:mod:`jaxllm.hf.tokenizer_export`), and a ``generation_config.json`` naming
+        :attr:`eos_ids`, so that ``transformers``' ``generate`` stops where this model does; weights
+        over ``max_shard_bytes`` go in several files and an index."""
         if self.config.model.prompt_tokens:
             raise ConfigError(
                 "a prompt-tuned model has no Hugging Face form (its learned prompt is not a weight "
                 "transformers knows); use it through jaxllm.load"
             )
-        hf.write(self.config.model, self.params, out_dir, max_shard_bytes, self.eos_ids)
-        if not isinstance(self.tokenizer, NoTokenizer) and jax.process_index() == 0:
-            self.tokenizer.save(Path(out_dir))
+        m = self.config.model
+        if isinstance(self.tokenizer, NoTokenizer):
+            generation = {"eos_token_id": list(self.eos_ids)} if self.eos_ids else {}
+            hf.write(m, self.params, out_dir, max_shard_bytes, {}, generation)
+            return
+        roles = self.roles
+        hf.write(m, self.params, out_dir, max_shard_bytes, roles.config_ids(), roles.generation_ids())
+        if jax.process_index() == 0:
+            tok_export.write(self.tokenizer, roles, Path(out_dir), m.max_seq_len)
 
 
 def load(path: str | Path, quantize: str | None = None, group_size: int = 64, shardings: Any = None) -> LoadedModel:

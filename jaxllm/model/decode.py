@@ -68,7 +68,10 @@ def eos_id(tokenizer) -> int | None:
     if named is not None:
         return named
     for name in EOS_NAMES:
-        ids = tokenizer.encode(name)
+        try:
+            ids = tokenizer.encode(name)
+        except UserError:  # a char tokenizer whose alphabet lacks the name's characters
+            continue
         if len(ids) == 1 and tokenizer.decode(ids) == name:
             return ids[0]
     return None
