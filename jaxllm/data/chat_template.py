@@ -56,10 +56,10 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             raise SecurityError(f"a repetition of more than {MAX_OUTPUT} items")
         return super().call_binop(context, operator, left, right)
 
-    def call(self, __context, __obj, *args, **kwargs):
+    def call(self, context, obj, /, *args, **kwargs):
         if any(_big_int(a) for a in (*args, *kwargs.values())):
             raise SecurityError(f"a function called with a number above {MAX_NUMBER}")
-        return super().call(__context, __obj, *args, **kwargs)
+        return super().call(context, obj, *args, **kwargs)
 
 
 def _big_int(x) -> bool:
