@@ -19,6 +19,7 @@ from conftest import ROOT, TINY, corpus_text
 
 import jaxllm
 from jaxllm.core.config import load_config, resolve_model, save_config, to_dict
+from jaxllm.core.config_schema import DataConfig
 from jaxllm.core.errors import exit_on_user_error
 from jaxllm.data import corpus as data
 from jaxllm.data.tokenizer import ByteTokenizer
@@ -48,7 +49,9 @@ def make_base(root: Path) -> Path:
     a random tiny gpt2 with checkpoints at steps 1 and 2 (no training needed to test the plumbing)."""
     (root / "corpus.txt").write_text(corpus_text())
     for tokenizer in ("byte", "char"):
-        data.prepare(str(root / "corpus.txt"), tokenizer, 0.02, 4096, str(root / "cache"))
+        data.prepare_into_cache(
+            DataConfig(source=str(root / "corpus.txt"), tokenizer=tokenizer, cache_dir=str(root / "cache"))
+        )
     cfg = load_config(None, [*TINY, f"run.dir={root / 'saved'}", "checkpoint.keep=2", "model.max_seq_len=64"])
     cfg.model = resolve_model(cfg.model, 256, cfg.train.seq_len)
     (root / "saved").mkdir()
@@ -102,9 +105,9 @@ class W:
         return f"{key}={self.file(name, content)}"
 
     def damaged_cache(self) -> list[str]:
-        """Overrides that read a copy of the corpus cache whose train.bin lost its last byte."""
+        """Overrides that read a copy of the corpus cache whose train shards lost their last byte."""
         shutil.copytree(self.base / "cache", self.tmp / "cache")
-        for train_bin in (self.tmp / "cache").rglob("train.bin"):
+        for train_bin in (self.tmp / "cache").rglob("train-*.bin"):
             train_bin.write_bytes(train_bin.read_bytes()[:4095])
         return [f"data.cache_dir={self.tmp / 'cache'}"]
 

@@ -1,4 +1,4 @@
-"""Data: the built-in corpus, deterministic batches, exact multi-process slicing, tokenizers."""
+"""Data: the built-in corpus, tokenizers, the synthetic Markov corpus, chat markers."""
 
 from __future__ import annotations
 
@@ -9,61 +9,16 @@ import pytest
 
 from jaxllm.core.errors import DataError, UserError
 from jaxllm.data import corpus as data
-from jaxllm.data import synthetic
+from jaxllm.data import sources, synthetic
 from jaxllm.data import tokenizer as tokenizers
 
 
 def test_stdlib_corpus_is_sorted_python_without_tests():
-    files = data.stdlib_files()
+    files = sources.stdlib_files()
     assert len(files) > 100
     assert all(f.suffix == ".py" for f in files)
     assert not any("test" in f.parts or "site-packages" in f.parts for f in files)
     assert [str(f) for f in files] == sorted(str(f) for f in files)
-
-
-def test_stdlib_split_holds_out_one_to_two_percent_of_files():
-    names = [f.as_posix() for f in data.stdlib_files()]
-    share = np.mean([data._is_val(n, 0.02) for n in names])
-    assert 0.005 < share < 0.04
-
-
-def test_single_file_is_split_by_its_tail(corpus):
-    c = data.locate(str(corpus))
-    train, val = data.read_corpus(c, 0.1)
-    text = corpus.read_text()
-    assert train[0] + val[0] == text
-    assert len(val[0]) == len(text) - int(len(text) * 0.9)
-
-
-def test_batches_are_a_pure_function_of_seed_and_step():
-    tokens = np.arange(10_000, dtype=np.uint16)
-    a = data.train_batch(tokens, seed=3, step=7, accum=2, batch_size=4, seq_len=8)
-    b = data.train_batch(tokens, seed=3, step=7, accum=2, batch_size=4, seq_len=8)
-    c = data.train_batch(tokens, seed=3, step=8, accum=2, batch_size=4, seq_len=8)
-    assert a.shape == (2, 4, 9) and a.dtype == np.int32
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
-    np.testing.assert_array_equal(a[..., 1:], a[..., :-1] + 1)  # contiguous windows
-
-
-def test_process_slices_concatenate_to_the_global_batch():
-    tokens = np.arange(10_000, dtype=np.uint16)
-    full = data.train_batch(tokens, 0, 5, 1, 8, 8)
-    parts = [data.train_batch(tokens, 0, 5, 1, 8, 8, process_index=p, process_count=4) for p in range(4)]
-    np.testing.assert_array_equal(np.concatenate(parts, axis=1), full)
-
-
-def test_prepare_caches_tokens_and_round_trips(tmp_path, corpus):
-    d1 = data.prepare(str(corpus), "byte", 0.1, cache_dir=str(tmp_path))
-    d2 = data.prepare(str(corpus), "byte", 0.1, cache_dir=str(tmp_path))
-    assert d1.cache_dir == d2.cache_dir
-    assert d1.train.dtype == np.uint16
-    assert (
-        d1.tokenizer.decode(d1.train.tolist()) + "\n" + d1.tokenizer.decode(d1.val.tolist())
-        == corpus.read_text()[: int(len(corpus.read_text()) * 0.9)]
-        + "\n"
-        + corpus.read_text()[int(len(corpus.read_text()) * 0.9) :]
-    )
 
 
 @pytest.mark.parametrize("kind", ["byte", "char", "bpe"])
@@ -89,20 +44,9 @@ def test_special_tokens_get_new_ids_and_survive_round_trip(tmp_path):
     assert tokenizers.load(tmp_path).vocab_size == 258
 
 
-def test_jsonl_corpus_reads_text_fields_and_names_bad_lines(tmp_path):
-    good = tmp_path / "c.jsonl"
-    good.write_text("\n".join(f'{{"text": "doc {i} ' + "x" * 50 + '"}' for i in range(100)))
-    train, val = data.read_corpus(data.locate(str(good)), 0.1)
-    assert len(train) + len(val) == 100 and val
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "a"}\n{"txt": "b"}\n')
-    with pytest.raises(DataError, match="bad.jsonl:2"):
-        data.read_corpus(data.locate(str(bad)), 0.1)
-
-
 def test_missing_corpus_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="no such file"):
-        data.locate(str(tmp_path / "nope.txt"))
+        data.identity(str(tmp_path / "nope.txt"))
 
 
 def test_markov_entropy_rate_matches_the_empirical_conditional_entropy():
@@ -165,23 +109,3 @@ def test_a_damaged_jaxllm_side_file_is_one_user_error(tmp_path, side, vocab, mes
     (tmp_path / tokenizers.SIDE).write_text(json.dumps(side))
     with pytest.raises(UserError, match=message):
         tokenizers.load(tmp_path)
-
-
-@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
-def test_a_corpus_with_bytes_that_are_not_utf8_is_refused_naming_the_file_and_offset(tmp_path, suffix):
-    """Decided: refused, not decoded with replacement (which would silently train on U+FFFD)."""
-    path = tmp_path / f"c{suffix}"
-    path.write_bytes(b'{"text": "caf\xe9 au lait"}\n' if suffix == ".jsonl" else b"caf\xe9 au lait\n" * 50)
-    offset = 13 if suffix == ".jsonl" else 3
-    with pytest.raises(DataError, match=rf"{path} is not UTF-8 text \(byte {offset}:"):
-        data.read_corpus(data.locate(str(path)), 0.1)
-
-
-def test_an_empty_validation_split_is_a_data_error_not_a_memmap_traceback(tmp_path):
-    """A val_fraction so small that 1 - val_fraction == 1.0 leaves no validation text: numpy cannot memmap
-    the empty val.bin, which was a ValueError traceback."""
-    (tmp_path / "one.txt").write_text("x" * 3000)
-    tokens = data.prepare(str(tmp_path / "one.txt"), "byte", 1e-17, cache_dir=str(tmp_path / "cache"))
-    assert len(tokens.val) == 0 and len(tokens.train) == 3000
-    with pytest.raises(DataError, match="the validation split has 0 tokens"):
-        data.check_length(tokens.val, 16, "validation")

@@ -225,7 +225,7 @@ def test_cli_unknown_quantization_mode_exits_2_with_one_line(run_dir, capsys):
 @pytest.mark.parametrize(
     "tokens, message",
     [
-        ([[1, 2, 256]], r"token id 256 is outside the model's vocabulary \[0, 256\)"),
+        ([[1, 2, 320]], r"token id 320 is outside the model's vocabulary \[0, 320\)"),
         ([[1, -1, 2]], "token id -1 is outside"),
         ([[1] * 17], "17 tokens exceed the model's context of 16"),
         ([1, 2, 3], r"shape \[batch, positions\]"),
@@ -237,7 +237,7 @@ def test_logits_refuse_ids_outside_the_vocabulary_and_rows_beyond_the_context(ru
     import jaxllm
 
     lm = jaxllm.load(run_dir)
-    assert lm.config.model.vocab_size == 256 and lm.config.model.max_seq_len == 16
+    assert lm.config.model.vocab_size == 320 and lm.config.model.max_seq_len == 16
     with pytest.raises(ConfigError, match=message):
         lm.logits(tokens)
 

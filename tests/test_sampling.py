@@ -15,16 +15,19 @@ from jaxllm.data.prefetch import Prefetcher
 
 
 class ArrayDataset:
-    """A prepared dataset held in memory: each split a token stream (the reader's API, no files)."""
+    """A prepared dataset held in memory: each split a token stream (the reader's API, no files);
+    ``read`` records the starts of every window read."""
 
     def __init__(self, train: np.ndarray, val: np.ndarray, eod_id: int = 0):
         self.splits = {"train": np.asarray(train), "val": np.asarray(val)}
         self.eod_id, self.tokenizer = eod_id, None
+        self.read: list[int] = []
 
     def num_tokens(self, split: str) -> int:
         return len(self.splits[split])
 
     def windows(self, split: str, starts: np.ndarray, length: int) -> np.ndarray:
+        self.read += list(np.asarray(starts))
         return self.splits[split][np.asarray(starts)[:, None] + np.arange(length)].astype(np.int32)
 
 
@@ -72,6 +75,24 @@ def test_process_slices_concatenate_to_the_global_batch():
     full = data.rows(5, 2, 8)
     parts = [data.rows(5, 2, 8, process=p, processes=4) for p in range(4)]
     np.testing.assert_array_equal(np.concatenate(parts, axis=1), full)
+
+
+def test_each_process_reads_only_the_windows_of_its_own_rows():
+    datasets = [positional(5_000) for _ in range(2)]
+    data = TrainData([Source("a", datasets[0]), Source("b", datasets[1])], 8, 0)
+    reads = []
+    for p in range(4):
+        for ds in datasets:
+            ds.read.clear()
+        rows = data.rows(5, 2, 8, process=p, processes=4)
+        reads.append(sorted(datasets[0].read + datasets[1].read))
+        assert len(reads[-1]) == rows.shape[0] * rows.shape[1]  # 2 micro-batches x 2 rows, nothing more
+    for ds in datasets:
+        ds.read.clear()
+    data.rows(5, 2, 8)
+    assert sorted(s for r in reads for s in r) == sorted(
+        datasets[0].read + datasets[1].read
+    )  # together: the global batch
 
 
 def test_one_epoch_of_steps_reads_every_window_once_and_says_so():

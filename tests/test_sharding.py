@@ -68,19 +68,18 @@ class Runs:
         self.workdir = workdir
         self.cache: dict = {}
 
-    def tokens(self):
-        if "tokens" not in self.cache:
-            d = make_cfg(self.workdir).data
-            tokens = data_lib.prepare(d.source, d.tokenizer, d.val_fraction, d.bpe_vocab_size, d.cache_dir)
-            self.cache["tokens"] = tokens
-        return self.cache["tokens"]
+    def data(self):
+        if "data" not in self.cache:
+            cfg = make_cfg(self.workdir)
+            self.cache["data"] = data_lib.load(cfg.data, cfg.train.seq_len, cfg.train.seed)
+        return self.cache["data"]
 
     def setup(self, plan: str | None, flavour: str) -> trainer.Setup:
         """``plan=None``: one device."""
         key = ("setup", plan, flavour)
         if key not in self.cache:
             cfg = make_cfg(self.workdir, *FLAVOURS[flavour], *PLANS.get(plan, []))
-            model_cfg = resolve_model(cfg.model, self.tokens().tokenizer.vocab_size, cfg.train.seq_len)
+            model_cfg = resolve_model(cfg.model, self.data().tokenizer.vocab_size, cfg.train.seq_len)
             mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1] if plan is None else jax.devices())
             sharding.check_divisible(model_cfg, mesh, cfg.train.batch_size)
             self.cache[key] = trainer.build(cfg, model_cfg, mesh)
@@ -88,7 +87,7 @@ class Runs:
 
     def batch(self, setup: trainer.Setup, step: int) -> jax.Array:
         b, t = 8, 16  # TINY's train.batch_size and train.seq_len
-        local = data_lib.train_batch(self.tokens().train, 0, step, 1, b, t)
+        local = self.data().rows(step, 1, b)
         return trainer.global_batch(local, setup.batch_sharding, (1, b, t + 1))
 
     def steps(self, setup: trainer.Setup, state, first: int, last: int):
@@ -222,13 +221,18 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
 @pytest.mark.slow
 def test_two_processes_train_like_one_process(runs, workdir):
     """``python train.py ... dist.*`` as 2 processes x 4 CPU devices (gloo on 127.0.0.1) under data=2
-    fsdp=2 tensor=2 (data across the processes) logs the losses of 1 process x 8 devices."""
+    fsdp=2 tensor=2 (data across the processes), reading a prepared dataset in place, logs the losses
+    of 1 process x 8 devices."""
     run_dir = workdir / "two_processes"
     shutil.rmtree(run_dir, ignore_errors=True)
-    # The in-process run's exact config as the YAML file (train.py's default config differs), with
-    # its own token cache: the in-process reference may prepare the corpus at the same time.
-    save_config(make_cfg(workdir, *PLANS["data2_fsdp2_tensor2"]), workdir / "two_processes.yaml")
-    args = [str(workdir / "two_processes.yaml"), f"data.cache_dir={workdir / 'cache2'}", f"run.dir={run_dir}"]
+    # The in-process run's exact config as the YAML file (train.py's default config differs), its
+    # source the dataset that the in-process run prepared into its cache.
+    cfg = make_cfg(workdir, *PLANS["data2_fsdp2_tensor2"])
+    runs.data()  # prepares it
+    prepared = str(data_lib.cache_folder(cfg.data.source, cfg.data))
+    save_config(cfg, workdir / "two_processes.yaml")
+    args = [str(workdir / "two_processes.yaml"), f"data.source={prepared}"]
+    args += [f"data.cache_dir={workdir / 'unused'}", f"run.dir={run_dir}"]
     args += [f"dist.coordinator=127.0.0.1:{free_port()}", "dist.num_processes=2"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
     with open(workdir / "process0.log", "w") as out0, open(workdir / "process1.log", "w") as out1:
@@ -254,6 +258,8 @@ def test_two_processes_train_like_one_process(runs, workdir):
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]  # written once, by process 0 alone
     np.testing.assert_allclose([r["loss"] for r in train_rows[:STEPS]], one_process, rtol=1e-5)
+    assert train_rows[-1]["epochs"] == {prepared: 4 * 8 / runs.data().n_windows[0]}  # 4 steps of 8 rows
+    assert not (workdir / "unused").exists()  # nothing prepared: the dataset was read in place
     assert (run_dir / "checkpoints" / "4" / "state").is_dir()  # saved by both processes together
 
 

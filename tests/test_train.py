@@ -35,8 +35,8 @@ def test_golden_loss_of_the_first_two_steps(tiny_cfg, tmp_path):
     trainer.train(tiny_cfg("train.steps=2"), one_device())
     (s1, l1, _), (s2, l2, _) = losses(tmp_path / "run")
     assert (s1, s2) == (1, 2)
-    assert l1 == pytest.approx(5.784488677978516, rel=1e-6)  # ~ log(320): GPT-2 init predicts near uniform
-    assert l2 == pytest.approx(5.747607231140137, rel=1e-6)
+    assert l1 == pytest.approx(5.747562885284424, rel=1e-6)  # ~ log(320): GPT-2 init predicts near uniform
+    assert l2 == pytest.approx(5.775875091552734, rel=1e-6)
 
 
 def test_initialisation_traced_rolled_gives_the_unrolled_models_parameters(tiny_cfg):
@@ -69,15 +69,13 @@ def test_accumulating_two_half_batches_equals_one_full_batch(tiny_cfg):
     import jax.numpy as jnp
 
     from jaxllm.core.config import resolve_model
-    from jaxllm.data import corpus as data
     from jaxllm.parallel import sharding
 
     cfg = tiny_cfg("train.batch_size=8")
     model_cfg = resolve_model(cfg.model, 256, cfg.train.seq_len)
     mesh = sharding.make_mesh(cfg.mesh, one_device())
     setup = trainer.build(cfg, model_cfg, mesh)
-    tokens = np.arange(5000, dtype=np.uint16) % 251
-    full = data.train_batch(tokens, 0, 0, 1, 8, cfg.train.seq_len)  # [1, 8, T+1]
+    full = np.random.default_rng(0).integers(0, 256, (1, 8, cfg.train.seq_len + 1), np.int32)  # [1, 8, T+1]
     halves = full.reshape(2, 4, -1)
     with setup.context():
         s_full, m_full = setup.step(setup.init(), jnp.asarray(full))

@@ -1,13 +1,11 @@
 """The training options the shipped configs turn on, each against its definition: dropout, remat,
 bfloat16 compute, the learning-rate schedules, the weight-decay mask; and the data the runs read:
-disjoint task splits, the token cache following its corpus, evaluation windows, Hugging Face configs
-that jaxllm cannot express. Tiny in-process models (d_model 32, 2 layers, 16 positions)."""
+disjoint task splits, Hugging Face configs that jaxllm cannot express. Tiny in-process models (d_model 32, 2 layers, 16 positions)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -19,7 +17,6 @@ from equality import rel
 import jaxllm
 from jaxllm.core.config import ModelConfig, OptimConfig, resolve_model
 from jaxllm.core.errors import ConfigError
-from jaxllm.data import corpus as data
 from jaxllm.data import tasks
 from jaxllm.hf import convert as hf
 from jaxllm.model.transformer import Transformer
@@ -180,33 +177,6 @@ def test_task_splits_share_no_instruction():
     assert len(held_out) == 40 * len(tasks.TASKS)  # every held-out prompt distinct
     assert train.isdisjoint(held_out)
     assert all(tasks.is_held_out(i) for i in held_out) and not any(tasks.is_held_out(i) for i in train)
-
-
-def test_token_cache_follows_an_edited_corpus_file(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("first version of the corpus\n" * 200)
-    before = data.prepare(str(corpus), "byte", 0.1, cache_dir=str(tmp_path / "cache"))
-    assert before.tokenizer.decode(before.train[:28].tolist()) == "first version of the corpus\n"
-    corpus.write_text("a second, edited text here\n" * 200)  # same length: only the mtime tells
-    stat = corpus.stat()
-    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # an edit a second later
-    after = data.prepare(str(corpus), "byte", 0.1, cache_dir=str(tmp_path / "cache"))
-    assert after.tokenizer.decode(after.train[:27].tolist()) == "a second, edited text here\n"
-    assert after.cache_dir != before.cache_dir
-
-
-def test_eval_batches_are_evenly_spaced_windows_split_across_processes():
-    tokens = np.arange(1000, dtype=np.uint16)  # a token's value is its position, so rows show their start
-    seq_len, batch, n_batches = 16, 4, 3
-    batches = [data.eval_batch(tokens, i, n_batches, batch, seq_len) for i in range(n_batches)]
-    rows = np.concatenate(batches)
-    assert rows.shape == (n_batches * batch, seq_len + 1) and rows.dtype == np.int32
-    np.testing.assert_array_equal(rows - rows[:, :1], np.broadcast_to(np.arange(seq_len + 1), rows.shape))
-    starts = rows[:, 0]
-    assert starts[0] == 0 and starts[-1] == len(tokens) - seq_len - 1  # from the first window to the last
-    assert np.ptp(np.diff(starts)) <= 1  # evenly spaced, up to rounding
-    halves = [data.eval_batch(tokens, 1, n_batches, batch, seq_len, p, 2) for p in range(2)]
-    np.testing.assert_array_equal(np.concatenate(halves), batches[1])  # two processes hold its two halves
 
 
 # --------------------------------------------------------------------------- Hugging Face configs

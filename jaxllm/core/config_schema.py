@@ -116,12 +116,30 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = option(
-        "stdlib", "stdlib | a text file, folder or glob | a .jsonl with a 'text' field | synthetic:markov:..."
+        "stdlib",
+        "a prepared dataset (its directory, or a URL fsspec opens: gs://, s3://, file://, ...; see "
+        "python -m jaxllm.data.prepare), or a corpus prepared into data.cache_dir on first use: stdlib | a "
+        "text file, folder or glob | .jsonl | synthetic:markov:...",
     )
-    tokenizer: str = option("byte", "byte | char | bpe (trained on the corpus) | path to a tokenizer.json")
+    mixture: str = option(
+        "",
+        "a weighted mixture of sources, WEIGHT:SOURCE,... (e.g. 0.7:gs://b/web,0.3:/data/code; weights > 0, "
+        "normalised), each source as data.source, all with one tokenizer; used instead of data.source; '' = none",
+    )
+    tokenizer: str = option(
+        "byte",
+        "byte | char | bpe (trained on the corpus) | path to a tokenizer.json; a prepared dataset must have "
+        "been prepared with this one",
+    )
     bpe_vocab_size: int = option(4096, "vocabulary size when data.tokenizer=bpe", POSITIVE)
-    val_fraction: float = option(0.02, "share held out for validation: whole files, or the tail of a single file")
-    cache_dir: str = option("", "where tokenized corpora are cached; '' = ~/.cache/jaxllm")
+    val_fraction: float = option(
+        0.02, "share held out for validation when preparing: whole files, or the tail of a single file"
+    )
+    cache_dir: str = option("", "where corpora named by data.source are prepared; '' = ~/.cache/jaxllm")
+    document_mask: bool = option(
+        False, "attention stays within each document (segment ids and positions from the end-of-document id)"
+    )
+    prefetch: int = option(2, "batches built ahead of the step on a background thread; 0 = when due", NON_NEGATIVE)
 
 
 @dataclass

@@ -79,22 +79,21 @@ class TrainData:
 
         The ``n_batches * batch_size`` validation windows are each source's share of them (by weight),
         evenly spaced over its validation split, sources one after another."""
-        total = n_batches * batch_size
-        counts = shares([s.weight for s in self.sources], total)
-        first = index * batch_size + process * (batch_size // processes)
-        rows = np.arange(first, first + batch_size // processes)
-        source_R = np.searchsorted(np.cumsum(counts), rows, side="right")
-        out = np.empty((len(rows), self.seq_len + 1), np.int32)
+        counts = shares([s.weight for s in self.sources], n_batches * batch_size)
+        firsts = np.cumsum(counts) - counts  # each source's first row
+        per = batch_size // processes
+        rows = index * batch_size + process * per + np.arange(per)
+        source_R = np.searchsorted(firsts, rows, side="right") - 1
+        out = np.empty((per, self.seq_len + 1), np.int32)
         for i, src in enumerate(self.sources):
             sel = source_R == i
             if sel.any():
                 last = src.dataset.num_tokens("val") - self.seq_len - 1
                 starts = np.linspace(0, last, counts[i]).astype(np.int64)
-                out[sel] = src.dataset.windows(
-                    "val", starts[rows[sel] - (np.cumsum(counts) - counts)[i]], self.seq_len + 1
-                )
+                out[sel] = src.dataset.windows("val", starts[rows[sel] - firsts[i]], self.seq_len + 1)
         return out
 
     def prompt_ids(self, n: int) -> list[int]:
         """The first ``n`` validation tokens of the first source (the default sample prompt)."""
-        return self.sources[0].dataset.windows("val", np.zeros(1, np.int64), n)[0].tolist()
+        ds = self.sources[0].dataset
+        return ds.windows("val", np.zeros(1, np.int64), min(n, ds.num_tokens("val")))[0].tolist()

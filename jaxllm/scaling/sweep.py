@@ -224,11 +224,10 @@ def run_config(cfg: Config, shape: Shape, steps: int, run_dir: Path) -> Config:
 
 
 def vocab_size(cfg: Config) -> int:
-    """The tokenizer's vocabulary for ``cfg.data`` (tokenizes the corpus once; cached afterwards)."""
+    """The tokenizer's vocabulary for ``cfg.data`` (prepares the corpus once; cached afterwards)."""
     from jaxllm.data import corpus as data_lib
 
-    d = cfg.data
-    return data_lib.prepare(d.source, d.tokenizer, d.val_fraction, d.bpe_vocab_size, d.cache_dir).tokenizer.vocab_size
+    return data_lib.load(cfg.data, cfg.train.seq_len, cfg.train.seed).tokenizer.vocab_size
 
 
 def sweep_plan(cfg: SweepConfig) -> list[RunSpec]:

@@ -65,6 +65,7 @@ class Parts:
     evaluate: Callable[[Any, int], tuple[dict, str]] | None = None  # (state, step) -> (record, text to print)
     is_main: bool = True
     progress: bool = True
+    data_stats: Callable[[int], dict] | None = None  # step -> the data's fields of its training record (epochs)
 
 
 @dataclass
@@ -152,6 +153,7 @@ def report(pending: list[tuple[int, Any]], parts: Parts, meter: Throughput, save
         "mfu": parts.mfu(tps),
         "layer_grad_norms": [float(x) for x in m["layer_grad_norms"]],
         **{k: np.asarray(v).tolist() for k, v in m.items() if k.startswith("moe_")},  # per MoE layer
+        **(parts.data_stats(s) if parts.data_stats is not None else {}),
     }
 
 

@@ -1,7 +1,7 @@
 """Pre-training: set-up (model, mesh, shardings, jitted steps) and the run around the shared loop.
 
-Data path: ``data.train_batch`` (numpy, this process's rows) -> a global ``jax.Array`` sharded over
-the data axes -> ``train_step`` (``jax.jit`` with explicit shardings, the state donated) -> metrics
+Data path: ``TrainData.rows`` (numpy, this process's rows of prepared datasets, built ahead on the
+prefetch thread) -> a global ``jax.Array`` sharded over the data axes -> ``train_step`` (``jax.jit`` with explicit shardings, the state donated) -> metrics
 fetched every ``log.every`` steps -> ``metrics.jsonl``, TensorBoard, the progress bar
 (:mod:`jaxllm.train.loop`, which fine-tuning and distillation share).
 
@@ -28,10 +28,12 @@ import numpy as np
 import optax
 
 from jaxllm.core.config import Config, ModelConfig, resolve_model, save_config, to_dict, validate
-from jaxllm.core.errors import UserError
+from jaxllm.core.errors import ConfigError, UserError
 from jaxllm.core.runtime import init_process, one_off_compiler_options
 from jaxllm.data import corpus as data_lib
 from jaxllm.data import synthetic
+from jaxllm.data.batches import TrainData
+from jaxllm.data.prefetch import Prefetcher
 from jaxllm.model import decode, flops
 from jaxllm.model.transformer import Transformer
 from jaxllm.parallel import pipeline, sharding
@@ -70,8 +72,9 @@ class Setup:
             yield
 
 
-def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup:
-    """Model, optimizer and shardings; jitted init/step/eval with explicit shardings and donation."""
+def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh, eod_id: int | None = None) -> Setup:
+    """Model, optimizer and shardings; jitted init/step/eval with explicit shardings and donation.
+    ``eod_id``: attention stays within documents (``data.document_mask``; see :func:`document_eod`)."""
     rule_table = sharding.rules(cfg.mesh)
     model = Transformer(model_cfg, deterministic=model_cfg.dropout == 0.0)
     eval_model = Transformer(model_cfg, deterministic=True)
@@ -92,7 +95,7 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup
     state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl)
 
     batch_sh = sharding.batch_sharding(mesh, leading=1)
-    loss_fn, eval_step = make_loss_fn(model), make_eval_step(eval_model)
+    loss_fn, eval_step = make_loss_fn(model, eod_id), make_eval_step(eval_model, eod_id)
     if mesh.shape["pipe"] > 1:
         loss_fn = pipeline.make_loss_fn(model, cfg.pipeline, mesh, rule_table, param_sh["blocks"])
         eval_step = pipeline.make_eval_fn(eval_model, cfg.pipeline, mesh, rule_table, param_sh["blocks"])
@@ -152,47 +155,51 @@ def global_batch(local_np: np.ndarray, sharding_: Any, global_shape: tuple[int, 
     return jax.make_array_from_process_local_data(sharding_, local_np, global_shape)
 
 
-def _prepare_tokens(cfg: Config) -> data_lib.TokenData:
-    """Tokenizes the corpus (or reads its cache). With several processes, process 0 goes first: hosts
-    sharing a file system would otherwise write the same cache files at once. Its error is raised
-    after the barrier, so the other processes fail the same way instead of waiting forever."""
-    d = cfg.data
+def _prepare_data(cfg: Config) -> TrainData:
+    """The run's prepared datasets; corpora among the sources are prepared into the cache first. With
+    several processes, process 0 prepares: hosts sharing a file system would otherwise write the same
+    cache at once. Its error is raised after the barrier, so the other processes fail the same way
+    instead of waiting forever."""
+    d, t = cfg.data, cfg.train
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-    def prepare() -> data_lib.TokenData:
-        return data_lib.prepare(d.source, d.tokenizer, d.val_fraction, d.bpe_vocab_size, d.cache_dir)
-
-    if jax.process_count() == 1:
-        return prepare()
-    from jax.experimental import multihost_utils
-
-    error = None
-    if jax.process_index() == 0:
-        try:
-            prepare()
-        except UserError as e:
-            error = e
-    multihost_utils.sync_global_devices("jaxllm: tokens cached")
-    if error is not None:
-        raise error
-    return prepare()
+        error = None
+        if jax.process_index() == 0:
+            try:
+                data_lib.prepare_into_cache(d)
+            except UserError as e:
+                error = e
+        multihost_utils.sync_global_devices("jaxllm: data prepared")
+        if error is not None:
+            raise error
+    return data_lib.load(d, t.seq_len, t.seed)
 
 
-def prepare_run(cfg: Config, devices: list | None = None) -> tuple[data_lib.TokenData, ModelConfig, jax.sharding.Mesh]:
+def document_eod(cfg: Config, data: TrainData) -> int | None:
+    """The end-of-document id that ``data.document_mask`` masks attention at; None when it is off."""
+    if not cfg.data.document_mask:
+        return None
+    if cfg.mesh.pipe > 1 or cfg.distill.teacher:
+        raise ConfigError("data.document_mask=true is not supported with mesh.pipe > 1 or distill.teacher")
+    return data.eod_id
+
+
+def prepare_run(cfg: Config, devices: list | None = None) -> tuple[TrainData, ModelConfig, jax.sharding.Mesh]:
     """All checks that can refuse the run, done before anything is written to ``run.dir``.
 
     ``devices``: the devices of the mesh (default: all visible ones)."""
     validate(cfg)
     init_process(cfg)
-    tokens = _prepare_tokens(cfg)
-    data_lib.check_length(tokens.train, cfg.train.seq_len, "train")
-    data_lib.check_length(tokens.val, cfg.train.seq_len, "validation")
-    decode.check_sample_prompt(tokens.tokenizer, cfg.eval)
-    model_cfg = resolve_model(cfg.model, tokens.tokenizer.vocab_size, cfg.train.seq_len)
+    data = _prepare_data(cfg)
+    document_eod(cfg, data)
+    decode.check_sample_prompt(data.tokenizer, cfg.eval)
+    model_cfg = resolve_model(cfg.model, data.tokenizer.vocab_size, cfg.train.seq_len)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_divisible(model_cfg, mesh, cfg.train.batch_size, jax.process_count())
     pipeline.check(model_cfg, cfg.pipeline, mesh, cfg.train.batch_size)
     if cfg.distill.teacher:
-        distill.check_teacher(cfg.distill.teacher, model_cfg, tokens.tokenizer, cfg.train.seq_len, mesh.shape["pipe"])
+        distill.check_teacher(cfg.distill.teacher, model_cfg, data.tokenizer, cfg.train.seq_len, mesh.shape["pipe"])
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         checker = ckpt.Checkpointer(Path(cfg.run.dir), cfg.checkpoint.keep)
@@ -200,7 +207,7 @@ def prepare_run(cfg: Config, devices: list | None = None) -> tuple[data_lib.Toke
             checker.check_model(model_cfg)
         finally:
             checker.close()
-    return tokens, model_cfg, mesh
+    return data, model_cfg, mesh
 
 
 # --------------------------------------------------------------------------- the run's parts
@@ -222,12 +229,12 @@ def process_rows(cfg: Config, batch_sharding: Any) -> tuple[int, int]:
     return sharding.process_block(batch_sharding, (t.grad_accum, t.batch_size, t.seq_len + 1), axis=1)
 
 
-def batch_at(tokens: np.ndarray, cfg: Config, batch_sharding: Any, step: int) -> jax.Array:
-    """The global batch ``[A, B, T+1]`` of ``step``, this process supplying its own rows."""
+def batch_at(data: TrainData, cfg: Config, batch_sharding: Any, step: int) -> jax.Array:
+    """The global batch ``[A, B, T+1]`` of ``step``, this process supplying (and reading) its own rows."""
     t = cfg.train
     shape = (t.grad_accum, t.batch_size, t.seq_len + 1)
     proc, nproc = process_rows(cfg, batch_sharding)
-    local = data_lib.train_batch(tokens, t.seed, step, t.grad_accum, t.batch_size, t.seq_len, proc, nproc)
+    local = data.rows(step, t.grad_accum, t.batch_size, proc, nproc)
     return global_batch(local, batch_sharding, shape)
 
 
@@ -237,7 +244,7 @@ class Evaluator:
 
     cfg: Config
     setup: Setup
-    tokens: data_lib.TokenData
+    data: TrainData
     apply_fn: Callable  # one function for the whole run: the sampler's compiled program is cached by it
 
     def loss(self, params) -> float:
@@ -246,16 +253,16 @@ class Evaluator:
         proc, nproc = process_rows(self.cfg, self.setup.batch_sharding)
         losses, previous = [], None
         for i in range(n):
-            local = data_lib.eval_batch(self.tokens.val, i, n, t.batch_size, t.seq_len, proc, nproc)
+            local = self.data.eval_rows(i, n, t.batch_size, proc, nproc)
             losses.append(self.setup.eval(params, global_batch(local, batch_sh, (t.batch_size, t.seq_len + 1))))
             previous = loop.two_in_flight(previous, losses[-1])
         return float(np.mean(jax.device_get(losses)))
 
     def sample(self, params) -> str:
-        e, m, tok = self.cfg.eval, self.setup.model_cfg, self.tokens.tokenizer
+        e, m, tok = self.cfg.eval, self.setup.model_cfg, self.data.tokenizer
         if e.sample_tokens <= 0:
             return ""
-        prompt_text = e.sample_prompt or tok.decode(self.tokens.val[:16].tolist())
+        prompt_text = e.sample_prompt or tok.decode(self.data.prompt_ids(16))
         prompt = tok.encode(prompt_text)[: m.max_seq_len // 2]
         n_new = min(e.sample_tokens, m.max_seq_len - len(prompt))
         out = decode.generate_tokens(
@@ -288,12 +295,12 @@ def model_flops_utilisation(
     return functools.partial(flops.mfu, cfg=model_cfg, seq_len=seq_len, total_peak=total)
 
 
-def banner(cfg: Config, setup: Setup, tokens: data_lib.TokenData, start: int, restored: bool) -> None:
+def banner(cfg: Config, setup: Setup, data: TrainData, start: int, restored: bool) -> None:
     m, counts = setup.model_cfg, flops.param_counts(setup.model_cfg)
     print(
         f"jaxllm: {m.arch} {m.n_layer}x{m.d_model}, {counts['total'] / 1e6:.2f}M params "
         f"({counts['non_embedding'] / 1e6:.2f}M non-embedding), vocab {m.vocab_size}, "
-        f"{len(tokens.train) / 1e6:.2f}M train tokens, mesh {dict(setup.mesh.shape)}, "
+        f"{data.train_tokens / 1e6:.2f}M train tokens, mesh {dict(setup.mesh.shape)}, "
         + (f"resuming at step {start}" if restored else "from scratch"),
         file=sys.stderr,
     )
@@ -317,42 +324,54 @@ def cadence(cfg: Config) -> loop.Cadence:
 
 def train(cfg: Config, devices: list | None = None) -> dict:
     """Runs (or resumes) ``cfg`` on ``devices`` (default: all) and returns a summary."""
-    tokens, model_cfg, mesh = prepare_run(cfg, devices)
-    setup = build(cfg, model_cfg, mesh)  # may still refuse the run (mesh.rules), so before any write
+    data, model_cfg, mesh = prepare_run(cfg, devices)
+    setup = build(cfg, model_cfg, mesh, document_eod(cfg, data))  # may still refuse the run (mesh.rules)
     run_dir = Path(cfg.run.dir)
     with lock(run_dir, "another training run"):
-        return _train(cfg, setup, tokens, run_dir)
+        return _train(cfg, setup, data, run_dir)
 
 
-def _train(cfg: Config, setup: Setup, tokens: data_lib.TokenData, run_dir: Path) -> dict:
+def data_stats(data: TrainData, cfg: Config, batches: Prefetcher, step: int) -> dict:
+    """What metrics.jsonl records of the data after ``step`` steps: epochs of each source read, and the
+    seconds the loop has waited for batches (~0 while prefetching hides reading behind the step)."""
+    epochs = data.epochs(step, cfg.train.grad_accum, cfg.train.batch_size)
+    return {"epochs": epochs, "data_wait_s": batches.wait_s}
+
+
+def _train(cfg: Config, setup: Setup, data: TrainData, run_dir: Path) -> dict:
     is_main = jax.process_index() == 0
     checkpointer = ckpt.Checkpointer(run_dir, cfg.checkpoint.keep)
     log = None
+    t = cfg.train
+    batches = Prefetcher(
+        functools.partial(batch_at, data, cfg, setup.batch_sharding), depth=cfg.data.prefetch, stop=t.steps
+    )
     try:
         state, start, restored = restore_or_init(checkpointer, setup)  # before any write: it may refuse
         resolved = Config(**{**vars(cfg), "model": setup.model_cfg})
         if is_main:
             save_config(resolved, run_dir / "config.yaml")
-            tokens.tokenizer.save(run_dir)
+            data.tokenizer.save(run_dir)
         log = MetricsLog(run_dir / "metrics.jsonl", start, is_main, run_dir / "tb" if cfg.log.tensorboard else None)
         if is_main:
-            banner(cfg, setup, tokens, start, restored)
-        t = cfg.train
+            banner(cfg, setup, data, start, restored)
         parts = loop.Parts(
             step=setup.step,
-            batch_at=functools.partial(batch_at, tokens.train, cfg, setup.batch_sharding),
+            batch_at=batches.get,
             save=functools.partial(save_state, checkpointer, to_dict(setup.model_cfg), to_dict(resolved)),
             checkpoint_dir=checkpointer.directory,
             log=log,
             mfu=model_flops_utilisation(setup.model_cfg, setup.mesh, t.seq_len, cfg.log.peak_flops),
             tokens_per_step=t.batch_size * t.grad_accum * t.seq_len,
             context=setup.context,
-            evaluate=Evaluator(cfg, setup, tokens, _apply_fn(setup.model.clone(deterministic=True))),
+            evaluate=Evaluator(cfg, setup, data, _apply_fn(setup.model.clone(deterministic=True))),
             is_main=is_main,
             progress=cfg.log.progress,
+            data_stats=functools.partial(data_stats, data, cfg, batches),
         )
         out = loop.run(parts, cadence(cfg), state, start, start if restored else None)
     finally:
+        batches.close()
         checkpointer.close()
         if log is not None:
             log.close()
