@@ -39,7 +39,7 @@ MODEL = [
     "model.n_layer=2",
     "model.d_model=256",
     "model.n_head=4",
-    "model.vocab_size=256",
+    "model.vocab_size=320",
     "train.batch_size=1",
     "optim.warmup_steps=1",
 ]

@@ -27,7 +27,7 @@ MODEL = [
     "model.n_layer=8",
     "model.d_model=256",
     "model.n_head=8",
-    "model.vocab_size=256",
+    "model.vocab_size=320",
     "train.seq_len=64",
     "train.batch_size=16",
 ]

@@ -250,7 +250,7 @@ def _integer_dtype(d):
             _wrong_shape,
             r"tensor 'model.layers.1.mlp.up_proj.weight' is \(64, 16\) but config.json describes \(64, 32\)",
         ),
-        (_integer_dtype, r"tensor 'model.layers.0.input_layernorm.weight' is I32; jaxllm's parameters take floating"),
+        (_integer_dtype, r"tensor 'model.layers.0.input_layernorm.weight' has dtype 'I32'; readable: F64"),
     ],
     ids=["index_names_a_missing_file", "wrong_shape", "integer_dtype"],
 )

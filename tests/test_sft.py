@@ -15,6 +15,7 @@ from equality import rel
 from jaxllm.core.config import ModelConfig, OptimConfig, SFTConfig, load_config, resolve_model
 from jaxllm.core.errors import ConfigError
 from jaxllm.data import chat
+from jaxllm.data import tokenizer as tokenizers
 from jaxllm.data.tokenizer import ByteTokenizer, HFTokenizer
 from jaxllm.hf import convert as hf
 from jaxllm.model.transformer import Transformer
@@ -45,7 +46,15 @@ BASE_VOCAB = ByteTokenizer().vocab_size  # the chat markers are new rows beyond 
 def tiny(arch: str = "gpt2", **kw) -> tuple[Transformer, dict]:
     """A model over the chat vocabulary whose params hold the markers' rows apart, as sft.prepare does."""
     cfg = resolve_model(
-        ModelConfig(arch=arch, n_layer=2, d_model=32, n_head=4, n_kv_head=2 if arch == "llama" else 0, **kw),
+        ModelConfig(
+            arch=arch,
+            n_layer=2,
+            d_model=32,
+            n_head=4,
+            n_kv_head=2 if arch == "llama" else 0,
+            vocab_size=TOK.vocab_size,
+            **kw,
+        ),
         TOK.vocab_size,
         2 * SEQ,
     )
@@ -355,7 +364,8 @@ def test_a_model_override_that_changes_the_hf_base_shape_is_refused(hf_base, ove
 def test_a_hf_base_with_a_chat_template_fine_tunes_on_its_template_and_special_tokens(hf_chat_base):
     p = sft.prepare(sft_cfg(hf_chat_base, "mesh.data=1"), jax.devices()[:1])
     tok = p.tokenizer
-    assert p.model_cfg.vocab_size == tok.vocab_size and "new_tokens" not in p.params  # no jaxllm markers added
+    no_markers_added = p.model_cfg.vocab_size == p.base_config.model.vocab_size and "new_tokens" not in p.params
+    assert no_markers_added and tok.vocab_size <= p.model_cfg.vocab_size
     first = chat.encode(tok, sft.load_data(sft_cfg(hf_chat_base), tok)[0][0])[0]
     assert tok.decode(first).startswith("<|im_start|>user\n") and p.rows[0, chat.INPUTS, 0] == first[0]
     unused = p.rows[:, chat.SEGMENTS] == 0
@@ -370,3 +380,16 @@ def test_a_hf_base_without_a_tokenizer_is_refused_in_one_line(hf_base, tmp_path)
     bare = shutil.copytree(hf_base, tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*.json"))
     with pytest.raises(ConfigError, match="has no tokenizer.json: fine-tuning on text needs the model's tokenizer"):
         sft.prepare(sft_cfg(bare, "mesh.data=1"), jax.devices()[:1])
+
+
+def test_chat_markers_beyond_the_base_tokenizer_are_new_rows_even_where_the_table_has_padding(tmp_path):
+    base_tok = tokenizers.build("byte", [], 0)  # 257 tokens: the table is padded to 320 rows
+    base = write_hf_base(tmp_path, base_tok)
+    p = sft.prepare(sft_cfg(base, "mesh.data=1", "sft.method=lora"), jax.devices()[:1])
+    base_rows = base_tok.vocab_size
+    assert p.base_config.model.vocab_size > p.tokenizer.vocab_size > base_rows  # the markers fit the padding
+    new = p.params["new_tokens"]["embedding"]
+    assert p.model_cfg.vocab_size == p.tokenizer.vocab_size and new.shape[0] == p.tokenizer.vocab_size - base_rows
+    assert p.params["wte"]["embedding"].shape[0] == base_rows
+    np.testing.assert_allclose(new, np.broadcast_to(p.params["wte"]["embedding"].mean(0), new.shape), rtol=1e-6)
+    assert peft.trainable_mask(p.params, "lora")["new_tokens"]["embedding"]

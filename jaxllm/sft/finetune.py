@@ -247,9 +247,12 @@ def prepare(cfg: SFTConfig, devices: list | None = None) -> Prepared:
     tok = chat.chat_tokenizer(base.tokenizer)
     method = cfg.sft.method
     m = base.config.model
+    # Chat markers the base tokenizer lacks are new rows of their own (trained by every method), even
+    # where the base table's padding rows could hold them: those were never trained as tokens.
+    grown = tok.vocab_size > base.tokenizer.vocab_size
     model_cfg = dataclasses.replace(
         m,
-        vocab_size=max(m.vocab_size, tok.vocab_size),
+        vocab_size=tok.vocab_size if grown else m.vocab_size,
         adapter_dim=cfg.adapter.dim if method == "adapter" else m.adapter_dim,
         prompt_tokens=cfg.prompt.n_virtual_tokens if method == "prompt" else m.prompt_tokens,
     )
@@ -259,7 +262,8 @@ def prepare(cfg: SFTConfig, devices: list | None = None) -> Prepared:
             f"train.seq_len={cfg.train.seq_len} exceeds the model's context of {model_cfg.max_seq_len} tokens"
         )
     key = jax.random.PRNGKey(cfg.train.seed)
-    params = peft.new_tokens_init(base.params, model_cfg.vocab_size)
+    base_params = peft.vocab_rows(base.params, base.tokenizer.vocab_size) if grown else base.params
+    params = peft.new_tokens_init(base_params, model_cfg.vocab_size)
     lora_scale = 0.0
     if method == "lora":
         targets = peft.parse_targets(cfg.lora.targets, params, model_cfg.arch)

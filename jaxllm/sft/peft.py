@@ -129,6 +129,15 @@ def adapter_init(model_cfg: ModelConfig, key: jax.Array) -> dict:
 # --------------------------------------------------------------------------- new tokens
 
 
+def vocab_rows(params: dict, n: int) -> dict:
+    """``params`` with only the first ``n`` rows of the embedding table (and columns of an untied output
+    layer): the tokenizer's own, without the rows that round the table up to a multiple of 64."""
+    out = {**params, "wte": {"embedding": params["wte"]["embedding"][:n]}}
+    if "lm_head" in params:
+        out["lm_head"] = {**params["lm_head"], "kernel": params["lm_head"]["kernel"][:, :n]}
+    return out
+
+
 def new_tokens_init(params: dict, vocab_size: int) -> dict:
     """``params`` plus ``new_tokens``: the rows (and untied output columns) from the base vocabulary
     up to ``vocab_size``, each the mean of the old ones, so new tokens start with average logits
