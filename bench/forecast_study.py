@@ -1,4 +1,4 @@
-"""Does a sweep of small runs forecast a 10x larger one? The study of issue #17, on two corpora.
+"""Does a sweep of small runs forecast a 10x larger one? A study on two corpora.
 
     python bench/forecast_study.py [--corpus markov|stdlib|both] [--out-root runs] [--multiple 10] [--fix-E]
 

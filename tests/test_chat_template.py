@@ -1,4 +1,4 @@
-"""Hugging Face tokenizers in fine-tuning (issue 18): the chat template of a tokenizer_config.json
+"""Hugging Face tokenizers in fine-tuning: the chat template of a tokenizer_config.json
 renders conversations to the very ids transformers' apply_chat_template gives, the loss mask covers the
 assistant's tokens only, and the special tokens (bos, eos, pad) are the ones the config names."""
 

@@ -219,7 +219,7 @@ def test_cli_unknown_quantization_mode_exits_2_with_one_line(run_dir, capsys):
     assert err.count("\n") == 1 and "unknown quantization mode 'int3'" in err
 
 
-# --------------------------------------------------------------------------- refusals (issue 12 items 8, 10)
+# --------------------------------------------------------------------------- refusals
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Mixtral interop (issue 16): a random small MixtralForCausalLM built with transformers loads through
+"""Mixtral interop: a random small MixtralForCausalLM built with transformers loads through
 jaxllm.load into jaxllm's mixture-of-experts blocks (jaxllm.model.moe: dropless, top-2, probabilities
 renormalised) with transformers' logits, on one device and streamed into an expert-parallel mesh;
 save_hf writes back the very same tensors; what jaxllm cannot run the same way is refused."""

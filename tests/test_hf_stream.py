@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints at scale (issue 18): a checkpoint that transformers split into several
+"""Hugging Face checkpoints at scale: a checkpoint that transformers split into several
 safetensors files streams into parameters sharded over 8 faked devices, each device reading only its
 block, with transformers' logits; the host holds about one tensor at a time; save_hf of a sharded
 model writes an index over its size cap and transformers reads it back to the same logits; a

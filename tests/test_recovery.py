@@ -1,5 +1,5 @@
 """Never lose a run: config changes refused, damage set aside, only finite state saved, torn metrics
-trimmed, one writer per run directory (issue 12, items 2-7)."""
+trimmed, one writer per run directory."""
 
 from __future__ import annotations
 
