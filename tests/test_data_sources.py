@@ -3,6 +3,7 @@ cache once, one tokenizer for every source; bad sources refused in one line befo
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import fsspec
@@ -136,13 +137,33 @@ def refusal(tmp_path, capsys, *overrides: str) -> str:
         (["data.tokenizer=byte", "data.source={char}"], "prepared with a char tokenizer"),
         (["data.source=memory://nowhere/dataset"], "memory://nowhere/dataset"),
         (["data.source=file:///nonexistent/dataset"], "/nonexistent/dataset"),
+        pytest.param(
+            ["data.source=http://127.0.0.1:9/dataset"],
+            "cannot read",
+            marks=pytest.mark.skipif(importlib.util.find_spec("aiohttp") is None, reason="fsspec's http needs aiohttp"),
+        ),
         (["data.mixture=0.5:{byte},0:{byte}"], "weight of"),
         (["data.mixture=0.5:{byte},-2:{byte}"], "weight of"),
         (["data.mixture=1:{byte},1:{char}"], "tokenizer"),
     ],
-    ids=["tokenizer", "memory_url", "file_url", "zero_weight", "negative_weight", "mixed_tokenizers"],
+    ids=[
+        "tokenizer",
+        "memory_url",
+        "file_url",
+        "unreachable_url",
+        "zero_weight",
+        "negative_weight",
+        "mixed_tokenizers",
+    ],
 )
 def test_bad_sources_exit_2_in_one_line_before_run_dir_exists(tmp_path, capsys, prepared, overrides, message):
     paths = {k: str(v) for k, v in prepared.items()}
     line = refusal(tmp_path, capsys, *(o.format(**paths) for o in overrides))
     assert message in line, line
+
+
+def test_a_bad_corpus_is_refused_in_one_line_and_leaves_nothing_in_the_cache(tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "a fine document"}\n{"text": "another"}\n[1, 2]\n')
+    line = refusal(tmp_path, capsys, f"data.source={tmp_path / 'bad.jsonl'}")
+    assert "bad.jsonl" in line and "is not a JSON object" in line, line
+    assert not (tmp_path / "cache").exists()  # no half-prepared dataset for a later run to trip on

@@ -82,10 +82,33 @@ def test_bytes_that_are_not_utf8_are_named_by_file_and_offset(capsys, tmp_path, 
     assert "b.txt is not UTF-8 text (byte 3" in prepare_cli(capsys, tmp_path / "o", str(tmp_path / "t"))
 
 
-def test_a_task_outside_the_tasks_is_refused(capsys, tmp_path, jsonl):
-    assert "--task 2 is outside --tasks 2" in prepare_cli(
-        capsys, tmp_path / "o", "--task", "2", "--tasks", "2", str(jsonl)
-    )
+@pytest.mark.parametrize(
+    ("task", "tasks", "message"),
+    [(2, 2, "--task 2 is outside --tasks 2"), (-1, 2, "--task -1 is outside"), (0, 0, "--tasks must be at least 1")],
+)
+def test_a_task_outside_the_tasks_is_refused(capsys, tmp_path, jsonl, task, tasks, message):
+    assert message in prepare_cli(capsys, tmp_path / "o", "--task", str(task), "--tasks", str(tasks), str(jsonl))
+
+
+def test_an_output_url_is_refused_before_anything_is_written(capsys, tmp_path, jsonl, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    err = run_cli(capsys, prep.main, "--out", "gs://bucket/ds", "--workers", "1", str(jsonl))
+    assert "--out gs://bucket/ds is a URL" in err and sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_file_url_output_is_its_local_folder(tmp_path, jsonl):
+    prep.prepare([str(jsonl)], f"file://{tmp_path / 'ds'}", workers=1, progress=False)
+    assert open_dataset(tmp_path / "ds").num_documents("train") > 0
+
+
+def test_a_refused_preparation_removes_the_folders_it_created(capsys, tmp_path):
+    (tmp_path / "blank.jsonl").write_text('{"text": "  "}\n')
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "other").mkdir()  # as if another preparation wrote beside this one
+    out = tmp_path / "kept" / "new" / "deeper" / "ds"
+    assert "no training documents" in prepare_cli(capsys, out, str(tmp_path / "blank.jsonl"))
+    assert sorted(os.listdir(tmp_path / "kept")) == ["other"]
 
 
 def test_an_output_folder_holding_other_files_or_another_preparation_is_refused(capsys, tmp_path, jsonl):

@@ -51,9 +51,19 @@ def plan(parts: list[tuple[Piece, ...]], tokenizer: dict, options: dict) -> byte
     return (json.dumps(plan, indent=1) + "\n").encode()
 
 
-def claim(root: Path, plan: bytes) -> bool:
-    """Makes ``root`` this preparation's folder (True if this call created it), refusing a file,
-    a folder of other files or another preparation's folder."""
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (None if ``path`` exists)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def claim(root: Path, plan: bytes) -> Path | None:
+    """Makes ``root`` this preparation's folder, refusing a file, a folder of other files or another
+    preparation's folder; returns the outermost folder this call created (None if ``root`` existed)."""
     if root.exists() and not root.is_dir():
         raise UserError(f"--out {root} is a file, not a folder")
     plan_path = root / "parts" / "plan.json"
@@ -68,13 +78,26 @@ def claim(root: Path, plan: bytes) -> bool:
     )
     if others:
         raise DataError(f"--out {root} holds other files ({others[0]}, ...); choose a new or empty folder")
-    created = not root.exists()
+    created = _first_missing(root.absolute())
     try:
         (root / "parts").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {root}: {e.strerror}") from None
     atomic_write(plan_path, plan)
     return created
+
+
+def unclaim(root: Path, created: Path) -> None:
+    """Removes ``root`` and the folders above it up to ``created`` (what :func:`claim` made), each
+    only while empty: a folder another preparation wrote into meanwhile stays."""
+    shutil.rmtree(root, ignore_errors=True)
+    folder = root.absolute().parent
+    while created in (folder, *folder.parents):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
 
 
 def place_once(source: Path, target: Path) -> None:

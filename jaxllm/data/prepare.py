@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -48,7 +47,9 @@ CHUNK_CHARS, CHUNK_DOCS = 1 << 20, 1024  # one task for a worker: enough text to
 
 def _check_options(tokenizer: str, bpe_vocab_size: int, val_fraction: float, workers: int,
                    task: int, tasks: int, shard_tokens: int, part_mb: float, bpe_sample_mb: float) -> None:  # fmt: skip
-    if tasks < 1 or not 0 <= task < tasks:
+    if tasks < 1:
+        raise ConfigError(f"--tasks must be at least 1, got {tasks}")
+    if not 0 <= task < tasks:
         raise ConfigError(f"--task {task} is outside --tasks {tasks}: tasks are numbered 0 to {tasks - 1}")
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
@@ -56,6 +57,18 @@ def _check_options(tokenizer: str, bpe_vocab_size: int, val_fraction: float, wor
         raise ConfigError("--workers must be >= 0 and --shard-tokens, --part-mb, --bpe-sample-mb positive")
     if tokenizer == "bpe" and bpe_vocab_size <= 256:
         raise ConfigError(f"--bpe-vocab-size must exceed the 256 byte ids, got {bpe_vocab_size}")
+
+
+def _out_folder(out: str) -> Path:
+    """``--out`` as a local path; a URL other than ``file://`` is refused (renames and hard links
+    keep a preparation whole and resumable, which an object store does not offer)."""
+    local = out.removeprefix("file://")
+    if "://" in local:
+        raise ConfigError(
+            f"--out {out} is a URL: prepare into a local or shared-filesystem folder, then copy the "
+            "finished folder there (gcloud storage cp -r, aws s3 cp --recursive); training reads it by URL"
+        )
+    return Path(local)
 
 
 def _tokenizer_identity(spec: str) -> dict:
@@ -204,6 +217,7 @@ def prepare(
     docstring); ``workers=0`` uses every core. Bad input is a one-line UserError, raised before
     anything is written where it can be (sources, options), else with no shard left half-written."""
     _check_options(tokenizer, bpe_vocab_size, val_fraction, workers, task, tasks, shard_tokens, part_mb, bpe_sample_mb)
+    root = _out_folder(out)
     part_bytes = int(part_mb * 1e6)
     parts = group(expand(list(sources), text_field, part_bytes), part_bytes)
     options = {
@@ -214,7 +228,6 @@ def prepare(
         **({"bpe_vocab_size": bpe_vocab_size, "bpe_sample_mb": bpe_sample_mb} if tokenizer == "bpe" else {}),
     }
     plan = dataset_dir.plan(parts, _tokenizer_identity(tokenizer), options)
-    root = Path(out)
     created = dataset_dir.claim(root, plan)
     if (root / INDEX).is_file():
         if progress:
@@ -231,8 +244,8 @@ def prepare(
             _run(root, [(p, parts[p]) for p in todo], options, dtype, workers or _cores(), progress, stats)
         index = dataset_dir.finish(root, plan, len(parts), tok)
     except BaseException:
-        if created and tasks == 1 and not any(root.glob("*.bin")):
-            shutil.rmtree(root, ignore_errors=True)  # no shard finished: leave no trace of this run
+        if created is not None and tasks == 1 and not any(root.glob("*.bin")):
+            dataset_dir.unclaim(root, created)  # no shard finished: leave no trace of this run
         raise
     if progress:
         print(_summary(out, index, stats, task, tasks), file=sys.stderr)
