@@ -1,7 +1,7 @@
 """A Hugging Face export that transformers loads as jaxllm runs it: for gpt2 and llama models with byte,
-char and bpe tokenizers, AutoTokenizer encodes every string to jaxllm's ids, greedy generate gives
-jaxllm's greedy text without a warning about token ids, and a fine-tuned model's chat template renders
-sft.py's ids."""
+char and bpe tokenizers (and a mixtral with bpe), AutoTokenizer encodes every string to jaxllm's ids,
+greedy generate gives jaxllm's greedy text without a warning about token ids, and a fine-tuned model's
+chat template (jaxllm's markers or a Hub tokenizer's own) renders sft.py's ids."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm.core.config import Config, ModelConfig
+from jaxllm.core.config import Config, ModelConfig, MoEConfig
 from jaxllm.core.errors import ConfigError
 from jaxllm.data import chat
 from jaxllm.data import tokenizer as tokenizers
@@ -37,9 +37,11 @@ def tokenizer(kind: str) -> tokenizers.Tokenizer:
 
 
 def model_config(arch: str, vocab: int) -> ModelConfig:
+    """A tiny model of ``arch``: gpt2, llama, or mixtral (llama with 4 top-2 experts per block)."""
     return ModelConfig(
-        arch=arch, n_layer=2, d_model=32, n_head=4, n_kv_head=2 if arch == "llama" else 4,
-        d_ff=64, vocab_size=-(-vocab // 64) * 64, max_seq_len=48, tie_embeddings=arch == "gpt2",
+        arch="gpt2" if arch == "gpt2" else "llama", n_layer=2, d_model=32, n_head=4,
+        n_kv_head=4 if arch == "gpt2" else 2, d_ff=64, vocab_size=-(-vocab // 64) * 64, max_seq_len=48,
+        tie_embeddings=arch == "gpt2", moe=MoEConfig(n_experts=4 if arch == "mixtral" else 0),
     )  # fmt: skip
 
 
@@ -52,10 +54,13 @@ def random_model(arch: str, tok: tokenizers.Tokenizer):
     m = model_config(arch, tok.vocab_size)
     params = nn.unbox(Transformer(m).init(jax.random.PRNGKey(1), np.zeros((1, 8), np.int32))["params"])
     params = jax.tree.map(lambda x: x * 4, params)  # sharper logits: greedy choices far from ties
+    if m.moe.n_experts:  # a decisive router: near-ties would let rounding pick the experts
+        router = params["blocks"]["mlp"]["router"]
+        router["kernel"] = router["kernel"] * 50
     return LoadedModel(Config(model=m), params, tok)
 
 
-CASES = [(arch, kind) for arch in ("gpt2", "llama") for kind in ("byte", "char", "bpe")]
+CASES = [(arch, kind) for arch in ("gpt2", "llama") for kind in ("byte", "char", "bpe")] + [("mixtral", "bpe")]
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +85,18 @@ def test_auto_tokenizer_encodes_every_string_to_jaxllm_ids(exported, arch, kind)
         assert hf.encode(text) == model.tokenizer.encode(text), repr(text)
         ids = model.tokenizer.encode(text)
         assert hf.decode(ids) == model.tokenizer.decode(ids), repr(text)
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_ids_of_padded_embedding_rows_decode_as_transformers_decodes_them(exported, kind):
+    model, directory = exported["llama", kind]
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    ids = model.tokenizer.encode("日本語 é🙂<|end|>ü")
+    padded = model.config.model.vocab_size - 1  # a row past the last token
+    assert padded >= model.tokenizer.vocab_size
+    for cut in range(len(ids) + 1):
+        with_pad = [*ids[:cut], padded, *ids[cut:]]
+        assert model.tokenizer.decode(with_pad) == hf.decode(with_pad) == model.tokenizer.decode(ids)
 
 
 @pytest.mark.parametrize("arch, kind", CASES)
@@ -148,6 +165,32 @@ def test_a_hub_tokenizer_chat_template_is_exported_as_it_came(tmp_path):
     written = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
     assert (written["chat_template"], written["eos_token"], written["bos_token"]) == (template, "</s>", "<s>")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["bos_token_id"] == 60
+
+
+def test_a_hub_tokenizer_chat_template_renders_sft_ids_after_export(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hub = Tokenizer(models.BPE())
+    hub.pre_tokenizer, hub.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    hub.train_from_iterator([CORPUS], trainer)
+    hub.save(str(tmp_path / "tokenizer.json"))
+    template = (
+        "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+        " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    )
+    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    model = random_model("llama", tokenizers.load(tmp_path))
+    model.save_hf(tmp_path / "out")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    ids, _ = chat.encode(model.tokenizer, CHAT[:3])
+    assert _ids(hf.apply_chat_template(CHAT[:3], tokenize=True)) == ids
+    prompt, _ = chat.prompt_and_answer(model.tokenizer, CHAT[:3])
+    assert _ids(hf.apply_chat_template(CHAT[:2], tokenize=True, add_generation_prompt=True)) == prompt
 
 
 def test_the_export_loads_back_into_jaxllm_with_the_same_tokenizer(exported):

@@ -87,16 +87,15 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids``; an id of no token (a padded row) is dropped as ``transformers`` drops it."""
         out, run = [], []
         for i in ids:
             i = int(i)
-            if i >= self.base_size:
-                out.append(self._decode(run))
-                run = []
-                k = i - self.base_size
-                out.append(self.special[k] if k < len(self.special) else "")
-            else:
+            if i < self.base_size:
                 run.append(i)
+            elif i < self.base_size + len(self.special):
+                out += [self._decode(run), self.special[i - self.base_size]]
+                run = []
         out.append(self._decode(run))
         return "".join(out)
 
