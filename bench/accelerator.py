@@ -70,7 +70,7 @@ def target_for(device: jax.Device) -> hardware.Target:
 def compile_case(cfg, model_cfg, device):
     """The jitted step built as training builds it, compiled for abstract inputs; (setup, executable, s)."""
     start = time.perf_counter()
-    setup, lowered = plan.lower_step(cfg, model_cfg, [device])
+    setup, lowered = plan.lower_step(cfg, [device])
     return setup, lowered.compile(), time.perf_counter() - start
 
 
@@ -98,11 +98,12 @@ def measure(name: str, steps: int | None, compile_only: bool) -> dict | None:
     path, overrides, default_steps = CASES[name]
     steps = steps or default_steps
     cfg = load_config(str(ROOT / path), [*overrides, *ONE])
-    model_cfg = plan.resolve(cfg)
+    cfg = plan.resolved(cfg)
+    model_cfg = cfg.model
     device = jax.devices()[0]
     target = target_for(device)
-    sizes = plan.check_mesh(cfg, model_cfg, 1)
-    predicted = plan.evaluate(cfg, model_cfg, memory_model.boxed_params(model_cfg, cfg.train.seq_len), target, sizes)
+    sizes = plan.check_mesh(cfg, 1)
+    predicted = plan.evaluate(cfg, memory_model.boxed_params(model_cfg, cfg.train.seq_len), target, sizes)
     setup, executable, compile_s = compile_case(cfg, model_cfg, device)
     predicted["compiled_bytes"] = plan.compiled_bytes(executable)
     if compile_only:

@@ -34,8 +34,9 @@ ONE = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.pipe=1", "dist.cpu_d
 
 def build(overrides: list[str], device: jax.Device):
     cfg = load_config(str(ROOT / "configs/tiny.yaml"), [*overrides, *ONE])
-    model_cfg = plan.resolve(cfg)
-    return cfg, model_cfg, trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, [device]))
+    cfg = plan.resolved(cfg)
+    model_cfg = cfg.model
+    return cfg, model_cfg, trainer.build(cfg, sharding.make_mesh(cfg.mesh, [device]))
 
 
 def run_step(setup, state, tokens) -> dict:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from jaxllm.core.config import load_config, resolve_model
+from jaxllm.core.config import load_config, resolve
 from jaxllm.parallel import sharding
 from jaxllm.train import trainer
 
@@ -47,9 +47,7 @@ MODEL = [
 
 def compiled(overrides: list[str], devices: int):
     cfg = load_config(None, MODEL + overrides)
-    setup = trainer.build(
-        cfg, resolve_model(cfg.model, 256, cfg.train.seq_len), sharding.make_mesh(cfg.mesh, jax.devices()[:devices])
-    )
+    setup = trainer.build(resolve(cfg, 256), sharding.make_mesh(cfg.mesh, jax.devices()[:devices]))
     batch = jax.ShapeDtypeStruct(
         (1, cfg.train.batch_size, cfg.train.seq_len + 1), np.int32, sharding=setup.batch_sharding
     )

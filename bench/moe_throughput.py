@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.core.config import load_config, resolve_model
+from jaxllm.core.config import load_config, resolve
 from jaxllm.model import flops, moe
 from jaxllm.parallel import sharding
 from jaxllm.train import trainer
@@ -42,7 +42,7 @@ VOCAB = 256  # the byte tokenizer's
 
 def variants(config: str, capacity_factor: float) -> dict[str, list[str]]:
     cfg = load_config(str(ROOT / config), [])
-    m = resolve_model(cfg.model, VOCAB, cfg.train.seq_len)
+    m = resolve(cfg, VOCAB).model
     return {
         "dropless": ["model.moe.capacity_factor=0"],
         "capacity": [f"model.moe.capacity_factor={capacity_factor}"],
@@ -52,9 +52,10 @@ def variants(config: str, capacity_factor: float) -> dict[str, list[str]]:
 
 def measure(config: str, overrides: list[str], steps: int, repeats: int) -> dict:
     cfg = load_config(str(ROOT / config), ["mesh.data=1", "mesh.expert=1", "mesh.fsdp=1", *overrides])
-    model_cfg = resolve_model(cfg.model, VOCAB, cfg.train.seq_len)
+    cfg = resolve(cfg, VOCAB)
+    model_cfg = cfg.model
     n_devices = cfg.mesh.expert
-    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:n_devices]))
+    setup = trainer.build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:n_devices]))
     t = cfg.train
     tokens = np.random.default_rng(0).integers(0, VOCAB, (t.grad_accum, t.batch_size, t.seq_len + 1))
     with setup.context():

@@ -19,7 +19,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 4)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxllm.core.config import load_config, resolve_model
+from jaxllm.core.config import load_config, resolve
 from jaxllm.parallel import pipeline, sharding
 from jaxllm.train import trainer
 
@@ -37,9 +37,9 @@ def measure(stages: int, overrides: list[str]) -> dict:
     """Parameter bytes on one device (blocks, the rest) and the train step's compile seconds."""
     extra = [f"mesh.pipe={stages}", f"pipeline.microbatches={2 * stages}"]
     cfg = load_config(None, MODEL + extra + overrides)
-    model_cfg = resolve_model(cfg.model, cfg.model.vocab_size, cfg.train.seq_len)
+    cfg = resolve(cfg, cfg.model.vocab_size)
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:stages])
-    setup = trainer.build(cfg, model_cfg, mesh)
+    setup = trainer.build(cfg, mesh)
     shape = (1, cfg.train.batch_size, cfg.train.seq_len + 1)
     batch = jax.ShapeDtypeStruct(shape, "int32", sharding=setup.batch_sharding)
     with setup.context():

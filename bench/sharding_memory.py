@@ -27,7 +27,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import jax.numpy as jnp
 
-from jaxllm.core.config import load_config, resolve_model
+from jaxllm.core.config import load_config, resolve
 from jaxllm.parallel import sharding
 from jaxllm.train import checkpoint as ckpt
 from jaxllm.train import trainer
@@ -44,8 +44,8 @@ PLANS = {
 
 def measure(model_args: list[str], plan: list[str]) -> dict:
     cfg = load_config(None, model_args + plan)
-    model_cfg = resolve_model(cfg.model, cfg.model.vocab_size, cfg.train.seq_len)
-    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, jax.devices()))
+    cfg = resolve(cfg, cfg.model.vocab_size)
+    setup = trainer.build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()))
     t = cfg.train
     with setup.context():
         state = ckpt.abstract(jax.eval_shape(setup.init), setup.state_shardings)  # shapes + shardings only

@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.core import runtime
-from jaxllm.core.config import load_config, resolve_model
+from jaxllm.core.config import load_config, resolve
 from jaxllm.model import flops
 from jaxllm.parallel import sharding
 from jaxllm.train import trainer
@@ -62,8 +62,8 @@ def best_time(fn, steps: int, repeats: int) -> float:
 def step_time(devices: list, overrides: list[str], steps: int, repeats: int) -> float:
     """Seconds per training step of the config on ``devices`` (mesh.data = all of them)."""
     cfg = load_config(str(CONFIG), [f"mesh.data={len(devices)}", *overrides])
-    model_cfg = resolve_model(cfg.model, VOCAB, cfg.train.seq_len)
-    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, devices))
+    cfg = resolve(cfg, VOCAB)
+    setup = trainer.build(cfg, sharding.make_mesh(cfg.mesh, devices))
     t = cfg.train
     tokens = np.random.default_rng(0).integers(0, VOCAB, (t.grad_accum, t.batch_size, t.seq_len + 1))
     with setup.context():
@@ -106,7 +106,8 @@ def main() -> None:
     cfg = load_config(str(CONFIG), [])
     runtime.init_process(cfg)  # before JAX starts
     devices = jax.devices()
-    model_cfg = resolve_model(cfg.model, VOCAB, cfg.train.seq_len)
+    cfg = resolve(cfg, VOCAB)
+    model_cfg = cfg.model
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     step_flops = flops.flops_per_token(model_cfg, cfg.train.seq_len) * tokens_per_step
     plans = {

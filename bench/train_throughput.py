@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.core.config import load_config, resolve_model
+from jaxllm.core.config import load_config, resolve
 from jaxllm.model import flops
 from jaxllm.parallel import sharding
 from jaxllm.train import trainer
@@ -37,8 +37,9 @@ CONFIGS = {"configs/tiny.yaml": 256, "configs/shakespeare_char.yaml": 65}
 
 def measure(path: str, vocab: int, steps: int, repeats: int) -> dict:
     cfg = load_config(str(ROOT / path), ["mesh.data=1"])
-    model_cfg = resolve_model(cfg.model, vocab, cfg.train.seq_len)
-    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    cfg = resolve(cfg, vocab)
+    model_cfg = cfg.model
+    setup = trainer.build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
     t = cfg.train
     tokens = np.random.default_rng(0).integers(0, vocab, (t.grad_accum, t.batch_size, t.seq_len + 1))
     with setup.context():

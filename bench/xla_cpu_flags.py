@@ -56,15 +56,13 @@ def child(steps: int, repeats: int) -> None:
     import numpy as np
     from step_roofline import CONFIG, VOCAB, best_time
 
-    from jaxllm.core.config import load_config, resolve_model
+    from jaxllm.core.config import load_config, resolve
     from jaxllm.parallel import sharding
     from jaxllm.train import trainer
 
     devices = jax.devices()
     cfg = load_config(str(CONFIG), [f"mesh.data={len(devices)}"])
-    setup = trainer.build(
-        cfg, resolve_model(cfg.model, VOCAB, cfg.train.seq_len), sharding.make_mesh(cfg.mesh, devices)
-    )
+    setup = trainer.build(resolve(cfg, VOCAB), sharding.make_mesh(cfg.mesh, devices))
     t = cfg.train
     tokens = np.random.default_rng(0).integers(0, VOCAB, (t.grad_accum, t.batch_size, t.seq_len + 1))
     with setup.context():

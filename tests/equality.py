@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxllm.core.config import load_config, resolve_model
+from jaxllm.core.config import load_config, resolve
 from jaxllm.parallel import sharding
 from jaxllm.train import trainer
 
@@ -19,8 +19,8 @@ from jaxllm.train import trainer
 def one_step(args: list[str], devices: list, vocab: int, seq: int, batch: int, initial=None) -> dict:
     """``{"loss", "grads", "initial"}`` of one step of the config ``args`` on ``devices``, from
     ``initial`` (host arrays; the config's own initialisation when None), on fixed random tokens."""
-    cfg = load_config(None, args)
-    setup = trainer.build(cfg, resolve_model(cfg.model, vocab, seq), sharding.make_mesh(cfg.mesh, devices))
+    cfg = resolve(load_config(None, args), vocab)
+    setup = trainer.build(cfg, sharding.make_mesh(cfg.mesh, devices))
     tokens = np.random.default_rng(0).integers(0, vocab, (1, batch, seq + 1), dtype=np.int32)
     with setup.context():
         initial = jax.device_get(setup.init()) if initial is None else initial
@@ -43,11 +43,10 @@ def assert_state_bytes_exact(overrides: list[str]) -> None:
     from jaxllm.plan import planner as plan
     from jaxllm.train import checkpoint as ckpt
 
-    cfg = load_config(None, overrides)
-    model_cfg = plan.resolve(cfg)
-    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, jax.devices()))
+    cfg = plan.resolved(load_config(None, overrides))
+    setup = trainer.build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()))
     state = ckpt.abstract(jax.eval_shape(setup.init), setup.state_shardings)
-    boxed = plan.memory_model.boxed_params(model_cfg, cfg.train.seq_len)
-    analytic = plan.memory_model.estimate(cfg, model_cfg, boxed, dict(setup.mesh.shape))
+    boxed = plan.memory_model.boxed_params(cfg.model, cfg.train.seq_len)
+    analytic = plan.memory_model.estimate(cfg, boxed, dict(setup.mesh.shape))
     assert analytic.params == sharding.per_device_bytes(state.params)
     assert 0 <= sharding.per_device_bytes(state.opt_state) - analytic.optimizer <= 64

@@ -22,7 +22,7 @@ from test_generate import greedy_by_full_forward
 
 import train
 from jaxllm.core import fileio
-from jaxllm.core.config import load_config, resolve_model
+from jaxllm.core.config import load_config, resolve, resolve_model
 from jaxllm.model import flops, moe
 from jaxllm.model.decode import Decoder
 from jaxllm.model.transformer import Transformer
@@ -195,9 +195,9 @@ def resolved(overrides: list[str]):
 
 @pytest.mark.slow
 def test_expert_parallel_step_exchanges_tokens_by_all_to_all_and_gathers_no_expert_weights():
-    cfg = load_config(None, BASE + LAYOUTS["expert8"])
-    model_cfg = resolve_model(cfg.model, VOCAB, SEQ)
-    text = planner.lower_step(cfg, model_cfg, jax.devices())[1].compile().as_text()
+    cfg = resolve(load_config(None, BASE + LAYOUTS["expert8"]), VOCAB)
+    model_cfg = cfg.model
+    text = planner.lower_step(cfg, jax.devices())[1].compile().as_text()
     assert "all-to-all(" in text
     gathered = [
         int(np.prod([int(d) for d in dims.split(",") if d]))

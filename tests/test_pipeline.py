@@ -18,7 +18,7 @@ import pytest
 from conftest import TINY
 
 import train
-from jaxllm.core.config import Config, PipelineConfig, load_config, resolve_model
+from jaxllm.core.config import Config, PipelineConfig, load_config, resolve
 from jaxllm.parallel import pipeline, sharding
 from jaxllm.train import trainer
 
@@ -72,8 +72,8 @@ CASES = [
 
 
 def make_setup(overrides: list[str], devices: list) -> tuple[Config, trainer.Setup]:
-    cfg = load_config(None, BASE + overrides)
-    return cfg, trainer.build(cfg, resolve_model(cfg.model, VOCAB, SEQ), sharding.make_mesh(cfg.mesh, devices))
+    cfg = resolve(load_config(None, BASE + overrides), VOCAB)
+    return cfg, trainer.build(cfg, sharding.make_mesh(cfg.mesh, devices))
 
 
 def batches(accum: int = 1) -> np.ndarray:

@@ -232,12 +232,12 @@ def test_roofline_bound_moves_from_compute_to_tensor_collectives_on_slow_links()
     cfg = load_config(
         None, SHARDING_MODEL + ["mesh.tensor=8", "model.d_model=8192", "model.n_head=64", "model.dtype=bfloat16"]
     )
-    model_cfg = plan.resolve(cfg)
+    cfg = plan.resolved(cfg)
     sizes = {"data": 1, "fsdp": 1, "tensor": 8, "pipe": 1}
     h100 = hardware.DEVICE_KINDS["h100"]
     slow_links = dataclasses.replace(h100, link_bw=h100.link_bw / 100)
-    assert plan.roofline.step_time(cfg, model_cfg, sizes, h100, 0).bound == "compute"
-    assert plan.roofline.step_time(cfg, model_cfg, sizes, slow_links, 0).bound == "tensor"
+    assert plan.roofline.step_time(cfg, sizes, h100, 0).bound == "compute"
+    assert plan.roofline.step_time(cfg, sizes, slow_links, 0).bound == "tensor"
 
 
 @pytest.mark.slow

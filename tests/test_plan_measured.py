@@ -32,10 +32,9 @@ def measured(case: str) -> dict:
 
 
 def predicted(row: dict) -> dict:
-    cfg = load_config(str(ROOT / row["config"]), [*row["overrides"], *ONE])
-    model_cfg = plan.resolve(cfg)
-    boxed = memory_model.boxed_params(model_cfg, cfg.train.seq_len)
-    return plan.evaluate(cfg, model_cfg, boxed, hardware.parse_target("h200"), plan.check_mesh(cfg, model_cfg, 1))
+    cfg = plan.resolved(load_config(str(ROOT / row["config"]), [*row["overrides"], *ONE]))
+    boxed = memory_model.boxed_params(cfg.model, cfg.train.seq_len)
+    return plan.evaluate(cfg, boxed, hardware.parse_target("h200"), plan.check_mesh(cfg, 1))
 
 
 # Fused (cuDNN) or chunked attention; XLA's attention on a GPU is outside the model (it keeps fewer
@@ -95,6 +94,5 @@ def test_auto_attention_lowers_to_splash_for_a_tpu_slice_under_data_parallelism(
             "mesh.data=4",
         ],
     )
-    model_cfg = plan.resolve(cfg)
-    _, lowered = plan.lower_step(cfg, model_cfg, plan.tpu_devices(hardware.parse_target("v5p-8")))
+    _, lowered = plan.lower_step(plan.resolved(cfg), plan.tpu_devices(hardware.parse_target("v5p-8")))
     assert "tpu_custom_call" in lowered.as_text()  # the Mosaic kernel, per device under a shard_map

@@ -44,7 +44,7 @@ def test_moe_activations_follow_the_tokens_not_the_experts_where_grouped_matmuls
     def activations(platform: str, *overrides: str) -> int:
         cfg = load_config(None, MOE_MODEL + ["mesh.expert=2", *overrides])
         sizes = {"data": 1, "fsdp": 1, "tensor": 1, "pipe": 1, "expert": 2}
-        return plan.memory_model.activation_bytes(cfg, plan.resolve(cfg), sizes, platform)
+        return plan.memory_model.activation_bytes(plan.resolved(cfg), sizes, platform)
 
     assert (
         abs(activations("tpu", "model.moe.n_experts=16") / activations("tpu") - 1) < 0.01
@@ -86,11 +86,8 @@ def test_analytic_moe_activations_near_the_compiled_cpu_step(name):
     """Activations against what XLA:CPU allocates beyond the gradients per device (the dropless layers'
     per-expert copies of their grouped matmuls are most of it, and with split experts the padded rows)."""
     overrides, devices, rtol = COMPILED_CASES[name]
-    cfg = load_config(None, MOE_MODEL + ONE_DEVICE + overrides)
-    model_cfg = plan.resolve(cfg)
-    sizes = plan.check_mesh(cfg, model_cfg, devices)
-    analytic = plan.memory_model.estimate(
-        cfg, model_cfg, plan.memory_model.boxed_params(model_cfg, cfg.train.seq_len), sizes
-    )
-    compiled = plan.compiled_bytes(plan.lower_step(cfg, model_cfg, jax.devices()[:devices])[1].compile())
+    cfg = plan.resolved(load_config(None, MOE_MODEL + ONE_DEVICE + overrides))
+    sizes = plan.check_mesh(cfg, devices)
+    analytic = plan.memory_model.estimate(cfg, plan.memory_model.boxed_params(cfg.model, cfg.train.seq_len), sizes)
+    compiled = plan.compiled_bytes(plan.lower_step(cfg, jax.devices()[:devices])[1].compile())
     assert analytic.activations == pytest.approx(compiled["temp"] - analytic.grads, rel=rtol)

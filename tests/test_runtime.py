@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import TINY, run_cli
 
-from jaxllm.core.config import resolve_model
+from jaxllm.core.config import resolve
 from jaxllm.core.runtime import ONE_OFF_LEVEL, init_compile_cache, one_off_compiler_options
 from jaxllm.parallel import sharding
 from jaxllm.train import trainer
@@ -86,10 +86,8 @@ XLA_DEFAULTS = {"xla_llvm_disable_expensive_passes": False, "xla_cpu_use_fusion_
 def test_initialisation_at_the_one_off_level_draws_the_bits_of_xlas_default_level(tiny_cfg):
     """The same lowered initialisation compiled at the one-off level and at XLA's default level (3): every
     parameter and optimizer leaf bitwise equal. One architecture: both draw their weights alike."""
-    cfg = tiny_cfg()
-    setup = trainer.build(
-        cfg, resolve_model(cfg.model, 256, cfg.train.seq_len), sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    )
+    cfg = resolve(tiny_cfg(), 256)
+    setup = trainer.build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
     with setup.context():
         lowered = setup.init.lower()
         levels = (ONE_OFF_LEVEL, {"xla_backend_optimization_level": 3})

@@ -21,7 +21,7 @@ from jaxllm.hf import convert as hf
 from jaxllm.model.transformer import Transformer
 from jaxllm.parallel import sharding
 from jaxllm.sft import finetune as sft
-from jaxllm.sft import peft
+from jaxllm.sft import peft, sft_loss
 from jaxllm.train.optim import optimizer
 from jaxllm.train.train_step import TrainState, make_train_step
 
@@ -87,13 +87,13 @@ def test_packed_batch_gives_the_same_per_example_losses_as_unpacked(arch):
     model, params = tiny(arch)
     packed = batch()
     assert packed.shape[0] == 2 and int(packed[0, chat.SEGMENTS].max()) == 2
-    nll = np.asarray(sft.per_token_nll(model, params, packed))
+    nll = np.asarray(sft_loss.per_token_nll(model, params, packed))
     segments = np.asarray(packed[:, chat.SEGMENTS])
     where = [(0, 1), (0, 2), (1, 1)]  # (row, segment) of each example, in order
     for (row, seg), c in zip(where, CHATS):
         alone = jnp.asarray(chat.pack([chat.shift(*chat.encode(TOK, c))], SEQ))
         n = int((alone[0, chat.SEGMENTS] > 0).sum())
-        expected = np.asarray(sft.per_token_nll(model, params, alone))[0, :n]
+        expected = np.asarray(sft_loss.per_token_nll(model, params, alone))[0, :n]
         np.testing.assert_allclose(nll[row][segments[row] == seg], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -124,7 +124,7 @@ def assert_only_trainable_changed(before: dict, after: dict, method: str) -> Non
 def logits(model, params, scale=0.0):
     tokens = batch()[:, chat.INPUTS]
     positions = batch()[:, chat.POSITIONS]
-    return np.asarray(sft.forward(model, params, scale, tokens, positions))
+    return np.asarray(sft_loss.forward(model, params, scale, tokens, positions))
 
 
 def with_lora(params):
@@ -212,7 +212,7 @@ def test_greedy_answers_equal_a_full_forward_argmax_decode_with_a_learned_prompt
     prompts = [[sft.PLACEHOLDER] * 4 + TOK.encode(text) for text in ("rev ab", "2+3 is what")]
     answers = sft.make_greedy(model.cfg, 0.0, n_new, end)(params, prompts)
     # No cache: the whole (right-padded, so causally unaffected) sequence again for every token.
-    full = jax.jit(lambda p, t_1xS: sft.forward(model, p, 0.0, t_1xS, jnp.arange(SEQ)[None]))
+    full = jax.jit(lambda p, t_1xS: sft_loss.forward(model, p, 0.0, t_1xS, jnp.arange(SEQ)[None]))
     for prompt, answer in zip(prompts, answers):
         tokens, expected = list(prompt), []
         for _ in range(n_new):

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY, corpus_text
 
-from jaxllm.core.config import load_config, resolve_model, save_config
+from jaxllm.core.config import load_config, resolve, save_config
 from jaxllm.data import corpus as data_lib
 from jaxllm.parallel import sharding
 from jaxllm.train import checkpoint as ckpt
@@ -79,10 +79,10 @@ class Runs:
         key = ("setup", plan, flavour)
         if key not in self.cache:
             cfg = make_cfg(self.workdir, *FLAVOURS[flavour], *PLANS.get(plan, []))
-            model_cfg = resolve_model(cfg.model, self.data().tokenizer.vocab_size, cfg.train.seq_len)
+            cfg = resolve(cfg, self.data().tokenizer.vocab_size)
             mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1] if plan is None else jax.devices())
-            sharding.check_divisible(model_cfg, mesh, cfg.train.batch_size)
-            self.cache[key] = trainer.build(cfg, model_cfg, mesh)
+            sharding.check_divisible(cfg.model, mesh, cfg.train.batch_size)
+            self.cache[key] = trainer.build(cfg, mesh)
         return self.cache[key]
 
     def batch(self, setup: trainer.Setup, step: int) -> jax.Array:
@@ -286,9 +286,8 @@ def test_tensor_parallel_step_never_holds_the_full_vocabulary(runs):
 
 
 def test_mesh_rules_override_from_the_command_line(tiny_cfg):
-    cfg = tiny_cfg("mesh.fsdp=8", "mesh.rules={embed: null, mlp: fsdp}")
-    model_cfg = resolve_model(cfg.model, 256, cfg.train.seq_len)
-    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, jax.devices()))
+    cfg = resolve(tiny_cfg("mesh.fsdp=8", "mesh.rules={embed: null, mlp: fsdp}"), 256)
+    setup = trainer.build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()))
     params = setup.state_shardings.params
     assert params["wte"]["embedding"].shard_shape((256, 32)) == (256, 32)  # embed no longer sharded
     assert params["blocks"]["mlp"]["up"]["kernel"].shard_shape((2, 32, 128)) == (2, 32, 16)  # mlp over fsdp

@@ -40,13 +40,13 @@ def test_golden_loss_of_the_first_two_steps(tiny_cfg, tmp_path):
 
 
 def test_initialisation_traced_rolled_gives_the_unrolled_models_parameters(tiny_cfg):
-    from jaxllm.core.config import resolve_model
+    from jaxllm.core.config import resolve
     from jaxllm.model.transformer import Transformer
     from jaxllm.parallel import sharding
 
-    cfg = tiny_cfg("model.scan_unroll=2")
-    model_cfg = resolve_model(cfg.model, 256, cfg.train.seq_len)
-    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:2]))
+    cfg = resolve(tiny_cfg("model.scan_unroll=2"), 256)
+    model_cfg = cfg.model
+    setup = trainer.build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:2]))
     with setup.context():
         params = setup.init().params
     tokens = np.zeros((1, cfg.train.seq_len), np.int32)
@@ -68,13 +68,12 @@ def test_loss_falls_on_a_tiny_corpus(tiny_cfg, tmp_path):
 def test_accumulating_two_half_batches_equals_one_full_batch(tiny_cfg):
     import jax.numpy as jnp
 
-    from jaxllm.core.config import resolve_model
+    from jaxllm.core.config import resolve
     from jaxllm.parallel import sharding
 
-    cfg = tiny_cfg("train.batch_size=8")
-    model_cfg = resolve_model(cfg.model, 256, cfg.train.seq_len)
+    cfg = resolve(tiny_cfg("train.batch_size=8"), 256)
     mesh = sharding.make_mesh(cfg.mesh, one_device())
-    setup = trainer.build(cfg, model_cfg, mesh)
+    setup = trainer.build(cfg, mesh)
     full = np.random.default_rng(0).integers(0, 256, (1, 8, cfg.train.seq_len + 1), np.int32)  # [1, 8, T+1]
     halves = full.reshape(2, 4, -1)
     with setup.context():

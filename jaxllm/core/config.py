@@ -75,6 +75,7 @@ __all__ = [  # the public face of the configuration: schema, loading, validation
     "help_text",
     "load_config",
     "option",
+    "resolve",
     "resolve_model",
     "save_config",
     "set_key",
@@ -275,6 +276,12 @@ def resolve_model(m: ModelConfig, vocab_size: int, seq_len: int) -> ModelConfig:
     elif m.max_seq_len < seq_len:
         raise ConfigError(f"model.max_seq_len={m.max_seq_len} is shorter than train.seq_len={seq_len}")
     return m
+
+
+def resolve(cfg: Any, vocab_size: int) -> Any:
+    """A copy of ``cfg`` (a :class:`Config` or :class:`SFTConfig`) whose model has every automatic size
+    filled in (:func:`resolve_model`): what preparing a run returns and every function below takes."""
+    return dataclasses.replace(cfg, model=resolve_model(cfg.model, vocab_size, cfg.train.seq_len))
 
 
 def validate_model(m: ModelConfig) -> None:

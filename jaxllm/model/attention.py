@@ -40,7 +40,6 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.core.errors import ConfigError
 
 Array = jax.Array
-IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "splash", "auto")
 _NEG = -1e30  # a masked score: finite, so a block with no visible key yields exp(0) weights that a later max erases
 _HALF = ("bfloat16", "float16")
 

@@ -84,8 +84,7 @@ def write_cache(cache_BxSxKxH: Array, new_BxTxKxH: Array, positions_BxT: Array) 
 
 def norm(c: ModelConfig, name: str | None = None) -> nn.Module:
     """The model's LayerNorm (gpt2) or RMSNorm (llama) under ``name`` itself: its parameters are
-    ``<name>/scale`` (and ``<name>/bias``), the names checkpoints and ``jaxllm.hf.layout`` use (checkpoints
-    from before they were named hold ``<name>/LayerNorm_0/scale``: ``checkpoint.current_name``)."""
+    ``<name>/scale`` (and ``<name>/bias``), the names checkpoints and ``jaxllm.hf.layout`` use."""
     if c.arch == "gpt2":
         return nn.LayerNorm(
             epsilon=c.norm_eps,

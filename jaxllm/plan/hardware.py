@@ -142,7 +142,3 @@ def axis_bandwidth(kind: DeviceKind, active_axes: int) -> float:
 def ring_factor(ways: int) -> float:
     """Share of a buffer each device sends in a ring all-gather or reduce-scatter: (n - 1) / n."""
     return (ways - 1) / ways if ways > 1 else 0.0
-
-
-def chips_text(target: Target) -> str:
-    return f"{target.devices} x {target.kind.name} ({target.kind.hbm_bytes / GiB:.1f} GiB each)"

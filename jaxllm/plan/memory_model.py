@@ -172,9 +172,10 @@ def loss_bytes(platform: str, c: int) -> int:
     return {"cpu": 12, "tpu": 4}.get(platform, c)
 
 
-def activation_bytes(cfg: Config, m: ModelConfig, sizes: dict[str, int], platform: str = "cpu") -> int:
+def activation_bytes(cfg: Config, sizes: dict[str, int], platform: str = "cpu") -> int:
     """Bytes of activations per device for one micro-batch's forward and backward pass, on
     ``platform`` (cpu | gpu | tpu: which attention kernel runs, and :func:`loss_bytes`)."""
+    m = cfg.model
     t, p = sizes["tensor"], sizes["pipe"]
     c = 2 if m.dtype in ("bfloat16", "float16") else 4
     rows = cfg.train.batch_size // (
@@ -206,9 +207,9 @@ def activation_bytes(cfg: Config, m: ModelConfig, sizes: dict[str, int], platfor
     return int(saved + max(head, recompute) + gathered)
 
 
-def estimate(cfg: Config, model_cfg: ModelConfig, boxed: Any, sizes: dict[str, int], platform: str = "cpu") -> Memory:
+def estimate(cfg: Config, boxed: Any, sizes: dict[str, int], platform: str = "cpu") -> Memory:
     """The four parts per device for this config on a mesh of these axis sizes, on ``platform``
     (see :func:`activation_bytes`)."""
     params, optimizer = state_bytes(boxed, sizes, sharding.rules(cfg.mesh), cfg.optim.shard_state)
     grads = params * (2 if cfg.train.grad_accum > 1 else 1)
-    return Memory(params, grads, optimizer, activation_bytes(cfg, model_cfg, sizes, platform))
+    return Memory(params, grads, optimizer, activation_bytes(cfg, sizes, platform))

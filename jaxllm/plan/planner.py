@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxllm.core.config import Config, ModelConfig, resolve_model, validate
+from jaxllm.core.config import Config, resolve, validate
 from jaxllm.core.errors import ConfigError
 from jaxllm.parallel import pipeline, sharding
 from jaxllm.plan import hardware, memory_model, roofline
@@ -40,22 +40,21 @@ SEARCH_COMPILES = 3  # candidates of a search confirmed by compiling, best first
 def tokenizer_vocab(cfg: Config) -> int:
     """The tokenizer's vocabulary size, read without the corpus."""
     d = cfg.data
-    if d.tokenizer == "byte":
-        return 257  # the byte values and the end-of-document id
-    if d.tokenizer == "bpe":
-        return d.bpe_vocab_size
+    # byte: the byte values and the end-of-document id
+    known = {"byte": 257, "bpe": d.bpe_vocab_size, "char": cfg.model.vocab_size}.get(d.tokenizer)
+    if known:
+        return known
     if d.tokenizer == "char":
-        if cfg.model.vocab_size:
-            return cfg.model.vocab_size
         raise ConfigError("data.tokenizer=char takes its vocabulary from the corpus; give model.vocab_size to plan")
     from jaxllm.data import tokenizer
 
     return tokenizer.build(d.tokenizer, [], 0).vocab_size  # with the end-of-document id build() may append
 
 
-def resolve(cfg: Config) -> ModelConfig:
+def resolved(cfg: Config) -> Config:
+    """``cfg`` validated, its model resolved for the tokenizer's vocabulary: what every function below takes."""
     validate(cfg)
-    return resolve_model(cfg.model, tokenizer_vocab(cfg), cfg.train.seq_len)
+    return resolve(cfg, tokenizer_vocab(cfg))
 
 
 def libtpu_installed() -> bool:
@@ -113,22 +112,22 @@ def with_mesh(cfg: Config, sizes: dict[str, int], **changes: Any) -> Config:
     return new
 
 
-def check_mesh(cfg: Config, model_cfg: ModelConfig, n: int) -> dict[str, int]:
+def check_mesh(cfg: Config, n: int) -> dict[str, int]:
     """The mesh's axis sizes on ``n`` devices; ConfigError if they or the model's sizes do not divide."""
     sizes = sharding.mesh_shape(cfg.mesh, n)
     mesh = memory_model.abstract_mesh(sizes)
-    sharding.check_divisible(model_cfg, mesh, cfg.train.batch_size)
-    pipeline.check(model_cfg, cfg.pipeline, mesh, cfg.train.batch_size)
+    sharding.check_divisible(cfg.model, mesh, cfg.train.batch_size)
+    pipeline.check(cfg.model, cfg.pipeline, mesh, cfg.train.batch_size)
     return sizes
 
 
-def lower_step(cfg: Config, model_cfg: ModelConfig, devices: list) -> tuple[Any, Any]:
+def lower_step(cfg: Config, devices: list) -> tuple[Any, Any]:
     """``(setup, lowered)``: the train step built as training builds it (``trainer.build``) on a mesh
     of these devices, lowered for abstract inputs (nothing allocated: the devices may be a TPU slice's
     descriptions)."""
     from jaxllm.train import trainer
 
-    setup = trainer.build(cfg, model_cfg, sharding.make_mesh(cfg.mesh, devices))
+    setup = trainer.build(cfg, sharding.make_mesh(cfg.mesh, devices))
     t = cfg.train
     with setup.context():
         state = ckpt.abstract(jax.eval_shape(setup.init), setup.state_shardings)
@@ -140,11 +139,9 @@ def lower_step(cfg: Config, model_cfg: ModelConfig, devices: list) -> tuple[Any,
 
 def compiled_bytes(executable: Any, by_peak: bool = False) -> dict[str, int]:
     """The compiler's bytes per device: argument, output, alias, temp, its reported peak, and the total
-    held against the device's memory: argument + output - alias + temp (what XLA:GPU's allocator was
-    measured to hold, bench/results/h200_*), or with ``by_peak`` the peak. XLA:TPU's temp block also
-    counts space that is never live at once, and its own HBM check is not on that block: llama_1b on a
-    v5e-16 at batch 416 compiles with 17.4 GiB of temp (a 14.5 GiB peak) where 15.75 are available, at
-    640 it is refused for 20.9 GiB of temporaries; XLA:CPU's peak is not comparable (8-41% of the sum)."""
+    held against the device's memory: argument + output - alias + temp (what XLA:GPU's allocator holds,
+    bench/results/), or with ``by_peak`` the peak. XLA:TPU's temp block also counts space never live at
+    once, and libtpu checks the peak, not that block, against HBM; XLA:CPU's peak is not comparable."""
     stats = executable.memory_analysis()
     names = ("argument", "output", "alias", "temp")
     parts = {k: getattr(stats, f"{k}_size_in_bytes") for k in names} | {"peak": stats.peak_memory_in_bytes}
@@ -164,7 +161,7 @@ def nothing_stored():
         jax.config.update(key, before)
 
 
-def compile_step(cfg: Config, model_cfg: ModelConfig, devices: list) -> dict:
+def compile_step(cfg: Config, devices: list) -> dict:
     """Compiles the train step for these devices; the compiler's bytes per device and the time taken.
 
     A TPU target's devices are always libtpu's descriptions (:func:`local_devices`), compiled by a
@@ -173,20 +170,20 @@ def compile_step(cfg: Config, model_cfg: ModelConfig, devices: list) -> dict:
     wall, cpu = time.perf_counter(), time.process_time()
     described = devices[0].platform == "tpu"
     with nothing_stored() if described else nullcontext():
-        parts = compiled_bytes(lower_step(cfg, model_cfg, devices)[1].compile(), by_peak=described)
+        parts = compiled_bytes(lower_step(cfg, devices)[1].compile(), by_peak=described)
     return {"bytes": parts, "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
 
 
-def evaluate(cfg: Config, model_cfg: ModelConfig, boxed: Any, target: Target, sizes: dict[str, int]) -> dict:
+def evaluate(cfg: Config, boxed: Any, target: Target, sizes: dict[str, int]) -> dict:
     """The analytic half of a plan: memory parts, fit and roofline for one mesh (nothing compiled)."""
-    mem = memory_model.estimate(cfg, model_cfg, boxed, sizes, platform=target.platform)
-    speed = roofline.step_time(cfg, model_cfg, sizes, target.kind, mem.activations)
+    mem = memory_model.estimate(cfg, boxed, sizes, platform=target.platform)
+    speed = roofline.step_time(cfg, sizes, target.kind, mem.activations)
     return {
         "target": target.name,
         "device_kind": target.kind.name,
         "devices": target.devices,
         "mesh": dict(sizes),
-        "remat": model_cfg.remat,
+        "remat": cfg.model.remat,
         "microbatches": pipeline.microbatches(cfg.pipeline, sizes["pipe"]) if sizes["pipe"] > 1 else None,
         "analytic_bytes": mem.as_dict(),
         "compiled_bytes": None,
@@ -202,12 +199,12 @@ def evaluate(cfg: Config, model_cfg: ModelConfig, boxed: Any, target: Target, si
     }
 
 
-def confirm(result: dict, cfg: Config, model_cfg: ModelConfig, devices: list | None) -> dict:
+def confirm(result: dict, cfg: Config, devices: list | None) -> dict:
     """Adds the compiler's figures (when there are devices to compile for); the fit follows them."""
     if devices is None:
         result["note"] = "analytic only: no such devices attached to compile for"
         return result
-    compiled = compile_step(cfg, model_cfg, devices)
+    compiled = compile_step(cfg, devices)
     total = compiled["bytes"]["total"]
     result.update(compiled_bytes=compiled["bytes"], compile_wall_s=compiled["wall_s"], compile_cpu_s=compiled["cpu_s"])
     result.update(fits=total <= result["device_memory_bytes"], headroom=1 - total / result["device_memory_bytes"])
@@ -223,12 +220,10 @@ def overrides_line(result: dict) -> str:
     return " ".join(parts + result.get("changes", []))
 
 
-def fixes(
-    cfg: Config, model_cfg: ModelConfig, boxed: Any, target: Target, sizes: dict[str, int], devices
-) -> list[dict]:
+def fixes(cfg: Config, boxed: Any, target: Target, sizes: dict[str, int], devices) -> list[dict]:
     """For a run that does not fit: the cheapest changes that make it fit, each compiled to check."""
     options = []
-    if not model_cfg.remat:
+    if not cfg.model.remat:
         options.append(({}, {"model.remat": True}, ["model.remat=true"]))
     if sizes["data"] % 2 == 0:
         more = {**sizes, "data": sizes["data"] // 2, "fsdp": sizes["fsdp"] * 2}
@@ -240,26 +235,24 @@ def fixes(
     found = []
     for mesh_change, changes, words in options:
         new_cfg = with_mesh(cfg, {**sizes, **mesh_change}, **changes)
-        new_model = resolve(new_cfg)
         try:
-            new_sizes = check_mesh(new_cfg, new_model, target.devices)
+            new_sizes = check_mesh(new_cfg, target.devices)
         except ConfigError:
             continue
-        result = evaluate(new_cfg, new_model, boxed, target, new_sizes)
+        result = evaluate(new_cfg, boxed, target, new_sizes)
         if result["fits"]:
-            result = confirm(result, new_cfg, new_model, devices)
+            result = confirm(result, new_cfg, devices)
             found.append({"changes": words, "fits": result["fits"], "headroom": result["headroom"]})
     return found
 
 
 def plan(cfg: Config, target: Target, devices: list | None) -> dict:
     """One mesh (the config's): analytic model, the compiled step, a verdict and fixes if it fails."""
-    model_cfg = resolve(cfg)
-    sizes = check_mesh(cfg, model_cfg, target.devices)
-    boxed = memory_model.boxed_params(model_cfg, cfg.train.seq_len)
-    result = confirm(evaluate(cfg, model_cfg, boxed, target, sizes), cfg, model_cfg, devices)
+    sizes = check_mesh(cfg, target.devices)
+    boxed = memory_model.boxed_params(cfg.model, cfg.train.seq_len)
+    result = confirm(evaluate(cfg, boxed, target, sizes), cfg, devices)
     if not result["fits"]:
-        result["fixes"] = fixes(cfg, model_cfg, boxed, target, sizes, devices)
+        result["fixes"] = fixes(cfg, boxed, target, sizes, devices)
     return result
 
 
@@ -273,18 +266,22 @@ def factorisations(n: int) -> list[dict[str, int]]:
     ]
 
 
-def candidates(cfg: Config, model_cfg: ModelConfig, n: int) -> list[tuple[Config, ModelConfig, dict[str, int]]]:
+def candidates(cfg: Config, n: int) -> list[tuple[Config, dict[str, int]]]:
     """Every mesh of ``n`` devices the sizes allow, remat off and on, a few micro-batch counts."""
     out = []
     for sizes, remat in itertools.product(factorisations(n), (False, True)):
         for micro in (0, 2 * sizes["pipe"], 4 * sizes["pipe"]) if sizes["pipe"] > 1 else (0,):
             new_cfg = with_mesh(cfg, sizes, **{"model.remat": remat, "pipeline.microbatches": micro})
-            new_model = resolve(new_cfg)
             try:
-                check_mesh(new_cfg, new_model, n)
+                check_mesh(new_cfg, n)
             except ConfigError:
                 continue
-            out.append((new_cfg, new_model, sizes))
+            out.append((new_cfg, sizes))
+    if not out:
+        raise ConfigError(
+            f"no mesh of {n} devices divides this model and batch (heads, d_ff, vocabulary, "
+            f"d_model, train.batch_size={cfg.train.batch_size}); change the sizes or the target"
+        )
     return out
 
 
@@ -293,22 +290,15 @@ def rank(result: dict) -> tuple:
     return not result["fits"], round(result["step_time_s"], 9), -result["headroom"]
 
 
-def search(cfg: Config, target: Target, devices: list | None) -> dict:
-    """All candidates ranked by predicted step time, those that fit first; the top few compiled."""
-    model_cfg = resolve(cfg)
-    found = candidates(cfg, model_cfg, target.devices)
-    if not found:
-        raise ConfigError(
-            f"no mesh of {target.devices} devices divides this model and batch (heads, d_ff, vocabulary, "
-            f"d_model, train.batch_size={cfg.train.batch_size}); change the sizes or the target"
-        )
-    boxed = memory_model.boxed_params(model_cfg, cfg.train.seq_len)
-    results = [(evaluate(c, m, boxed, target, s), c, m) for c, m, s in found]
+def search(cfg: Config, found: list[tuple[Config, dict[str, int]]], target: Target, devices: list | None) -> dict:
+    """The :func:`candidates` ranked by predicted step time, those that fit first; the top few compiled."""
+    boxed = memory_model.boxed_params(cfg.model, cfg.train.seq_len)
+    results = [(evaluate(c, boxed, target, s), c) for c, s in found]
     results.sort(key=lambda r: rank(r[0]))
-    for i, (result, c, m) in enumerate(results[:SEARCH_COMPILES]):
+    for i, (result, c) in enumerate(results[:SEARCH_COMPILES]):
         if result["fits"]:
-            results[i] = (confirm(result, c, m, devices), c, m)
-    ranked = [r for r, _, _ in results]
+            results[i] = (confirm(result, c, devices), c)
+    ranked = [r for r, _ in results]
     ranked.sort(key=rank)
     return {"candidates": ranked}
 
@@ -327,12 +317,13 @@ def cpu_target(target: Target) -> Target:
 
 def run(cfg: Config, target: Target, do_search: bool) -> dict:
     """The plan (or search) for ``target``; ConfigError for a bad target, mesh or size."""
+    cfg = resolved(cfg)
     if target.platform == "cpu":
         target = cpu_target(target)
-    if not do_search:
-        check_mesh(cfg, resolve(cfg), target.devices)  # a bad mesh fails before libtpu is started
+    # a bad mesh, or none that divides, fails before libtpu is started
+    found = candidates(cfg, target.devices) if do_search else check_mesh(cfg, target.devices)
     devices = local_devices(target)
-    return search(cfg, target, devices) if do_search else plan(cfg, target, devices)
+    return search(cfg, found, target, devices) if do_search else plan(cfg, target, devices)
 
 
 # --------------------------------------------------------------------------- tables
@@ -365,14 +356,11 @@ def table(result: dict) -> str:
     if "note" in result:
         lines.append(result["note"])
     terms = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in result["roofline_s"].items())
+    basis = f"at {result['efficiency']:.0%} of peak, as measured on this kind"
+    basis = basis if result["efficiency"] < 1 else "at the spec peak: a lower bound on the step time"
     lines.append(
         f"roofline (ms per step): {terms}\npredicted: {result['step_time_s'] * 1e3:.1f} ms/step, "
-        f"{result['tokens_per_sec']:,.0f} tokens/s, MFU {result['mfu']:.1%}, bound by {result['bound']} "
-        + (
-            f"(matmuls at {result['efficiency']:.0%} of peak, as measured on this kind)"
-            if result["efficiency"] < 1
-            else "(matmuls at the spec peak: a lower bound on the step time)"
-        )
+        f"{result['tokens_per_sec']:,.0f} tokens/s, MFU {result['mfu']:.1%}, bound by {result['bound']} (matmuls {basis})"
     )
     for fix in result.get("fixes", []):
         lines.append(

@@ -52,10 +52,10 @@ def _passes(m: ModelConfig, pipe: int) -> int:
     return 4 if _recomputes(m, pipe) else 3
 
 
-def terms(
-    cfg: Config, m: ModelConfig, sizes: dict[str, int], kind: DeviceKind, activation_bytes: int
-) -> dict[str, float]:
-    """Seconds per optimizer step of each roofline term, per device (see the module docstring)."""
+def terms(cfg: Config, sizes: dict[str, int], kind: DeviceKind, activation_bytes: int) -> dict[str, float]:
+    """Seconds per optimizer step of each roofline term, per device (see the module docstring);
+    ``cfg``'s model resolved."""
+    m = cfg.model
     d, f, t, p = sizes["data"], sizes["fsdp"], sizes["tensor"], sizes["pipe"]
     n, accum, seq = d * f * t * p, cfg.train.grad_accum, cfg.train.seq_len
     c = 2 if m.dtype in ("bfloat16", "float16") else 4
@@ -82,9 +82,10 @@ def terms(
     }
 
 
-def step_time(cfg: Config, m: ModelConfig, sizes: dict[str, int], kind: DeviceKind, activation_bytes: int) -> StepTime:
+def step_time(cfg: Config, sizes: dict[str, int], kind: DeviceKind, activation_bytes: int) -> StepTime:
     """The roofline's step time, tokens/s, MFU and bounding term for this run on this mesh."""
-    parts = terms(cfg, m, sizes, kind, activation_bytes)
+    m = cfg.model
+    parts = terms(cfg, sizes, kind, activation_bytes)
     exposed = parts["compute"] + parts["tensor"] + parts["pipe"]
     step = max(exposed, parts["hbm"], parts["fsdp"], parts["data"])
     bound = max(parts, key=parts.get)

@@ -19,7 +19,6 @@ A checkpoint holds the merged model (``params``, what :func:`jaxllm.load` reads)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import sys
@@ -51,13 +50,13 @@ from jaxllm.data import chat, tasks
 from jaxllm.data.tokenizer import Tokenizer
 from jaxllm.infer import api
 from jaxllm.model import decode as gen
-from jaxllm.model import moe
-from jaxllm.model.transformer import Transformer, cross_entropy
+from jaxllm.model.transformer import Transformer
 from jaxllm.parallel import sharding
 from jaxllm.sft import peft, sft_base
+from jaxllm.sft.sft_loss import make_loss_fn
 from jaxllm.train import checkpoint as ckpt
-from jaxllm.train import loop, trainer
-from jaxllm.train.metrics_log import MetricsLog, plot_losses
+from jaxllm.train import skeleton
+from jaxllm.train.metrics_log import plot_losses
 from jaxllm.train.optim import optimizer, schedule
 from jaxllm.train.run_dir import check_finetune_dir, lock
 from jaxllm.train.train_step import TrainState, make_train_step
@@ -110,58 +109,6 @@ def validate_sft(cfg: SFTConfig) -> None:
             f"init.from={str(src)!r} does not exist: run `python train.py` first (it writes runs/tiny), "
             "or point init.from at a jaxllm run or a Hugging Face model directory"
         )
-
-
-# --------------------------------------------------------------------------- the model
-
-
-def forward(
-    model: Transformer,
-    params: dict,
-    lora_scale: float,
-    tokens_BxT,
-    positions_BxT,
-    segments_BxT=None,
-    rngs=None,
-    mutable=False,
-):
-    """Logits ``[B, T, V]`` of the fine-tuned model, whatever the method (see :mod:`jaxllm.sft.peft`); with
-    ``mutable`` (``[moe.COLLECTION]``), ``(logits, collections)`` as ``Module.apply`` returns them."""
-    variables = {"params": peft.model_params(params, lora_scale)}
-    return model.apply(variables, tokens_BxT, positions_BxT, segments_BxT, rngs=rngs, mutable=mutable)
-
-
-def make_loss_fn(model: Transformer, mask: dict, lora_scale: float) -> Callable:
-    """``loss(params, batch_Bx5xT, rng) -> (loss, stats)``: cross-entropy over the assistant tokens of a
-    packed batch, plus a mixture of experts' router losses; ``stats``: the router's (``moe.telemetry``)."""
-
-    def loss_fn(params, batch_Bx5xT, rng):
-        params = peft.stop_frozen(params, mask)
-        b = batch_Bx5xT
-        logits, sown = forward(
-            model,
-            params,
-            lora_scale,
-            b[:, chat.INPUTS],
-            b[:, chat.POSITIONS],
-            b[:, chat.SEGMENTS],
-            {"dropout": rng},
-            mutable=[moe.COLLECTION],
-        )
-        return cross_entropy(logits, b[:, chat.TARGETS], b[:, chat.MASK].astype(jnp.float32))[0] + moe.loss(
-            sown
-        ), moe.telemetry(sown)
-
-    return loss_fn
-
-
-def per_token_nll(model: Transformer, params: dict, batch_Bx5xT, lora_scale: float = 0.0) -> jax.Array:
-    """Next-token negative log-likelihood ``[B, T]`` (nats) of every position of a packed batch."""
-    b = batch_Bx5xT
-    logits = forward(model, params, lora_scale, b[:, chat.INPUTS], b[:, chat.POSITIONS], b[:, chat.SEGMENTS]).astype(
-        jnp.float32
-    )
-    return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, b[:, chat.TARGETS][..., None], -1)[..., 0]
 
 
 # --------------------------------------------------------------------------- data
@@ -281,9 +228,9 @@ def prepare(cfg: SFTConfig, devices: list | None = None) -> Prepared:
             f"the longest held-out prompt plus sft.max_new_tokens needs {longest} positions; the model has {model_cfg.max_seq_len}"
         )
     rows = packed_rows(train_chats, tok, cfg.train.seq_len, prefix)
-    shardings = sft_base.param_shardings(
-        params, dataclasses.replace(model_cfg, vocab_size=m.vocab_size), mesh, rule_table
-    )
+    base_shape = dataclasses.replace(model_cfg, vocab_size=m.vocab_size)  # the markers' rows are replicated
+    sharding.check_divisible(base_shape, mesh, cfg.train.batch_size, jax.process_count())
+    shardings = sft_base.param_shardings(params, base_shape, mesh, rule_table)
     return Prepared(
         model_cfg,
         base.config,
@@ -313,44 +260,26 @@ def _print_table(before: dict, after: dict) -> None:
 
 
 @dataclass(frozen=True)
-class Job:
-    """A fine-tuning run compiled for a mesh: the jitted step and its initial state, parameters and
-    optimizer state sharded as pre-training shards them (:func:`jaxllm.sft.sft_base.param_shardings`)."""
+class Job(skeleton.Compiled):
+    """A fine-tuning run compiled for a mesh, parameters and optimizer state sharded as pre-training
+    shards them (:func:`jaxllm.sft.sft_base.param_shardings`)."""
 
-    mesh: jax.sharding.Mesh
-    rules: Any
-    step: Callable  # (state, batch_AxBx5xT) -> (state, metrics)
-    init: Callable  # () -> TrainState
-    batch_sharding: Any
-    replicated: Any
-    state_shardings: TrainState
     merged_shardings: dict  # of the merged model params a checkpoint holds
     lora_scale: float
-
-    @contextlib.contextmanager
-    def context(self):
-        """The mesh and logical-axis rules that the model's constraints resolve against."""
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            yield
 
 
 def build(cfg: SFTConfig, p: Prepared) -> Job:
     t, mesh = cfg.train, p.mesh
-    n_data = mesh.shape["data"] * mesh.shape["fsdp"]
-    if t.batch_size % n_data:
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the {n_data} data-parallel devices")
     model = Transformer(p.model_cfg, deterministic=p.model_cfg.dropout == 0.0)
     optim_cfg = method_optim(cfg)
     tx = peft.masked(optimizer(optim_cfg, t.steps), p.mask)
-    repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh, leading=1)
-    opt_sh = sharding.opt_state_shardings(jax.eval_shape(tx.init, p.params), p.shardings, mesh, optim_cfg.shard_state)
-    state_sh = TrainState(step=repl, params=p.shardings, opt_state=opt_sh, rng=repl)
+    batch_sh = sharding.batch_sharding(mesh, leading=1)
     with jax.set_mesh(mesh), nn.logical_axis_rules(p.rules):
-        step_fn = jax.jit(
+        state_sh = skeleton.state_shardings(tx, p.params, p.shardings, mesh, optim_cfg.shard_state)
+        step_fn = skeleton.jit_step(
             make_train_step(make_loss_fn(model, p.mask, p.lora_scale), tx, schedule(optim_cfg, t.steps)),
-            in_shardings=(state_sh, batch_sh),
-            out_shardings=(state_sh, repl),
-            donate_argnums=0,
+            state_sh,
+            batch_sh,
         )
 
     def init() -> TrainState:
@@ -362,7 +291,7 @@ def build(cfg: SFTConfig, p: Prepared) -> Job:
 
     merged = jax.eval_shape(lambda x: peft.model_params(x, p.lora_scale), p.params)
     merged_sh = sft_base.param_shardings(merged, p.model_cfg, mesh, p.rules)
-    return Job(mesh, p.rules, step_fn, init, batch_sh, repl, state_sh, merged_sh, p.lora_scale)
+    return Job(mesh, p.rules, state_sh, batch_sh, init, step_fn, merged_sh, p.lora_scale)
 
 
 def batch_order(n_rows: int, t: TrainConfig) -> np.ndarray:
@@ -377,23 +306,26 @@ def batch_at(rows: np.ndarray, picks: np.ndarray, batch_sharding: Any, step: int
     return jax.device_put(jnp.asarray(rows[picks[step]]), batch_sharding)
 
 
-def saved_tree(state: TrainState, lora_scale: float) -> dict:
+def saved_tree(lora_scale: float, state: TrainState) -> dict:
     """What a checkpoint holds: the merged model ``params`` that :func:`jaxllm.load` reads (LoRA folded
     in, the markers' rows appended) and the training state ``train`` a resumed run continues from."""
     return {"params": peft.model_params(state.params, lora_scale), "train": state}
 
 
-def save_state(checkpointer: ckpt.Checkpointer, job: Job, model: dict, step: int, state: TrainState) -> None:
-    checkpointer.save(step, saved_tree(state, job.lora_scale), {"step": step, "model": model})
+def save_state(lora_scale: float, model: dict, checkpointer: ckpt.Checkpointer, step: int, state: TrainState) -> None:
+    checkpointer.save(step, saved_tree(lora_scale, state), {"step": step, "model": model})
 
 
 def restore_or_init(checkpointer: ckpt.Checkpointer, job: Job, model_cfg: ModelConfig) -> tuple[TrainState, int, bool]:
-    abstract_tree = jax.eval_shape(lambda: saved_tree(job.init(), job.lora_scale))
-    target = ckpt.abstract(abstract_tree, {"params": job.merged_shardings, "train": job.state_shardings})
-    restored = checkpointer.restore_latest(target, model_cfg)
-    if restored is None:
-        return job.init(), 0, False
-    return restored[0]["train"], int(restored[1]["step"]), True
+    """The newest intact checkpoint's training state, else ``job.init()``."""
+    return skeleton.restore_or_init(
+        checkpointer,
+        job,
+        model_cfg,
+        functools.partial(saved_tree, job.lora_scale),
+        {"params": job.merged_shardings, "train": job.state_shardings},
+        lambda tree: tree["train"],
+    )
 
 
 def finetune(cfg: SFTConfig, devices: list | None = None) -> dict:
@@ -405,8 +337,17 @@ def finetune(cfg: SFTConfig, devices: list | None = None) -> dict:
         return _finetune(cfg, p, job, Path(cfg.run.dir))
 
 
+def _banner(cfg: SFTConfig, p: Prepared, start: int, restored: bool) -> None:
+    trainable, total = peft.count(p.params, p.mask)
+    print(
+        f"sft: {cfg.sft.method} on {init_from(cfg)}: {trainable:,} trainable of {total:,} parameters "
+        f"({trainable / total:.2%}); {len(p.rows)} packed rows of {cfg.train.seq_len} tokens; "
+        f"peak lr {method_optim(cfg).lr:g}; " + (f"resuming at step {start}" if restored else "from the start"),
+        file=sys.stderr,
+    )
+
+
 def _finetune(cfg: SFTConfig, p: Prepared, job: Job, run_dir: Path) -> dict:
-    t = cfg.train
     greedy = make_greedy(p.model_cfg, p.lora_scale, cfg.sft.max_new_tokens, chat.end_id(p.tokenizer))
     prompts = [[PLACEHOLDER] * p.prefix + q for q in p.eval_set.prompts]
 
@@ -415,48 +356,21 @@ def _finetune(cfg: SFTConfig, p: Prepared, job: Job, run_dir: Path) -> dict:
             ids = greedy(params, prompts)
         return exact_match(p.eval_set.tasks, [p.tokenizer.decode(i) for i in ids], p.eval_set.answers)
 
-    checkpointer = ckpt.Checkpointer(run_dir, cfg.checkpoint.keep)
-    log = None
-    try:
-        state, start, restored = restore_or_init(checkpointer, job, p.model_cfg)  # before any write: it may refuse
+    restore = functools.partial(restore_or_init, job=job, model_cfg=p.model_cfg)
+    with skeleton.resumed(run_dir, cfg, restore) as run:
         save_config(cfg, run_dir / "sft.yaml")
         save_config(_export_config(cfg, p), run_dir / "config.yaml")
         p.tokenizer.save(run_dir)
-        log = MetricsLog(run_dir / "metrics.jsonl", start, True, run_dir / "tb" if cfg.log.tensorboard else None)
-        trainable, total = peft.count(p.params, p.mask)
-        print(
-            f"sft: {cfg.sft.method} on {init_from(cfg)}: {trainable:,} trainable of {total:,} parameters "
-            f"({trainable / total:.2%}); {len(p.rows)} packed rows of {t.seq_len} tokens; peak lr {method_optim(cfg).lr:g}; "
-            + (f"resuming at step {start}" if restored else "from the start"),
-            file=sys.stderr,
-        )
+        _banner(cfg, p, run.start, run.restored)
         t0 = time.perf_counter()
         before = evaluate(jax.device_put(p.params, p.shardings))
-        parts = loop.Parts(
-            step=job.step,
-            batch_at=functools.partial(batch_at, p.rows, batch_order(len(p.rows), t), job.batch_sharding),
-            save=functools.partial(save_state, checkpointer, job, to_dict(p.model_cfg)),
-            checkpoint_dir=checkpointer.directory,
-            log=log,
-            mfu=trainer.model_flops_utilisation(p.model_cfg, job.mesh, t.seq_len, cfg.log.peak_flops),
-            tokens_per_step=t.batch_size * t.grad_accum * t.seq_len,
-            context=job.context,
-            progress=cfg.log.progress,
-        )
-        out = loop.run(parts, trainer.cadence(cfg), state, start, start if restored else None)
-    finally:
-        checkpointer.close()
-        if log is not None:
-            log.close()
+        batches = functools.partial(batch_at, p.rows, batch_order(len(p.rows), cfg.train), job.batch_sharding)
+        save = functools.partial(save_state, job.lora_scale, to_dict(p.model_cfg))
+        out = skeleton.run_loop(run, cfg, job, p.model_cfg, batches, save)
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    summary = {
-        "before": before,
-        "trainable": trainable,
-        "total": total,
-        "loss": out.loss,
-        "step": out.step,
-        "first_step_s": out.first_step_s,
-    }
+    trainable, total = peft.count(p.params, p.mask)
+    summary = {"before": before, "trainable": trainable, "total": total, "loss": out.loss, "step": out.step}
+    summary["first_step_s"] = out.first_step_s
     if out.interrupted:
         return {**summary, "interrupted": out.interrupted, "signal": out.signal}
     after = evaluate(out.state.params)

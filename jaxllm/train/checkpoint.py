@@ -84,34 +84,14 @@ def layout(tree: Any) -> dict[str, list]:
     return {_name(path): [list(x.shape), str(x.dtype)] for path, x in flat}
 
 
-# Until the norms were named (model.norm), Flax named each LayerNorm/RMSNorm inside its wrapper:
-# "blocks.norm1.LayerNorm_0.scale" is today's "blocks.norm1.scale".
-_LEGACY_NORM = re.compile(r"\.(LayerNorm_0|RMSNorm_0)(?=\.)")
-_LEGACY_NORM_NAMES = ("LayerNorm_0", "RMSNorm_0")
-
-
-def current_name(name: str) -> str:
-    """A :func:`layout` name in today's naming (the same name unless the checkpoint predates named norms)."""
-    return _LEGACY_NORM.sub("", name)
-
-
-def _is_legacy_norm(x: Any) -> bool:
-    return isinstance(x, dict) and len(x) == 1 and next(iter(x)) in _LEGACY_NORM_NAMES
-
-
-def in_current_names(tree: Any) -> Any:
-    """A restored tree of nested dicts with each legacy ``{"LayerNorm_0": {...}}`` level removed."""
-    return jax.tree.map(lambda x: next(iter(x.values())) if _is_legacy_norm(x) else x, tree, is_leaf=_is_legacy_norm)
-
-
 def intact(state: Any, meta: dict) -> bool:
     """Whether every array of ``state`` matches the checksum saved beside it, matched by name: a state
     restored for inference is a plain dict whose leaves come in another order than the train state's.
-    A checkpoint written before checkpoints carried checksums counts as intact."""
-    if "checksums" not in meta:
-        return True
-    saved = dict(zip(map(current_name, meta["layout"]), meta["checksums"]))
-    return dict(zip(map(current_name, layout(state)), fingerprint(state)[1])) == saved
+    A checkpoint without its checksums is not intact."""
+    if "checksums" not in meta or "layout" not in meta:
+        return False
+    saved = dict(zip(meta["layout"], meta["checksums"]))
+    return dict(zip(layout(state), fingerprint(state)[1])) == saved
 
 
 def _few(names: list[str]) -> str:
@@ -276,14 +256,12 @@ class Checkpointer:
         it is another config's."""
         check_same_model(meta.get("model", {}), model, self.directory)
         saved = meta.get("layout") or layout(self.manager.item_metadata(step)["state"])
-        diff = layout_difference({current_name(k): v for k, v in saved.items()}, layout(abstract_state))
+        diff = layout_difference(saved, layout(abstract_state))
         if diff:
             raise ConfigError(
                 f"checkpoint {step} in {self.directory} was written by another configuration ({diff}); "
                 "run with the config it was written with, or choose another run.dir"
             )
-        if any(current_name(k) != k for k in saved):
-            return self._restore_renamed(step, abstract_state)
         return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
             "state"
         ]
@@ -301,25 +279,13 @@ class Checkpointer:
         self.manager.reload()
         return target.name
 
-    def _restore_renamed(self, step: int, abstract_state: Any) -> Any:
-        """Checkpoint ``step``, saved under legacy names, restored into ``abstract_state``'s tree and
-        shardings: each saved leaf is read into the target leaf of its :func:`current_name`."""
-        paths, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
-        wanted = {_name(path): x for path, x in paths}
-        saved = self.manager.item_metadata(step)["state"]
-        target = jax.tree_util.tree_map_with_path(lambda path, _: wanted[current_name(_name(path))], saved)
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-        by_name = {current_name(_name(path)): x for path, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
-        return jax.tree_util.tree_unflatten(treedef, [by_name[_name(path)] for path, _ in paths])
-
     def restore_single_device(self, step: int) -> Any:
-        """The saved state tree onto one device, whatever mesh wrote it (for inference), in today's
-        parameter names (:func:`in_current_names`)."""
+        """The saved state tree onto one device, whatever mesh wrote it (for inference)."""
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         saved = self.manager.item_metadata(step)["state"]
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-        return in_current_names(restored)
+        return restored
 
     def close(self) -> None:
         try:

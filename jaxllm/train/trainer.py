@@ -16,7 +16,6 @@ import functools
 import math
 import sys
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxllm.core.config import Config, ModelConfig, resolve_model, save_config, to_dict, validate
+from jaxllm.core.config import Config, ModelConfig, resolve, save_config, to_dict, validate
 from jaxllm.core.errors import ConfigError, UserError
 from jaxllm.core.runtime import init_process, one_off_compiler_options
 from jaxllm.data import corpus as data_lib
@@ -38,9 +37,9 @@ from jaxllm.model import decode, flops
 from jaxllm.model.transformer import Transformer
 from jaxllm.parallel import pipeline, sharding
 from jaxllm.train import checkpoint as ckpt
-from jaxllm.train import distill, loop
+from jaxllm.train import distill, loop, skeleton
 from jaxllm.train.loop import TrainingDiverged
-from jaxllm.train.metrics_log import MetricsLog, plot_expert_load, plot_losses
+from jaxllm.train.metrics_log import plot_expert_load, plot_losses
 from jaxllm.train.optim import optimizer, schedule
 from jaxllm.train.run_dir import lock
 from jaxllm.train.train_step import TrainState, make_eval_step, make_loss_fn, make_train_step
@@ -50,32 +49,21 @@ __all__ = ["Setup", "TrainState", "TrainingDiverged", "build", "global_batch", "
 # --------------------------------------------------------------------------- set-up
 
 
-@dataclass
-class Setup:
-    """Everything compiled for one run: model, mesh, shardings and the jitted functions."""
+@dataclass(frozen=True)
+class Setup(skeleton.Compiled):
+    """A pre-training run compiled for a mesh: the model and the evaluation step beside the step."""
 
     model_cfg: ModelConfig
     model: Transformer
-    mesh: jax.sharding.Mesh
-    rules: tuple
     tx: optax.GradientTransformation
-    state_shardings: TrainState
-    batch_sharding: Any
-    init: Callable  # () -> TrainState, sharded
-    step: Callable  # (state, tokens_AxBxT1) -> (state, metrics)
     eval: Callable  # (params, tokens_BxT1) -> loss
 
-    @contextmanager
-    def context(self):
-        """The mesh and logical-axis rules that the model's constraints resolve against."""
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            yield
 
-
-def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh, eod_id: int | None = None) -> Setup:
-    """Model, optimizer and shardings; jitted init/step/eval with explicit shardings and donation.
-    ``eod_id``: attention stays within documents (``data.document_mask``; see :func:`document_eod`)."""
-    rule_table = sharding.rules(cfg.mesh)
+def build(cfg: Config, mesh: jax.sharding.Mesh, eod_id: int | None = None) -> Setup:
+    """Model, optimizer and shardings of ``cfg`` (its model resolved: :func:`prepare_run`); jitted
+    init/step/eval with explicit shardings and donation. ``eod_id``: attention stays within documents
+    (``data.document_mask``; see :func:`document_eod`)."""
+    model_cfg, rule_table = cfg.model, sharding.rules(cfg.mesh)
     model = Transformer(model_cfg, deterministic=model_cfg.dropout == 0.0)
     eval_model = Transformer(model_cfg, deterministic=True)
     tx = optimizer(cfg.optim, cfg.train.steps)
@@ -88,49 +76,38 @@ def build(cfg: Config, model_cfg: ModelConfig, mesh: jax.sharding.Mesh, eod_id: 
         sharding.check_param_divisible(boxed, mesh, rule_table)  # any mesh.rules override included
         param_sh = sharding.logical_shardings(boxed, mesh, rule_table)
         abstract_params = jax.eval_shape(nn.unbox, boxed)  # the boxes hold ShapeDtypeStructs: no model trace
-        opt_sh = sharding.opt_state_shardings(
-            jax.eval_shape(tx.init, abstract_params), param_sh, mesh, cfg.optim.shard_state
-        )
-    repl = sharding.replicated(mesh)
-    state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl)
+        state_sh = skeleton.state_shardings(tx, abstract_params, param_sh, mesh, cfg.optim.shard_state)
 
     batch_sh = sharding.batch_sharding(mesh, leading=1)
     loss_fn, eval_step = make_loss_fn(model, eod_id), make_eval_step(eval_model, eod_id)
     if mesh.shape["pipe"] > 1:
         loss_fn = pipeline.make_loss_fn(model, cfg.pipeline, mesh, rule_table, param_sh["blocks"])
         eval_step = pipeline.make_eval_fn(eval_model, cfg.pipeline, mesh, rule_table, param_sh["blocks"])
-    train_step = make_train_step(loss_fn, tx, schedule(cfg.optim, cfg.train.steps))
-    step = jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0)
+    lr = schedule(cfg.optim, cfg.train.steps)
+    step = skeleton.jit_step(make_train_step(loss_fn, tx, lr), state_sh, batch_sh)
     if cfg.distill.teacher:  # the loss also matches a frozen teacher, run inside the same jitted step
         teacher = distill.load_teacher(cfg.distill.teacher, mesh, rule_table)
         distill_step = distill.make_train_step(
-            model,
-            teacher.model,
-            cfg.distill,
-            lambda loss: make_train_step(loss, tx, schedule(cfg.optim, cfg.train.steps)),
+            model, teacher.model, cfg.distill, lambda loss: make_train_step(loss, tx, lr)
         )
-        jitted = jax.jit(
-            distill_step,
-            in_shardings=(state_sh, batch_sh, teacher.shardings),
-            out_shardings=(state_sh, repl),
-            donate_argnums=0,
-        )
+        jitted = skeleton.jit_step(distill_step, state_sh, batch_sh, teacher.shardings)
         step = lambda state, batch: jitted(state, batch, teacher.params)
+    init = make_init(model_cfg, tx, cfg.train.seed, cfg.train.seq_len)
     return Setup(
-        model_cfg=model_cfg,
-        model=model,
         mesh=mesh,
         rules=rule_table,
-        tx=tx,
         state_shardings=state_sh,
         batch_sharding=batch_sh,
-        init=jax.jit(
-            make_init(model_cfg, tx, cfg.train.seed, cfg.train.seq_len),
-            out_shardings=state_sh,
-            compiler_options=one_off_compiler_options(),
-        ),
+        init=jax.jit(init, out_shardings=state_sh, compiler_options=one_off_compiler_options()),
         step=step,
-        eval=jax.jit(eval_step, in_shardings=(param_sh, sharding.batch_sharding(mesh, 0)), out_shardings=repl),
+        model_cfg=model_cfg,
+        model=model,
+        tx=tx,
+        eval=jax.jit(
+            eval_step,
+            in_shardings=(param_sh, sharding.batch_sharding(mesh, 0)),
+            out_shardings=sharding.replicated(mesh),
+        ),
     )
 
 
@@ -185,8 +162,9 @@ def document_eod(cfg: Config, data: TrainData) -> int | None:
     return data.eod_id
 
 
-def prepare_run(cfg: Config, devices: list | None = None) -> tuple[TrainData, ModelConfig, jax.sharding.Mesh]:
-    """All checks that can refuse the run, done before anything is written to ``run.dir``.
+def prepare_run(cfg: Config, devices: list | None = None) -> tuple[TrainData, Config, jax.sharding.Mesh]:
+    """All checks that can refuse the run, done before anything is written to ``run.dir``: the
+    data, ``cfg`` with its model resolved (every size that was 0 = automatic filled in) and the mesh.
 
     ``devices``: the devices of the mesh (default: all visible ones)."""
     validate(cfg)
@@ -194,33 +172,23 @@ def prepare_run(cfg: Config, devices: list | None = None) -> tuple[TrainData, Mo
     data = _prepare_data(cfg)
     document_eod(cfg, data)
     decode.check_sample_prompt(data.tokenizer, cfg.eval)
-    model_cfg = resolve_model(cfg.model, data.tokenizer.vocab_size, cfg.train.seq_len)
+    cfg = resolve(cfg, data.tokenizer.vocab_size)
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    sharding.check_divisible(model_cfg, mesh, cfg.train.batch_size, jax.process_count())
-    pipeline.check(model_cfg, cfg.pipeline, mesh, cfg.train.batch_size)
+    sharding.check_divisible(cfg.model, mesh, cfg.train.batch_size, jax.process_count())
+    pipeline.check(cfg.model, cfg.pipeline, mesh, cfg.train.batch_size)
     if cfg.distill.teacher:
-        distill.check_teacher(cfg.distill.teacher, model_cfg, data.tokenizer, cfg.train.seq_len, mesh.shape["pipe"])
+        distill.check_teacher(cfg.distill.teacher, cfg.model, data.tokenizer, cfg.train.seq_len, mesh.shape["pipe"])
     ckpt_dir = Path(cfg.run.dir) / "checkpoints"
     if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         checker = ckpt.Checkpointer(Path(cfg.run.dir), cfg.checkpoint.keep)
         try:
-            checker.check_model(model_cfg)
+            checker.check_model(cfg.model)
         finally:
             checker.close()
-    return data, model_cfg, mesh
+    return data, cfg, mesh
 
 
 # --------------------------------------------------------------------------- the run's parts
-
-
-def restore_or_init(checkpointer: ckpt.Checkpointer, setup: Setup) -> tuple[TrainState, int, bool]:
-    """``(state, start step, restored?)``: the newest intact checkpoint, else a fresh initialisation."""
-    with setup.context():
-        abstract_state = ckpt.abstract(jax.eval_shape(setup.init), setup.state_shardings)
-        restored = checkpointer.restore_latest(abstract_state, setup.model_cfg)
-        if restored is None:
-            return setup.init(), 0, False
-    return restored[0], int(restored[1]["step"]), True
 
 
 def process_rows(cfg: Config, batch_sharding: Any) -> tuple[int, int]:
@@ -280,19 +248,8 @@ class Evaluator:
         return {"eval_loss": eval_loss, "eval_ppl": ppl, "sample": text}, shown
 
 
-def save_state(checkpointer: ckpt.Checkpointer, model: dict, config: dict, step: int, state: TrainState) -> None:
+def save_state(model: dict, config: dict, checkpointer: ckpt.Checkpointer, step: int, state: TrainState) -> None:
     checkpointer.save(step, state, {"step": step, "data_step": step, "model": model, "config": config})
-
-
-def model_flops_utilisation(
-    model_cfg: ModelConfig, mesh: jax.sharding.Mesh, seq_len: int, peak_flops: float
-) -> Callable:
-    """``tokens/s -> MFU`` over the mesh's devices. Faked CPU devices share the host's cores: the peak
-    is per process there, per device elsewhere."""
-    device = mesh.devices.flat[0]
-    per_device = flops.peak_flops(device, peak_flops)
-    total = per_device * (jax.process_count() if device.platform == "cpu" else mesh.devices.size)
-    return functools.partial(flops.mfu, cfg=model_cfg, seq_len=seq_len, total_peak=total)
 
 
 def banner(cfg: Config, setup: Setup, data: TrainData, start: int, restored: bool) -> None:
@@ -315,17 +272,13 @@ def banner(cfg: Config, setup: Setup, data: TrainData, start: int, restored: boo
         )
 
 
-def cadence(cfg: Config) -> loop.Cadence:
-    return loop.Cadence(cfg.train.steps, cfg.log.every, cfg.eval.every, cfg.checkpoint.every)
-
-
 # --------------------------------------------------------------------------- the run
 
 
 def train(cfg: Config, devices: list | None = None) -> dict:
     """Runs (or resumes) ``cfg`` on ``devices`` (default: all) and returns a summary."""
-    data, model_cfg, mesh = prepare_run(cfg, devices)
-    setup = build(cfg, model_cfg, mesh, document_eod(cfg, data))  # may still refuse the run (mesh.rules)
+    data, cfg, mesh = prepare_run(cfg, devices)
+    setup = build(cfg, mesh, document_eod(cfg, data))  # may still refuse the run (mesh.rules), so before any write
     run_dir = Path(cfg.run.dir)
     with lock(run_dir, "another training run"):
         return _train(cfg, setup, data, run_dir)
@@ -340,45 +293,24 @@ def data_stats(data: TrainData, cfg: Config, batches: Prefetcher, step: int) -> 
 
 def _train(cfg: Config, setup: Setup, data: TrainData, run_dir: Path) -> dict:
     is_main = jax.process_index() == 0
-    checkpointer = ckpt.Checkpointer(run_dir, cfg.checkpoint.keep)
-    log = None
-    t = cfg.train
-    batches = Prefetcher(
-        functools.partial(batch_at, data, cfg, setup.batch_sharding), depth=cfg.data.prefetch, stop=t.steps
-    )
-    try:
-        state, start, restored = restore_or_init(checkpointer, setup)  # before any write: it may refuse
-        resolved = Config(**{**vars(cfg), "model": setup.model_cfg})
+    restore = functools.partial(skeleton.restore_or_init, compiled=setup, model_cfg=cfg.model)
+    make_batch = functools.partial(batch_at, data, cfg, setup.batch_sharding)
+    with (
+        Prefetcher(make_batch, depth=cfg.data.prefetch, stop=cfg.train.steps) as batches,
+        skeleton.resumed(run_dir, cfg, restore, is_main) as run,
+    ):
         if is_main:
-            save_config(resolved, run_dir / "config.yaml")
+            save_config(cfg, run_dir / "config.yaml")
             data.tokenizer.save(run_dir)
-        log = MetricsLog(run_dir / "metrics.jsonl", start, is_main, run_dir / "tb" if cfg.log.tensorboard else None)
-        if is_main:
-            banner(cfg, setup, data, start, restored)
-        parts = loop.Parts(
-            step=setup.step,
-            batch_at=batches.get,
-            save=functools.partial(save_state, checkpointer, to_dict(setup.model_cfg), to_dict(resolved)),
-            checkpoint_dir=checkpointer.directory,
-            log=log,
-            mfu=model_flops_utilisation(setup.model_cfg, setup.mesh, t.seq_len, cfg.log.peak_flops),
-            tokens_per_step=t.batch_size * t.grad_accum * t.seq_len,
-            context=setup.context,
-            evaluate=Evaluator(cfg, setup, data, _apply_fn(setup.model.clone(deterministic=True))),
-            is_main=is_main,
-            progress=cfg.log.progress,
-            data_stats=functools.partial(data_stats, data, cfg, batches),
-        )
-        out = loop.run(parts, cadence(cfg), state, start, start if restored else None)
-    finally:
-        batches.close()
-        checkpointer.close()
-        if log is not None:
-            log.close()
+            banner(cfg, setup, data, run.start, run.restored)
+        save = functools.partial(save_state, to_dict(cfg.model), to_dict(cfg))
+        evaluate = Evaluator(cfg, setup, data, _apply_fn(setup.model.clone(deterministic=True)))
+        stats = functools.partial(data_stats, data, cfg, batches)
+        out = skeleton.run_loop(run, cfg, setup, cfg.model, batches.get, save, evaluate, is_main, stats)
     if is_main and (run_dir / "metrics.jsonl").exists():
         plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
         plot_expert_load(run_dir / "metrics.jsonl", run_dir / "expert_load.png")
-    return summary(out, start, setup.model_cfg)
+    return summary(out, run.start, cfg.model)
 
 
 def summary(out: loop.Outcome, start: int, model_cfg: ModelConfig) -> dict:
