@@ -43,7 +43,7 @@ MOE = ["model.n_layer=4", "train.batch_size=8", "train.grad_accum=1", "model.att
 # name: (config, overrides, timed steps). The GPU cases, most important first; tiny* run anywhere.
 CASES = {
     "gpt2_124m": ("configs/gpt2_124m.yaml", ["model.attention=auto"], 20),
-    "gpt2_124m_noremat": ("configs/gpt2_124m.yaml", ["model.attention=auto", "model.remat=false"], 20),
+    "gpt2_124m_noremat": ("configs/gpt2_124m.yaml", ["model.attention=auto", "model.remat=none"], 20),
     "gpt2_124m_xla": ("configs/gpt2_124m.yaml", ["model.attention=xla"], 10),
     "llama_1b_b16": ("configs/llama_1b.yaml", ["model.attention=auto", "train.batch_size=16"], 10),
     "moe_dropless": ("configs/moe_1b_active.yaml", MOE, 10),
@@ -53,7 +53,7 @@ CASES = {
     "long8k_xla": ("configs/llama_1b.yaml", [*LONG, "model.attention=xla"], 10),
     "long8k_chunked": ("configs/llama_1b.yaml", [*LONG, "model.attention=chunked"], 10),
     "tiny": ("configs/tiny.yaml", [], 5),
-    "tiny_noremat": ("configs/tiny.yaml", ["model.remat=false"], 5),
+    "tiny_noremat": ("configs/tiny.yaml", ["model.remat=none"], 5),
 }
 
 

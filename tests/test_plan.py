@@ -34,7 +34,13 @@ PLANS = {
     "data-fsdp-tensor": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
     "fsdp-tensor-sp": ["mesh.fsdp=4", "mesh.tensor=2", "mesh.sequence_parallel=true"],
     "pipeline": ["mesh.data=2", "mesh.pipe=4", "pipeline.microbatches=8"],
-    "pipeline-fsdp-remat": ["mesh.fsdp=4", "mesh.pipe=2", "model.remat=true"],
+    "pipeline-fsdp-remat": ["mesh.fsdp=4", "mesh.pipe=2", "model.remat=full"],
+    # every remat policy; the fused loss where the head dominates (an 8192-word vocabulary), whole or split over tensor
+    "remat-dots": ["mesh.data=8", "model.remat=dots"],
+    "remat-dots-no-batch": ["mesh.data=8", "model.remat=dots_no_batch"],
+    "remat-offload": ["mesh.data=8", "model.remat=offload"],
+    "fused-loss": ["mesh.data=8", "model.remat=full", "model.vocab_size=8192", "model.loss_chunk=16"],
+    "fused-loss-tensor": ["mesh.tensor=8", "model.remat=full", "model.vocab_size=8192", "model.loss_chunk=16"],
 }
 TINY_TPU = [
     "model.n_layer=2",
@@ -242,7 +248,7 @@ def test_roofline_bound_moves_from_compute_to_tensor_collectives_on_slow_links()
 
 @pytest.mark.slow
 def test_a_run_that_does_not_fit_gets_changes_that_make_it_fit():
-    cfg = load_config("configs/llama_1b.yaml", ["mesh.data=8", "mesh.fsdp=1", "model.remat=false"])
+    cfg = load_config("configs/llama_1b.yaml", ["mesh.data=8", "mesh.fsdp=1", "model.remat=none"])
     result = plan.run(cfg, hardware.parse_target("a100-40gbx8"), do_search=False)
     assert not result["fits"]
-    assert {"changes": ["model.remat=true"], "fits": True} == {k: result["fixes"][0][k] for k in ("changes", "fits")}
+    assert {"changes": ["model.remat=full"], "fits": True} == {k: result["fixes"][0][k] for k in ("changes", "fits")}

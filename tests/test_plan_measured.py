@@ -31,8 +31,13 @@ def measured(case: str) -> dict:
     return [r for r in rows if r["case"] == case and any("attention" in o for o in r["overrides"])][-1]
 
 
+# The records of 2026-11-30 write remat as a boolean: true is the policy ``full``, false is ``none``.
+REMAT_NAMES = {"model.remat=true": "model.remat=full", "model.remat=false": "model.remat=none"}
+
+
 def predicted(row: dict) -> dict:
-    cfg = plan.resolved(load_config(str(ROOT / row["config"]), [*row["overrides"], *ONE]))
+    overrides = [REMAT_NAMES.get(o, o) for o in row["overrides"]]
+    cfg = plan.resolved(load_config(str(ROOT / row["config"]), [*overrides, *ONE]))
     boxed = memory_model.boxed_params(cfg.model, cfg.train.seq_len)
     return plan.evaluate(cfg, boxed, hardware.parse_target("h200"), plan.check_mesh(cfg, 1))
 

@@ -347,10 +347,10 @@ def test_optimizer_state_is_sharded_like_the_trainable_parameters_and_split_by_z
 
 def test_compute_options_apply_to_a_hf_base_and_its_weights_stay_float32(hf_base):
     p = sft.prepare(
-        sft_cfg(hf_base, "model.dtype=bfloat16", "model.remat=true", "model.n_layer=2", "mesh.data=1"),
+        sft_cfg(hf_base, "model.dtype=bfloat16", "model.remat=full", "model.n_layer=2", "mesh.data=1"),
         jax.devices()[:1],
     )
-    assert (p.model_cfg.dtype, p.model_cfg.remat, p.model_cfg.n_layer) == ("bfloat16", True, 2)
+    assert (p.model_cfg.dtype, p.model_cfg.remat, p.model_cfg.n_layer) == ("bfloat16", "full", 2)
     assert {x.dtype for x in jax.tree.leaves(p.params)} == {jnp.dtype("float32")}
 
 

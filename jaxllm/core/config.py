@@ -255,6 +255,8 @@ ARCHS = ("gpt2", "llama")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("xla", "chunked", "cudnn", "splash", "auto")  # jaxllm.model.attention
+REMATS = ("none", "full", "dots", "dots_no_batch", "offload")  # jaxllm.model.remat
+MATMUL_DTYPES = ("default", "fp8")  # jaxllm.model.fp8
 
 
 def resolve_model(m: ModelConfig, vocab_size: int, seq_len: int) -> ModelConfig:
@@ -304,6 +306,10 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.prompt_tokens must be in [0, max_seq_len={m.max_seq_len}), got {m.prompt_tokens}")
     if m.attention not in ATTENTIONS:
         raise ConfigError(f"model.attention={m.attention!r} is unknown; choose one of {', '.join(ATTENTIONS)}")
+    if m.remat not in REMATS:
+        raise ConfigError(f"model.remat={m.remat!r} is unknown; choose one of {', '.join(REMATS)}")
+    if m.matmul_dtype not in MATMUL_DTYPES:
+        raise ConfigError(f"model.matmul_dtype={m.matmul_dtype!r} must be one of {', '.join(MATMUL_DTYPES)}")
     e = m.moe
     if e.n_experts and e.top_k > e.n_experts:
         raise ConfigError(f"model.moe.top_k={e.top_k} exceeds model.moe.n_experts={e.n_experts}")
@@ -331,6 +337,8 @@ def validate(cfg: Config) -> None:
             f"train.seq_len={t.seq_len} leaves no room for the evaluation sample's prompt and "
             "continuation; use train.seq_len >= 2 or eval.sample_tokens=0"
         )
+    if cfg.model.loss_chunk and t.seq_len % cfg.model.loss_chunk:
+        raise ConfigError(f"model.loss_chunk={cfg.model.loss_chunk} does not divide train.seq_len={t.seq_len}")
     if cfg.mesh.context > 1 and t.seq_len % (2 * cfg.mesh.context):
         raise ConfigError(
             f"train.seq_len={t.seq_len} is not divisible by 2*mesh.context={2 * cfg.mesh.context} "

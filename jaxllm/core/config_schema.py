@@ -84,7 +84,26 @@ class ModelConfig:
     norm_position: str = option("pre", "pre (pre-LN, modern) | post (post-LN, the original transformer)")
     dropout: float = option(0.0, "dropout rate on attention and MLP outputs and embeddings")
     dtype: str = option("float32", "compute dtype: float32 | bfloat16 | float16 (parameters stay float32)")
-    remat: bool = option(False, "recompute each block's activations in the backward pass (saves memory)")
+    remat: str = option(
+        "none",
+        "what a block keeps for its backward pass (jax.checkpoint policies): none (everything, no "
+        "recompute) | full (its input alone; the whole block recomputed) | dots (every matmul output, "
+        "attention scores included; only elementwise work recomputed) | dots_no_batch (the projections' "
+        "outputs, not the attention scores) | offload (dots_no_batch's, moved to host memory; backends "
+        "with a pinned_host memory)",
+    )
+    loss_chunk: int = option(
+        0,
+        "fused loss: positions per block of the head and cross-entropy, computed and differentiated a "
+        "block at a time so the [B, T, V] float32 logits never exist; must divide train.seq_len; 0 = off",
+        NON_NEGATIVE,
+    )
+    matmul_dtype: str = option(
+        "default",
+        "default (model.dtype) | fp8: the blocks' projections in float8 e4m3 (gradients e5m2), each "
+        "operand scaled by its own current absolute maximum (stateless, no history to checkpoint); "
+        "parameters, optimizer, attention core, head and loss unchanged",
+    )
     scan_unroll: int = option(
         1,
         "blocks per iteration of the layer loop; n_layer unrolls it (small models run faster, compile slower)",

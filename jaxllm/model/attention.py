@@ -254,10 +254,15 @@ def _splash_local(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, q_seg_Bx
 # --------------------------------------------------------------------------- context parallelism's layout
 
 
-def sequence_shards() -> int:
-    """Into how many pieces the active plan splits ``q_seq`` (1 outside a mesh): the context ways."""
+def logical_shards(name: str) -> int:
+    """Into how many pieces the active plan splits the logical axis ``name`` (1 outside a mesh)."""
     mesh = jax.sharding.get_abstract_mesh()
-    return _ways(nn.logical_to_mesh_axes(("q_seq",))[0] if mesh.shape else None, mesh)
+    return _ways(nn.logical_to_mesh_axes((name,))[0] if mesh.shape else None, mesh)
+
+
+def sequence_shards() -> int:
+    """Into how many pieces the active plan splits ``q_seq``: the context ways."""
+    return logical_shards("q_seq")
 
 
 def zigzag_order(length: int, shards: int) -> np.ndarray | None:

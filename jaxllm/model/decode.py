@@ -216,7 +216,7 @@ class Decoder:
 
     def __init__(self, cfg: ModelConfig):
         # Recomputing activations only matters for gradients; dropout is off at inference.
-        self.cfg = dataclasses.replace(cfg, remat=False)
+        self.cfg = dataclasses.replace(cfg, remat="none")
         self._run = jax.jit(
             partial(_decode, Transformer(self.cfg, deterministic=True)),
             static_argnames=("n_new", "temperature", "top_k", "top_p", "eos_ids", "with_logits", "on_token"),

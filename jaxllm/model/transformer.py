@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.core.config import ModelConfig
-from jaxllm.model import attention, moe
-from jaxllm.model.quantize import QuantizedKernel, quantized_dot
+from jaxllm.model import attention, moe, remat
+from jaxllm.model.linear import Linear
+from jaxllm.model.loss import chunked_cross_entropy, cross_entropy
 
 Array = jax.Array
 constrain = nn.with_logical_constraint
@@ -58,6 +59,11 @@ def _ones(axes: tuple[str | None, ...]) -> Any:
 
 def compute_dtype(cfg: ModelConfig) -> Any:
     return jnp.dtype(cfg.dtype)
+
+
+def fp8(cfg: ModelConfig) -> bool:
+    """Whether the blocks' projections multiply in float8 (``model.matmul_dtype``, jaxllm.model.fp8)."""
+    return cfg.matmul_dtype == "fp8"
 
 
 def residual_std(cfg: ModelConfig) -> float:
@@ -96,35 +102,6 @@ def norm(c: ModelConfig, name: str | None = None) -> nn.Module:
     return nn.RMSNorm(epsilon=c.norm_eps, dtype=compute_dtype(c), scale_init=_ones(("embed",)), name=name)
 
 
-class Linear(nn.Module):
-    """``y[..., out] = x[..., in] @ kernel[in, out] + bias[out]`` where ``in`` and ``out`` may span several
-    axes (e.g. ``embed -> heads x head_dim``); the kernel is created in its final shape, with its names."""
-
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    axes: tuple[str | None, ...]  # logical names of kernel = in_shape + out_shape
-    std: float
-    use_bias: bool
-    dtype: Any
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        n_in = len(self.in_shape)
-        stored = self.get_variable("params", "kernel")
-        if isinstance(stored, QuantizedKernel):  # weight-only int8/int4 (jaxllm.model.quantize)
-            y = quantized_dot(x, stored, n_in, self.dtype)
-        else:
-            kernel = self.param("kernel", _init(self.std, self.axes), self.in_shape + self.out_shape)
-            y = jax.lax.dot_general(
-                x.astype(self.dtype),
-                kernel.astype(self.dtype),
-                ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
-            )
-        if self.use_bias:
-            y = y + self.param("bias", _zeros(self.axes[n_in:]), self.out_shape).astype(self.dtype)
-        return y
-
-
 def linear_axes(model: nn.Module, params: Any) -> dict[tuple[str, ...], tuple[int, int]]:
     """``{path of a Linear module: (input axes, input + output axes) of its kernel}``, found by tracing
     one call on one token (a layer-stacked kernel has one more axis than the module sees).
@@ -157,7 +134,7 @@ class Attention(nn.Module):
 
         def proj(n_heads: int, heads_axis: str, name: str) -> Array:
             axes = ("embed", heads_axis, "head_dim")
-            return Linear((c.d_model,), (n_heads, head), axes, 0.02, bias, compute_dtype(c), name=name)(x_BxTxD)
+            return Linear((c.d_model,), (n_heads, head), axes, 0.02, bias, compute_dtype(c), fp8(c), name=name)(x_BxTxD)
 
         q_BxTxNxH = proj(c.n_head, "heads", "q")
         k_BxSxKxH = proj(c.n_kv_head, "kv_heads", "k")
@@ -190,6 +167,7 @@ class Attention(nn.Module):
             residual_std(c),
             bias,
             compute_dtype(c),
+            fp8(c),
             name="o",
         )(out_BxTxNxH)
         return nn.Dropout(c.dropout)(out_BxTxD, deterministic=self.deterministic)
@@ -206,7 +184,7 @@ class MLP(nn.Module):
 
         def dense(features: int, axes: tuple[str, str], std: float, name: str) -> Linear:
             in_dim = c.d_model if axes[0] == "embed" else c.d_ff
-            return Linear((in_dim,), (features,), axes, std, bias, compute_dtype(c), name=name)
+            return Linear((in_dim,), (features,), axes, std, bias, compute_dtype(c), fp8(c), name=name)
 
         if c.arch == "gpt2":
             h_BxTxF = jax.nn.gelu(dense(c.d_ff, ("embed", "mlp"), 0.02, "up")(x_BxTxD), approximate=True)
@@ -298,7 +276,7 @@ def block_stack(cfg: ModelConfig, deterministic: bool, name: str = "blocks", len
 
     ``length``: scan only that many units (a pipeline stage applies its slice of the stack)."""
     unit = Group if cfg.moe.n_experts and cfg.moe.every > 1 else Block
-    block = nn.remat(unit, prevent_cse=False) if cfg.remat else unit
+    block = remat.wrap(unit, cfg.remat)
     scanned = nn.scan(
         block,
         variable_axes={"params": 0, "cache": 0, moe.COLLECTION: 0},
@@ -312,7 +290,8 @@ def block_stack(cfg: ModelConfig, deterministic: bool, name: str = "blocks", len
 
 
 class Transformer(nn.Module):
-    """``apply(params, tokens_BxT) -> logits_BxTxV``; also ``embed``, ``blocks``, ``head`` as methods."""
+    """``apply(params, tokens_BxT) -> logits_BxTxV``; also ``embed``, ``blocks``, ``hidden``, ``head``,
+    ``loss`` and ``next_token_loss`` as methods."""
 
     cfg: ModelConfig
     deterministic: bool = True
@@ -362,9 +341,33 @@ class Transformer(nn.Module):
         # "q_seq" is split by context parallelism alone.
         return constrain(logits_BxTxV, ("batch", "q_seq", "vocab"))
 
+    def loss(self, x_BxTxD: Array, targets_BxT: Array, weights_BxT: Array | None = None) -> tuple[Array, Array]:
+        """``(mean cross-entropy, token count)`` of the head on the blocks' output ``x_BxTxD``: the
+        logits whole, or with ``model.loss_chunk`` fused with the loss a block of positions at a time
+        (:func:`jaxllm.model.loss.chunked_cross_entropy`: the same loss, no ``[B, T, V]`` logits)."""
+        c = self.cfg
+        if not c.loss_chunk:
+            return cross_entropy(self.head(x_BxTxD), targets_BxT, weights_BxT)
+        if c.norm_position == "pre":
+            x_BxTxD = self.norm_f(x_BxTxD)
+        w_DxV = self.wte.embedding.T if c.tie_embeddings else self.lm_head.matrix()
+        return chunked_cross_entropy(x_BxTxD, w_DxV, targets_BxT, weights_BxT, c.loss_chunk, compute_dtype(c))
+
+    def next_token_loss(
+        self, tokens_BxT1: Array, positions_BxT: Array | None = None, segment_ids_BxT: Array | None = None
+    ) -> tuple[Array, Array]:
+        """:meth:`loss` of predicting ``tokens_BxT1[:, 1:]`` from ``tokens_BxT1[:, :-1]``."""
+        return self.loss(self.hidden(tokens_BxT1[:, :-1], positions_BxT, segment_ids_BxT), tokens_BxT1[:, 1:])
+
     def __call__(
         self, tokens_BxT: Array, positions_BxT: Array | None = None, segment_ids_BxT: Array | None = None
     ) -> Array:
+        return self.head(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT))
+
+    def hidden(
+        self, tokens_BxT: Array, positions_BxT: Array | None = None, segment_ids_BxT: Array | None = None
+    ) -> Array:
+        """The last block's output ``x_BxTxD``, positions in order (what :meth:`head` reads)."""
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
         # Context parallelism: the blocks see the sequence in zig-zag order (every token keeps its
@@ -377,22 +380,4 @@ class Transformer(nn.Module):
         x_BxTxD, _ = self.blocks(x_BxTxD, positions_BxT, segment_ids_BxT)
         if order_T is not None:
             x_BxTxD = constrain(x_BxTxD[:, np.argsort(order_T)], ("batch", "seq", "embed"))
-        return self.head(x_BxTxD)
-
-
-def cross_entropy(logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array | None = None) -> tuple[Array, Array]:
-    """Mean next-token cross-entropy in nats over weighted tokens, computed in float32.
-
-    Returns ``(mean_loss, token_count)``; ``weights`` masks padding or prompt tokens.
-    """
-    logits = logits_BxTxV.astype(jnp.float32)
-    logz_BxT = jax.nn.logsumexp(logits, axis=-1)
-    # A one-hot product rather than a gather: with the vocabulary sharded over `tensor` each device
-    # reduces its own slice and the full logits are never gathered.
-    onehot_BxTxV = jax.nn.one_hot(targets_BxT, logits.shape[-1], dtype=logits.dtype)
-    target_logit_BxT = jnp.sum(logits * onehot_BxTxV, axis=-1)
-    nll_BxT = logz_BxT - target_logit_BxT
-    if weights_BxT is None:
-        weights_BxT = jnp.ones_like(nll_BxT)
-    count = jnp.sum(weights_BxT)
-    return jnp.sum(nll_BxT * weights_BxT) / jnp.maximum(count, 1.0), count
+        return x_BxTxD

@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxllm.core.config import ModelConfig, PipelineConfig
 from jaxllm.core.errors import ConfigError
 from jaxllm.model import attention, moe
-from jaxllm.model.transformer import Transformer, block_stack, cross_entropy, scan_length
+from jaxllm.model.transformer import Transformer, block_stack, scan_length
 
 Array = jax.Array
 
@@ -367,8 +367,8 @@ class _Pipelined:
             stage_in_round, w, x_MxbxTxD, table_IxP, self.state_spec, jax.random.fold_in(rng, 1)
         )
         y_BxTxD = y_MxbxTxD.swapaxes(0, 1).reshape(x_BxTxD.shape)
-        logits_BxTxV = model.apply({"params": params}, y_BxTxD, method="head")
-        return (cross_entropy(logits_BxTxV, targets_BxT)[0], *router_terms(aux_RxP))
+        ce = model.apply({"params": params}, y_BxTxD, targets_BxT, method="loss")[0]
+        return (ce, *router_terms(aux_RxP))
 
     def loss_and_grads_1f1b(self, params, tokens_BxT1, rng):
         """``((loss, stats), grads)`` by :func:`run_1f1b`: embedding and head with the loss per
@@ -391,8 +391,8 @@ class _Pipelined:
 
         def last(m, y_bxTxD):
             def loss(rest, y_bxTxD):
-                logits_bxTxV = model.apply({"params": {**rest, "blocks": blocks}}, y_bxTxD, method="head")
-                return cross_entropy(logits_bxTxV, targets_MxbxT[m])[0] / micro
+                variables = {"params": {**rest, "blocks": blocks}}
+                return model.apply(variables, y_bxTxD, targets_MxbxT[m], method="loss")[0] / micro
 
             loss_m, (g_rest, dy_bxTxD) = jax.value_and_grad(loss, argnums=(0, 1))(rest, y_bxTxD)
             return loss_m, g_rest, dy_bxTxD

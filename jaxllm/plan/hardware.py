@@ -31,37 +31,67 @@ class DeviceKind:
     link_bw: float  # bytes/s, one direction of one link
     links: int
     torus: bool  # TPU ICI: a ring per mesh axis uses two links; GPUs: a switch, all links
-    # Fraction of peak_flops jaxllm's dense train step reached on this kind, where measured
-    # (bench/accelerator.sh); 1.0 where not, and the roofline's step time is then a lower bound.
+    # Fraction of peak_flops the matmuls of a train step reach on this kind: jaxllm's own where
+    # measured (bench/accelerator.sh), else the best MFU published for the kind; 1.0 where neither
+    # exists, and the roofline's step time is then a lower bound. efficiency_source says which.
     efficiency: float = 1.0
+    efficiency_source: str = ""
+    # The best MFU published for this kind by anyone: no prediction exceeds it (0 = none known).
+    published_mfu: float = 0.0
 
 
 # configs/llama_1b.yaml (train.batch_size=16, cuDNN attention, remat) on one H200, 2026-11-30:
 # 493.6 ms per step measured where the roofline at the spec peak gives 311.3 ms (bench/accelerator.sh).
 HOPPER_EFFICIENCY = 311.3 / 493.6
+MEASURED = "as measured on this kind (bench/accelerator.sh)"
+# Published MFUs, each the best its source reports for the kind:
+# - v5p: MaxText's "Runtime Performance Results" (docs/reference/performance), 32B on v5p-128, 71.47%;
+# - v5e: MaxText's MaxText/configs/v5e/README.md, 32B on one v5e-256, 66.86%;
+# - v6e: MaxText's docs/reference/models/tiering.md, Llama 3.1 70B on v6e-256, 50.33%;
+# - v4: PaLM (Chowdhery et al. 2022, table 3), 540B on 6144 v4 chips, 46.2%;
+# - A100: Megatron-LM (Narayanan et al. 2021), 1T parameters on 3072 A100s, 163 TFLOP/s per GPU, 52%.
+#   L4 and L40S have no published LLM-training MFU: the A100's, the nearest NVIDIA part with one.
+V5P_MFU, V5E_MFU, V6E_MFU, V4_MFU, A100_MFU = 0.7147, 0.6686, 0.5033, 0.462, 0.52
+MAXTEXT = "MaxText's published MFU for this kind"
+MEGATRON = "Megatron-LM's published A100 MFU"
+NEAREST = "no published MFU for this kind: the A100's (Megatron-LM)"
+
+
+def published(mfu: float, source: str) -> dict:
+    """A never-measured kind's efficiency and cap: its published MFU, with the source's name."""
+    return {"efficiency": mfu, "efficiency_source": source, "published_mfu": mfu}
+
 
 DEVICE_KINDS = {
     # v4 chip: 32 GiB HBM2 at 1.2 TB/s, 275 TFLOP/s, 6 ICI links (3D torus) of 50 GB/s. libtpu's
     # topology describes v4 by TensorCore (two per chip, no megacore), so a device is half a chip.
-    "v4": DeviceKind("TPU v4 (one TensorCore)", 16 * GiB, 137.5e12, 614 * GB, 25 * GB, 6, True),
+    "v4": DeviceKind(
+        "TPU v4 (one TensorCore)", 16 * GiB, 137.5e12, 614 * GB, 25 * GB, 6, True, **published(V4_MFU, "PaLM's MFU")
+    ),
     # v5p: 95 GB HBM2e at 2.76 TB/s, 459 TFLOP/s; ICI 4,800 Gb/s per chip over 6 links (3D torus)
-    "v5p": DeviceKind("TPU v5p", 95 * GB, 459e12, 2765 * GB, 100 * GB, 6, True),
+    "v5p": DeviceKind("TPU v5p", 95 * GB, 459e12, 2765 * GB, 100 * GB, 6, True, **published(V5P_MFU, MAXTEXT)),
     # v5e: 16 GB HBM2 at 819 GB/s, 197 TFLOP/s; ICI 1,600 Gb/s per chip over 4 links (2D torus)
-    "v5e": DeviceKind("TPU v5e", 16 * GB, 197e12, 819 * GB, 50 * GB, 4, True),
+    "v5e": DeviceKind("TPU v5e", 16 * GB, 197e12, 819 * GB, 50 * GB, 4, True, **published(V5E_MFU, MAXTEXT)),
     # v6e (Trillium): 32 GB HBM at 1.64 TB/s, 918 TFLOP/s; ICI 3,584 Gb/s per chip over 4 links
-    "v6e": DeviceKind("TPU v6e", 32 * GB, 918e12, 1640 * GB, 112 * GB, 4, True),
+    "v6e": DeviceKind("TPU v6e", 32 * GB, 918e12, 1640 * GB, 112 * GB, 4, True, **published(V6E_MFU, MAXTEXT)),
     # H100 SXM: 80 GB HBM3 at 3.35 TB/s, 989 TFLOP/s; NVLink 4, 18 links x 25 GB/s per direction.
     # Efficiency: an H200's (same SMs and clocks; the step is compute-bound on both).
-    "h100": DeviceKind("NVIDIA H100 80GB HBM3", 80 * GB, 989e12, 3350 * GB, 25 * GB, 18, False, HOPPER_EFFICIENCY),
+    "h100": DeviceKind(
+        "NVIDIA H100 80GB HBM3", 80 * GB, 989e12, 3350 * GB, 25 * GB, 18, False, HOPPER_EFFICIENCY, MEASURED
+    ),
     # H200 SXM: 141 GB HBM3e at 4.8 TB/s, 989 TFLOP/s; NVLink 4 as H100
-    "h200": DeviceKind("NVIDIA H200", 141 * GB, 989e12, 4800 * GB, 25 * GB, 18, False, HOPPER_EFFICIENCY),
+    "h200": DeviceKind("NVIDIA H200", 141 * GB, 989e12, 4800 * GB, 25 * GB, 18, False, HOPPER_EFFICIENCY, MEASURED),
     # A100 SXM: 40 GB HBM2 at 1.56 TB/s (80 GB HBM2e at 2.04 TB/s), 312 TFLOP/s; NVLink 3, 12 x 25 GB/s
-    "a100-40gb": DeviceKind("NVIDIA A100-SXM4-40GB", 40 * GB, 312e12, 1555 * GB, 25 * GB, 12, False),
-    "a100-80gb": DeviceKind("NVIDIA A100-SXM4-80GB", 80 * GB, 312e12, 2039 * GB, 25 * GB, 12, False),
+    "a100-40gb": DeviceKind(
+        "NVIDIA A100-SXM4-40GB", 40 * GB, 312e12, 1555 * GB, 25 * GB, 12, False, **published(A100_MFU, MEGATRON)
+    ),
+    "a100-80gb": DeviceKind(
+        "NVIDIA A100-SXM4-80GB", 80 * GB, 312e12, 2039 * GB, 25 * GB, 12, False, **published(A100_MFU, MEGATRON)
+    ),
     # L4: 24 GB GDDR6 at 300 GB/s, 121 TFLOP/s; PCIe Gen4 x16, 32 GB/s per direction, no NVLink
-    "l4": DeviceKind("NVIDIA L4", 24 * GB, 121e12, 300 * GB, 32 * GB, 1, False),
+    "l4": DeviceKind("NVIDIA L4", 24 * GB, 121e12, 300 * GB, 32 * GB, 1, False, **published(A100_MFU, NEAREST)),
     # L40S: 48 GB GDDR6 at 864 GB/s, 362 TFLOP/s; PCIe Gen4 x16
-    "l40s": DeviceKind("NVIDIA L40S", 48 * GB, 362e12, 864 * GB, 32 * GB, 1, False),
+    "l40s": DeviceKind("NVIDIA L40S", 48 * GB, 362e12, 864 * GB, 32 * GB, 1, False, **published(A100_MFU, NEAREST)),
 }
 
 # Slice sizes Cloud sells (accelerator-type suffix) and the topology each one is, as libtpu names it.

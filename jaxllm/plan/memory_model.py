@@ -16,8 +16,11 @@ values), queries, keys, values and the attention output (``(2 N + 2 K) H / t``),
 activations (2 or 3 ``F / t`` for GELU or SwiGLU), in the compute dtype, plus float32 attention
 values that depend on the kernel ``model.attention`` resolves to on the target (:func:`score_values`):
 XLA's attention keeps the ``N T / t`` probabilities, a fused kernel (cuDNN, splash) only the softmax's
-row statistics, chunked attention one block of scores. Sequence parallelism divides the ``D`` terms by ``t``. With ``model.remat`` a layer keeps only its input and
-one layer at a time is recomputed. A pipeline stage keeps its input at every loop iteration
+row statistics, chunked attention one block of scores. Sequence parallelism divides the ``D`` terms
+by ``t``. ``model.remat`` (:func:`saved_values_per_token`): ``full`` and ``offload`` leave a layer its
+input alone on the device, ``dots`` its input and every matmul's output, ``dots_no_batch`` the
+projections' outputs; one layer at a time is recomputed. ``model.loss_chunk`` bounds the head's
+buffers to one block of positions. A pipeline stage keeps its input at every loop iteration
 (``M R + P - 1`` of them, each ``b / M`` rows) and recomputes one stage iteration at a time. A
 dropless MoE layer adds, while its backward runs, the per-expert copies in which XLA:CPU and
 XLA:GPU expand its grouped matmuls (:func:`grouped_matmul_bytes`).
@@ -147,7 +150,7 @@ def grouped_matmul_bytes(m: ModelConfig, tokens: float, tensor: int, c: int, pla
     if not e.n_experts or e.capacity_factor or platform == "tpu":
         return 0
     mats = 2 if m.arch == "gpt2" else 3
-    f = 2 * mats if platform == "cpu" and m.remat else 2 * (mats - 1)
+    f = 2 * mats if platform == "cpu" and m.remat != "none" else 2 * (mats - 1)
     return int(e.n_experts * tokens * e.top_k * (f * (e.d_ff or m.d_ff) / tensor + m.d_model) * c)
 
 
@@ -167,9 +170,38 @@ def layer_weight_bytes(m: ModelConfig, tensor: int, itemsize: int, expert: int =
 def loss_bytes(platform: str, c: int) -> int:
     """Bytes per logit the loss keeps beside the compute-dtype logits, as each compiler was seen to:
     XLA:CPU three float32 copies (logits, log-probabilities, gradient; the CPU compiles of
-    tests/test_plan.py), XLA:TPU one fused float32 copy (bench/plan_configs.py's v5p compiles),
-    XLA:GPU the gradient in the compute dtype (an H200, bench/accelerator.sh's gpt2_124m)."""
-    return {"cpu": 12, "tpu": 4}.get(platform, c)
+    tests/test_plan.py), XLA:TPU none (it fuses the float32 loss into the logits' compute-dtype
+    gradient, which takes the logits' place: bench/plan_configs.py's v5p compiles), XLA:GPU the
+    gradient in the compute dtype (an H200, bench/accelerator.sh's gpt2_124m)."""
+    return {"cpu": 12, "tpu": 0}.get(platform, c)
+
+
+def head_bytes(m: ModelConfig, rows: int, seq: int, tensor: int, c: int, platform: str) -> float:
+    """The head's live bytes for ``rows`` sequences: the logits and the loss's copies of them, whole
+    or, with ``model.loss_chunk``, one block's (compute-dtype logits, float32 logits and gradient)
+    beside the loop's copy of the unembedding matrix and its float32 gradient accumulator; the
+    embedding output and the final norm's input and output."""
+    norm = rows * seq * 3 * m.d_model * c
+    if m.loss_chunk:
+        loop = m.vocab_size * m.d_model / tensor * (c + 4)
+        return rows * m.loss_chunk * m.vocab_size / tensor * (c + 8) + loop + norm
+    return rows * seq * m.vocab_size / tensor * (c + loss_bytes(platform, c)) + norm
+
+
+def saved_values_per_token(m: ModelConfig, seq_len: int, tensor: int, kernel: str, platform: str) -> float:
+    """Compute-dtype values per token a layer keeps on the device beyond its input under
+    ``model.remat``'s ``dots`` (every matmul's output: q, k, v, the attention output projection, the
+    MLP's up and gate and down; XLA's attention adds its batched score and value products) or
+    ``dots_no_batch`` (the projections only); 0 for ``full``, and for ``offload`` (``dots_no_batch``'s
+    values in host memory) except on a CPU, whose host memory is the device's own (XLA:CPU counts it)."""
+    policy = "dots_no_batch" if m.remat == "offload" and platform == "cpu" else m.remat
+    if policy not in ("dots", "dots_no_batch"):
+        return 0.0
+    head, mats = m.d_model // m.n_head, (2 if m.arch == "gpt2" else 3)
+    projections = ((m.n_head + 2 * m.n_kv_head) * head + (mats - 1) * m.d_ff) / tensor + 2 * m.d_model
+    if policy == "dots" and kernel == "xla":
+        projections += m.n_head * (seq_len + head) / tensor
+    return projections
 
 
 def activation_bytes(cfg: Config, sizes: dict[str, int], platform: str = "cpu") -> int:
@@ -187,22 +219,24 @@ def activation_bytes(cfg: Config, sizes: dict[str, int], platform: str = "cpu") 
     layer = rows * seq * (low * c + f32 * 4)
     residual = rows * seq * m.d_model * c / (t if cfg.mesh.sequence_parallel else 1)
     layers_here = m.n_layer // p
-    # logits in the compute dtype and the loss's float32 copies; the embedding output and the final
-    # norm's input and output
-    head = rows * seq * (m.vocab_size / t * (c + loss_bytes(platform, c)) + 3 * m.d_model * c)
+    head = head_bytes(m, rows, seq, t, c, platform)
     micro = pipeline.microbatches(cfg.pipeline, p) if p > 1 else 1
     if p > 1:
         rounds = pipeline.repeats(cfg.pipeline)
         saved = (micro * rounds + p - 1) * residual / micro + residual
-        recompute = layer / micro * (1 if m.remat else layers_here // rounds)  # one stage iteration
-    elif m.remat:
-        saved, recompute = layers_here * residual, layer
+        recompute = layer / micro * (1 if m.remat != "none" else layers_here // rounds)  # one stage iteration
+    elif m.remat != "none":
+        kept = rows * seq * saved_values_per_token(m, seq, t, kernel, platform) * c
+        saved, recompute = layers_here * (residual + kept), layer
     else:
         saved, recompute = layers_here * layer, 0
     recompute += grouped_matmul_bytes(m, rows * seq / micro, t, c, platform)  # live with one layer's backward
-    # FSDP: one block's weights gathered, and its full weight gradient before the reduce-scatter
+    # FSDP: one block's weights gathered, and its full weight gradient before the reduce-scatter; on a
+    # TPU two blocks' (XLA:TPU's latency-hiding scheduler gathers the next block's weights, and
+    # reduce-scatters the last block's gradient, while one block computes)
     e = sizes.get("expert", 1)
     gathered = layer_weight_bytes(m, t, c, e) + layer_weight_bytes(m, t, 4, e) if sizes["fsdp"] > 1 else 0
+    gathered *= 2 if platform == "tpu" else 1
     # the head's buffers and a recomputed block are never live at once
     return int(saved + max(head, recompute) + gathered)
 

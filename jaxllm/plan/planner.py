@@ -102,7 +102,7 @@ def local_devices(target: Target) -> list | None:
 
 
 def with_mesh(cfg: Config, sizes: dict[str, int], **changes: Any) -> Config:
-    """A copy of ``cfg`` with these mesh sizes and dotted changes (``{"model.remat": True}``)."""
+    """A copy of ``cfg`` with these mesh sizes and dotted changes (``{"model.remat": "full"}``)."""
     new = copy.deepcopy(cfg)
     for axis, size in sizes.items():
         setattr(new.mesh, axis, size)
@@ -196,6 +196,7 @@ def evaluate(cfg: Config, boxed: Any, target: Target, sizes: dict[str, int]) -> 
         "bound": speed.bound,
         "roofline_s": speed.terms,
         "efficiency": target.kind.efficiency,
+        "efficiency_source": target.kind.efficiency_source,
     }
 
 
@@ -214,7 +215,7 @@ def confirm(result: dict, cfg: Config, devices: list | None) -> dict:
 def overrides_line(result: dict) -> str:
     """The mesh and schedule as ``key=value`` overrides, ready to paste after the config."""
     parts = [f"mesh.{a}={s}" for a, s in result["mesh"].items()]
-    parts.append(f"model.remat={'true' if result['remat'] else 'false'}")
+    parts.append(f"model.remat={result['remat']}")
     if result["microbatches"]:
         parts.append(f"pipeline.microbatches={result['microbatches']}")
     return " ".join(parts + result.get("changes", []))
@@ -223,8 +224,8 @@ def overrides_line(result: dict) -> str:
 def fixes(cfg: Config, boxed: Any, target: Target, sizes: dict[str, int], devices) -> list[dict]:
     """For a run that does not fit: the cheapest changes that make it fit, each compiled to check."""
     options = []
-    if not cfg.model.remat:
-        options.append(({}, {"model.remat": True}, ["model.remat=true"]))
+    if cfg.model.remat != "full":
+        options.append(({}, {"model.remat": "full"}, ["model.remat=full"]))
     if sizes["data"] % 2 == 0:
         more = {**sizes, "data": sizes["data"] // 2, "fsdp": sizes["fsdp"] * 2}
         options.append((more, {}, [f"mesh.data={more['data']}", f"mesh.fsdp={more['fsdp']}"]))
@@ -267,9 +268,9 @@ def factorisations(n: int) -> list[dict[str, int]]:
 
 
 def candidates(cfg: Config, n: int) -> list[tuple[Config, dict[str, int]]]:
-    """Every mesh of ``n`` devices the sizes allow, remat off and on, a few micro-batch counts."""
+    """Every mesh of ``n`` devices the sizes allow, remat none and full, a few micro-batch counts."""
     out = []
-    for sizes, remat in itertools.product(factorisations(n), (False, True)):
+    for sizes, remat in itertools.product(factorisations(n), ("none", "full")):
         for micro in (0, 2 * sizes["pipe"], 4 * sizes["pipe"]) if sizes["pipe"] > 1 else (0,):
             new_cfg = with_mesh(cfg, sizes, **{"model.remat": remat, "pipeline.microbatches": micro})
             try:
@@ -340,7 +341,7 @@ def table(result: dict) -> str:
     unit, unit_name = (GiB, "GiB") if max(a["total"], c.get("total") or 0) >= GiB else (2**20, "MiB")
     title = (
         f"plan: {result['devices']} x {result['device_kind']} ({_gib(result['device_memory_bytes'])} GiB each), "
-        f"mesh {mesh}, remat {'on' if result['remat'] else 'off'}"
+        f"mesh {mesh}, remat {result['remat']}"
     )
     lines = [title, f"{'per device, ' + unit_name:<18}{'analytic':>10}   {'compiled':<10}"]
     total_name = "peak" if c and c["total"] == c["peak"] else "total"  # a TPU's: see compiled_bytes
@@ -356,7 +357,7 @@ def table(result: dict) -> str:
     if "note" in result:
         lines.append(result["note"])
     terms = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in result["roofline_s"].items())
-    basis = f"at {result['efficiency']:.0%} of peak, as measured on this kind"
+    basis = f"at {result['efficiency']:.0%} of peak: {result['efficiency_source']}"
     basis = basis if result["efficiency"] < 1 else "at the spec peak: a lower bound on the step time"
     lines.append(
         f"roofline (ms per step): {terms}\npredicted: {result['step_time_s'] * 1e3:.1f} ms/step, "
@@ -372,7 +373,7 @@ def table(result: dict) -> str:
 def search_table(result: dict, top: int = 12) -> str:
     """The ranked candidates, then the winner's overrides on one line."""
     header = (
-        f"{'#':>3} {'data':>5}{'fsdp':>5}{'tens':>5}{'pipe':>5}{'M':>4}{'remat':>6}{'GiB':>8}{'compiled':>9}"
+        f"{'#':>3} {'data':>5}{'fsdp':>5}{'tens':>5}{'pipe':>5}{'M':>4}{'remat':>14}{'GiB':>8}{'compiled':>9}"
         f"{'fits':>6}{'ms/step':>9}{'tok/s':>11}{'MFU':>7}  bound"
     )
     rows = [header]
@@ -381,7 +382,7 @@ def search_table(result: dict, top: int = 12) -> str:
         compiled = _gib(r["compiled_bytes"]["total"]) if r["compiled_bytes"] else "-"
         rows.append(
             f"{i:>3} {m['data']:>5}{m['fsdp']:>5}{m['tensor']:>5}{m['pipe']:>5}{r['microbatches'] or '-':>4}"
-            f"{'on' if r['remat'] else 'off':>6}{_gib(r['analytic_bytes']['total']):>8}{compiled:>9}"
+            f"{r['remat']:>14}{_gib(r['analytic_bytes']['total']):>8}{compiled:>9}"
             f"{'yes' if r['fits'] else 'no':>6}{r['step_time_s'] * 1e3:>9.1f}{r['tokens_per_sec']:>11,.0f}"
             f"{r['mfu']:>7.1%}  {r['bound']}"
         )

@@ -3,8 +3,9 @@
 Per device and per optimizer step (A micro-batches of b rows, T positions, L layers):
 
 - ``compute``: training FLOPs from :mod:`jaxllm.model.flops` (6 N + attention per token; a recomputed
-  forward adds a third with ``model.remat`` or a pipeline) over the achievable peak (the kind's
-  ``peak_flops x efficiency``, the fraction jaxllm's step was measured to reach there), stretched by
+  forward adds a third with ``model.remat`` full or offload or a pipeline, the attention core's share
+  with dots_no_batch) over the achievable peak (the kind's ``peak_flops x efficiency``: the fraction
+  jaxllm's step was measured to reach there, or a published MFU where it never was), stretched by
   the bubble ``(P - 1) / (M R + P - 1)``;
 - ``hbm``: each matmul weight read in the compute dtype once per pass (forward, two backward, and the
   recomputed forward), activations written and read once, the optimizer reading and writing the
@@ -18,8 +19,8 @@ Each collective moves ``(n - 1) / n`` of its buffer per device for a gather or s
 for an all-reduce, over :func:`hardware.axis_bandwidth`. XLA overlaps the FSDP and data-parallel
 collectives with compute; tensor-parallel all-reduces and pipeline sends sit between dependent
 matmuls, so they add to it: ``step = max(compute + tensor + pipe, hbm, fsdp, data)``, and the
-largest term names what bounds the step. For a kind whose efficiency was never measured (1.0) the
-step time is a lower bound.
+largest term names what bounds the step. No prediction's MFU exceeds the best published for its
+kind (``DeviceKind.published_mfu``): where the terms would, the step is stretched to that MFU.
 """
 
 from __future__ import annotations
@@ -43,8 +44,19 @@ class StepTime:
 
 
 def _recomputes(m: ModelConfig, pipe: int) -> bool:
-    """Whether the backward pass runs the forward again: remat, or a pipeline (each stage iteration is)."""
-    return m.remat or pipe > 1
+    """Whether the backward pass runs the forward's matmuls again: ``model.remat`` full or offload
+    (dots and dots_no_batch keep the projections' outputs), or a pipeline (each stage iteration is)."""
+    return m.remat in ("full", "offload") or pipe > 1
+
+
+def _recompute_flops(m: ModelConfig, seq: int, pipe: int) -> float:
+    """FLOPs per token of the recomputed forward: all of it (a third of training's), the attention
+    core alone under ``dots_no_batch`` (its batched products are not saved), none otherwise."""
+    if _recomputes(m, pipe):
+        return flops.flops_per_token(m, seq) / 3
+    if m.remat == "dots_no_batch":
+        return 4 * m.n_layer * m.d_model * seq  # a third of PaLM's 12 L D T
+    return 0.0
 
 
 def _passes(m: ModelConfig, pipe: int) -> int:
@@ -62,7 +74,7 @@ def terms(cfg: Config, sizes: dict[str, int], kind: DeviceKind, activation_bytes
     rows = cfg.train.batch_size // (d * f)
     tokens = cfg.train.batch_size * seq * accum
     model_flops = flops.flops_per_token(m, seq) * tokens
-    hw_flops = model_flops * (4 / 3 if _recomputes(m, p) else 1)
+    hw_flops = model_flops + _recompute_flops(m, seq, p) * tokens
     micro, rounds = pipeline.microbatches(cfg.pipeline, p), pipeline.repeats(cfg.pipeline)
     bubble = pipeline.theory_bubble(p, micro, rounds) if p > 1 else 0.0
     weights = flops.param_counts(m)["matmul"] / (t * p)  # what a device multiplies by, once gathered
@@ -99,6 +111,10 @@ def step_time(cfg: Config, sizes: dict[str, int], kind: DeviceKind, activation_b
             bound = "compute (pipeline bubble)" if bound == "compute" else bound
     tokens = cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum
     n = sizes["data"] * sizes["fsdp"] * sizes["tensor"] * sizes["pipe"]
+    if kind.published_mfu:
+        floor = tokens * flops.flops_per_token(m, cfg.train.seq_len) / (n * kind.peak_flops * kind.published_mfu)
+        if floor > step:
+            step, bound = floor, "compute (the best published MFU)"
     tokens_per_sec = tokens / step
     return StepTime(
         parts, step, tokens_per_sec, flops.mfu(tokens_per_sec, m, cfg.train.seq_len, n * kind.peak_flops), bound

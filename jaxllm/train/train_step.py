@@ -17,7 +17,7 @@ import optax
 
 from jaxllm.data import segments
 from jaxllm.model import moe
-from jaxllm.model.transformer import Transformer, cross_entropy
+from jaxllm.model.transformer import Transformer
 
 
 @flax.struct.dataclass
@@ -38,21 +38,22 @@ def layer_grad_norms(grads) -> jax.Array:
 
 
 def make_loss_fn(model: Transformer, eod_id: int | None = None) -> Callable:
-    """``loss(params, tokens_BxT1, rng) -> (loss, stats)``: the mean next-token cross-entropy (nats) plus
+    """``loss(params, tokens_BxT1, rng) -> (loss, stats)``: the mean next-token cross-entropy (nats; fused
+    with the head under ``model.loss_chunk``) plus
     the weighted router losses of mixture-of-experts layers (``jaxllm.model.moe.loss``), and the router's
     statistics to log (``jaxllm.model.moe.telemetry``); both extras are absent from a dense model.
     ``eod_id``: attention stays within each document (``data.document_mask``)."""
 
     def loss_fn(params, tokens_BxT1, rng):
-        inputs_BxT = tokens_BxT1[:, :-1]
-        logits_BxTxV, sown = model.apply(
+        (ce, _), sown = model.apply(
             {"params": params},
-            inputs_BxT,
-            **segments.model_inputs(inputs_BxT, eod_id),
+            tokens_BxT1,
+            **segments.model_inputs(tokens_BxT1[:, :-1], eod_id),
             rngs={"dropout": rng},
             mutable=[moe.COLLECTION],
+            method="next_token_loss",
         )
-        return cross_entropy(logits_BxTxV, tokens_BxT1[:, 1:])[0] + moe.loss(sown), moe.telemetry(sown)
+        return ce + moe.loss(sown), moe.telemetry(sown)
 
     return loss_fn
 
@@ -106,8 +107,7 @@ def make_eval_step(model: Transformer, eod_id: int | None = None) -> Callable:
     in :func:`make_loss_fn`."""
 
     def eval_step(params, tokens_BxT1):
-        inputs_BxT = tokens_BxT1[:, :-1]
-        logits = model.apply({"params": params}, inputs_BxT, **segments.model_inputs(inputs_BxT, eod_id))
-        return cross_entropy(logits, tokens_BxT1[:, 1:])[0]
+        inputs = segments.model_inputs(tokens_BxT1[:, :-1], eod_id)
+        return model.apply({"params": params}, tokens_BxT1, **inputs, method="next_token_loss")[0]
 
     return eval_step
