@@ -200,6 +200,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         print(help_text(sweep.SweepConfig))
         return 0
     cfg = _load(args.settings, sweep.SweepConfig, SWEEP_CONFIG)
+    check_kind(args.out, "sweep", "--out", also=("fit",))
     specs = sweep.sweep_plan(cfg)
     rate = sweep.entropy_rate(cfg.data.source)
     print(sweep.describe(specs, args.out), file=sys.stderr)
@@ -230,6 +231,7 @@ def run_depth(args: argparse.Namespace) -> int:
         print(help_text(depth.DepthConfig))
         return 0
     cfg = _load(args.settings, depth.DepthConfig, DEPTH_CONFIG)
+    check_kind(args.out, "depth study", "--out")
     specs = depth.depth_plan(cfg)
     print(f"depth study: {len(specs)} runs into {args.out}", file=sys.stderr)
     try:
@@ -270,7 +272,9 @@ def run_fit(args: argparse.Namespace) -> int:
         args.loss_column,
         drop_highest=args.drop_highest_loss,
     )
+    settings.check_runs(runs)
     out_dir = args.out if args.out is not None else args.csv.parent
+    check_kind(out_dir, "fit", "--out", also=("sweep",))  # sweep --fit writes its fit beside the runs
     _make_dir(out_dir)
     progress = lambda it: tqdm(it, desc="bootstrap", unit="resample", file=sys.stderr)
     fit, found, draws = report_lib.fit_with_intervals(runs, settings, progress)
@@ -298,7 +302,10 @@ def run_predict(args: argparse.Namespace) -> int:
     if approach2 is not None:
         N_law, D_law = approach2
         prediction["approach2"] = {"N_opt": float(N_law(C)), "D_opt": float(D_law(C))}
-    print(json.dumps(prediction, indent=2))
+    try:
+        print(json.dumps(prediction, indent=2, allow_nan=False))
+    except ValueError:  # a budget so large that N or D overflows a float
+        raise ConfigError(f"--compute {C:g} is beyond what the fit can size (N or D overflows)") from None
     return 0
 
 
@@ -322,6 +329,13 @@ def run_forecast(args: argparse.Namespace) -> int:
     for path in paths:
         print(f"wrote {path}")
     return 0
+
+
+def check_kind(out: Path, kind: str, key: str, also: tuple[str, ...] = ()) -> None:
+    """``run_dir.check_kind``, imported only here: it imports JAX, which fit and predict never need."""
+    from jaxllm.train import run_dir
+
+    run_dir.check_kind(out, kind, key, also)
 
 
 def _make_dir(path: Path) -> None:

@@ -70,6 +70,9 @@ def main(argv: list[str]) -> int:
         return run_plan(cfg, **plan_args)
 
     validate(cfg)  # every check that needs no device or data, so a bad config exits before JAX starts
+    from jaxllm.train import run_dir
+
+    run_dir.check_kind(Path(cfg.run.dir), "training run", "run.dir")
     import jax
 
     from jaxllm.train.trainer import train

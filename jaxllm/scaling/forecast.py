@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxllm.core.config import Config, from_dict, save_config, to_dict
+from jaxllm.core.config import INT32_MAX, Config, from_dict, save_config, to_dict
 from jaxllm.core.errors import ConfigError, DataError
 from jaxllm.core.fileio import read_json, write_json
 from jaxllm.model import flops
@@ -47,8 +47,10 @@ from jaxllm.scaling.sweep import (
     shape_model,
     vocab_size,
 )
+from jaxllm.train import run_dir
 
 FORECAST = "forecast.json"
+MAX_D_MODEL = 1 << 16  # the widest model a forecast plans: the family grows one head at a time up to it
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Sweep:
 
     cfg: SweepConfig
     folder: Path
+    entropy_rate: float | None = None  # the corpus's true irreducible loss, nats/token, when known
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,9 @@ def find_sweep(fit_path: Path, report: dict[str, Any]) -> Sweep:
     for folder in (fit_path.parent, Path(report.get("data", {}).get("csv", "")).parent):
         if (folder / "sweep.json").is_file():
             meta = read_json(folder / "sweep.json", "sweep record")
-            return Sweep(from_dict(meta.get("config", {}), SweepConfig), folder)
+            rate = meta.get("entropy_rate")
+            rate = float(rate) if isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0 else None
+            return Sweep(from_dict(meta.get("config", {}), SweepConfig), folder, rate)
     raise DataError(
         f"no sweep.json beside {fit_path} or its CSV: a forecast builds its run from the config of "
         "the sweep that was fitted (`scaling.py sweep --fit`)"
@@ -122,6 +127,11 @@ def shape_family(ladder: list[Shape], count: Callable[[Shape], int], N_target: f
     largest = rungs[-1]
     shape = largest
     while count(shape) < N_target:
+        if shape.d_model >= MAX_D_MODEL:
+            raise ConfigError(
+                f"approach 3's N_opt = {N_target:.3g} needs a {largest.n_layer}-layer model wider than "
+                f"d_model {MAX_D_MODEL}, beyond any run this sweep's family can plan; forecast a smaller budget"
+            )
         shape = Shape(largest.n_layer, shape.d_model + HEAD_SIZE)
         family.append(shape)
     return family
@@ -142,6 +152,7 @@ def plan(
             f"approach 3's law (alpha {law.alpha:.3g}, beta {law.beta:.3g}) has no compute-optimal "
             "model size to forecast with; see the fit's table"
         )
+    _check_steps(C, D_opt / tokens_per_step)
     shape = min(shape_family(ladder, count, N_opt), key=lambda s: abs(math.log(count(s) / N_opt)))
     N = count(shape)
     steps = round(C / (FLOPS_PER_PARAM_TOKEN * N) / tokens_per_step)
@@ -150,6 +161,7 @@ def plan(
             f"--compute {C:.3g} gives the {shape.n_layer}x{shape.d_model} model (N={N}) only {steps} "
             f"steps; a forecast needs at least {MIN_STEPS}"
         )
+    _check_steps(C, steps)
     D = steps * tokens_per_step
     spread = [float(d.loss(N, D)) for d in draws]
     low, high = (float(q) for q in np.percentile(spread, PERCENTILES))
@@ -165,6 +177,15 @@ def plan(
         ci95=(low, high),
         frontier_loss=float(law.loss(N_opt, D_opt)),
     )
+
+
+def _check_steps(C: float, steps: float) -> None:
+    """A forecast's run must fit train.steps (at most INT32_MAX), checked before any shape is sized."""
+    if not steps <= INT32_MAX:
+        raise ConfigError(
+            f"--compute {C:.3g} asks for about {steps:.3g} training steps, beyond train.steps' limit of "
+            f"{INT32_MAX}; forecast a smaller budget"
+        )
 
 
 @dataclass(frozen=True)
@@ -194,8 +215,9 @@ def prepare(fit_path: Path, C: float, out: Path | None) -> Forecast:
     def count(shape: Shape) -> int:
         return flops.param_counts(shape_model(cfg.model, shape, vocab, t.seq_len))["matmul"]
 
-    p = plan(law, draws, C, parse_shapes(cfg.sweep.shapes), count, t.batch_size * t.grad_accum * t.seq_len)
     out = out if out is not None else fit_path.parent / f"forecast-C{C:.3g}".replace("+", "")
+    run_dir.check_kind(out, "forecast", "--out")
+    p = plan(law, draws, C, parse_shapes(cfg.sweep.shapes), count, t.batch_size * t.grad_accum * t.seq_len)
     run_cfg = run_config(cfg, p.shape, p.steps, out / "runs" / run_name(p))
     return Forecast(fit_path, law, draws, sweep, p, run_cfg, _approach2(approach2, C, law), out)
 
@@ -264,6 +286,7 @@ def document(f: Forecast, result: dict[str, Any] | None) -> dict[str, Any]:
             "frontier_loss": p.frontier_loss,
         },
         "approach2": f.approach2,
+        "entropy_rate": f.sweep.entropy_rate,
         "actual": actual,
     }
 
@@ -291,6 +314,12 @@ def summary(doc: dict[str, Any]) -> str:
         ),
         f"predicted final loss {pred['loss']:.4f} nats/token, 95% interval [{low:.4f}, {high:.4f}]",
     ]
+    rate = doc.get("entropy_rate")
+    if rate is not None and min(pred["loss"], low) < rate:
+        lines.append(
+            f"warning: the prediction goes below the corpus's entropy rate {rate:.4f} nats/token, a loss no "
+            "model can reach: the law is extrapolated past its validity (more budgets, or fit --fix-E)"
+        )
     actual = doc["actual"]
     if actual is not None:
         if actual["loss"] is None:

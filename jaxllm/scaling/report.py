@@ -111,6 +111,18 @@ class FitSettings:
             raise ConfigError(f"--bootstrap must be >= 0, got {self.resamples}")
         if self.fix_E and self.entropy_rate is None:
             raise ConfigError("--fix-E fixes approach 3's E at the true entropy rate: give it with --entropy-rate RATE")
+        rate = self.entropy_rate
+        if rate is not None and not (math.isfinite(rate) and rate > 0):
+            raise ConfigError(f"--entropy-rate must be a loss in nats/token > 0, got {rate:g}")
+
+    def check_runs(self, runs: Runs) -> None:
+        """The entropy rate, a loss no model can beat, must lie below every run's loss."""
+        lowest = float(np.min(runs.loss))
+        if self.entropy_rate is not None and self.entropy_rate >= lowest:
+            raise ConfigError(
+                f"--entropy-rate {self.entropy_rate:g} is at or above the lowest loss in {self.csv} "
+                f"({lowest:.4g}): no run can beat the entropy rate; check the rate and the loss column"
+            )
 
     @property
     def fixed_E(self) -> float | None:
@@ -278,31 +290,54 @@ def read_fit(path: Path) -> dict[str, Any]:
 
 
 def laws_from_report(report: dict[str, Any], path: Path) -> tuple[ChinchillaLaw, tuple[PowerLaw, PowerLaw] | None]:
-    """Approach 3's law, and approach 2's N_opt and D_opt power laws (None if skipped), from fit.json."""
+    """Approach 3's law, and approach 2's N_opt and D_opt power laws (None if skipped), from fit.json;
+    every number finite and the law's inside its domain (E >= 0; A, B, alpha, beta > 0)."""
     try:
-        law = ChinchillaLaw(**{k: float(report["approach3"][k]["value"]) for k in LAW_KEYS})
+        law = ChinchillaLaw(**{k: _number(report["approach3"][k]["value"], f"approach3 {k}", path) for k in LAW_KEYS})
         a2 = report.get("approach2", {})
         approach2 = None
         if "a" in a2:
             approach2 = (
-                PowerLaw(float(a2["a"]["value"]), float(a2["N_coefficient"])),
-                PowerLaw(float(a2["b"]["value"]), float(a2["D_coefficient"])),
+                PowerLaw(_number(a2["a"]["value"], "approach2 a", path), _number(a2["N_coefficient"], "a", path)),
+                PowerLaw(_number(a2["b"]["value"], "approach2 b", path), _number(a2["D_coefficient"], "b", path)),
             )
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, AttributeError):
         raise DataError(f"{path} is not a fit written by `scaling.py fit`: no approach3 E, A, B, alpha, beta") from None
+    _check_domain(law, path)
     return law, approach2
 
 
+def _number(value: Any, what: str, path: Path) -> float:
+    """``value`` as a float, refused unless it is a finite JSON number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{path}: {what} is {value!r}, not a finite number; rerun `scaling.py fit` on its CSV")
+    return float(value)
+
+
+def _check_domain(law: ChinchillaLaw, path: Path) -> None:
+    bad = [k for k in LAW_KEYS[1:] if getattr(law, k) <= 0] + (["E"] if law.E < 0 else [])
+    if bad:
+        raise DataError(
+            f"{path}: approach 3's law has {bad[0]} = {getattr(law, bad[0]):g}, outside L = E + A/N^alpha + B/D^beta's domain "
+            "(E >= 0; A, B, alpha, beta > 0); no compute-optimal size follows from it"
+        )
+
+
 def approach3_draws(report: dict[str, Any], path: Path) -> list[ChinchillaLaw]:
-    """Approach 3's law refitted on each bootstrap resample, as stored in fit.json (non-finite ones dropped)."""
+    """Approach 3's law refitted on each bootstrap resample, as stored in fit.json (a draw with a
+    non-finite number, stored as null, is dropped; any other non-number is refused)."""
     stored = report.get("approach3", {}).get("bootstrap_draws") or {}
-    columns = [stored.get(k) or [] for k in LAW_KEYS]
-    if not all(columns) or len({len(c) for c in columns}) != 1:
+    columns = [stored.get(k) or [] for k in LAW_KEYS] if isinstance(stored, dict) else []
+    if not all(isinstance(c, list) and c for c in columns) or len({len(c) for c in columns}) != 1:
         raise DataError(
             f"{path} holds no bootstrap draws of approach 3 (written with --bootstrap 0, or before "
             "forecasts existed); rerun `scaling.py fit` on its CSV"
         )
-    return [ChinchillaLaw(*row) for row in zip(*columns) if None not in row]
+    rows = [row for row in zip(*columns) if None not in row]
+    draws = [ChinchillaLaw(*(_number(v, "a bootstrap draw", path) for v in row)) for row in rows]
+    if not draws:
+        raise DataError(f"{path}: every bootstrap draw of approach 3 is non-finite; rerun `scaling.py fit`")
+    return draws
 
 
 def _finite(value: Any) -> Any:

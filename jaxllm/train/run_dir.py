@@ -53,3 +53,28 @@ def check_finetune_dir(run_dir: Path, init_from: Path, cfg: SFTConfig) -> None:
         raise ConfigError(
             f"run.dir={str(run_dir)!r} holds a fine-tuning run of another config ({shown}); choose a new folder"
         )
+
+
+# What marks each kind of output folder: entries at its top that only that kind writes.
+KINDS = {
+    "training run": ("checkpoints", "metrics.jsonl"),
+    "fine-tuning run": ("sft.yaml",),
+    "sweep": ("sweep.json", "results.csv"),
+    "depth study": ("depth.json", "depth.csv"),
+    "fit": ("fit.json",),
+    "forecast": ("forecast.json",),
+}
+
+
+def check_kind(directory: Path, kind: str, key: str, also: tuple[str, ...] = ()) -> None:
+    """Refuses (ConfigError, before anything is written) a ``directory`` that holds another kind of
+    output than ``kind`` (or the kinds in ``also``, which may share it): writing there would overwrite
+    another command's files."""
+    fileio.check_folder_path(directory, key)
+    found = [k for k, marks in KINDS.items() if any((directory / m).exists() for m in marks)]
+    other = [k for k in found if k not in (kind, *also)]
+    if other:
+        raise ConfigError(
+            f"{key}={str(directory)!r} holds a {other[0]}, not a {kind}; writing there would overwrite it, "
+            "choose another folder"
+        )
