@@ -14,7 +14,7 @@
    loop waited for batches (``data_wait_s`` of metrics.jsonl). Prefetching hides the data time when
    a step takes ``step`` and not ``step + data``.
 
-Prints a Markdown table (what bench/results/data_read_*.md records).
+Prints a Markdown table (what bench/results/data-read_*.md records).
 """
 
 from __future__ import annotations
