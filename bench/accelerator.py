@@ -1,7 +1,7 @@
 """Measured against planned: train steps of the shipped configs on the attached accelerator, beside
 what ``train.py --plan`` predicts for the same run.
 
-    python bench/accelerator.py CASE [--steps N] [--compile-only] [--out FILE]
+    python bench/accelerator.py CASE [--steps N] [--compile-only] [--tiny] [--out FILE]
     bash bench/accelerator.sh OUT_DIR   # every case on one GPU: compiled in parallel, then timed in turn
 
 One case per process (device memory statistics are per process). The step is built exactly as
@@ -14,7 +14,9 @@ Tokens are random ids of the model's vocabulary: speed and memory do not depend 
 
 Per case: analytic and compiled bytes per device, the allocator's peak (``memory_stats``), the
 roofline's predicted step time and MFU, the measured ones (mean of ``--steps`` steps after 3 warm-up
-steps), and their ratios; printed as a table and appended as one JSON line to ``--out``.
+steps), their ratios, and the loss after those steps on the one batch they repeat (the same for every
+case of a config whose settings keep the numerics); printed as a table and appended as one JSON line
+to ``--out``. ``--tiny`` runs the case on a tiny model (:data:`TINY`), to check it on a CPU.
 """
 
 from __future__ import annotations
@@ -40,13 +42,27 @@ ROOT = Path(__file__).resolve().parents[1]
 ONE = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.pipe=1", "mesh.expert=1"]
 LONG = ["model.n_layer=4", "train.batch_size=2", "train.seq_len=8192", "train.grad_accum=1"]
 MOE = ["model.n_layer=4", "train.batch_size=8", "train.grad_accum=1", "model.attention=auto"]
+GPT2, LLAMA = ("configs/gpt2_124m.yaml", ["model.attention=auto"]), ("configs/llama_1b.yaml", ["model.attention=auto"])
+FUSED = "model.loss_chunk=128"  # 128 positions per block of the fused loss (divides both configs' seq_len)
 # name: (config, overrides, timed steps). The GPU cases, most important first; tiny* run anywhere.
 CASES = {
-    "gpt2_124m": ("configs/gpt2_124m.yaml", ["model.attention=auto"], 20),
-    "gpt2_124m_noremat": ("configs/gpt2_124m.yaml", ["model.attention=auto", "model.remat=none"], 20),
+    "gpt2_124m": (GPT2[0], GPT2[1], 20),
+    "gpt2_124m_noremat": (GPT2[0], [*GPT2[1], "model.remat=none"], 20),
+    "gpt2_124m_dots": (GPT2[0], [*GPT2[1], "model.remat=dots"], 20),
+    "gpt2_124m_dots_no_batch": (GPT2[0], [*GPT2[1], "model.remat=dots_no_batch"], 20),
+    "gpt2_124m_offload": (GPT2[0], [*GPT2[1], "model.remat=offload"], 20),
+    "gpt2_124m_fused": (GPT2[0], [*GPT2[1], FUSED], 20),
+    "gpt2_124m_fused_noremat": (GPT2[0], [*GPT2[1], FUSED, "model.remat=none"], 20),
+    "gpt2_124m_fused_dots": (GPT2[0], [*GPT2[1], FUSED, "model.remat=dots_no_batch"], 20),
+    "gpt2_124m_fp8": (GPT2[0], [*GPT2[1], FUSED, "model.remat=none", "model.matmul_dtype=fp8"], 20),
     "gpt2_124m_xla": ("configs/gpt2_124m.yaml", ["model.attention=xla"], 10),
-    "llama_1b_b16": ("configs/llama_1b.yaml", ["model.attention=auto", "train.batch_size=16"], 10),
+    "llama_1b_b16": (LLAMA[0], [*LLAMA[1], "train.batch_size=16"], 10),
+    "llama_1b_b16_dots_no_batch": (LLAMA[0], [*LLAMA[1], "train.batch_size=16", "model.remat=dots_no_batch"], 10),
+    "llama_1b_b16_fused": (LLAMA[0], [*LLAMA[1], "train.batch_size=16", FUSED], 10),
+    "llama_1b_b16_fused_dots": (LLAMA[0], [*LLAMA[1], "train.batch_size=16", FUSED, "model.remat=dots_no_batch"], 10),
+    "llama_1b_b16_fp8": (LLAMA[0], [*LLAMA[1], "train.batch_size=16", FUSED, "model.matmul_dtype=fp8"], 10),
     "moe_dropless": ("configs/moe_1b_active.yaml", MOE, 10),
+    "moe_dropless_dots": ("configs/moe_1b_active.yaml", [*MOE, "model.remat=dots_no_batch"], 10),
     "moe_capacity": ("configs/moe_1b_active.yaml", [*MOE, "model.moe.capacity_factor=1.25"], 10),
     "moe_dense_twin": ("configs/moe_1b_active.yaml", [*MOE, "model.moe.n_experts=0", "model.d_ff=8192"], 10),
     "long8k_cudnn": ("configs/llama_1b.yaml", [*LONG, "model.attention=cudnn"], 10),
@@ -55,6 +71,20 @@ CASES = {
     "tiny": ("configs/tiny.yaml", [], 5),
     "tiny_noremat": ("configs/tiny.yaml", ["model.remat=none"], 5),
 }
+# --tiny: any case shrunk to a model a CPU runs in seconds (checks the case builds, compiles and
+# trains; its figures mean nothing). The case's own remat, loss and matmul options are kept.
+TINY = [
+    "model.n_layer=2",
+    "model.d_model=64",
+    "model.n_head=4",
+    "model.n_kv_head=4",
+    "model.d_ff=256",
+    "data.tokenizer=byte",
+    "model.vocab_size=0",
+    "train.batch_size=2",
+    "train.seq_len=128",
+    "train.grad_accum=1",
+]
 
 
 def target_for(device: jax.Device) -> hardware.Target:
@@ -74,8 +104,10 @@ def compile_case(cfg, model_cfg, device):
     return setup, lowered.compile(), time.perf_counter() - start
 
 
-def time_steps(cfg, model_cfg, setup, executable, steps: int) -> float:
-    """Mean seconds per step over ``steps`` steps after three warm-up steps, on fixed random tokens."""
+def time_steps(cfg, model_cfg, setup, executable, steps: int) -> tuple[float, float]:
+    """Mean seconds per step over ``steps`` steps after three warm-up steps, on one fixed batch of
+    random tokens, and the loss of the last step (the run memorises that batch: two settings with the
+    same numerics end at the same loss, within the compute dtype's noise)."""
     t = cfg.train
     tokens = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (t.grad_accum, t.batch_size, t.seq_len + 1))
     with setup.context():
@@ -91,12 +123,13 @@ def time_steps(cfg, model_cfg, setup, executable, steps: int) -> float:
         elapsed = time.perf_counter() - start
     if not np.isfinite(float(metrics["loss"])):
         raise SystemExit("non-finite loss: the measured step is not a training step")
-    return elapsed / steps
+    return elapsed / steps, float(metrics["loss"])
 
 
-def measure(name: str, steps: int | None, compile_only: bool) -> dict | None:
+def measure(name: str, steps: int | None, compile_only: bool, tiny: bool = False) -> dict | None:
     path, overrides, default_steps = CASES[name]
     steps = steps or default_steps
+    overrides = [*overrides, *(TINY if tiny else [])]
     cfg = load_config(str(ROOT / path), [*overrides, *ONE])
     cfg = plan.resolved(cfg)
     model_cfg = cfg.model
@@ -108,7 +141,7 @@ def measure(name: str, steps: int | None, compile_only: bool) -> dict | None:
     predicted["compiled_bytes"] = plan.compiled_bytes(executable)
     if compile_only:
         return None
-    step_s = time_steps(cfg, model_cfg, setup, executable, steps)
+    step_s, loss = time_steps(cfg, model_cfg, setup, executable, steps)
     peak = (device.memory_stats() or {}).get("peak_bytes_in_use")
     t = cfg.train
     tok_s = t.grad_accum * t.batch_size * t.seq_len / step_s
@@ -121,6 +154,8 @@ def measure(name: str, steps: int | None, compile_only: bool) -> dict | None:
         "tokens_per_step": t.grad_accum * t.batch_size * t.seq_len,
         "compile_s": compile_s,
         "step_s": step_s,
+        "loss": loss,
+        "loss_steps": 3 + steps,
         "tokens_per_sec": tok_s,
         "mfu": flops.mfu(tok_s, model_cfg, t.seq_len, flops.peak_flops(device, cfg.log.peak_flops)),
         "peak_bytes": peak,
@@ -138,13 +173,14 @@ def row(r: dict) -> str:
     return (
         f"{r['case']:<20}{r['step_s'] * 1e3:9.1f}{p['step_time_s'] * 1e3:9.1f}{r['step_ratio']:7.2f}"
         f"{r['tokens_per_sec']:12,.0f}{r['mfu']:7.1%}{p['mfu']:7.1%}{peak}"
-        f"{p['compiled_bytes']['total'] / gib:9.2f}{p['analytic_bytes']['total'] / gib:9.2f}  {p['bound']}"
+        f"{p['compiled_bytes']['total'] / gib:9.2f}{p['analytic_bytes']['total'] / gib:9.2f}"
+        f"{r.get('loss', float('nan')):8.4f}  {p['bound']}"
     )
 
 
 HEADER = (
     f"{'case':<20}{'ms/step':>9}{'planned':>9}{'ratio':>7}{'tokens/s':>12}{'MFU':>7}{'plan':>7}"
-    f"{'peak GiB':>9}{'compiled':>9}{'analytic':>9}  bound"
+    f"{'peak GiB':>9}{'compiled':>9}{'analytic':>9}{'loss':>8}  bound"
 )
 
 
@@ -154,8 +190,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="timed steps (default: the case's own)")
     ap.add_argument("--compile-only", action="store_true", help="compile (filling the persistent cache) and stop")
     ap.add_argument("--out", help="append the case's JSON line to this file")
+    ap.add_argument("--tiny", action="store_true", help="the case on a tiny model: checks it runs (on a CPU too)")
     args = ap.parse_args()
-    r = measure(args.case, args.steps, args.compile_only)
+    r = measure(args.case, args.steps, args.compile_only, args.tiny)
     if r is None:
         return
     print(HEADER)

@@ -7,14 +7,17 @@
 #   bash bench/accelerator.sh OUT_DIR [CASE ...]     # default: the GPU cases
 #
 # Writes OUT_DIR/accelerator.jsonl (a line per case), OUT_DIR/cases.log (every case's output) and
-# prints the table. CASE_TIMEOUT (s, default 420) bounds each case; PYTHON picks the interpreter.
+# prints the table. CASE_TIMEOUT (s, default 420) bounds each case; PYTHON picks the interpreter;
+# ACCEL_ARGS adds options to every case (ACCEL_ARGS=--tiny: each case on a tiny model, e.g. on a CPU).
 set -u
 out=${1:?usage: bash bench/accelerator.sh OUT_DIR [CASE ...]}
 shift
 cases=("$@")
 if [ ${#cases[@]} -eq 0 ]; then
-  cases=(gpt2_124m gpt2_124m_noremat gpt2_124m_xla llama_1b_b16 moe_dropless moe_capacity moe_dense_twin
-         long8k_cudnn long8k_xla long8k_chunked)
+  cases=(gpt2_124m gpt2_124m_noremat gpt2_124m_dots gpt2_124m_dots_no_batch gpt2_124m_offload gpt2_124m_fused
+         gpt2_124m_fused_noremat gpt2_124m_fused_dots gpt2_124m_fp8 gpt2_124m_xla
+         llama_1b_b16 llama_1b_b16_dots_no_batch llama_1b_b16_fused llama_1b_b16_fused_dots llama_1b_b16_fp8
+         moe_dropless moe_dropless_dots moe_capacity moe_dense_twin long8k_cudnn long8k_xla long8k_chunked)
 fi
 py=${PYTHON:-python3}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -22,12 +25,12 @@ mkdir -p "$out"
 logs=$(mktemp -d)
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$(mktemp -d)}
 for c in "${cases[@]}"; do
-  XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout "${CASE_TIMEOUT:-420}" "$py" "$here/accelerator.py" "$c" \
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout "${CASE_TIMEOUT:-420}" "$py" "$here/accelerator.py" "$c" ${ACCEL_ARGS:-} \
     --compile-only >"$logs/$c.compile.log" 2>&1 &
 done
 wait
 for c in "${cases[@]}"; do
-  timeout "${CASE_TIMEOUT:-420}" "$py" "$here/accelerator.py" "$c" --out "$out/accelerator.jsonl" >"$logs/$c.log" 2>&1
+  timeout "${CASE_TIMEOUT:-420}" "$py" "$here/accelerator.py" "$c" ${ACCEL_ARGS:-} --out "$out/accelerator.jsonl" >"$logs/$c.log" 2>&1
   echo "[$c exit $?]" >>"$logs/$c.log"
   grep -h "^$c " "$logs/$c.log"
 done

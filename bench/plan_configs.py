@@ -5,7 +5,9 @@
 ``configs/gpt2_124m.yaml`` on v5p-8, ``configs/llama_1b.yaml`` on v5p-32 and v5e-16: each compiles the
 real train step through libtpu's topology description (``python train.py CONFIG --plan TARGET``) and
 prints the plan's table; then one JSON line with the compiler's bytes per chip, the verdicts and the
-compile times (CPU seconds: wall-clock is shared with whatever else runs). Needs the ``tpu`` extra.
+compile times (CPU seconds: wall-clock is shared with whatever else runs), and a line per plan: the
+analytic memory against the compiler's, the predicted MFU against the best published for the kind.
+Needs the ``tpu`` extra.
 """
 
 from __future__ import annotations
@@ -46,9 +48,18 @@ def main() -> None:
             "compile_cpu_s": round(result["compile_cpu_s"], 1),
             "step_time_s": round(result["step_time_s"], 4),
             "mfu": round(result["mfu"], 3),
+            "published_mfu": hardware.parse_target(target).kind.published_mfu,
             "bound": result["bound"],
         }
     print(json.dumps({"bench": "plan_configs", "plans": summary}))
+    for name, s in summary.items():
+        gap = s["analytic_gib"] / s["compiled_gib"] - 1
+        within, capped = abs(gap) <= 0.10, s["mfu"] <= s["published_mfu"]
+        print(
+            f"{name}: analytic {gap:+.1%} of the compiler's ({'within' if within else 'outside'} 10%), "
+            f"MFU {s['mfu']:.1%} against the best published {s['published_mfu']:.1%}"
+            f"{'' if capped else ' (ABOVE IT)'}"
+        )
 
 
 if __name__ == "__main__":

@@ -252,3 +252,14 @@ def test_a_run_that_does_not_fit_gets_changes_that_make_it_fit():
     result = plan.run(cfg, hardware.parse_target("a100-40gbx8"), do_search=False)
     assert not result["fits"]
     assert {"changes": ["model.remat=full"], "fits": True} == {k: result["fixes"][0][k] for k in ("changes", "fits")}
+
+
+@pytest.mark.parametrize("kind", [k for k, v in hardware.DEVICE_KINDS.items() if v.published_mfu])
+def test_no_plan_predicts_an_mfu_above_the_best_published_for_its_kind(kind):
+    """Even a plan whose roofline terms would be faster (no remat, no collectives, every matmul at
+    peak): its step is stretched to the best MFU published for the kind, whose source it names."""
+    cfg = plan.resolved(load_config("configs/llama_1b.yaml", ["mesh.fsdp=1", "model.remat=none"]))
+    device = dataclasses.replace(hardware.DEVICE_KINDS[kind], efficiency=1.0)
+    speed = plan.roofline.step_time(cfg, {"data": 1, "fsdp": 1, "tensor": 1, "pipe": 1}, device, 0)
+    assert speed.mfu == pytest.approx(device.published_mfu) and speed.bound == "compute (the best published MFU)"
+    assert hardware.DEVICE_KINDS[kind].efficiency_source
