@@ -234,20 +234,17 @@ def _approach2(laws: tuple[PowerLaw, PowerLaw] | None, C: float, law: Chinchilla
     return {"N_opt": N, "D_opt": D, "approach3_loss_there": float(law.loss(N, D))}
 
 
+def run_record(p) -> dict[str, Any]:
+    """The planned run's name, shape, size, tokens, FLOPs and steps, as forecast.json records them."""
+    fields = {"n_layer": p.shape.n_layer, "d_model": p.shape.d_model, "N": p.N, "D": p.D, "C": p.C}
+    return {"name": run_name(p), **fields, "steps": p.steps}
+
+
 def train_run(f: Forecast, devices: list | None = None) -> dict[str, Any]:
     """Trains the planned run in ``out/runs/<name>`` under ``out``'s lock (a finished one is read back)."""
     p = f.plan
-    record = {
-        "name": run_name(p),
-        "n_layer": p.shape.n_layer,
-        "d_model": p.shape.d_model,
-        "N": p.N,
-        "D": p.D,
-        "C": p.C,
-        "steps": p.steps,
-    }
     with study_folder(f.out, "another forecast"):
-        return train_once(f.run_cfg, record, devices=devices)
+        return train_once(f.run_cfg, run_record(p), devices=devices)
 
 
 def document(f: Forecast, result: dict[str, Any] | None) -> dict[str, Any]:
@@ -268,15 +265,7 @@ def document(f: Forecast, result: dict[str, Any] | None) -> dict[str, Any]:
         "compute": p.compute,
         "fit": str(f.fit_path),
         "config": to_dict(f.run_cfg),
-        "run": {
-            "name": run_name(p),
-            "n_layer": p.shape.n_layer,
-            "d_model": p.shape.d_model,
-            "N": p.N,
-            "D": p.D,
-            "C": p.C,
-            "steps": p.steps,
-        },
+        "run": run_record(p),
         "predicted": {
             "loss": p.loss,
             "ci95": [low, high],
