@@ -20,7 +20,7 @@ jax.config.update("jax_num_cpu_devices", 4)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxllm.core.config import load_config, resolve
-from jaxllm.parallel import pipeline, sharding
+from jaxllm.parallel import pipeline, schedule, sharding
 from jaxllm.train import trainer
 
 MODEL = [
@@ -56,7 +56,7 @@ def measure(stages: int, overrides: list[str]) -> dict:
         "block_bytes_per_device": blocks,
         "other_bytes_per_device": rest,
         "total_bytes_per_device": blocks + rest,
-        "bubble": pipeline.bubble_fraction(stages, m, 1) if stages > 1 else 0.0,
+        "bubble": schedule.bubble_fraction(stages, m, 1) if stages > 1 else 0.0,
         "compile_s": round(compile_s, 2),
     }
 

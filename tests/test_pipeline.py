@@ -19,7 +19,7 @@ from conftest import TINY
 
 import train
 from jaxllm.core.config import Config, PipelineConfig, load_config, resolve
-from jaxllm.parallel import pipeline, sharding
+from jaxllm.parallel import pipeline, schedule, sharding
 from jaxllm.train import trainer
 
 VOCAB, SEQ, BATCH = 64, 16, 16
@@ -231,7 +231,7 @@ def test_logged_bubble_fraction_matches_theory(stages, micro, rounds):
 
 
 def test_every_work_item_visits_every_stage_once_in_order():
-    table_IxP = pipeline.work_items(4, 6, 3)
+    table_IxP = schedule.work_items(4, 6, 3)
     for stage in range(4):
         busy = table_IxP[:, stage][table_IxP[:, stage] >= 0]
         assert busy.tolist() == list(range(18))
@@ -239,7 +239,7 @@ def test_every_work_item_visits_every_stage_once_in_order():
 
 @pytest.mark.parametrize("stages,micro", [(2, 2), (2, 8), (4, 4), (4, 16)])
 def test_1f1b_runs_each_microbatch_through_every_stage_and_keeps_fewer_than_2p_alive(stages, micro):
-    forward_IxP, backward_IxP = pipeline.one_f_one_b(stages, micro)
+    forward_IxP, backward_IxP = schedule.one_f_one_b(stages, micro)
     for p in range(stages):
         assert forward_IxP[:, p][forward_IxP[:, p] >= 0].tolist() == list(range(micro))
         assert backward_IxP[:, p][backward_IxP[:, p] >= 0].tolist() == list(range(micro))

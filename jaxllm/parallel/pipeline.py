@@ -48,6 +48,7 @@ from jaxllm.core.config import ModelConfig, PipelineConfig
 from jaxllm.core.errors import ConfigError
 from jaxllm.model import attention, moe
 from jaxllm.model.transformer import Transformer, block_stack, scan_length
+from jaxllm.parallel.schedule import bubble_fraction, one_f_one_b, theory_bubble, work_items
 
 Array = jax.Array
 
@@ -87,47 +88,6 @@ def check(model: ModelConfig, cfg: PipelineConfig, mesh: Mesh, batch_size: int) 
 
 
 # --------------------------------------------------------------------------- the schedule
-
-
-def work_items(stages: int, micro: int, rounds: int) -> np.ndarray:
-    """The schedule, ``[I, P]`` int: the work item each stage runs at each iteration, -1 when idle.
-
-    Work item k is micro-batch k % M in round k // M; stage p runs it at iteration k + p, so stage
-    p+1 gets it straight from stage p, and stage 0 gets round r+1 of micro-batch m from the last
-    stage's round r, finished M - P + 1 iterations earlier (hence M >= P)."""
-    n_items = micro * rounds
-    k_IxP = np.arange(n_items + stages - 1)[:, None] - np.arange(stages)[None, :]
-    return np.where((k_IxP >= 0) & (k_IxP < n_items), k_IxP, -1)
-
-
-def one_f_one_b(stages: int, micro: int) -> tuple[np.ndarray, np.ndarray]:
-    """The 1F1B schedule in lockstep, ``(forward_IxP, backward_IxP)``: the micro-batch each stage runs
-    forward, and backward, at each iteration (-1 when idle); I = M + 2P - 2.
-
-    Micro-batch m runs forward on stage p at iteration m + p; the last stage takes its loss gradient
-    in the same iteration, and the gradient moves back one stage per iteration, so stage p runs m
-    backward at m + 2(P-1) - p. Stage p therefore holds the inputs of at most 2(P-p) - 1 micro-batches
-    (the forward of m + 2(P-p) - 1 comes after the backward of m), whatever M."""
-    t_IxP = np.arange(micro + 2 * stages - 2)[:, None]
-    p_1xP = np.arange(stages)[None, :]
-    forward, backward = t_IxP - p_1xP, t_IxP - 2 * (stages - 1) + p_1xP
-    return np.where((forward >= 0) & (forward < micro), forward, -1), np.where(
-        (backward >= 0) & (backward < micro), backward, -1
-    )
-
-
-def bubble_fraction(stages: int, micro: int, rounds: int, schedule: str = "gpipe") -> float:
-    """Share of (iteration, stage) slots of the loop in which a stage holds no real micro-batch
-    (1F1B: forward and backward slots together)."""
-    if schedule == "1f1b":
-        return float(np.mean(np.stack(one_f_one_b(stages, micro)) < 0))
-    return float(np.mean(work_items(stages, micro, rounds) < 0))
-
-
-def theory_bubble(stages: int, micro: int, rounds: int, schedule: str = "gpipe") -> float:
-    if schedule == "1f1b":  # lockstep: forward and backward each cross the P stages in turn
-        return 2 * (stages - 1) / (micro + 2 * stages - 2)
-    return (stages - 1) / (micro * rounds + stages - 1)
 
 
 def describe(cfg: PipelineConfig, stages: int) -> str:
@@ -220,18 +180,12 @@ def run_1f1b(stage: Callable, w_PxCxZ: Any, ends: Any, micro: int, stages: int, 
     Returns ``(loss, aux_1xP, grads outside the blocks, grads of w_PxCxZ)``, ``aux`` as :func:`chunk_means`'s."""
     forward_IxP, backward_IxP = one_f_one_b(stages, micro)
     slots = 2 * stages - 1
-    is_first_P, is_last_P = (
-        (jnp.arange(stages) == 0)[:, None, None, None],
-        (jnp.arange(stages) == stages - 1)[:, None, None, None],
-    )
+    stage_Px1x1x1 = jnp.arange(stages)[:, None, None, None]
+    is_first_P, is_last_P = stage_Px1x1x1 == 0, stage_Px1x1x1 == stages - 1
     spec = functools.partial(jax.lax.with_sharding_constraint, shardings=state_spec)
     stash_spec = NamedSharding(state_spec.mesh, PartitionSpec(state_spec.spec[0], None, *state_spec.spec[1:]))
 
-    def keys(m_P):  # micro-batch m's dropout key on stage p, the same forward and backward
-        return jax.vmap(lambda m, p: jax.random.fold_in(jax.random.fold_in(rng, m), p))(
-            jnp.maximum(m_P, 0), jnp.arange(stages)
-        )
-
+    keys = functools.partial(_dropout_keys, rng, stages)
     stage_P = jax.vmap(stage, spmd_axis_name="pipe")
     backward_P = jax.vmap(functools.partial(_stage_vjp, stage), spmd_axis_name="pipe")
     put_P = jax.vmap(lambda s, x, m: jax.lax.dynamic_update_index_in_dim(s, x, m % slots, 0), spmd_axis_name="pipe")
@@ -264,16 +218,21 @@ def run_1f1b(stage: Callable, w_PxCxZ: Any, ends: Any, micro: int, stages: int, 
     x0_bxTxD, embed_vjp = ends.first(0)
     zeros_P = jnp.zeros((stages, *x0_bxTxD.shape), x0_bxTxD.dtype)
     stash_P = jnp.zeros((stages, slots, *x0_bxTxD.shape), x0_bxTxD.dtype)
-    aux = jax.tree.map(
-        lambda a: jnp.zeros(a.shape, a.dtype),
-        jax.eval_shape(stage_P, w_PxCxZ, zeros_P, keys(jnp.zeros(stages, int)))[1],
-    )
+    aux_shapes = jax.eval_shape(stage_P, w_PxCxZ, zeros_P, keys(jnp.zeros(stages, int)))[1]
+    aux = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shapes)
     g_ends = jax.tree.map(jnp.zeros_like, embed_vjp(x0_bxTxD)[0])
     init = (zeros_P, zeros_P, stash_P, jnp.float32(0), aux, g_ends, jax.tree.map(jnp.zeros_like, w_PxCxZ))
     (_, _, _, loss, aux, g_ends, g_w), _ = jax.lax.scan(
         iteration, init, (jnp.asarray(forward_IxP), jnp.asarray(backward_IxP))
     )
     return loss, jax.tree.map(lambda a: a[None], aux), g_ends, g_w
+
+
+def _dropout_keys(rng: Array, stages: int, m_P: Array) -> Array:
+    """Micro-batch ``m_P[p]``'s dropout key on stage p: the same in its forward and its backward."""
+    return jax.vmap(lambda m, p: jax.random.fold_in(jax.random.fold_in(rng, m), p))(
+        jnp.maximum(m_P, 0), jnp.arange(stages)
+    )
 
 
 def _stage_vjp(stage: Callable, w_CxZ, x_bxTxD, key, dy_bxTxD, d_router) -> tuple[Any, Array]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from jaxllm.core.config import Config, ModelConfig
 from jaxllm.model import flops
-from jaxllm.parallel import pipeline
+from jaxllm.parallel import pipeline, schedule
 from jaxllm.plan import hardware
 from jaxllm.plan.hardware import DeviceKind, ring_factor
 
@@ -76,7 +76,7 @@ def terms(cfg: Config, sizes: dict[str, int], kind: DeviceKind, activation_bytes
     model_flops = flops.flops_per_token(m, seq) * tokens
     hw_flops = model_flops + _recompute_flops(m, seq, p) * tokens
     micro, rounds = pipeline.microbatches(cfg.pipeline, p), pipeline.repeats(cfg.pipeline)
-    bubble = pipeline.theory_bubble(p, micro, rounds) if p > 1 else 0.0
+    bubble = schedule.theory_bubble(p, micro, rounds) if p > 1 else 0.0
     weights = flops.param_counts(m)["matmul"] / (t * p)  # what a device multiplies by, once gathered
     bw = hardware.axis_bandwidth(kind, sum(s > 1 for s in sizes.values()))
     state = flops.param_counts(m)["total"] * 4 * 4 / (f * t * p)  # params, grads and two moments
@@ -106,7 +106,7 @@ def step_time(cfg: Config, sizes: dict[str, int], kind: DeviceKind, activation_b
         p = sizes["pipe"]
         if (
             p > 1
-            and pipeline.theory_bubble(p, pipeline.microbatches(cfg.pipeline, p), pipeline.repeats(cfg.pipeline)) > 0.25
+            and schedule.theory_bubble(p, pipeline.microbatches(cfg.pipeline, p), pipeline.repeats(cfg.pipeline)) > 0.25
         ):
             bound = "compute (pipeline bubble)" if bound == "compute" else bound
     tokens = cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum

@@ -183,6 +183,21 @@ class Prepared:
     shardings: dict  # of params, leaf by leaf
 
 
+def _method_init(cfg: SFTConfig, model_cfg: ModelConfig, params: dict, base: ModelConfig) -> tuple[dict, float]:
+    """``params`` plus the parameters of ``sft.method`` (drawn from ``train.seed``), and LoRA's scale
+    (0 for the other methods); a base that has adapters already keeps its own."""
+    key = jax.random.PRNGKey(cfg.train.seed)
+    method = cfg.sft.method
+    if method == "lora":
+        targets = peft.parse_targets(cfg.lora.targets, params, model_cfg.arch)
+        return peft.lora_init(params, targets, cfg.lora.rank, key), cfg.lora.alpha / cfg.lora.rank
+    if method == "prompt":
+        return peft.prompt_init(params, cfg.prompt.n_virtual_tokens, key), 0.0
+    if method == "adapter" and base.adapter_dim == 0:
+        return {**params, "blocks": {**params["blocks"], **peft.adapter_init(model_cfg, key)}}, 0.0
+    return params, 0.0
+
+
 def prepare(cfg: SFTConfig, devices: list | None = None) -> Prepared:
     """Loads the base model (a Hugging Face one straight into its shardings on the run's mesh) and the
     data, and adds the method's parameters; raises on any bad input."""
@@ -208,18 +223,8 @@ def prepare(cfg: SFTConfig, devices: list | None = None) -> Prepared:
         raise ConfigError(
             f"train.seq_len={cfg.train.seq_len} exceeds the model's context of {model_cfg.max_seq_len} tokens"
         )
-    key = jax.random.PRNGKey(cfg.train.seed)
     base_params = peft.vocab_rows(base.params, base.tokenizer.vocab_size) if grown else base.params
-    params = peft.new_tokens_init(base_params, model_cfg.vocab_size)
-    lora_scale = 0.0
-    if method == "lora":
-        targets = peft.parse_targets(cfg.lora.targets, params, model_cfg.arch)
-        params = peft.lora_init(params, targets, cfg.lora.rank, key)
-        lora_scale = cfg.lora.alpha / cfg.lora.rank
-    elif method == "prompt":
-        params = peft.prompt_init(params, cfg.prompt.n_virtual_tokens, key)
-    elif method == "adapter" and m.adapter_dim == 0:
-        params = {**params, "blocks": {**params["blocks"], **peft.adapter_init(model_cfg, key)}}
+    params, lora_scale = _method_init(cfg, model_cfg, peft.new_tokens_init(base_params, model_cfg.vocab_size), m)
     prefix = model_cfg.prompt_tokens  # placeholder positions the model fills with its learned prompt
     train_chats, eval_set = load_data(cfg, tok)
     longest = prefix + max(len(p) for p in eval_set.prompts) + cfg.sft.max_new_tokens
