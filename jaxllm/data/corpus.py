@@ -75,10 +75,13 @@ def cache_folder(source: str, d: DataConfig, key: str | None = None) -> Path:
     return _cache_root(d.cache_dir) / "prepared" / hashlib.sha256(spec.encode()).hexdigest()[:20]
 
 
-def prepare_into_cache(d: DataConfig) -> None:
-    """Prepares every source of ``d`` that is a corpus into the cache (once; a finished one is kept)."""
+def prepare_into_cache(d: DataConfig) -> list[str]:
+    """Prepares every source of ``d`` that is a corpus into the cache (once; a finished one is kept);
+    returns where each source's prepared dataset is, in the order of :func:`sources`."""
+    locations = []
     for _, source in sources(d):
         if is_prepared(source):
+            locations.append(source)
             continue
         key, size = identity(source)
         folder = cache_folder(source, d, key)
@@ -92,10 +95,8 @@ def prepare_into_cache(d: DataConfig) -> None:
                 workers=1 if size < SMALL else 0,  # 0: every core
                 progress=False,
             )
-
-
-def _location(source: str, d: DataConfig) -> str:
-    return source if is_prepared(source) else str(cache_folder(source, d))
+        locations.append(str(folder))
+    return locations
 
 
 def check_tokenizer(name: str, tok: tokenizers.Tokenizer, d: DataConfig) -> None:
@@ -113,11 +114,12 @@ def check_tokenizer(name: str, tok: tokenizers.Tokenizer, d: DataConfig) -> None
         raise DataError(f"{name} was prepared with another tokenizer than data.tokenizer={spec}")
 
 
-def open_sources(d: DataConfig) -> list[Source]:
-    """Every source of the run, opened and checked (one tokenizer for all, the run's)."""
+def open_sources(d: DataConfig, locations: list[str]) -> list[Source]:
+    """Every source of the run, opened from its prepared ``locations`` (:func:`prepare_into_cache`'s)
+    and checked (one tokenizer for all, the run's)."""
     opened: list[Source] = []
-    for weight, source in sources(d):
-        ds = open_dataset(_location(source, d))
+    for (weight, source), location in zip(sources(d), locations, strict=True):
+        ds = open_dataset(location)
         check_tokenizer(source, ds.tokenizer, d)
         if opened and ds.tokenizer._to_json() != opened[0].dataset.tokenizer._to_json():
             raise ConfigError(
@@ -130,5 +132,4 @@ def open_sources(d: DataConfig) -> list[Source]:
 
 def load(d: DataConfig, seq_len: int, seed: int) -> TrainData:
     """The run's data, the corpora among its sources prepared into the cache first."""
-    prepare_into_cache(d)
-    return TrainData(open_sources(d), seq_len, seed)
+    return TrainData(open_sources(d, prepare_into_cache(d)), seq_len, seed)
