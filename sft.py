@@ -21,7 +21,10 @@ USAGE = "usage: python sft.py [CONFIG.yaml] [section.key=value ...]"
 @exit_on_user_error
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(f"{USAGE}\n\nConfig keys (default, meaning):\n{help_text(SFTConfig)}")
+        defaults = load_config(None, cls=SFTConfig, default=str(DEFAULT_CONFIG))  # what a bare `python sft.py` runs
+        print(
+            f"{USAGE}\n\nConfig keys (value without a CONFIG: {DEFAULT_CONFIG.name}'s, meaning):\n{help_text(SFTConfig, defaults)}"
+        )
         return 0
     path, overrides = (argv[0], argv[1:]) if argv and "=" not in argv[0] else (None, argv)
     cfg = load_config(path, overrides, cls=SFTConfig, default=str(DEFAULT_CONFIG))

@@ -61,7 +61,10 @@ def run_plan(cfg, target: str, search: bool, out: str | None) -> int:
 @exit_on_user_error
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(f"{USAGE}\n\nConfig keys (default, meaning):\n{help_text()}")
+        defaults = load_config(None, default=str(DEFAULT_CONFIG))  # what a bare `python train.py` runs
+        print(
+            f"{USAGE}\n\nConfig keys (value without a CONFIG: {DEFAULT_CONFIG.name}'s, meaning):\n{help_text(values=defaults)}"
+        )
         return 0
     argv, plan_args = plan_flags(argv)
     path, overrides = split_args(argv)

@@ -125,3 +125,12 @@ def test_help_marks_each_keys_sign():
     assert "train.steps = 1000          optimizer steps (positive)" in text
     assert "optim.clip_norm = 1.0           clip the global gradient norm to this; 0 = no clipping (>= 0)" in text
     assert "model.arch = 'gpt2'" in text and "(positive)" not in next(x for x in text.splitlines() if ".arch =" in x)
+
+
+def test_train_help_shows_the_values_a_bare_run_uses(capsys):
+    import train
+
+    tiny = load_config(str(ROOT / "configs" / "tiny.yaml"))
+    assert tiny.optim.lr != Config().optim.lr  # else the test could not tell the two apart
+    assert train.main(["--help"]) == 0
+    assert f"optim.lr = {tiny.optim.lr!r}" in capsys.readouterr().out

@@ -304,3 +304,16 @@ def test_load_falls_back_to_the_previous_checkpoint_when_the_newest_is_corrupt(r
     assert warning.startswith("warning: checkpoint 6 (") and warning.endswith(f"of {run} is damaged; loaded step 4")
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), expected)
     assert _tree_bytes(run) == before  # loading moved, renamed and wrote nothing
+
+
+def test_cli_without_max_new_tokens_generates_what_the_context_leaves_and_says_so(run_dir, capsys):
+    assert generate.main([str(run_dir), "--prompt", "def ", "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("def ") and err.count("\n") == 1 and "generating 12 new tokens" in err  # 16 - 4
+
+
+def test_cli_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        generate.main(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: 0.8)" in out and "(default: 64)" in out and "default: 200" in out

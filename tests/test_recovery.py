@@ -40,6 +40,20 @@ def finished_run(tmp_path_factory):
 
 
 @pytest.fixture
+def tiny_cfg(finished_run, tmp_path):
+    """``tiny_cfg(*overrides) -> Config``: ``finished_run``'s config with its run.dir under tmp_path
+    (the same corpus, so a copy of that run resumes under it)."""
+
+    def make(*overrides: str):
+        corpus, cache, run = finished_run.parent / "corpus.txt", tmp_path / "cache", tmp_path / "run"
+        return load_config(
+            None, [*TINY, f"data.source={corpus}", f"data.cache_dir={cache}", f"run.dir={run}", *overrides]
+        )
+
+    return make
+
+
+@pytest.fixture
 def two_checkpoints(finished_run, tmp_path):
     """A copy of ``finished_run`` as this test's run directory (``tiny_cfg``'s run.dir)."""
     shutil.copytree(finished_run, tmp_path / "run")
@@ -55,7 +69,7 @@ def test_optimizer_change_is_refused_naming_the_keys_and_nothing_moves(two_check
         match=r"checkpoint 4 .* another configuration \(only in the checkpoint: opt_state\.1\.0\.count.*"
         r"only in this run: opt_state\.0\.0\.count",
     ) as e:
-        trainer.train(tiny_cfg("optim.clip_norm=0", "train.steps=6"), one_device())
+        trainer.train(tiny_cfg("optim.clip_norm=0", "train.steps=6", "run.allow_changes=true"), one_device())
     assert "\n" not in str(e.value)
     assert {p: p.read_bytes() for p in two_checkpoints.rglob("*") if p.is_file()} == before
 
@@ -104,7 +118,14 @@ def test_no_intact_checkpoint_stops_the_run_instead_of_starting_over(two_checkpo
 
 @pytest.mark.slow
 def test_divergence_between_log_steps_leaves_a_finite_newest_checkpoint_that_resumes(two_checkpoints, tiny_cfg):
-    diverging = tiny_cfg("train.steps=12", "optim.lr=1e30", "log.every=10", "checkpoint.every=2", "checkpoint.keep=2")
+    diverging = tiny_cfg(
+        "train.steps=12",
+        "optim.lr=1e30",
+        "run.allow_changes=true",
+        "log.every=10",
+        "checkpoint.every=2",
+        "checkpoint.keep=2",
+    )
     with pytest.raises(trainer.TrainingDiverged, match=r"NaN or Inf by step 6 .*Last good checkpoint: step 4 in "):
         trainer.train(diverging, one_device())
     assert [n for n in listing(two_checkpoints) if n.isdigit()] == ["2", "4"]  # keep=2 deleted no finite one

@@ -75,6 +75,7 @@ __all__ = [  # the public face of the configuration: schema, loading, validation
     "help_text",
     "load_config",
     "option",
+    "read_history",
     "resolve",
     "resolve_model",
     "save_config",
@@ -197,13 +198,17 @@ def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+# A saved run config's record of the changes a resumed run was allowed (``run.allow_changes``): not a key
+HISTORY = "history"
+
+
 def load_config(path: str | None, overrides: list[str] = (), cls: type = Config, default: str | None = None) -> Any:
     """Builds a config from an optional YAML file (else ``default``) and ``key=value`` overrides."""
     cfg = cls()
     path = path or default
     if path:
         tree = read_yaml(path, "config file")
-        for key, value in _flatten(tree):
+        for key, value in _flatten({k: v for k, v in tree.items() if k != HISTORY}):
             set_key(cfg, key, value)
     for item in overrides:
         if "=" not in item:
@@ -220,18 +225,34 @@ def to_dict(cfg: Any) -> dict:
 def from_dict(tree: dict, cls: type = Config) -> Any:
     """Rebuilds a config saved with :func:`save_config` (unknown keys are an error)."""
     cfg = cls()
-    for key, value in _flatten(tree):
+    for key, value in _flatten({k: v for k, v in tree.items() if k != HISTORY}):
         set_key(cfg, key, value)
     return cfg
 
 
-def save_config(cfg: Any, path: Path) -> None:
-    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save_config(cfg: Any, path: Path, history: list[dict] = ()) -> None:
+    """Writes ``cfg`` as YAML, with the ``history`` of allowed changes (a list of records) after it."""
+    tree = to_dict(cfg) | ({HISTORY: list(history)} if history else {})
+    atomic_write(path, yaml.safe_dump(tree, sort_keys=False))
 
 
-def help_text(cls: type = Config) -> str:
-    """Every key with its default and meaning (and the sign it must have, if any), one per line, grouped
-    by section; a subsection (``model.moe``) is a line, then its keys."""
+def read_history(path: Path) -> list[dict]:
+    """The ``history`` saved with a config file (empty when there is no file or no history)."""
+    if not Path(path).is_file():
+        return []
+    history = read_yaml(path, "run config").get(HISTORY) or []
+    valid = isinstance(history, list) and all(
+        isinstance(h, dict) and isinstance(h.get("step"), int) and isinstance(h.get("changes"), dict) for h in history
+    )
+    if not valid:
+        raise ConfigError(f"{path}: {HISTORY} must be a list of {{step: int, changes: {{...}}}} records")
+    return history
+
+
+def help_text(cls: type = Config, values: Any = None) -> str:
+    """Every key with its default (or its value in ``values``, a config of ``cls``) and meaning (and the
+    sign it must have, if any), one per line, grouped by section; a subsection (``model.moe``) is a
+    line, then its keys."""
 
     def keys(obj: Any, prefix: str) -> list[str]:
         out = []
@@ -245,7 +266,8 @@ def help_text(cls: type = Config) -> str:
 
     lines = []
     for section in dataclasses.fields(cls):
-        lines += [f"{section.name}:"] + keys(section.default_factory(), section.name)
+        node = getattr(values, section.name) if values is not None else section.default_factory()
+        lines += [f"{section.name}:"] + keys(node, section.name)
     return "\n".join(lines)
 
 

@@ -27,6 +27,11 @@ class RunConfig:
         "folder of compiled programs reused by later runs of the same "
         "shapes (skips compilation); '' = off; JAX_COMPILATION_CACHE_DIR, when set, wins",
     )
+    allow_changes: bool = option(
+        False,
+        "resume a run under keys that change its trajectory (optim.lr, train.seed, train.batch_size, ...); "
+        "the changes are recorded in metrics.jsonl and config.yaml's history. Without it such a resume is refused",
+    )
 
 
 @dataclass

@@ -58,7 +58,7 @@ from jaxllm.train import checkpoint as ckpt
 from jaxllm.train import skeleton
 from jaxllm.train.metrics_log import plot_losses
 from jaxllm.train.optim import optimizer, schedule
-from jaxllm.train.run_dir import check_finetune_dir, lock
+from jaxllm.train.run_dir import Changes, check_finetune_dir, lock
 from jaxllm.train.train_step import TrainState, make_train_step
 
 PLACEHOLDER = api.PLACEHOLDER  # token id at prompt tuning's virtual positions; the model replaces its embedding
@@ -317,8 +317,10 @@ def saved_tree(lora_scale: float, state: TrainState) -> dict:
     return {"params": peft.model_params(state.params, lora_scale), "train": state}
 
 
-def save_state(lora_scale: float, model: dict, checkpointer: ckpt.Checkpointer, step: int, state: TrainState) -> None:
-    checkpointer.save(step, saved_tree(lora_scale, state), {"step": step, "model": model})
+def save_state(
+    lora_scale: float, model: dict, config: dict, checkpointer: ckpt.Checkpointer, step: int, state: TrainState
+) -> None:
+    checkpointer.save(step, saved_tree(lora_scale, state), {"step": step, "model": model, "config": config})
 
 
 def restore_or_init(checkpointer: ckpt.Checkpointer, job: Job, model_cfg: ModelConfig) -> tuple[TrainState, int, bool]:
@@ -336,10 +338,10 @@ def restore_or_init(checkpointer: ckpt.Checkpointer, job: Job, model_cfg: ModelC
 def finetune(cfg: SFTConfig, devices: list | None = None) -> dict:
     """Fine-tunes ``init.from`` as ``cfg`` says; writes (or resumes) ``run.dir``; returns a summary."""
     p = prepare(cfg, devices)
-    check_finetune_dir(Path(cfg.run.dir), Path(init_from(cfg)), cfg)
+    changes = check_finetune_dir(Path(cfg.run.dir), Path(init_from(cfg)), cfg)
     job = build(cfg, p)
     with lock(Path(cfg.run.dir), "another fine-tuning run"):
-        return _finetune(cfg, p, job, Path(cfg.run.dir))
+        return _finetune(cfg, p, job, Path(cfg.run.dir), changes)
 
 
 def _banner(cfg: SFTConfig, p: Prepared, start: int, restored: bool) -> None:
@@ -352,7 +354,7 @@ def _banner(cfg: SFTConfig, p: Prepared, start: int, restored: bool) -> None:
     )
 
 
-def _finetune(cfg: SFTConfig, p: Prepared, job: Job, run_dir: Path) -> dict:
+def _finetune(cfg: SFTConfig, p: Prepared, job: Job, run_dir: Path, changes: Changes) -> dict:
     greedy = make_greedy(p.model_cfg, p.lora_scale, cfg.sft.max_new_tokens, chat.end_id(p.tokenizer))
     prompts = [[PLACEHOLDER] * p.prefix + q for q in p.eval_set.prompts]
 
@@ -362,15 +364,15 @@ def _finetune(cfg: SFTConfig, p: Prepared, job: Job, run_dir: Path) -> dict:
         return exact_match(p.eval_set.tasks, [p.tokenizer.decode(i) for i in ids], p.eval_set.answers)
 
     restore = functools.partial(restore_or_init, job=job, model_cfg=p.model_cfg)
-    with skeleton.resumed(run_dir, cfg, restore) as run:
-        save_config(cfg, run_dir / "sft.yaml")
+    with skeleton.resumed(run_dir, cfg, restore, changes=changes.keys) as run:
+        save_config(cfg, run_dir / "sft.yaml", changes.recorded(run.start, run.restored))
         save_config(_export_config(cfg, p), run_dir / "config.yaml")
         p.tokenizer.save(run_dir)
         _banner(cfg, p, run.start, run.restored)
         t0 = time.perf_counter()
         before = evaluate(jax.device_put(p.params, p.shardings))
         batches = functools.partial(batch_at, p.rows, batch_order(len(p.rows), cfg.train), job.batch_sharding)
-        save = functools.partial(save_state, job.lora_scale, to_dict(p.model_cfg))
+        save = functools.partial(save_state, job.lora_scale, to_dict(p.model_cfg), to_dict(cfg))
         out = skeleton.run_loop(run, cfg, job, p.model_cfg, batches, save)
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     trainable, total = peft.count(p.params, p.mask)

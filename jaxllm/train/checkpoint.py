@@ -202,15 +202,14 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def check_model(self, model: ModelConfig) -> None:
-        """Refuses (ConfigError) a run directory whose newest readable checkpoint is another model."""
+    def newest_meta(self) -> dict | None:
+        """The record saved with the newest readable checkpoint (None: none is readable)."""
         for step in reversed(self.steps()):
             try:
-                meta = self.read_meta(step)
+                return self.read_meta(step)
             except Exception:  # noqa: BLE001, S112  (unreadable: restore_latest reports it and falls back)
                 continue
-            check_same_model(meta.get("model", {}), model, self.directory)
-            return
+        return None
 
     def newest_first(self, read: Callable[[int, dict], Any]) -> Iterator[Found]:
         """Every checkpoint, newest first, read by ``read(step, meta)`` and checked against its checksums:
@@ -309,6 +308,18 @@ SHAPE_KEYS = (
     "adapter_dim",
     "prompt_tokens",
 )
+
+
+def newest_meta(run_dir: Path, keep: int) -> dict | None:
+    """The record saved with ``run_dir``'s newest readable checkpoint (None: it holds none); reads only."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not (ckpt_dir.is_dir() and any(ckpt_dir.iterdir())):
+        return None
+    checker = Checkpointer(Path(run_dir), keep)
+    try:
+        return checker.newest_meta()
+    finally:
+        checker.close()
 
 
 def check_same_model(saved: dict, model: ModelConfig, where: Path) -> None:

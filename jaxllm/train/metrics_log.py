@@ -14,6 +14,8 @@ from jaxllm.core import fileio
 from jaxllm.core.errors import UserError
 from jaxllm.train.tb_events import ScalarWriter
 
+CHANGES = "config_changes"  # a record's key for the config changes a resume was allowed (run.allow_changes)
+
 
 def _trimmed(path: Path, resume_step: int) -> None:
     """Rewrites ``path`` keeping the records up to ``resume_step``; warns about a torn last line."""
@@ -21,7 +23,11 @@ def _trimmed(path: Path, resume_step: int) -> None:
     lines = [line for line in fileio.read_text(path, "metrics file").splitlines() if line.strip()]
     if len(records) < len(lines):
         print(f"warning: the last line of {path} was cut short (a crash while writing it); dropped", file=sys.stderr)
-    kept = [r for r in records if r.get("step", 0) <= resume_step]
+    # a resume records the config changes it was allowed at its own step: one at or past this resume
+    # described a resume that this one undoes, and this resume writes its own
+    kept = [
+        r for r in records if r.get("step", 0) < resume_step or (r.get("step", 0) == resume_step and CHANGES not in r)
+    ]
     if len(kept) < len(lines):
         fileio.atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
 

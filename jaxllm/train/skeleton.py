@@ -14,6 +14,7 @@ holds and what it writes into ``run.dir``.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,11 +26,12 @@ import jax
 import optax
 
 from jaxllm.core.config import Config, ModelConfig
+from jaxllm.core.fileio import read_jsonl
 from jaxllm.model import flops
 from jaxllm.parallel import sharding
 from jaxllm.train import checkpoint as ckpt
 from jaxllm.train import loop
-from jaxllm.train.metrics_log import MetricsLog
+from jaxllm.train.metrics_log import CHANGES, MetricsLog
 from jaxllm.train.train_step import TrainState
 
 
@@ -105,17 +107,24 @@ class Resumed:
 
 @contextmanager
 def resumed(
-    run_dir: Path, cfg: Config, restore: Callable[[ckpt.Checkpointer], tuple], is_main: bool = True
+    run_dir: Path,
+    cfg: Config,
+    restore: Callable[[ckpt.Checkpointer], tuple],
+    is_main: bool = True,
+    changes: dict | None = None,
 ) -> Iterator[Resumed]:
     """Opens ``run_dir``'s checkpoints, restores (``restore(checkpointer)``, which may refuse) and
     opens ``metrics.jsonl`` (cut back to the resume step; an unreadable file refuses the run), all
-    before the caller writes anything; closes both on the way out."""
+    before the caller writes anything, then records the ``changes`` a resume was allowed
+    (``{"section.key": [saved, now]}``) there; closes both on the way out."""
     checkpointer = ckpt.Checkpointer(run_dir, cfg.checkpoint.keep)
     log = None
     try:
         state, start, restored = restore(checkpointer)
         tb = run_dir / "tb" if cfg.log.tensorboard else None
         log = MetricsLog(run_dir / "metrics.jsonl", start, is_main, tb)
+        if changes and restored:
+            log.write({"step": start, CHANGES: changes})
         yield Resumed(checkpointer, log, state, start, restored)
     finally:
         checkpointer.close()
@@ -166,4 +175,16 @@ def run_loop(
         progress=cfg.log.progress,
         data_stats=data_stats,
     )
-    return loop.run(parts, cadence(cfg), run.state, run.start, run.start if run.restored else None)
+    out = loop.run(parts, cadence(cfg), run.state, run.start, run.start if run.restored else None)
+    if out.step == run.start and run.log.path.is_file():  # nothing left to train: the run's own last figures
+        out.loss, out.eval = reported(run.log.path, run.start)
+    return out
+
+
+def reported(metrics_path: Path, step: int) -> tuple[float, dict]:
+    """The last training loss and the last evaluation's record that ``metrics.jsonl`` holds up to
+    ``step`` (nan and ``{}`` where it holds none)."""
+    rows = [r for r in read_jsonl(metrics_path, "metrics file", torn_tail_ok=True) if r.get("step", 0) <= step]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    evals = [{k: v for k, v in r.items() if k != "step"} for r in rows if "eval_loss" in r]
+    return (losses[-1] if losses else math.nan), (evals[-1] if evals else {})

@@ -38,10 +38,11 @@ from jaxllm.model.transformer import Transformer
 from jaxllm.parallel import pipeline, sharding
 from jaxllm.train import checkpoint as ckpt
 from jaxllm.train import distill, loop, skeleton
+from jaxllm.train import run_dir as run_dir_lib
 from jaxllm.train.loop import TrainingDiverged
 from jaxllm.train.metrics_log import plot_expert_load, plot_losses
 from jaxllm.train.optim import optimizer, schedule
-from jaxllm.train.run_dir import lock
+from jaxllm.train.run_dir import Changes, lock
 from jaxllm.train.train_step import TrainState, make_eval_step, make_loss_fn, make_train_step
 
 __all__ = ["Setup", "TrainState", "TrainingDiverged", "build", "global_batch", "prepare_run", "train"]
@@ -162,9 +163,20 @@ def document_eod(cfg: Config, data: TrainData) -> int | None:
     return data.eod_id
 
 
-def prepare_run(cfg: Config, devices: list | None = None) -> tuple[TrainData, Config, jax.sharding.Mesh]:
+def check_resume(cfg: Config) -> Changes:
+    """Refuses to resume a run directory whose newest readable checkpoint is another model, or one of
+    another trajectory unless ``run.allow_changes`` (:func:`jaxllm.train.run_dir.check_resume`)."""
+    run_dir = Path(cfg.run.dir)
+    meta = ckpt.newest_meta(run_dir, cfg.checkpoint.keep) or {}
+    if meta:
+        ckpt.check_same_model(meta.get("model", {}), cfg.model, (run_dir / "checkpoints").absolute())
+    return run_dir_lib.resume_changes(run_dir, cfg, meta.get("config"), run_dir / "config.yaml")
+
+
+def prepare_run(cfg: Config, devices: list | None = None) -> tuple[TrainData, Config, jax.sharding.Mesh, Changes]:
     """All checks that can refuse the run, done before anything is written to ``run.dir``: the
-    data, ``cfg`` with its model resolved (every size that was 0 = automatic filled in) and the mesh.
+    data, ``cfg`` with its model resolved (every size that was 0 = automatic filled in), the mesh,
+    and what resuming changes (:func:`check_resume`).
 
     ``devices``: the devices of the mesh (default: all visible ones)."""
     validate(cfg)
@@ -178,14 +190,7 @@ def prepare_run(cfg: Config, devices: list | None = None) -> tuple[TrainData, Co
     pipeline.check(cfg.model, cfg.pipeline, mesh, cfg.train.batch_size)
     if cfg.distill.teacher:
         distill.check_teacher(cfg.distill.teacher, cfg.model, data.tokenizer, cfg.train.seq_len, mesh.shape["pipe"])
-    ckpt_dir = Path(cfg.run.dir) / "checkpoints"
-    if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
-        checker = ckpt.Checkpointer(Path(cfg.run.dir), cfg.checkpoint.keep)
-        try:
-            checker.check_model(cfg.model)
-        finally:
-            checker.close()
-    return data, cfg, mesh
+    return data, cfg, mesh, check_resume(cfg)
 
 
 # --------------------------------------------------------------------------- the run's parts
@@ -277,11 +282,11 @@ def banner(cfg: Config, setup: Setup, data: TrainData, start: int, restored: boo
 
 def train(cfg: Config, devices: list | None = None) -> dict:
     """Runs (or resumes) ``cfg`` on ``devices`` (default: all) and returns a summary."""
-    data, cfg, mesh = prepare_run(cfg, devices)
+    data, cfg, mesh, changes = prepare_run(cfg, devices)
     setup = build(cfg, mesh, document_eod(cfg, data))  # may still refuse the run (mesh.rules), so before any write
     run_dir = Path(cfg.run.dir)
     with lock(run_dir, "another training run"):
-        return _train(cfg, setup, data, run_dir)
+        return _train(cfg, setup, data, run_dir, changes)
 
 
 def data_stats(data: TrainData, cfg: Config, batches: Prefetcher, step: int) -> dict:
@@ -291,16 +296,16 @@ def data_stats(data: TrainData, cfg: Config, batches: Prefetcher, step: int) -> 
     return {"epochs": epochs, "data_wait_s": batches.wait_s}
 
 
-def _train(cfg: Config, setup: Setup, data: TrainData, run_dir: Path) -> dict:
+def _train(cfg: Config, setup: Setup, data: TrainData, run_dir: Path, changes: Changes) -> dict:
     is_main = jax.process_index() == 0
     restore = functools.partial(skeleton.restore_or_init, compiled=setup, model_cfg=cfg.model)
     make_batch = functools.partial(batch_at, data, cfg, setup.batch_sharding)
     with (
         Prefetcher(make_batch, depth=cfg.data.prefetch, stop=cfg.train.steps) as batches,
-        skeleton.resumed(run_dir, cfg, restore, is_main) as run,
+        skeleton.resumed(run_dir, cfg, restore, is_main, changes.keys) as run,
     ):
         if is_main:
-            save_config(cfg, run_dir / "config.yaml")
+            save_config(cfg, run_dir / "config.yaml", changes.recorded(run.start, run.restored))
             data.tokenizer.save(run_dir)
             banner(cfg, setup, data, run.start, run.restored)
         save = functools.partial(save_state, to_dict(cfg.model), to_dict(cfg))
