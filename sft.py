@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         defaults = load_config(None, cls=SFTConfig, default=str(DEFAULT_CONFIG))  # what a bare `python sft.py` runs
         print(
-            f"{USAGE}\n\nConfig keys (value without a CONFIG: {DEFAULT_CONFIG.name}'s, meaning):\n{help_text(SFTConfig, defaults)}"
+            f"{USAGE}\n\nConfig keys (value without a CONFIG: {DEFAULT_CONFIG.name}'s, meaning):\n"
+            f"{help_text(SFTConfig, defaults)}"
         )
         return 0
     path, overrides = (argv[0], argv[1:]) if argv and "=" not in argv[0] else (None, argv)
@@ -37,7 +38,8 @@ def main(argv: list[str]) -> int:
         return 128 + s["signal"]  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
     print(
         f"done: {cfg.sft.method}, held-out exact match {s['before']['overall']:.1%} -> {s['after']['overall']:.1%}, "
-        f"{s['trainable']:,} trainable parameters ({s['trainable'] / s['total']:.2%}), {s['seconds']:.0f} s, run in {cfg.run.dir}"
+        f"{s['trainable']:,} trainable parameters ({s['trainable'] / s['total']:.2%}), "
+        f"{s['seconds']:.0f} s, run in {cfg.run.dir}"
     )
     return 0
 

@@ -63,7 +63,8 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         defaults = load_config(None, default=str(DEFAULT_CONFIG))  # what a bare `python train.py` runs
         print(
-            f"{USAGE}\n\nConfig keys (value without a CONFIG: {DEFAULT_CONFIG.name}'s, meaning):\n{help_text(values=defaults)}"
+            f"{USAGE}\n\nConfig keys (value without a CONFIG: {DEFAULT_CONFIG.name}'s, meaning):\n"
+            f"{help_text(values=defaults)}"
         )
         return 0
     argv, plan_args = plan_flags(argv)

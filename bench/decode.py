@@ -109,7 +109,8 @@ def main() -> None:
     rows = [measure(n, b, args.repeats, args.uncached_steps, args.context) for n in args.new for b in args.batch]
     print(f"gpt2 4x128 (configs/tiny.yaml), {PROMPT}-token prompts, greedy, {jax.devices()[0].device_kind}")
     print(
-        f"{'new tokens':>10}{'batch':>7}{'context':>9}{'slots':>7}{'cached tok/s':>14}{'no-cache tok/s':>16}{'speed-up':>10}"
+        f"{'new tokens':>10}{'batch':>7}{'context':>9}{'slots':>7}"
+        f"{'cached tok/s':>14}{'no-cache tok/s':>16}{'speed-up':>10}"
     )
     for r in rows:
         print(

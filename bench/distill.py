@@ -68,7 +68,8 @@ def main() -> None:
             ],
         )
     print(
-        f"student gpt2 2x64 on the default data, {args.steps} steps; teacher {args.teacher} (eval loss {teacher_loss:.4f})"
+        f"student gpt2 2x64 on the default data, {args.steps} steps; "
+        f"teacher {args.teacher} (eval loss {teacher_loss:.4f})"
     )
     print(f"{'student':<34}{'eval loss':>10}{'seconds':>9}")
     print(f"{'without teacher':<34}{plain:>10.4f}{plain_s:>9.0f}")

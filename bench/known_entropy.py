@@ -42,7 +42,8 @@ def main() -> int:
     rate = a3["true_entropy_rate"]
     gap = (E - rate) / rate
     print(
-        f"approach 3: E = {E:.4f} [{low:.4f}, {high:.4f}]; true entropy rate = {rate:.4f}; (E - rate) / rate = {100 * gap:+.2f}%"
+        f"approach 3: E = {E:.4f} [{low:.4f}, {high:.4f}]; true entropy rate = {rate:.4f}; "
+        f"(E - rate) / rate = {100 * gap:+.2f}%"
     )
     print(
         json.dumps(

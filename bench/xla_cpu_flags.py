@@ -126,7 +126,8 @@ def table(best: dict, base: dict) -> str:
         )
         cpu_ratio = res["cpu_ms"] / base["cpu_ms"]
         rows.append(
-            f"{name:>18} {devices:>7} {res['step_ms']:8.2f} {ratio:6.3f} {res['cpu_ms']:7.1f} {cpu_ratio:6.3f} {res['first_s']:8.1f}  "
+            f"{name:>18} {devices:>7} {res['step_ms']:8.2f} {ratio:6.3f} "
+            f"{res['cpu_ms']:7.1f} {cpu_ratio:6.3f} {res['first_s']:8.1f}  "
             f"{res['flags'] or '(none)'}{loss_note}"
         )
     return "\n".join(rows)

@@ -40,7 +40,14 @@ from jaxllm.train import trainer
 ds = open_dataset(dataset)
 reads = []
 windows = ds.windows
-ds.windows = lambda split, starts, length: (reads.append(np.asarray(starts).tolist()), windows(split, starts, length))[1]
+
+
+def recorded_windows(split, starts, length):
+    reads.append(np.asarray(starts).tolist())
+    return windows(split, starts, length)
+
+
+ds.windows = recorded_windows
 data = TrainData([Source(dataset, ds)], int(seq), int(seed))
 result = {}
 for name, mesh_keys in json.loads(meshes).items():

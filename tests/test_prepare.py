@@ -1,4 +1,5 @@
-"""Preparing a corpus into shards: exact tokens, the same bytes whatever the workers or tasks, every source kind, URLs."""
+"""Preparing a corpus into shards: exact tokens, the same bytes whatever the workers or tasks, every
+source kind, URLs."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The training options the shipped configs turn on, each against its definition: dropout, remat,
 bfloat16 compute, the learning-rate schedules, the weight-decay mask; and the data the runs read:
-disjoint task splits, Hugging Face configs that jaxllm cannot express. Tiny in-process models (d_model 32, 2 layers, 16 positions)."""
+disjoint task splits, Hugging Face configs that jaxllm cannot express. Tiny in-process models
+(d_model 32, 2 layers, 16 positions)."""
 
 from __future__ import annotations
 

@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         "sources",
         nargs="+",
         metavar="SOURCE",
-        help="text files, folders, globs, .jsonl(.gz/.zst), .parquet, a datasets save_to_disk folder, hf:NAME[:CONFIG][/SPLIT], stdlib, synthetic:...",
+        help="text files, folders, globs, .jsonl(.gz/.zst), .parquet, a datasets save_to_disk folder, "
+        "hf:NAME[:CONFIG][/SPLIT], stdlib, synthetic:...",
     )
     parser.add_argument("--out", required=True, help="the dataset folder to write (new, empty, or this preparation's)")
     parser.add_argument(

@@ -50,7 +50,8 @@ def model_config(hf: dict, where: str) -> ModelConfig:
             raise ConfigError(f"{where}: GPT-2 activation {act!r} is not supported (jaxllm uses tanh-approximate GELU)")
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
             raise ConfigError(
-                f"{where}: GPT-2 attention variants (scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn) are not supported"
+                f"{where}: GPT-2 attention variants (scale_attn_by_inverse_layer_idx, "
+                "reorder_and_upcast_attn) are not supported"
             )
         d = hf["n_embd"]
         return ModelConfig(
@@ -101,7 +102,8 @@ def _mixtral(hf: dict, where: str) -> ModelConfig:
     weight 1 where jaxllm (Switch) weighs it by its probability: refused rather than run differently."""
     if hf.get("sliding_window") is not None:
         raise ConfigError(
-            f"{where}: Mixtral with sliding_window={hf['sliding_window']} is not supported (jaxllm attends to every earlier position)"
+            f"{where}: Mixtral with sliding_window={hf['sliding_window']} is not supported "
+            "(jaxllm attends to every earlier position)"
         )
     if hf["num_experts_per_tok"] == 1:
         raise ConfigError(

@@ -318,7 +318,8 @@ def _check_domain(law: ChinchillaLaw, path: Path) -> None:
     bad = [k for k in LAW_KEYS[1:] if getattr(law, k) <= 0] + (["E"] if law.E < 0 else [])
     if bad:
         raise DataError(
-            f"{path}: approach 3's law has {bad[0]} = {getattr(law, bad[0]):g}, outside L = E + A/N^alpha + B/D^beta's domain "
+            f"{path}: approach 3's law has {bad[0]} = {getattr(law, bad[0]):g}, "
+            "outside L = E + A/N^alpha + B/D^beta's domain "
             "(E >= 0; A, B, alpha, beta > 0); no compute-optimal size follows from it"
         )
 

@@ -7,7 +7,8 @@ the budget is C = 6 N D with that same N, so ``results.csv`` satisfies D = C / (
 leaves the output projection out, is the ``N_nonembed`` column. For byte-level models a few dozen
 wide the output projection (256 x d_model) is as large as the blocks: counted Kaplan's way, the
 smallest models would get that compute for free and every IsoFLOP profile would favour them. The
-attention term of PaLM's count (12 L D T per token, :mod:`jaxllm.model.flops`) is not in C; the ``C_palm`` column has it.
+attention term of PaLM's count (12 L D T per token, :mod:`jaxllm.model.flops`) is not in C; the
+``C_palm`` column has it.
 
 Planning. Each budget trains ``sweep.sizes`` consecutive shapes of the ladder ``sweep.shapes``,
 centred on the N where D / N = ``sweep.tokens_per_param`` (Chinchilla's ~20), so that the loss

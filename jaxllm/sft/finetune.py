@@ -230,7 +230,8 @@ def prepare(cfg: SFTConfig, devices: list | None = None) -> Prepared:
     longest = prefix + max(len(p) for p in eval_set.prompts) + cfg.sft.max_new_tokens
     if longest > model_cfg.max_seq_len:
         raise ConfigError(
-            f"the longest held-out prompt plus sft.max_new_tokens needs {longest} positions; the model has {model_cfg.max_seq_len}"
+            f"the longest held-out prompt plus sft.max_new_tokens needs {longest} positions; "
+            f"the model has {model_cfg.max_seq_len}"
         )
     rows = packed_rows(train_chats, tok, cfg.train.seq_len, prefix)
     base_shape = dataclasses.replace(model_cfg, vocab_size=m.vocab_size)  # the markers' rows are replicated

@@ -1,1 +1,2 @@
-"""Pre-training: the one loop, the train step (and its distillation variant), optimizer, checkpoints, metrics, run directories."""
+"""Pre-training: the one loop, the train step (and its distillation variant), optimizer, checkpoints,
+metrics, run directories."""
