@@ -2,11 +2,14 @@
 harness's own ``hf`` backend (transformers, torch) on the same model, its Hugging Face export.
 
     python bench/evaluate.py [--docs 64] [--gen-docs 16] [--batch-size 16] [--layers 4] [--d-model 256]
+        [--max-gen-toks 32] [--run DIR]
 
-The model is a random GPT-2 (byte tokenizer, ``--seq-len`` context) saved as a jaxllm run and exported
-with ``save_hf``; the tasks are written beside it: a multiple-choice task of ``--docs`` questions with
-4 choices each (``loglikelihood`` requests) and a generation task of ``--gen-docs`` prompts
-(``generate_until``, greedy, 32 new tokens). Each backend evaluates both tasks twice through
+The model is a random GPT-2 (byte tokenizer, ``--seq-len`` context) saved as a jaxllm run, or the
+trained run ``--run`` (e.g. ``runs/tiny`` after ``python train.py``), exported with ``save_hf``; the
+tasks are written beside it: a multiple-choice task of ``--docs`` questions with 4 choices each
+(``loglikelihood`` requests) and a generation task of ``--gen-docs`` prompts (``generate_until``,
+greedy, up to ``--max-gen-toks`` new tokens, ending at a newline: a random model rarely writes one,
+so nearly every row runs to the end; a trained one stops rows early). Each backend evaluates both tasks twice through
 ``lm_eval.simple_evaluate`` with the same batch size, in this one process: the first pass includes
 jaxllm's compilation (a few programs per task) and torch's warm-up, the second is the steady state.
 Reports requests per second (wall) and CPU seconds per pass, and whether the two backends' scores
@@ -88,8 +91,8 @@ test_split: test
 doc_to_text: "{{prompt}}"
 doc_to_target: "{{answer}}"
 generation_kwargs:
-  until: ["\\n\\n"]
-  max_gen_toks: 32
+  until: ["\\n"]
+  max_gen_toks: {max_gen_toks}
   do_sample: false
 metric_list:
   - metric: exact_match
@@ -100,7 +103,7 @@ def sentence(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def write_tasks(directory: Path, docs: int, gen_docs: int) -> None:
+def write_tasks(directory: Path, docs: int, gen_docs: int, max_gen_toks: int) -> None:
     rng = random.Random(0)
     mc = [
         {"question": sentence(rng, rng.randint(20, 40)), "choices": [" " + sentence(rng, 4) for _ in range(4)]}
@@ -110,7 +113,7 @@ def write_tasks(directory: Path, docs: int, gen_docs: int) -> None:
     directory.mkdir(parents=True)
     (directory / "bench_tasks.py").write_text(LOADER)
     (directory / "bench_mc.yaml").write_text(MC_YAML)
-    (directory / "bench_gen.yaml").write_text(GEN_YAML)
+    (directory / "bench_gen.yaml").write_text(GEN_YAML.replace("{max_gen_toks}", str(max_gen_toks)))
     (directory / "bench_mc.jsonl").write_text("".join(json.dumps({**d, "answer": 0}) + "\n" for d in mc))
     (directory / "bench_gen.jsonl").write_text("".join(json.dumps(d) + "\n" for d in gen))
 
@@ -133,12 +136,12 @@ def write_run(run_dir: Path, layers: int, d_model: int, seq_len: int) -> None:
 
 def timed_passes(lm, manager, task: str, passes: int = 2) -> tuple[list[dict], dict]:
     """``passes`` evaluations of ``task``: per pass wall s, CPU s, requests; the last results."""
-    from jaxllm.infer import harness
+    from jaxllm.evals import tasks as eval_tasks
 
     out, results = [], {}
     for _ in range(passes):
         wall, cpu = time.perf_counter(), time.process_time()
-        results = harness.evaluate(lm, [task], manager, log_samples=True, bootstrap_iters=0)
+        results = eval_tasks.evaluate(lm, [task], manager, log_samples=True, bootstrap_iters=0)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         requests = sum(len(s["resps"]) for s in results["samples"][task])
         rate = round(requests / wall, 1)
@@ -149,7 +152,9 @@ def timed_passes(lm, manager, task: str, passes: int = 2) -> tuple[list[dict], d
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--docs", type=int, default=64, help="multiple-choice questions (4 requests each)")
-    p.add_argument("--gen-docs", type=int, default=16, help="generation prompts (32 new tokens each)")
+    p.add_argument("--gen-docs", type=int, default=16, help="generation prompts")
+    p.add_argument("--max-gen-toks", type=int, default=32, help="the most new tokens per generation")
+    p.add_argument("--run", default=None, help="a trained jaxllm run to use instead of a random GPT-2")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d-model", type=int, default=256)
@@ -159,16 +164,20 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
 
     import jaxllm
+    from jaxllm.evals import lm as eval_lm
+    from jaxllm.evals import tasks as eval_tasks
     from jaxllm.infer import harness
 
     root = Path(tempfile.mkdtemp(prefix="bench_evaluate_"))
-    write_tasks(root / "tasks", args.docs, args.gen_docs)
-    write_run(root / "run", args.layers, args.d_model, args.seq_len)
-    jaxllm.load(root / "run").save_hf(root / "hf")
-    manager = harness.task_manager(TASKS, str(root / "tasks"))
+    write_tasks(root / "tasks", args.docs, args.gen_docs, args.max_gen_toks)
+    run = Path(args.run) if args.run else root / "run"
+    if not args.run:
+        write_run(run, args.layers, args.d_model, args.seq_len)
+    jaxllm.load(run).save_hf(root / "hf")
+    manager = eval_tasks.task_manager(TASKS, str(root / "tasks"))
 
-    _, backend = harness.load(str(root / "run"))
-    lms = {"jaxllm": harness.JaxllmLM(backend, args.batch_size)}
+    _, backend = harness.load(str(run))
+    lms = {"jaxllm": eval_lm.JaxllmLM(backend, args.batch_size)}
     lms["hf"] = HFLM(pretrained=str(root / "hf"), batch_size=args.batch_size, device="cpu", dtype="float32")
     runs = {(name, task): timed_passes(lm, manager, task) for task in TASKS for name, lm in lms.items()}
 
@@ -180,7 +189,7 @@ def main() -> None:
     record = {"args": vars(args)}
     for task in TASKS:
         ours, theirs = runs["jaxllm", task], runs["hf", task]
-        a, b = harness.scores(ours[1]), harness.scores(theirs[1])
+        a, b = eval_tasks.scores(ours[1]), eval_tasks.scores(theirs[1])
         same = a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(b[k])) for k in a)
         speedup = ours[0][-1]["requests_per_s"] / theirs[0][-1]["requests_per_s"]
         print(f"{task}: steady-state speed-up {speedup:.2f}x; scores equal: {same}")

@@ -41,6 +41,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {INSTALL}", file=sys.stderr)
         return 2
     from jaxllm.core.fileio import atomic_write
+    from jaxllm.evals import lm as eval_lm
+    from jaxllm.evals import tasks as eval_tasks
     from jaxllm.infer import harness
 
     tasks = [t for t in args.tasks.split(",") if t]
@@ -49,12 +51,12 @@ def main(argv: list[str]) -> int:
     out = Path(args.out) if args.out else Path(args.path) / RESULTS
     if out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a directory; give a file name")
-    manager = harness.task_manager(tasks, args.include_path)
+    manager = eval_tasks.task_manager(tasks, args.include_path)
     _, backend = harness.load(args.path)
-    lm = harness.JaxllmLM(backend, args.batch_size)
-    results = harness.evaluate(lm, tasks, manager, args.num_fewshot, args.limit)
-    print(harness.table(results))
-    atomic_write(out, harness.to_json(results))
+    lm = eval_lm.JaxllmLM(backend, args.batch_size)
+    results = eval_tasks.evaluate(lm, tasks, manager, args.num_fewshot, args.limit)
+    print(eval_tasks.table(results))
+    atomic_write(out, eval_tasks.to_json(results))
     print(f"results: {out}")
     return 0
 

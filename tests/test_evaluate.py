@@ -54,6 +54,8 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 def test_jaxllm_backend_scores_as_the_hf_backend_on_the_export(run_dir, tmp_path, capsys):
     pytest.importorskip("accelerate", reason="lm_eval's hf backend needs accelerate")
     import jaxllm
+    from jaxllm.evals import lm as eval_lm
+    from jaxllm.evals import tasks as eval_tasks
     from jaxllm.infer import harness
 
     code, out, _ = run_cli(capsys, str(run_dir), "--tasks", ",".join(TASKS), "--include-path", TASKS_DIR,
@@ -64,11 +66,11 @@ def test_jaxllm_backend_scores_as_the_hf_backend_on_the_export(run_dir, tmp_path
 
     jaxllm.load(run_dir).save_hf(tmp_path / "hf")
     hf = HFLM(pretrained=str(tmp_path / "hf"), batch_size=4, device="cpu", dtype="float32")
-    manager = harness.task_manager(TASKS, TASKS_DIR)
-    theirs = harness.evaluate(hf, TASKS, manager, log_samples=True)
-    assert harness.scores(ours) == pytest.approx(harness.scores(theirs), rel=1e-5)
+    manager = eval_tasks.task_manager(TASKS, TASKS_DIR)
+    theirs = eval_tasks.evaluate(hf, TASKS, manager, log_samples=True)
+    assert eval_tasks.scores(ours) == pytest.approx(eval_tasks.scores(theirs), rel=1e-5)
     _, backend = harness.load(str(run_dir))
-    again = harness.evaluate(harness.JaxllmLM(backend, 4), TASKS, manager, log_samples=True)
+    again = eval_tasks.evaluate(eval_lm.JaxllmLM(backend, 4), TASKS, manager, log_samples=True)
     for task in TASKS:
         mine, hfs = again["samples"][task], theirs["samples"][task]
         assert [s["doc_id"] for s in mine] == [s["doc_id"] for s in hfs]
@@ -82,10 +84,11 @@ def test_jaxllm_backend_scores_as_the_hf_backend_on_the_export(run_dir, tmp_path
 
 
 def test_a_context_longer_than_the_model_is_cut_from_the_left_and_said_once(tmp_path, capsys):
+    from jaxllm.evals import lm as eval_lm
     from jaxllm.infer import harness
 
     _, backend = harness.load(str(make_run(tmp_path, seq_len=16)))
-    lm = harness.JaxllmLM(backend, 2)
+    lm = eval_lm.JaxllmLM(backend, 2)
     long_ctx = "x" * 40
     scores = lm._loglikelihood_tokens([(None, lm.tok_encode(long_ctx), lm.tok_encode(" y"))] * 3)
     tail = lm._loglikelihood_tokens([(None, lm.tok_encode(long_ctx[-15:]), lm.tok_encode(" y"))])

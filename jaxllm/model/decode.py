@@ -14,7 +14,9 @@ S) instead of the O(params x S) of rerunning the whole sequence, which is what
 :func:`generate_tokens` (the reference, also the trainer's eval sample) does.
 
 Sampling: temperature 0 is greedy; otherwise logits / temperature, cut to the top-k and to the
-smallest top-p nucleus. A row stops at its end-of-sequence token; the loop stops when all have.
+smallest top-p nucleus. A row stops at its end-of-sequence token, or where an optional host
+function ``stop_fn(tokens_BxU, n) -> done_B`` (stop strings, which only the text shows) says so, asked
+every :data:`STOP_EVERY` steps; the loop stops when all rows have.
 The command line over a run directory is :mod:`jaxllm.infer.generate`.
 """
 
@@ -33,6 +35,8 @@ import numpy as np
 from jaxllm.core.config import EvalConfig, ModelConfig
 from jaxllm.core.errors import ConfigError, UserError
 from jaxllm.model.transformer import Transformer, compute_dtype
+
+STOP_EVERY = 4  # steps between asks of a stop_fn: a host round trip each, at most this many steps wasted
 
 
 def filter_logits(logits_BxV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -162,10 +166,11 @@ def _decode(
     eos_ids: tuple[int, ...],
     with_logits: bool,
     on_token: Callable | None,
+    stop_fn: Callable | None = None,
 ):
     """Prefill + decode loop. Returns ``(tokens_BxU, logits_BxUxV or None)``: the U = n_new tokens
-    (``eos_ids[0]`` after a row's end, which any of ``eos_ids`` marks) and, if asked, the float32
-    logits each was chosen from."""
+    (``eos_ids[0]`` after a row's end, which any of ``eos_ids`` marks, or ``stop_fn`` on the host) and,
+    if asked, the float32 logits each was chosen from."""
     B, T = prompt_BxT.shape
     rows_B = jnp.arange(B)
 
@@ -182,7 +187,12 @@ def _decode(
         tokens_BxU = tokens_BxU.at[:, i].set(tok_B)
         if with_logits:
             logits_BxUxV = logits_BxUxV.at[:, i].set(logits_BxV)
-        return tok_B, done_B | jnp.isin(tok_B, jnp.asarray(eos_ids)), tokens_BxU, logits_BxUxV
+        done_B = done_B | jnp.isin(tok_B, jnp.asarray(eos_ids))
+        if stop_fn is not None:
+            asked = partial(jax.pure_callback, stop_fn, jax.ShapeDtypeStruct((B,), jnp.bool_), tokens_BxU, i + 1)
+            not_asked = partial(jnp.zeros, (B,), jnp.bool_)
+            done_B = done_B | jax.lax.cond(((i + 1) % STOP_EVERY == 0) & ~jnp.all(done_B), asked, not_asked)
+        return tok_B, done_B, tokens_BxU, logits_BxUxV
 
     positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
     logits_BxTxV, cache = forward(init_cache(model.cfg, B, cache_slots(model.cfg, T, n_new)), prompt_BxT, positions_BxT)
@@ -219,7 +229,7 @@ class Decoder:
         self.cfg = dataclasses.replace(cfg, remat="none")
         self._run = jax.jit(
             partial(_decode, Transformer(self.cfg, deterministic=True)),
-            static_argnames=("n_new", "temperature", "top_k", "top_p", "eos_ids", "with_logits", "on_token"),
+            static_argnames=("n_new", "temperature", "top_k", "top_p", "eos_ids", "with_logits", "on_token", "stop_fn"),
         )
 
     def run(
@@ -234,11 +244,14 @@ class Decoder:
         seed: int = 0,
         with_logits: bool = False,
         on_token: Callable[[Any, Any], None] | None = None,
+        stop_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """The raw ``(tokens_BxU, logits_BxUxV or None)`` of :func:`_decode` for a batch of prompts.
 
         A row ends at the first of ``eos_ids`` it chooses; none never stops early. ``on_token(i, tokens_B)`` is called from inside the loop
-        as each step's tokens are chosen (for streaming)."""
+        as each step's tokens are chosen (for streaming). ``stop_fn(tokens_BxU, n)`` -> bool ``[B]``, the
+        rows to end after their first n tokens, is asked on the host every :data:`STOP_EVERY` steps
+        (hashable and stable, like ``on_token``: it is part of the compiled program's key)."""
         lengths = [len(p) for p in prompts]
         check_request(lengths, max_new_tokens, self.cfg.max_seq_len)
         check_sampling(temperature, top_k, top_p)
@@ -261,12 +274,14 @@ class Decoder:
             eos_ids=tuple(int(i) for i in eos_ids) or (-1,),  # -1: never chosen
             with_logits=with_logits,
             on_token=on_token,
+            stop_fn=stop_fn,
         )
 
     def __call__(self, params: Any, prompts: list[list[int]], max_new_tokens: int, **sampling) -> list[list[int]]:
-        """The new tokens of each prompt, cut before its first end-of-sequence token (``eos_ids``)."""
+        """The new tokens of each prompt, cut before its first end-of-sequence token (``eos_ids``; -1, the
+        fill after a row that ``stop_fn`` ended, when there are none)."""
         tokens_BxU, _ = self.run(params, prompts, max_new_tokens, **sampling)
-        ends = set(sampling.get("eos_ids", ()))
+        ends = set(sampling.get("eos_ids", ())) or {-1}
         rows = np.asarray(tokens_BxU).tolist()
         return [row[: next((i for i, t in enumerate(row) if t in ends), len(row))] for row in rows]
 

@@ -1,0 +1,80 @@
+"""lm-evaluation-harness tasks: which exist (the registry, local task files), running them on an ``LM``
+(``lm_eval.simple_evaluate``), and their scores, table and results JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jaxllm.core.errors import ConfigError, DataError
+
+
+def task_manager(tasks: list[str], include_path: str | None):
+    """The harness's ``TaskManager`` that knows every one of ``tasks``: the local task files of
+    ``include_path`` alone when they define them all (no scan of the built-in registry), else with
+    the registry (HellaSwag, ARC, ...). A task file that does not parse, or a task neither knows,
+    is a one-line DataError."""
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    if include_path is not None:
+        root = Path(include_path)
+        if not root.is_dir():
+            raise DataError(f"--include-path {include_path!r} is not a directory of task files")
+        for path in sorted([*root.rglob("*.yaml"), *root.rglob("*.yml")]):
+            try:
+                load_yaml(path, resolve_func=False)
+            except Exception as e:  # noqa: BLE001  (yaml and lm_eval raise many kinds)
+                raise DataError(f"task file {path} does not parse: {' '.join(str(e).split())[:200]}") from None
+        local = TaskManager(include_path=str(root), include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise DataError(
+            f"unknown task {', '.join(unknown)}: not in the harness's registry"
+            + (f" nor in {include_path}" if include_path else " (local task files: --include-path DIR)")
+        )
+    return manager
+
+
+def evaluate(lm, tasks: list[str], manager, num_fewshot: int | None = None, limit: int | None = None,
+             log_samples: bool = False, bootstrap_iters: int = 100000) -> dict:  # fmt: skip
+    """``lm_eval.simple_evaluate`` of ``tasks`` on ``lm``: the harness's results document."""
+    import lm_eval
+
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"--limit must be a positive number of examples per task, got {limit}")
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        log_samples=log_samples,
+        bootstrap_iters=bootstrap_iters,
+    )
+
+
+def scores(results: dict) -> dict[str, float]:
+    """``{"task/metric": value}`` of a results document: every number but the standard errors."""
+    flat = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            name = key.split(",")[0]  # "acc,none" -> "acc": the filter is the task's only one here
+            if "stderr" not in name and isinstance(value, (int, float)) and not isinstance(value, bool):
+                flat[f"{task}/{name}"] = float(value)
+    return flat
+
+
+def table(results: dict) -> str:
+    from lm_eval.utils import make_table
+
+    return make_table(results)
+
+
+def to_json(results: dict) -> str:
+    from lm_eval.utils import handle_non_serializable
+
+    return json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
