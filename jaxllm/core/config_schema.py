@@ -189,6 +189,15 @@ class EvalConfig:
     sample_prompt: str = option("", "prompt of the sample; '' = the start of the validation text")
     temperature: float = option(0.8, "sampling temperature of the sample", NON_NEGATIVE)
     top_k: int = option(0, "sample only from the k most likely tokens; 0 = all", NON_NEGATIVE)
+    tasks: str = option(
+        "",
+        "lm-evaluation-harness tasks scored at each evaluation, comma-separated (the harness's registry, "
+        "or eval.tasks_include_path's files); '' = none. Needs the eval extra: pip install -e \".[eval]\"",
+    )
+    tasks_include_path: str = option("", "a directory of local task YAML files for eval.tasks; '' = none")
+    tasks_limit: int = option(0, "examples per task at each evaluation; 0 = all", NON_NEGATIVE)
+    tasks_num_fewshot: int = option(-1, "examples in each task's prompt; -1 = the task's own")
+    tasks_batch_size: int = option(8, "requests per forward pass of the task evaluation", POSITIVE)
 
 
 @dataclass

@@ -48,6 +48,7 @@ from jaxllm.core.fileio import write_json
 from jaxllm.core.runtime import init_compile_cache, init_cpu_devices
 from jaxllm.data import chat, tasks
 from jaxllm.data.tokenizer import Tokenizer
+from jaxllm.evals import during_training
 from jaxllm.infer import api
 from jaxllm.model import decode as gen
 from jaxllm.model.transformer import Transformer
@@ -202,6 +203,7 @@ def prepare(cfg: SFTConfig, devices: list | None = None) -> Prepared:
     """Loads the base model (a Hugging Face one straight into its shardings on the run's mesh) and the
     data, and adds the method's parameters; raises on any bad input."""
     validate_sft(cfg)
+    during_training.check(cfg.eval)
     init_compile_cache(cfg.run.compile_cache)  # before the base model compiles or touches a device
     init_cpu_devices(cfg.dist.cpu_devices)
     mesh, rule_table = sharding.make_mesh(cfg.mesh, devices), sharding.rules(cfg.mesh)
@@ -374,7 +376,9 @@ def _finetune(cfg: SFTConfig, p: Prepared, job: Job, run_dir: Path, changes: Cha
         before = evaluate(jax.device_put(p.params, p.shardings))
         batches = functools.partial(batch_at, p.rows, batch_order(len(p.rows), cfg.train), job.batch_sharding)
         save = functools.partial(save_state, job.lora_scale, to_dict(p.model_cfg), to_dict(cfg))
-        out = skeleton.run_loop(run, cfg, job, p.model_cfg, batches, save)
+        merge = functools.partial(peft.model_params, lora_scale=p.lora_scale)
+        tasks_eval = during_training.make(cfg.eval, p.model_cfg, p.tokenizer, job.mesh, job.rules, merge)
+        out = skeleton.run_loop(run, cfg, job, p.model_cfg, batches, save, during_training.loop_evaluate(tasks_eval))
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     trainable, total = peft.count(p.params, p.mask)
     summary = {"before": before, "trainable": trainable, "total": total, "loss": out.loss, "step": out.step}

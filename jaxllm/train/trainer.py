@@ -33,6 +33,7 @@ from jaxllm.data import corpus as data_lib
 from jaxllm.data import synthetic
 from jaxllm.data.batches import TrainData
 from jaxllm.data.prefetch import Prefetcher
+from jaxllm.evals import during_training
 from jaxllm.model import decode, flops
 from jaxllm.model.transformer import Transformer
 from jaxllm.parallel import pipeline, sharding
@@ -184,6 +185,7 @@ def prepare_run(cfg: Config, devices: list | None = None) -> tuple[TrainData, Co
     data = _prepare_data(cfg)
     document_eod(cfg, data)
     decode.check_sample_prompt(data.tokenizer, cfg.eval)
+    during_training.check(cfg.eval)
     cfg = resolve(cfg, data.tokenizer.vocab_size)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_divisible(cfg.model, mesh, cfg.train.batch_size, jax.process_count())
@@ -213,12 +215,14 @@ def batch_at(data: TrainData, cfg: Config, batch_sharding: Any, step: int) -> ja
 
 @dataclass(frozen=True)
 class Evaluator:
-    """Validation loss over ``eval.batches`` evenly spaced windows, and a sample of the model's text."""
+    """Validation loss over ``eval.batches`` evenly spaced windows, a sample of the model's text and the
+    scores of ``eval.tasks`` (:mod:`jaxllm.evals.during_training`)."""
 
     cfg: Config
     setup: Setup
     data: TrainData
     apply_fn: Callable  # one function for the whole run: the sampler's compiled program is cached by it
+    tasks: Callable[[Any], dict] | None = None  # params -> {"lm_eval/<task>/<metric>": score}
 
     def loss(self, params) -> float:
         t, n = self.cfg.train, self.cfg.eval.batches
@@ -250,7 +254,9 @@ class Evaluator:
         shown = f"step {step}: eval loss {eval_loss:.4f}, perplexity {ppl:.2f}"
         if text:
             shown += f"\n--- sample ---\n{text}\n--------------"
-        return {"eval_loss": eval_loss, "eval_ppl": ppl, "sample": text}, shown
+        scores = self.tasks(state.params) if self.tasks is not None else {}
+        shown += "".join(f"\n{k}: {v:.4f}" for k, v in scores.items())
+        return {"eval_loss": eval_loss, "eval_ppl": ppl, "sample": text, **scores}, shown
 
 
 def save_state(model: dict, config: dict, checkpointer: ckpt.Checkpointer, step: int, state: TrainState) -> None:
@@ -309,7 +315,8 @@ def _train(cfg: Config, setup: Setup, data: TrainData, run_dir: Path, changes: C
             data.tokenizer.save(run_dir)
             banner(cfg, setup, data, run.start, run.restored)
         save = functools.partial(save_state, to_dict(cfg.model), to_dict(cfg))
-        evaluate = Evaluator(cfg, setup, data, _apply_fn(setup.model.clone(deterministic=True)))
+        tasks = during_training.make(cfg.eval, setup.model_cfg, data.tokenizer, setup.mesh, setup.rules)
+        evaluate = Evaluator(cfg, setup, data, _apply_fn(setup.model.clone(deterministic=True)), tasks)
         stats = functools.partial(data_stats, data, cfg, batches)
         out = skeleton.run_loop(run, cfg, setup, cfg.model, batches.get, save, evaluate, is_main, stats)
     if is_main and (run_dir / "metrics.jsonl").exists():
