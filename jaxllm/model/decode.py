@@ -152,6 +152,16 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int | None = None) -> dict:
     return {"blocks": attn if k == 1 else {f"block{i}": attn for i in range(k)}}
 
 
+def host_stop(stop_fn: Callable | None, tokens_BxU: jax.Array, n: int, done_B: jax.Array) -> jax.Array:
+    """Rows ``stop_fn(tokens_BxU, n)`` ends on the host (``[B]`` bool), asked after every
+    :data:`STOP_EVERY`-th of the ``n`` tokens so far while some row runs; all False without a ``stop_fn``."""
+    B = done_B.shape[0]
+    if stop_fn is None:
+        return jnp.zeros((B,), jnp.bool_)
+    asked = partial(jax.pure_callback, stop_fn, jax.ShapeDtypeStruct((B,), jnp.bool_), tokens_BxU, n)
+    return jax.lax.cond((n % STOP_EVERY == 0) & ~jnp.all(done_B), asked, partial(jnp.zeros, (B,), jnp.bool_))
+
+
 def _decode(
     model: Transformer,
     params: Any,
@@ -172,7 +182,6 @@ def _decode(
     (``eos_ids[0]`` after a row's end, which any of ``eos_ids`` marks, or ``stop_fn`` on the host) and,
     if asked, the float32 logits each was chosen from."""
     B, T = prompt_BxT.shape
-    rows_B = jnp.arange(B)
 
     def forward(cache, tokens_BxT, positions_BxT):
         logits_BxTxV, updated = model.apply(
@@ -188,15 +197,11 @@ def _decode(
         if with_logits:
             logits_BxUxV = logits_BxUxV.at[:, i].set(logits_BxV)
         done_B = done_B | jnp.isin(tok_B, jnp.asarray(eos_ids))
-        if stop_fn is not None:
-            asked = partial(jax.pure_callback, stop_fn, jax.ShapeDtypeStruct((B,), jnp.bool_), tokens_BxU, i + 1)
-            not_asked = partial(jnp.zeros, (B,), jnp.bool_)
-            done_B = done_B | jax.lax.cond(((i + 1) % STOP_EVERY == 0) & ~jnp.all(done_B), asked, not_asked)
         return tok_B, done_B, tokens_BxU, logits_BxUxV
 
     positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
     logits_BxTxV, cache = forward(init_cache(model.cfg, B, cache_slots(model.cfg, T, n_new)), prompt_BxT, positions_BxT)
-    last_BxV = logits_BxTxV[rows_B, lengths_B - 1]
+    last_BxV = logits_BxTxV[jnp.arange(B), lengths_B - 1]
     tokens_BxU = jnp.full((B, n_new), eos_ids[0], jnp.int32)
     logits_BxUxV = jnp.zeros((B, n_new, last_BxV.shape[-1]), jnp.float32) if with_logits else None
     rng, sub = jax.random.split(rng)
@@ -211,6 +216,7 @@ def _decode(
         logits_Bx1xV, cache = forward(cache, tok_B[:, None], (lengths_B + i - 1)[:, None])
         rng, sub = jax.random.split(rng)
         tok_B, done_B, tokens_BxU, logits_BxUxV = choose(i, logits_Bx1xV[:, 0], sub, done_B, tokens_BxU, logits_BxUxV)
+        done_B = done_B | host_stop(stop_fn, tokens_BxU, i + 1, done_B)
         return i + 1, tok_B, done_B, cache, rng, tokens_BxU, logits_BxUxV
 
     carry = (jnp.int32(1), tok_B, done_B, cache, rng, tokens_BxU, logits_BxUxV)
