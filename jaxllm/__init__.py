@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from jaxllm.core import environment
+
+environment.skip_absent_tpu()  # before anything imports JAX: its start-up reads JAX_PLATFORMS
+
 __all__ = ["LoadedModel", "load"]
 
 

@@ -3,7 +3,15 @@ package's top like the scripts; the command itself is :mod:`jaxllm.infer.generat
 
 import sys
 
-from jaxllm.infer.generate import main
+from jaxllm.core.errors import exit_on_user_error
+
+
+@exit_on_user_error
+def main(argv: list[str]) -> int:
+    from jaxllm.infer import generate  # imports JAX: once the environment is known to be usable
+
+    return generate.main(argv)
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

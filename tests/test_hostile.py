@@ -136,6 +136,18 @@ CASES = [
         lambda w: w.train(f"run.dir={w.file('f', b'x') / 'run'}"),
         "a file, not a folder",
     ),
+    Case(
+        "compile_cache_is_a_file",
+        "train",
+        lambda w: w.train(w.key("run.compile_cache", "cc", b"x")),
+        "run.compile_cache=",
+    ),
+    Case(
+        "plan_dropless_moe_pipelined_on_tpu",
+        "train",
+        lambda w: [*w.train("model.moe.n_experts=4", "model.moe.top_k=2", "mesh.pipe=2"), "--plan", "v5p-8"],
+        "dropless MoE layers (model.moe.capacity_factor=0) under mesh.pipe=2 do not compile for TPU",
+    ),
     # ---- sft.py
     Case("sft_log_every_zero", "sft", lambda w: w.sft("log.every=0"), "log.every must be positive"),
     Case("sft_lr_nan", "sft", lambda w: w.sft("optim.lr=nan"), "optim.lr must be a finite number"),

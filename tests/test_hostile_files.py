@@ -35,6 +35,11 @@ def base(tmp_path_factory):
     return make_base(tmp_path_factory.mktemp("hostile_base"))
 
 
+def vocab_size_zero(run) -> None:
+    config = run / "config.yaml"
+    config.write_text(re.sub(r"(?m)^  vocab_size: \d+$", "  vocab_size: 0", config.read_text()))
+
+
 CASES = [
     # ---- jaxllm.load and python -m jaxllm.generate
     Case("load_every_checkpoint_corrupt", "load", lambda w: [w.damaged_run(all_garbled)], "has no readable checkpoint"),
@@ -61,6 +66,12 @@ CASES = [
             w.damaged_run(write("config.yaml", b"model: {d_model: 64, vocab_size: 256}\ntrain: {seq_len: 16}\n"))
         ],
         "the weights and the config disagree",
+    ),
+    Case(
+        "load_config_vocab_size_zero",
+        "load",
+        lambda w: [w.damaged_run(vocab_size_zero)],
+        "gives model.vocab_size=0, but a saved run records the size it was trained with",
     ),
     Case(
         "load_tokenizer_garbage",

@@ -7,6 +7,8 @@ import functools
 import sys
 from collections.abc import Callable
 
+from jaxllm.core import environment
+
 
 class UserError(Exception):
     """Bad input from the user: the message names the problem and the fix, on one line."""
@@ -29,11 +31,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int]:
-    """Wraps a script's ``main``: a :class:`UserError` prints ``error: ...`` on stderr, exit 2."""
+    """Wraps a script's ``main``: a :class:`UserError` prints ``error: ...`` on stderr, exit 2. The
+    environment JAX will read is checked first (:func:`jaxllm.core.environment.problem`), so a bad
+    one is such a line too, not JAX's traceback or hang."""
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs) -> int:
         try:
+            if problem := environment.problem():
+                raise UserError(problem)
             return main(*args, **kwargs) or 0
         except UserError as e:
             msg = " ".join(str(e).split())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 
+from jaxllm.core import environment, fileio
 from jaxllm.core.config import Config
 from jaxllm.core.errors import ConfigError
 
@@ -18,6 +19,8 @@ def init_compile_cache(directory: str) -> Path | None:
 
     ``JAX_COMPILATION_CACHE_DIR`` (or an earlier ``jax_compilation_cache_dir``), when set, wins. Must run
     before the first compilation: JAX opens its cache once, at the first compile."""
+    if directory:  # a file there: JAX would warn at every compile and cache nothing
+        fileio.check_folder_path(Path(directory).expanduser(), "run.compile_cache")
     if jax.config.jax_compilation_cache_dir:
         return Path(jax.config.jax_compilation_cache_dir)
     if not directory:
@@ -45,9 +48,12 @@ def init_cpu_devices(count: int) -> None:
     """Splits the host CPU into ``count`` JAX devices (``dist.cpu_devices``; 0 = leave JAX's default).
 
     ``JAX_NUM_CPU_DEVICES`` in the environment, when set, wins (it is how tests fake 8 devices).
-    Must run before anything touches the devices; afterwards, only an equal count is accepted."""
+    Must run before anything touches the devices; afterwards, only an equal count is accepted. A count
+    above :data:`jaxllm.core.environment.MAX_CPU_DEVICES` is refused before JAX starts any."""
     if count <= 0 or os.environ.get("JAX_NUM_CPU_DEVICES"):
         return
+    if problem := environment.cpu_devices_problem(count, "dist.cpu_devices"):
+        raise ConfigError(problem)
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:  # JAX has started: fine if it already has that many CPU devices

@@ -216,6 +216,11 @@ def _check_params(cfg: Config, params: Any, where: Path) -> None:
 
 def _run_config(run_dir: Path) -> Config:
     cfg = from_dict(read_yaml(run_dir / "config.yaml", "run config"))
+    if cfg.model.vocab_size <= 0:  # training writes the size it resolved from its tokenizer
+        raise ConfigError(
+            f"{str(run_dir / 'config.yaml')!r} gives model.vocab_size={cfg.model.vocab_size}, but a saved run "
+            "records the size it was trained with; restore that value (the embedding's rows)"
+        )
     cfg.model = resolve_model(cfg.model, 0, cfg.train.seq_len)  # training saves it resolved; a hand edit may not
     validate_model(cfg.model)
     return cfg

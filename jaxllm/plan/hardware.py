@@ -17,6 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from jaxllm.core import environment
 from jaxllm.core.errors import ConfigError
 
 GB, GiB = 1e9, 2**30
@@ -138,6 +139,8 @@ def parse_target(name: str) -> Target:
         n = int(m.group(1) or 0)
         if m.group(1) and n < 1:
             raise ConfigError(f"{name}: the CPU device count must be positive")
+        if too_many := environment.cpu_devices_problem(n, "--plan cpu:N with N"):
+            raise ConfigError(too_many)
         return Target(name, "cpu", cpu_kind(max(n, 1)), n)
     if m := re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", text):
         gen, size = ("v5e" if m.group(1) == "v5litepod" else m.group(1)), int(m.group(2))

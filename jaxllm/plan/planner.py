@@ -316,13 +316,32 @@ def cpu_target(target: Target) -> Target:
     return dataclasses.replace(target, kind=hardware.cpu_kind(n), devices=n)
 
 
+def uncompilable(cfg: Config, target: Target, sizes: dict[str, int]) -> str:
+    """Why the step of ``cfg`` on the mesh ``sizes`` cannot compile for ``target`` ('' when it can):
+    libtpu's grouped matmul (``ragged_dot``, the dropless MoE layers') takes no batch dimension, and
+    the pipeline's loop over its stages adds one."""
+    e = cfg.model.moe
+    if target.platform == "tpu" and e.n_experts and not e.capacity_factor and sizes["pipe"] > 1:
+        return (
+            f"{target.name}: dropless MoE layers (model.moe.capacity_factor=0) under mesh.pipe={sizes['pipe']} "
+            "do not compile for TPU (libtpu's grouped matmul takes no batch dimension, which the pipeline "
+            "adds); give model.moe.capacity_factor (e.g. 1.25) or use mesh.pipe=1"
+        )
+    return ""
+
+
 def run(cfg: Config, target: Target, do_search: bool) -> dict:
     """The plan (or search) for ``target``; ConfigError for a bad target, mesh or size."""
     cfg = resolved(cfg)
     if target.platform == "cpu":
         target = cpu_target(target)
-    # a bad mesh, or none that divides, fails before libtpu is started
-    found = candidates(cfg, target.devices) if do_search else check_mesh(cfg, target.devices)
+    # a bad mesh, or none that divides, or one that cannot compile, fails before libtpu is started
+    if do_search:
+        found = [(c, s) for c, s in candidates(cfg, target.devices) if not uncompilable(c, target, s)]
+    else:
+        found = check_mesh(cfg, target.devices)
+        if why := uncompilable(cfg, target, found):
+            raise ConfigError(why)
     devices = local_devices(target)
     return search(cfg, found, target, devices) if do_search else plan(cfg, target, devices)
 
