@@ -79,7 +79,8 @@ class ModelConfig:
     d_ff: int = option(0, "MLP hidden width; 0 = 4*d_model (gpt2) or 8/3*d_model rounded to 64 (llama)", NON_NEGATIVE)
     vocab_size: int = option(
         0,
-        "embedding rows; 0 = the tokenizer's size rounded up to a multiple of 64; larger pads (e.g. to divide by mesh.tensor)",
+        "embedding rows; 0 = the tokenizer's size rounded up to a multiple of 64; "
+        "larger pads (e.g. to divide by mesh.tensor)",
         NON_NEGATIVE,
     )
     max_seq_len: int = option(

@@ -136,11 +136,12 @@ class LoadedModel:
         )
 
     def save_hf(self, out_dir: str | Path, max_shard_bytes: int = hf.MAX_SHARD_BYTES) -> None:
-        """A Hugging Face directory that ``transformers`` loads (``GPT2LMHeadModel`` / ``LlamaForCausalLM`` / ``MixtralForCausalLM``),
-        with this model's tokenizer (if it has one) in Hugging Face's format, its roles and chat
-        template (:mod:`jaxllm.hf.tokenizer_export`), and a ``generation_config.json`` naming
-        :attr:`eos_ids`, so that ``transformers``' ``generate`` stops where this model does; weights
-        over ``max_shard_bytes`` go in several files and an index."""
+        """A Hugging Face directory that ``transformers`` loads (``GPT2LMHeadModel`` /
+        ``LlamaForCausalLM`` / ``MixtralForCausalLM``), with this model's tokenizer (if it has one)
+        in Hugging Face's format, its roles and chat template (:mod:`jaxllm.hf.tokenizer_export`),
+        and a ``generation_config.json`` naming :attr:`eos_ids`, so that ``transformers``'
+        ``generate`` stops where this model does; weights over ``max_shard_bytes`` go in several
+        files and an index."""
         if self.config.model.prompt_tokens:
             raise ConfigError(
                 "a prompt-tuned model has no Hugging Face form (its learned prompt is not a weight "
@@ -176,7 +177,8 @@ def load(path: str | Path, quantize: str | None = None, group_size: int = 64, sh
         cfg, tokenizer_optional, eos = Config(model=model_cfg), True, hf.declared_eos(run_dir)
     else:
         raise ConfigError(
-            f"{str(run_dir)!r} is neither a jaxllm run directory (config.yaml) nor a Hugging Face model directory (config.json)"
+            f"{str(run_dir)!r} is neither a jaxllm run directory (config.yaml) "
+            "nor a Hugging Face model directory (config.json)"
         )
     _check_params(cfg, params, run_dir)
     if quantize is not None:
@@ -195,7 +197,8 @@ def model_config(path: str | Path) -> ModelConfig:
     if hf.is_hf_dir(path):
         return hf.read_config(path)
     raise ConfigError(
-        f"{str(path)!r} is neither a jaxllm run directory (config.yaml) nor a Hugging Face model directory (config.json)"
+        f"{str(path)!r} is neither a jaxllm run directory (config.yaml) "
+        "nor a Hugging Face model directory (config.json)"
     )
 
 

@@ -1,1 +1,2 @@
-"""The deep residual transformer: GPT-2 and LLaMA blocks, attention kernels, experts, FLOPs, KV-cache decoding, weight quantization."""
+"""The deep residual transformer: GPT-2 and LLaMA blocks, attention kernels, experts, FLOPs,
+KV-cache decoding, weight quantization."""

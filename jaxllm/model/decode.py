@@ -254,9 +254,10 @@ class Decoder:
     ) -> tuple[jax.Array, jax.Array | None]:
         """The raw ``(tokens_BxU, logits_BxUxV or None)`` of :func:`_decode` for a batch of prompts.
 
-        A row ends at the first of ``eos_ids`` it chooses; none never stops early. ``on_token(i, tokens_B)`` is called from inside the loop
-        as each step's tokens are chosen (for streaming). ``stop_fn(tokens_BxU, n)`` -> bool ``[B]``, the
-        rows to end after their first n tokens, is asked on the host every :data:`STOP_EVERY` steps
+        A row ends at the first of ``eos_ids`` it chooses; none never stops early.
+        ``on_token(i, tokens_B)`` is called from inside the loop as each step's tokens are chosen
+        (for streaming). ``stop_fn(tokens_BxU, n)`` -> bool ``[B]``, the rows to end after their
+        first n tokens, is asked on the host every :data:`STOP_EVERY` steps
         (hashable and stable, like ``on_token``: it is part of the compiled program's key)."""
         lengths = [len(p) for p in prompts]
         check_request(lengths, max_new_tokens, self.cfg.max_seq_len)

@@ -72,7 +72,8 @@ def check(model: ModelConfig, cfg: PipelineConfig, mesh: Mesh, batch_size: int) 
     if units % (p * r):
         stack = f"model.n_layer={model.n_layer}" if units == model.n_layer else f"model.n_layer/model.moe.every={units}"
         raise ConfigError(
-            f"{stack} is not divisible by mesh.pipe*pipeline.repeats={p * r}; every stage chunk needs the same number of layers"
+            f"{stack} is not divisible by mesh.pipe*pipeline.repeats={p * r}; "
+            "every stage chunk needs the same number of layers"
         )
     if m < p:
         raise ConfigError(

@@ -380,11 +380,13 @@ def table(result: dict) -> str:
     basis = basis if result["efficiency"] < 1 else "at the spec peak: a lower bound on the step time"
     lines.append(
         f"roofline (ms per step): {terms}\npredicted: {result['step_time_s'] * 1e3:.1f} ms/step, "
-        f"{result['tokens_per_sec']:,.0f} tokens/s, MFU {result['mfu']:.1%}, bound by {result['bound']} (matmuls {basis})"
+        f"{result['tokens_per_sec']:,.0f} tokens/s, MFU {result['mfu']:.1%}, "
+        f"bound by {result['bound']} (matmuls {basis})"
     )
     for fix in result.get("fixes", []):
         lines.append(
-            f"fix: {' '.join(fix['changes'])} -> {'fits' if fix['fits'] else 'still too big'}, headroom {fix['headroom']:.0%}"
+            f"fix: {' '.join(fix['changes'])} -> {'fits' if fix['fits'] else 'still too big'}, "
+            f"headroom {fix['headroom']:.0%}"
         )
     return "\n".join(lines)
 

@@ -34,7 +34,8 @@ def with_compute_options(base: ModelConfig, asked: ModelConfig) -> ModelConfig:
     for key in chosen:
         if key not in COMPUTE_ONLY and getattr(asked, key) != getattr(base, key):
             raise ConfigError(
-                f"model.{key}={getattr(asked, key)!r} would change init.from's model ({key} is {getattr(base, key)!r}); "
+                f"model.{key}={getattr(asked, key)!r} would change init.from's model "
+                f"({key} is {getattr(base, key)!r}); "
                 f"its weights fix the shape: only {', '.join('model.' + k for k in COMPUTE_ONLY)} may be set"
             )
     return dataclasses.replace(base, **{k: getattr(asked, k) for k in chosen if k in COMPUTE_ONLY})

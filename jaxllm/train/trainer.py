@@ -2,8 +2,8 @@
 
 Data path: ``TrainData.rows`` (numpy, this process's rows of prepared datasets, built ahead on the
 prefetch thread) -> a global ``jax.Array`` sharded over the data axes -> ``train_step`` (``jax.jit``
-with explicit shardings, the state donated) -> metrics fetched every ``log.every`` steps -> ``metrics.jsonl``, TensorBoard, the progress bar
-(:mod:`jaxllm.train.loop`, which fine-tuning and distillation share).
+with explicit shardings, the state donated) -> metrics fetched every ``log.every`` steps ->
+``metrics.jsonl``, TensorBoard, the progress bar (:mod:`jaxllm.train.loop`, which fine-tuning and distillation share).
 
 ``train(cfg)``: ``prepare_run`` (every check that can refuse the run) -> ``build`` -> lock ``run.dir``
 -> restore the newest intact checkpoint or initialise -> config, tokenizer -> the loop -> loss.png.
