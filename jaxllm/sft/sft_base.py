@@ -23,7 +23,16 @@ from jaxllm.infer import api
 from jaxllm.parallel import sharding
 
 # model.* keys that change how the model computes, not its weights
-COMPUTE_ONLY = ("dtype", "remat", "scan_unroll", "attention", "attention_block", "dropout")
+COMPUTE_ONLY = (
+    "dtype",
+    "remat",
+    "scan_unroll",
+    "attention",
+    "attention_block",
+    "dropout",
+    "loss_chunk",
+    "matmul_dtype",
+)
 
 
 def with_compute_options(base: ModelConfig, asked: ModelConfig) -> ModelConfig:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jaxllm.data import chat
 from jaxllm.model import moe
-from jaxllm.model.transformer import Transformer, cross_entropy
+from jaxllm.model.transformer import Transformer
 from jaxllm.sft import peft
 
 
@@ -31,26 +31,32 @@ def forward(
     return model.apply(variables, tokens_BxT, positions_BxT, segments_BxT, rngs=rngs, mutable=mutable)
 
 
+def _masked_loss(module: Transformer, tokens_BxT, positions_BxT, segments_BxT, targets_BxT, weights_BxT):
+    """The mean cross-entropy over the weighted tokens, through :meth:`Transformer.loss`: the logits
+    whole, or under ``model.loss_chunk`` fused with the head a block of positions at a time."""
+    return module.loss(module.hidden(tokens_BxT, positions_BxT, segments_BxT), targets_BxT, weights_BxT)[0]
+
+
 def make_loss_fn(model: Transformer, mask: dict, lora_scale: float) -> Callable:
     """``loss(params, batch_Bx5xT, rng) -> (loss, stats)``: cross-entropy over the assistant tokens of a
-    packed batch, plus a mixture of experts' router losses; ``stats``: the router's (``moe.telemetry``)."""
+    packed batch (fused with the head under ``model.loss_chunk``), plus a mixture of experts' router
+    losses; ``stats``: the router's (``moe.telemetry``)."""
 
     def loss_fn(params, batch_Bx5xT, rng):
         params = peft.stop_frozen(params, mask)
         b = batch_Bx5xT
-        logits, sown = forward(
-            model,
-            params,
-            lora_scale,
+        ce, sown = model.apply(
+            {"params": peft.model_params(params, lora_scale)},
             b[:, chat.INPUTS],
             b[:, chat.POSITIONS],
             b[:, chat.SEGMENTS],
-            {"dropout": rng},
+            b[:, chat.TARGETS],
+            b[:, chat.MASK].astype(jnp.float32),
+            rngs={"dropout": rng},
             mutable=[moe.COLLECTION],
+            method=_masked_loss,
         )
-        return cross_entropy(logits, b[:, chat.TARGETS], b[:, chat.MASK].astype(jnp.float32))[0] + moe.loss(
-            sown
-        ), moe.telemetry(sown)
+        return ce + moe.loss(sown), moe.telemetry(sown)
 
     return loss_fn
 
