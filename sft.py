@@ -31,6 +31,9 @@ def main(argv: list[str]) -> int:
     cfg = load_config(path, overrides, cls=SFTConfig, default=str(DEFAULT_CONFIG))
 
     from jaxllm.sft.finetune import finetune  # imports JAX: once the config has parsed (finetune checks the rest)
+    from jaxllm.train import run_dir
+
+    run_dir.check_checkpoints(Path(cfg.run.dir))  # before the base model and the data are read
 
     s = finetune(cfg)
     if "interrupted" in s:

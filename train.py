@@ -77,6 +77,7 @@ def main(argv: list[str]) -> int:
     from jaxllm.train import run_dir
 
     run_dir.check_kind(Path(cfg.run.dir), "training run", "run.dir")
+    run_dir.check_checkpoints(Path(cfg.run.dir))
     import jax
 
     from jaxllm.train.trainer import train

@@ -125,6 +125,7 @@ def check_finetune_dir(run_dir: Path, init_from: Path, cfg: SFTConfig) -> Change
         )
     if not run_dir.is_dir() or not [p for p in run_dir.iterdir() if p.name != ".lock"]:
         return Changes()
+    check_checkpoints(run_dir)
     if not (run_dir / "sft.yaml").is_file():
         raise ConfigError(
             f"run.dir={str(run_dir)!r} holds files but no fine-tuning run (no sft.yaml); choose a new folder"
@@ -156,4 +157,24 @@ def check_kind(directory: Path, kind: str, key: str, also: tuple[str, ...] = ())
         raise ConfigError(
             f"{key}={str(directory)!r} holds a {other[0]}, not a {kind}; writing there would overwrite it, "
             "choose another folder"
+        )
+
+
+def check_checkpoints(run_dir: Path, key: str = "run.dir") -> None:
+    """Refuses (ConfigError, before anything is written) a ``run_dir`` whose ``checkpoints`` is not a
+    folder, or whose checkpoints folder holds something other than a folder under a step's name:
+    a run would train without ever saving, and a save of that step would replace the user's file."""
+    folder = Path(run_dir) / "checkpoints"
+    if not (folder.exists() or folder.is_symlink()):
+        return
+    if not folder.is_dir():
+        raise ConfigError(
+            f"{key}={str(run_dir)!r} holds a file named checkpoints where its checkpoints folder belongs; "
+            f"move that file away or choose another {key}"
+        )
+    steps = sorted((p for p in folder.iterdir() if p.name.isdigit() and not p.is_dir()), key=lambda p: int(p.name))
+    if steps:
+        raise ConfigError(
+            f"{steps[0]} is a file, not a checkpoint: saving step {steps[0].name} would replace it; "
+            f"move it out of {folder}"
         )

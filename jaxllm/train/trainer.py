@@ -165,9 +165,11 @@ def document_eod(cfg: Config, data: TrainData) -> int | None:
 
 
 def check_resume(cfg: Config) -> Changes:
-    """Refuses to resume a run directory whose newest readable checkpoint is another model, or one of
-    another trajectory unless ``run.allow_changes`` (:func:`jaxllm.train.run_dir.check_resume`)."""
+    """Refuses to resume a run directory whose checkpoints folder is not one
+    (:func:`jaxllm.train.run_dir.check_checkpoints`), whose newest readable checkpoint is another model,
+    or one of another trajectory unless ``run.allow_changes`` (:func:`jaxllm.train.run_dir.check_resume`)."""
     run_dir = Path(cfg.run.dir)
+    run_dir_lib.check_checkpoints(run_dir)
     meta = ckpt.newest_meta(run_dir, cfg.checkpoint.keep) or {}
     if meta:
         ckpt.check_same_model(meta.get("model", {}), cfg.model, (run_dir / "checkpoints").absolute())
