@@ -134,3 +134,15 @@ def test_without_lm_eval_the_command_says_how_to_install_it(run_dir, capsys, mon
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
     code, _, err = run_cli(capsys, str(run_dir), "--tasks", "hellaswag")
     assert code == 2 and 'pip install -e ".[eval]"' in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_the_shipped_local_task_runs_offline_without_the_harness_cli_hint(run_dir, tmp_path, capfd, caplog):
+    local = Path(__file__).parents[1] / "configs" / "tasks"
+    code = cli.main([str(run_dir), "--tasks", "python_idioms", "--include-path", str(local), "--limit", "3",
+                     "--out", str(tmp_path / "r.json")])  # fmt: skip
+    out, err = capfd.readouterr()
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert code == 0 and "python_idioms" in out
+    assert results["n-samples"]["python_idioms"] == {"original": 24, "effective": 3}
+    assert "Custom kwargs" not in err + caplog.text

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from jaxllm.core.errors import ConfigError, DataError
@@ -39,6 +40,14 @@ def task_manager(tasks: list[str], include_path: str | None):
     return manager
 
 
+class _NoCliHint(logging.Filter):
+    """Drops the harness's warning, at every task with its own loader (every local task file here),
+    about a flag of the harness's command line, which this command does not have."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in record.getMessage()
+
+
 def evaluate(lm, tasks: list[str], manager, num_fewshot: int | None = None, limit: int | None = None,
              log_samples: bool = False, bootstrap_iters: int = 100000) -> dict:  # fmt: skip
     """``lm_eval.simple_evaluate`` of ``tasks`` on ``lm``: the harness's results document."""
@@ -46,6 +55,9 @@ def evaluate(lm, tasks: list[str], manager, num_fewshot: int | None = None, limi
 
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit must be a positive number of examples per task, got {limit}")
+    task_log = logging.getLogger("lm_eval.api.task")
+    if not any(isinstance(f, _NoCliHint) for f in task_log.filters):
+        task_log.addFilter(_NoCliHint())
     return lm_eval.simple_evaluate(
         model=lm,
         tasks=tasks,
