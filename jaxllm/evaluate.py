@@ -52,6 +52,7 @@ def main(argv: list[str]) -> int:
     if out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a directory; give a file name")
     manager = eval_tasks.task_manager(tasks, args.include_path)
+    eval_tasks.fetch(tasks, manager)
     _, backend = harness.load(args.path)
     lm = eval_lm.JaxllmLM(backend, args.batch_size)
     results = eval_tasks.evaluate(lm, tasks, manager, args.num_fewshot, args.limit)

@@ -5,6 +5,8 @@ one line and exit 2, with nothing written."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -117,6 +119,23 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(run_dir, tmp_path, caps
     code, _, err = run_cli(capsys, *args(str(run_dir), tmp_path))
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+@pytest.mark.slow
+def test_a_task_whose_data_set_cannot_be_fetched_is_one_line_before_the_model_loads(run_dir, tmp_path):
+    (tmp_path / "hub.yaml").write_text(
+        "task: hub_only\ndataset_path: jaxllm-tests/no-such-dataset\noutput_type: multiple_choice\n"
+        "test_split: test\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{c}}'\ndoc_to_target: 0\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxllm.evaluate", str(run_dir), "--tasks", "hub_only", "--include-path", str(tmp_path),
+         "--out", str(tmp_path / "r.json")],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "could not be fetched" in lines[0], result.stderr
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_a_token_id_only_hugging_face_directory_is_refused(run_dir, tmp_path, capsys):

@@ -40,8 +40,8 @@ def task_names(e: EvalConfig) -> tuple[str, ...]:
 
 def check(e: EvalConfig) -> None:
     """Refuses, before anything is trained or written, ``eval.tasks`` without lm_eval installed, an
-    unknown task or a task file that does not parse (one-line errors), and a run of several processes
-    (the harness feeds one process's requests)."""
+    unknown task, a task file that does not parse or a task whose documents cannot be fetched
+    (one-line errors), and a run of several processes (the harness feeds one process's requests)."""
     if not task_names(e):
         return
     try:
@@ -52,7 +52,9 @@ def check(e: EvalConfig) -> None:
         raise ConfigError(f"eval.tasks_num_fewshot must be >= 0, or -1 for the task's own, got {e.tasks_num_fewshot}")
     if jax.process_count() > 1:
         raise ConfigError(f"eval.tasks runs in one process; this run has {jax.process_count()}")
-    _manager(task_names(e), e.tasks_include_path or None)
+    from jaxllm.evals.tasks import fetch
+
+    fetch(list(task_names(e)), _manager(task_names(e), e.tasks_include_path or None))
 
 
 @functools.lru_cache(maxsize=4)

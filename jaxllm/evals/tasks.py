@@ -3,11 +3,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
 
 from jaxllm.core.errors import ConfigError, DataError
+
+
+class _NoCliHint(logging.Filter):
+    """Drops the harness's warning, at every task with its own loader (every local task file here),
+    about a flag of the harness's command line, which this command does not have."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in record.getMessage()
 
 
 def task_manager(tasks: list[str], include_path: str | None):
@@ -17,6 +26,10 @@ def task_manager(tasks: list[str], include_path: str | None):
     is a one-line DataError."""
     from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml
+
+    task_log = logging.getLogger("lm_eval.api.task")
+    if not any(isinstance(f, _NoCliHint) for f in task_log.filters):
+        task_log.addFilter(_NoCliHint())
 
     if include_path is not None:
         root = Path(include_path)
@@ -40,12 +53,26 @@ def task_manager(tasks: list[str], include_path: str | None):
     return manager
 
 
-class _NoCliHint(logging.Filter):
-    """Drops the harness's warning, at every task with its own loader (every local task file here),
-    about a flag of the harness's command line, which this command does not have."""
+def fetch(tasks: list[str], manager) -> None:
+    """Reads every task's documents (a registry task downloads its data set once, into the Hugging
+    Face cache), so that one that cannot be fetched is refused before a model is loaded or trained:
+    a one-line DataError."""
+    from lm_eval.tasks import get_task_dict
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Custom kwargs can be passed" not in record.getMessage()
+    with _unreachable_is_data_error(tasks):
+        get_task_dict(tasks, manager)
+
+
+@contextlib.contextmanager
+def _unreachable_is_data_error(tasks: list[str]):
+    try:
+        yield
+    except ConnectionError as e:
+        raise DataError(
+            f"the documents of task {', '.join(tasks)} could not be fetched ({' '.join(str(e).split())[:160]}); "
+            "run where the network is, from the Hugging Face cache (HF_DATASETS_OFFLINE=1), "
+            "or on local task files (--include-path)"
+        ) from None
 
 
 def evaluate(lm, tasks: list[str], manager, num_fewshot: int | None = None, limit: int | None = None,
@@ -55,18 +82,16 @@ def evaluate(lm, tasks: list[str], manager, num_fewshot: int | None = None, limi
 
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit must be a positive number of examples per task, got {limit}")
-    task_log = logging.getLogger("lm_eval.api.task")
-    if not any(isinstance(f, _NoCliHint) for f in task_log.filters):
-        task_log.addFilter(_NoCliHint())
-    return lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        log_samples=log_samples,
-        bootstrap_iters=bootstrap_iters,
-    )
+    with _unreachable_is_data_error(tasks):
+        return lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=log_samples,
+            bootstrap_iters=bootstrap_iters,
+        )
 
 
 def scores(results: dict) -> dict[str, float]:
