@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from jaxllm.core import signals
 from jaxllm.core.config import help_text, load_config, validate
 from jaxllm.core.errors import UserError, exit_on_user_error
 from jaxllm.plan import hardware
@@ -58,6 +59,28 @@ def run_plan(cfg, target: str, search: bool, out: str | None) -> int:
     return 0
 
 
+def run_training(cfg) -> int:
+    """Trains (or resumes) ``cfg``; the exit status: 0, or 128 + the signal that stopped the run."""
+    validate(cfg)  # every check that needs no device or data, so a bad config exits before JAX starts
+    from jaxllm.train import run_dir
+
+    run_dir.check_kind(Path(cfg.run.dir), "training run", "run.dir")
+    run_dir.check_checkpoints(Path(cfg.run.dir))
+    import jax
+
+    from jaxllm.train.trainer import train
+
+    signals.check("importing JAX")
+
+    summary = train(cfg)
+    if "interrupted" in summary:
+        print(f"stopped by {summary['interrupted']} at step {summary['step']}; checkpoint saved", file=sys.stderr)
+        return 128 + summary["signal"]  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+    if jax.process_index() == 0:  # one line per run, not per host
+        print(f"done: step {summary['step']}, final eval loss {summary['eval_loss']:.4f}, run in {cfg.run.dir}")
+    return 0
+
+
 @exit_on_user_error
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
@@ -73,22 +96,8 @@ def main(argv: list[str]) -> int:
     if plan_args is not None:
         return run_plan(cfg, **plan_args)
 
-    validate(cfg)  # every check that needs no device or data, so a bad config exits before JAX starts
-    from jaxllm.train import run_dir
-
-    run_dir.check_kind(Path(cfg.run.dir), "training run", "run.dir")
-    run_dir.check_checkpoints(Path(cfg.run.dir))
-    import jax
-
-    from jaxllm.train.trainer import train
-
-    summary = train(cfg)
-    if "interrupted" in summary:
-        print(f"stopped by {summary['interrupted']} at step {summary['step']}; checkpoint saved", file=sys.stderr)
-        return 128 + summary["signal"]  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
-    if jax.process_index() == 0:  # one line per run, not per host
-        print(f"done: step {summary['step']}, final eval loss {summary['eval_loss']:.4f}, run in {cfg.run.dir}")
-    return 0
+    with signals.deferred():  # from here on a SIGINT / SIGTERM stops the run at its next safe point
+        return run_training(cfg)
 
 
 if __name__ == "__main__":

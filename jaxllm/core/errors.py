@@ -7,7 +7,7 @@ import functools
 import sys
 from collections.abc import Callable
 
-from jaxllm.core import environment
+from jaxllm.core import environment, signals
 
 
 class UserError(Exception):
@@ -31,9 +31,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int]:
-    """Wraps a script's ``main``: a :class:`UserError` prints ``error: ...`` on stderr, exit 2. The
-    environment JAX will read is checked first (:func:`jaxllm.core.environment.problem`), so a bad
-    one is such a line too, not JAX's traceback or hang."""
+    """Wraps a script's ``main``: a :class:`UserError` prints ``error: ...`` on stderr, exit 2; a
+    start-up stopped by a signal (:class:`jaxllm.core.signals.Interrupted`) prints its one line, exit
+    128 + the signal's number. The environment JAX will read is checked first
+    (:func:`jaxllm.core.environment.problem`), so a bad one is such a line too, not JAX's traceback or hang."""
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs) -> int:
@@ -45,5 +46,8 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int]:
             msg = " ".join(str(e).split())
             print(f"error: {msg}", file=sys.stderr)
             return 2
+        except signals.Interrupted as e:
+            print(e, file=sys.stderr)
+            return 128 + e.signum
 
     return wrapped

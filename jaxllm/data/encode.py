@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -72,6 +73,7 @@ class ChunkEncoder:
 
 def _start_worker(tokenizer_dir: str, dtype: str) -> None:
     global _worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group: the parent decides
     os.environ.update(ONE_CORE)  # before the tokenizers library starts any thread
     _worker = ChunkEncoder(tokenizers.load(tokenizer_dir), dtype)
 

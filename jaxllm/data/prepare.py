@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxllm.core import signals
 from jaxllm.core.errors import ConfigError
 from jaxllm.core.fileio import write_json
 from jaxllm.data import dataset_dir, encode
@@ -161,6 +162,7 @@ def _prepare_part(
                 stats.tokens + len(ids),
             )
             bar.update(len(flags))
+            signals.check("preparing the data")  # the shards so far are aborted below
             bar.set_postfix_str(stats.rates(), refresh=False)
         for w in writers.values():
             w.close_shard()

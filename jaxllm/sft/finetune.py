@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.core import signals
 from jaxllm.core.config import (
     Config,
     ModelConfig,
@@ -341,8 +342,10 @@ def restore_or_init(checkpointer: ckpt.Checkpointer, job: Job, model_cfg: ModelC
 def finetune(cfg: SFTConfig, devices: list | None = None) -> dict:
     """Fine-tunes ``init.from`` as ``cfg`` says; writes (or resumes) ``run.dir``; returns a summary."""
     p = prepare(cfg, devices)
+    signals.check("loading the base model and the data")
     changes = check_finetune_dir(Path(cfg.run.dir), Path(init_from(cfg)), cfg)
     job = build(cfg, p)
+    signals.check("building the model")
     with lock(Path(cfg.run.dir), "another fine-tuning run"):
         return _finetune(cfg, p, job, Path(cfg.run.dir), changes)
 

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 import psutil
 
+from jaxllm.core import signals
 from jaxllm.core.errors import UserError
 from jaxllm.train.checkpoint import NonFiniteState
 from jaxllm.train.metrics_log import MetricsLog
@@ -102,26 +103,6 @@ class Throughput:
         tps = self.tokens / (now - self.since) if self.since is not None and self.tokens else 0.0
         self.since, self.tokens = now, 0
         return tps
-
-
-class Signals:
-    """Turns SIGTERM / SIGINT into a flag the loop checks, so it can checkpoint before exiting."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
-            self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, _frame):
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def seconds_since_process_start() -> float:
@@ -224,7 +205,7 @@ def run(parts: Parts, cadence: Cadence, state: Any, start: int, saved: int | Non
     meter, pending, previous = Throughput(parts.tokens_per_step), [], None
     bar = _progress_bar(parts, cadence, start)
     try:
-        with Signals() as signals, parts.context():
+        with signals.deferred(), parts.context():
             batch = parts.batch_at(start) if start < cadence.steps else None
             while out.step < cadence.steps:
                 out.state, metrics = parts.step(out.state, batch)
@@ -237,7 +218,7 @@ def run(parts: Parts, cadence: Cadence, state: Any, start: int, saved: int | Non
                     out.first_step_s = _first_step_done(parts, metrics, bar)
                 meter.stepped()
                 bar.update(1)
-                stop = signals.received  # read once: a signal arriving later is seen next step, not half now
+                stop = signals.received()  # read once: a signal arriving later is seen next step, not half now
                 saved = _after_step(parts, cadence, out, pending, meter, saved, bar, stop)
                 if stop is not None:
                     out.interrupted, out.signal = signal.Signals(stop).name, stop

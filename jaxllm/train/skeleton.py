@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import optax
 
+from jaxllm.core import signals
 from jaxllm.core.config import Config, ModelConfig
 from jaxllm.core.fileio import read_jsonl
 from jaxllm.model import flops
@@ -113,14 +114,16 @@ def resumed(
     is_main: bool = True,
     changes: dict | None = None,
 ) -> Iterator[Resumed]:
-    """Opens ``run_dir``'s checkpoints, restores (``restore(checkpointer)``, which may refuse) and
-    opens ``metrics.jsonl`` (cut back to the resume step; an unreadable file refuses the run), all
-    before the caller writes anything, then records the ``changes`` a resume was allowed
+    """Opens ``run_dir``'s checkpoints, restores (``restore(checkpointer)``, which may refuse; a
+    signal received so far stops the run here, :func:`jaxllm.core.signals.check`) and opens
+    ``metrics.jsonl`` (cut back to the resume step; an unreadable file refuses the run), all before
+    the caller writes anything, then records the ``changes`` a resume was allowed
     (``{"section.key": [saved, now]}``) there; closes both on the way out."""
     checkpointer = ckpt.Checkpointer(run_dir, cfg.checkpoint.keep)
     log = None
     try:
         state, start, restored = restore(checkpointer)
+        signals.check("restoring the checkpoint" if restored else "initialising the state")
         tb = run_dir / "tb" if cfg.log.tensorboard else None
         log = MetricsLog(run_dir / "metrics.jsonl", start, is_main, tb)
         if changes and restored:

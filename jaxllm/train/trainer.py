@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxllm.core import signals
 from jaxllm.core.config import Config, ModelConfig, resolve, save_config, to_dict, validate
 from jaxllm.core.errors import ConfigError, UserError
 from jaxllm.core.runtime import init_process, one_off_compiler_options
@@ -185,6 +186,7 @@ def prepare_run(cfg: Config, devices: list | None = None) -> tuple[TrainData, Co
     validate(cfg)
     init_process(cfg)
     data = _prepare_data(cfg)
+    signals.check("preparing the data")
     document_eod(cfg, data)
     decode.check_sample_prompt(data.tokenizer, cfg.eval)
     during_training.check(cfg.eval)
@@ -292,6 +294,7 @@ def train(cfg: Config, devices: list | None = None) -> dict:
     """Runs (or resumes) ``cfg`` on ``devices`` (default: all) and returns a summary."""
     data, cfg, mesh, changes = prepare_run(cfg, devices)
     setup = build(cfg, mesh, document_eod(cfg, data))  # may still refuse the run (mesh.rules), so before any write
+    signals.check("building the model")
     run_dir = Path(cfg.run.dir)
     with lock(run_dir, "another training run"):
         return _train(cfg, setup, data, run_dir, changes)
