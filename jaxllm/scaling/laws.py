@@ -374,8 +374,8 @@ def fit_chinchilla(
         raise ConfigError(f"approach 3 fits 5 parameters and needs at least {MIN_LAW_RUNS} runs, got {len(runs)}")
     data = (np.log(runs.N), np.log(runs.D), np.log(runs.loss), delta)
     best_value, best_theta = np.inf, None
-    # L-BFGS-B calls BLAS on vectors of 5: threads only add synchronisation, which on a busy
-    # 2-core machine made each fit 25x slower.
+    # L-BFGS-B calls BLAS on vectors of 5: more threads only add synchronisation, which on a busy
+    # machine costs many times the work itself.
     with threadpool_limits(limits=1, user_api="blas"):
         for start in starts:
             result = scipy.optimize.minimize(
