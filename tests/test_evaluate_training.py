@@ -5,6 +5,7 @@ the saved run; without lm_eval, or with a task file that does not parse, it refu
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -40,6 +41,15 @@ def recorded(run_dir: Path) -> dict[str, float]:
     return {k: v for k, v in scored[-1].items() if k.startswith(during_training.PREFIX)}
 
 
+def declared_metrics() -> set[str]:
+    """``task/metric`` for every metric the task files' ``metric_list`` names."""
+    names = set()
+    for task in TASKS:
+        text = (Path(TASKS_DIR) / f"{task}.yaml").read_text()
+        names |= {f"{task}/{m}" for m in re.findall(r"- metric: (\w+)", text)}
+    return names
+
+
 TASK_KEYS = [
     f"eval.tasks={','.join(TASKS)}",
     f"eval.tasks_include_path={TASKS_DIR}",
@@ -54,6 +64,7 @@ def test_a_training_run_records_the_scores_jaxllm_evaluate_gives_on_the_saved_ru
     train(cfg)
     ours = recorded(Path(cfg.run.dir))
     assert {k.split("/")[1] for k in ours} == set(TASKS)
+    assert {k.split("/", 1)[1] for k in ours} == declared_metrics()  # no counts, no standard errors
     assert ours == pytest.approx(task_keys(Path(cfg.run.dir), tmp_path / "results.json", capsys), rel=1e-5)
     events = b"".join(p.read_bytes() for p in (Path(cfg.run.dir) / "tb").iterdir())
     assert all(k.encode() in events for k in ours)  # TensorBoard's scalars beside the eval loss

@@ -95,12 +95,14 @@ def evaluate(lm, tasks: list[str], manager, num_fewshot: int | None = None, limi
 
 
 def scores(results: dict) -> dict[str, float]:
-    """``{"task/metric": value}`` of a results document: every number but the standard errors."""
+    """``{"task/metric": value}`` of a results document: the metrics each task declares (those of
+    ``higher_is_better``), not their standard errors or the count of documents."""
     flat = {}
     for task, metrics in results["results"].items():
+        declared = results.get("higher_is_better", {}).get(task, {})
         for key, value in metrics.items():
             name = key.split(",")[0]  # "acc,none" -> "acc": the filter is the task's only one here
-            if "stderr" not in name and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if name in declared and isinstance(value, (int, float)) and not isinstance(value, bool):
                 flat[f"{task}/{name}"] = float(value)
     return flat
 
