@@ -1,10 +1,14 @@
 """Never lose a run: config changes refused, damage set aside, only finite state saved, torn metrics
-trimmed, one writer per run directory."""
+trimmed, one writer per run directory, a failed save leaving the good checkpoints and one line."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import resource
 import shutil
+import signal
+import sys
 
 import jax
 import pytest
@@ -166,6 +170,54 @@ def test_a_full_disk_is_one_line_naming_the_folder(tiny_cfg, tmp_path, monkeypat
     with pytest.raises(UserError) as e:
         trainer.train(tiny_cfg("checkpoint.every=1", "train.steps=1"), one_device())
     assert str(e.value) == f"cannot write checkpoints to {tmp_path / 'run' / 'checkpoints'}: No space left on device"
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """Writes past ``nbytes`` in any one file fail (EFBIG) as a full disk's do, for this process: a
+    soft RLIMIT_FSIZE, SIGXFSZ ignored; both restored on the way out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+
+
+def test_a_failed_save_keeps_the_good_checkpoints_and_leaves_nothing_half_written(tmp_path, capfd):
+    state = {f"w{i}": jax.random.normal(jax.random.PRNGKey(i), (64, 64)) for i in range(16)}
+    saver = ckpt.Checkpointer(tmp_path, keep=3)
+    saver.save(1, state, {"step": 1})
+    saver.wait()
+    capfd.readouterr()
+    with file_size_limit(4096), pytest.raises(UserError, match="cannot write checkpoints to .*: File too large"):
+        try:
+            saver.save(2, state, {"step": 2})
+        finally:
+            saver.close()
+    err = capfd.readouterr().err
+    assert "Event loop is closed" not in err and "Traceback" not in err, err
+    assert listing(tmp_path) == ["1"]
+    reader = ckpt.Checkpointer(tmp_path, keep=3)
+    try:
+        found = next(reader.newest_first(lambda step, meta: reader.restore_single_device(step)))
+    finally:
+        reader.close()
+    assert (found.step, found.intact) == (1, True)
+
+
+def test_only_the_closed_event_loop_reports_of_a_failed_save_are_dropped(tmp_path, capfd, monkeypatch):
+    """tensorstore reports each write in flight when a failed save's event loop closed as an
+    unraisable RuntimeError with no object; any other unraisable exception is still printed."""
+    testcapi = pytest.importorskip("_testcapi", reason="CPython's test module raises an unraisable exception")
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    ckpt.Checkpointer(tmp_path, keep=1).close()
+    testcapi.write_unraisable_exc(RuntimeError("Event loop is closed"), None, None)
+    assert capfd.readouterr().err == ""
+    testcapi.write_unraisable_exc(RuntimeError("something else"), None, None)
+    assert "RuntimeError: something else" in capfd.readouterr().err
 
 
 class Ticket:

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -148,6 +149,26 @@ def use_replica_parallel_writes_for_large_arrays_only() -> None:
     ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
+def _drop_closed_loop_reports() -> None:
+    """Installs (once) a ``sys.unraisablehook`` that drops one report: ``RuntimeError('Event loop is
+    closed')`` with no object, which tensorstore raises from its writer threads for every write still
+    in flight when a failed save's event loop has closed (dozens of tracebacks for one full disk).
+    The failure itself reaches the user once, as save()'s or wait()'s one line; every other
+    unraisable exception goes to the hook that was there."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
+        return
+
+    def hook(unraisable) -> None:
+        e = unraisable.exc_value
+        if unraisable.object is None and isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
     """``run_dir/checkpoints/<step>/{state,meta}``, keeping the newest ``keep``."""
 
@@ -157,6 +178,8 @@ class Checkpointer:
         # write reaches the user once, as the one-line UserError of save() or wait().
         for name in ("absl", "asyncio"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        _drop_closed_loop_reports()
+        self.failed = False
         use_replica_parallel_writes_for_large_arrays_only()
         try:
             self.manager = ocp.CheckpointManager(
@@ -193,6 +216,7 @@ class Checkpointer:
 
     def _write_error(self, e: Exception) -> UserError:
         """One line for a failed write: the OS's reason (full disk, read-only) when tensorstore gives it."""
+        self.failed = True
         code = re.search(r"os_error_code='(\d+)'", str(e))
         reason = (
             os.strerror(int(code.group(1))) if code else getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
@@ -287,11 +311,21 @@ class Checkpointer:
         return restored
 
     def close(self) -> None:
+        """Waits for the last save; after a failed one, removes what it left half-written."""
         try:
             self.wait()
         finally:
             with contextlib.suppress(Exception):  # the failure, if any, is being raised by wait()
                 self.manager.close()
+            if self.failed and jax.process_index() == 0:
+                self._discard_unfinished()
+
+    def _discard_unfinished(self) -> None:
+        """Removes orbax's temporary folders of unfinished saves (``<step>.orbax-checkpoint-tmp...``):
+        never a checkpoint a run could restore, and on a full disk the space the next save needs."""
+        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            if tmp.name.split(".", 1)[0].isdigit():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 SHAPE_KEYS = (
