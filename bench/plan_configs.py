@@ -2,9 +2,10 @@
 
     python bench/plan_configs.py [--only NAME]
 
-``configs/gpt2_124m.yaml`` on v5p-8, ``configs/llama_1b.yaml`` on v5p-32 and v5e-16: each compiles the
-real train step through libtpu's topology description (``python train.py CONFIG --plan TARGET``) and
-prints the plan's table; then one JSON line with the compiler's bytes per chip, the verdicts and the
+``configs/gpt2_124m.yaml`` on v5p-8, ``configs/llama_1b.yaml`` on v5p-32 and v5e-16, and LLaMA 1B on a
+v5p-8 under FSDP (remat full) and tensor parallelism (remat dots): each compiles the real train step
+through libtpu's topology description (``python train.py CONFIG --plan TARGET``) and prints the
+plan's table; then one JSON line with the compiler's bytes per chip, the verdicts and the
 compile times (CPU seconds: wall-clock is shared with whatever else runs), and a line per plan: the
 analytic memory against the compiler's, the predicted MFU against the best published for the kind.
 Needs the ``tpu`` extra.
@@ -26,7 +27,15 @@ from jaxllm.core.config import load_config
 from jaxllm.plan import hardware
 from jaxllm.plan import planner as plan
 
-RUNS = [("gpt2_124m", "v5p-8"), ("llama_1b", "v5p-32"), ("llama_1b", "v5e-16")]
+# (config, target, overrides): the shipped configs on the slices their comments name, then LLaMA 1B on
+# one v5p-8 host under FSDP with full remat and under tensor parallelism with the dots policy
+RUNS = [
+    ("gpt2_124m", "v5p-8", ()),
+    ("llama_1b", "v5p-32", ()),
+    ("llama_1b", "v5e-16", ()),
+    ("llama_1b", "v5p-8", ("mesh.fsdp=4", "model.remat=full")),
+    ("llama_1b", "v5p-8", ("mesh.fsdp=1", "mesh.tensor=4", "model.remat=dots")),
+]
 
 
 def main() -> None:
@@ -34,13 +43,14 @@ def main() -> None:
     ap.add_argument("--only", default="", help="run only the plans whose config or target contains this")
     args = ap.parse_args()
     summary = {}
-    for name, target in RUNS:
-        if args.only and args.only not in f"{name} {target}":
+    for name, target, overrides in RUNS:
+        label = " ".join((f"{name} on {target}", *overrides))
+        if args.only and args.only not in label:
             continue
-        cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"))
+        cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"), list(overrides))
         result = plan.run(cfg, hardware.parse_target(target), do_search=False)
-        print(f"== configs/{name}.yaml on {target}\n{plan.table(result)}\n", flush=True)
-        summary[f"{name} on {target}"] = {
+        print(f"== configs/{name}.yaml on {target} {' '.join(overrides)}\n{plan.table(result)}\n", flush=True)
+        summary[label] = {
             "fits": result["fits"],
             "headroom": round(result["headroom"], 3),
             "compiled_gib": round(result["compiled_bytes"]["total"] / hardware.GiB, 3),

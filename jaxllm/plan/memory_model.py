@@ -19,7 +19,8 @@ XLA's attention keeps the ``N T / t`` probabilities, a fused kernel (cuDNN, spla
 row statistics, chunked attention one block of scores. Sequence parallelism divides the ``D`` terms
 by ``t``. ``model.remat`` (:func:`saved_values_per_token`): ``full`` and ``offload`` leave a layer its
 input alone on the device, ``dots`` its input and every matmul's output, ``dots_no_batch`` the
-projections' outputs; one layer at a time is recomputed. ``model.loss_chunk`` bounds the head's
+projections' outputs; one layer at a time is recomputed, its values held once on a TPU and twice
+elsewhere (:func:`recompute_copies`). ``model.loss_chunk`` bounds the head's
 buffers to one block of positions. A pipeline stage keeps its input at every loop iteration
 (``M R + P - 1`` of them, each ``b / M`` rows) and recomputes one stage iteration at a time. A
 dropless MoE layer adds, while its backward runs, the per-expert copies in which XLA:CPU and
@@ -102,18 +103,35 @@ def score_values(m: ModelConfig, seq_len: int, tensor: int, kernel: str) -> floa
 
 
 def layer_values_per_token(
-    m: ModelConfig, seq_len: int, tensor: int, sequence_parallel: bool, kernel: str = "xla", expert_ways: int = 1
+    m: ModelConfig,
+    seq_len: int,
+    tensor: int,
+    sequence_parallel: bool,
+    kernel: str = "xla",
+    expert_ways: int = 1,
+    copies: int = 2,
 ) -> tuple[float, float]:
     """``(compute-dtype values, float32 values)`` one layer keeps per token for its backward pass.
 
-    Korthikanti's minimum without dropout is ``8 D + 2 F`` values (GELU MLP); XLA keeps about twice
-    that (fusions save both sides of the norms, the bias adds and the activation function); the
+    Korthikanti's minimum without dropout is ``8 D + 2 F`` values (GELU MLP); XLA:CPU and XLA:GPU keep
+    about twice that (``copies`` = 2: fusions save both sides of the norms, the bias adds and the
+    activation function), XLA:TPU once while it recomputes a layer (:func:`recompute_copies`); the
     float32 values are the attention kernel's (:func:`score_values`).
     """
     head = m.d_model // m.n_head
     whole = 4 * m.d_model / (tensor if sequence_parallel else 1)  # norms in and out, residual adds
     split = ((2 * m.n_head + 2 * m.n_kv_head) * head + mlp_values_per_token(m, expert_ways)) / tensor
-    return 2 * (whole + split), score_values(m, seq_len, tensor, kernel)
+    return copies * (whole + split), score_values(m, seq_len, tensor, kernel)
+
+
+def recompute_copies(platform: str) -> int:
+    """How many copies of :func:`layer_values_per_token`'s values a layer's backward holds while
+    ``model.remat`` recomputes it: XLA:TPU fuses the norms and the activation function into the
+    matmuls beside them, so the live set at the peak of its backward holds each value once (the
+    MLP's gate and up outputs and their gradient, the keys and values broadcast to the query heads,
+    the queries, the attention output, a few ``D``-wide values: ``--xla_dump_to``'s live ranges of a
+    v5p compile); XLA:CPU and XLA:GPU twice."""
+    return 1 if platform == "tpu" else 2
 
 
 def mlp_values_per_token(m: ModelConfig, expert_ways: int = 1) -> float:
@@ -215,7 +233,8 @@ def activation_bytes(cfg: Config, sizes: dict[str, int], platform: str = "cpu") 
     )  # expert: a data axis outside MoE
     seq = cfg.train.seq_len
     kernel = attention.resolve(m.attention, platform, m.dtype)
-    low, f32 = layer_values_per_token(m, seq, t, cfg.mesh.sequence_parallel, kernel, sizes.get("expert", 1))
+    e = sizes.get("expert", 1)
+    low, f32 = layer_values_per_token(m, seq, t, cfg.mesh.sequence_parallel, kernel, e)
     layer = rows * seq * (low * c + f32 * 4)
     residual = rows * seq * m.d_model * c / (t if cfg.mesh.sequence_parallel else 1)
     layers_here = m.n_layer // p
@@ -227,16 +246,17 @@ def activation_bytes(cfg: Config, sizes: dict[str, int], platform: str = "cpu") 
         recompute = layer / micro * (1 if m.remat != "none" else layers_here // rounds)  # one stage iteration
     elif m.remat != "none":
         kept = rows * seq * saved_values_per_token(m, seq, t, kernel, platform) * c
-        saved, recompute = layers_here * (residual + kept), layer
+        once, _ = layer_values_per_token(m, seq, t, cfg.mesh.sequence_parallel, kernel, e, recompute_copies(platform))
+        saved, recompute = layers_here * (residual + kept), rows * seq * (once * c + f32 * 4)
     else:
         saved, recompute = layers_here * layer, 0
     recompute += grouped_matmul_bytes(m, rows * seq / micro, t, c, platform)  # live with one layer's backward
     # FSDP: one block's weights gathered, and its full weight gradient before the reduce-scatter; on a
-    # TPU two blocks' (XLA:TPU's latency-hiding scheduler gathers the next block's weights, and
-    # reduce-scatters the last block's gradient, while one block computes)
-    e = sizes.get("expert", 1)
+    # TPU three blocks' (XLA:TPU's latency-hiding scheduler gathers the next block's weights, and
+    # reduce-scatters the last block's gradient, while one block computes: the count that follows
+    # libtpu's peaks for LLaMA 1B under FSDP over 4 and 16 chips, bench/plan_configs.py)
     gathered = layer_weight_bytes(m, t, c, e) + layer_weight_bytes(m, t, 4, e) if sizes["fsdp"] > 1 else 0
-    gathered *= 2 if platform == "tpu" else 1
+    gathered *= 3 if platform == "tpu" else 1
     # the head's buffers and a recomputed block are never live at once
     return int(saved + max(head, recompute) + gathered)
 
