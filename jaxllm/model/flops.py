@@ -18,8 +18,10 @@ from jaxllm.core.config import ModelConfig
 # Dense peak FLOP/s per device, by a word of ``device.device_kind`` (lower-case; the first key found
 # as whole words wins, so "l4" does not match "NVIDIA L40S" and "tpu v5 lite" is tried before "tpu
 # v5", which is how v5p chips name themselves), for 16-bit inputs; float32 matmuls on GPUs run on
-# TF32 tensor cores at half that. CPUs have no meaningful vendor figure: 2.5e11 is XLA's float32
-# matmul peak measured on a 2-core x86 machine. Sources: jaxllm/plan/hardware.py.
+# TF32 tensor cores at half that. CPUs have no vendor figure: theirs is a nominal float32 matmul
+# rate of a small (2-core) x86 host under XLA, so a CPU's MFU is comparable between runs, not an
+# absolute (bench/cpu_matmul.py; bench/results/cpu-matmul_xeon-2core_2026-12-07.md). Sources of the
+# others: jaxllm/plan/hardware.py.
 PEAK_FLOPS = {
     "h200": 989e12,
     "h100": 989e12,

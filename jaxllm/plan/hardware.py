@@ -41,9 +41,10 @@ class DeviceKind:
     published_mfu: float = 0.0
 
 
-# configs/llama_1b.yaml (train.batch_size=16, cuDNN attention, remat) on one H200, 2026-11-30:
-# 493.6 ms per step measured where the roofline at the spec peak gives 311.3 ms (bench/accelerator.sh).
-HOPPER_EFFICIENCY = 311.3 / 493.6
+# Fraction of the spec peak a Hopper GPU's train-step matmuls reach: the roofline's step time at the
+# spec peak over the measured step of configs/llama_1b.yaml on one H200 (bench/accelerator.sh; the
+# calibration row of bench/results/accelerator_h200_2026-11-30.md).
+HOPPER_EFFICIENCY = 0.6306
 MEASURED = "as measured on this kind (bench/accelerator.sh)"
 # Published MFUs, each the best its source reports for the kind:
 # - v5p: MaxText's "Runtime Performance Results" (docs/reference/performance), 32B on v5p-128, 71.47%;
@@ -125,9 +126,11 @@ class Target:
 
 
 def cpu_kind(devices: int) -> DeviceKind:
-    """This host's CPU as a device kind: its RAM split over the devices, XLA's measured matmul peak."""
+    """This host's CPU as a device kind: its RAM split over the devices, a nominal matmul rate."""
+    from jaxllm.model import flops  # imports jax: train.py reads this module before the config is valid
+
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return DeviceKind("cpu", ram / devices, 2.5e11 / devices, 10 * GB / devices, 10 * GB, 1, False)
+    return DeviceKind("cpu", ram / devices, flops.PEAK_FLOPS["cpu"] / devices, 10 * GB / devices, 10 * GB, 1, False)
 
 
 def parse_target(name: str) -> Target:
