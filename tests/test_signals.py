@@ -25,10 +25,14 @@ def base(tmp_path_factory):
     return make_base(tmp_path_factory.mktemp("signals_base"))
 
 
-def signalled(script: str, args: list[str], signum: int, ready) -> tuple[int, str]:
+def signalled(script: str, args: list[str], signum: int, ready, cold_cache: Path | None = None) -> tuple[int, str]:
     """Runs ``python SCRIPT ARGS``, sends ``signum`` once ``ready(stderr so far)`` holds (or after 120 s),
-    and returns ``(exit status, stderr)``; the process must end within 90 s of the signal."""
+    and returns ``(exit status, stderr)``; the process must end within 90 s of the signal. With
+    ``cold_cache`` (an empty folder for JAX's compilation cache) every program really compiles, so
+    the moment a marker announces lasts as long as a compilation, not a cache read."""
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu"}
+    if cold_cache is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(cold_cache)
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
     )
@@ -87,7 +91,7 @@ def test_sigint_while_tokenizing_stops_before_any_shard_or_run_file(tmp_path):
 @pytest.mark.slow
 def test_sigterm_while_the_state_compiles_stops_with_143_and_writes_no_run_file(base, tmp_path):
     w = W(tmp_path, base)
-    status, err = signalled("train.py", w.train(), signal.SIGTERM, exists(w.run, "checkpoints"))
+    status, err = signalled("train.py", w.train(), signal.SIGTERM, exists(w.run, "checkpoints"), tmp_path / "xla")
     assert_stopped(status, err, signal.SIGTERM, "while initialising the state")
     assert unwritten(w.run)
 
@@ -96,7 +100,8 @@ def test_sigterm_while_the_state_compiles_stops_with_143_and_writes_no_run_file(
 def test_sigint_once_the_banner_is_out_stops_after_the_first_step_with_its_checkpoint(base, tmp_path):
     """The banner comes just before the first step compiles: the step completes and is saved."""
     w = W(tmp_path, base)
-    status, err = signalled("train.py", w.train("train.steps=1000"), signal.SIGINT, lambda err: "from scratch" in err)
+    banner = lambda err: "from scratch" in err
+    status, err = signalled("train.py", w.train("train.steps=1000"), signal.SIGINT, banner, tmp_path / "xla")
     assert_stopped(status, err, signal.SIGINT, "at step 1; checkpoint saved")
     assert [p.name for p in (w.run / "checkpoints").iterdir() if p.name.isdigit()] == ["1"]
 
@@ -104,7 +109,7 @@ def test_sigint_once_the_banner_is_out_stops_after_the_first_step_with_its_check
 @pytest.mark.slow
 def test_sigterm_while_sft_starts_stops_with_143_and_writes_no_run_file(base, tmp_path):
     w = W(tmp_path, base)
-    status, err = signalled("sft.py", w.sft(), signal.SIGTERM, exists(w.run, "checkpoints"))
+    status, err = signalled("sft.py", w.sft(), signal.SIGTERM, exists(w.run, "checkpoints"), tmp_path / "xla")
     assert_stopped(status, err, signal.SIGTERM, "while initialising the state")
     assert unwritten(w.run)
 
