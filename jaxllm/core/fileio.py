@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,14 +31,33 @@ def _os_error(action: str, path: Path, e: OSError) -> UserError:
     return UserError(f"cannot {action} {path}: {e.strerror or e}")
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it: once, at import, before any thread
+    os.umask(umask)
+    return umask
+
+
+UMASK = _read_umask()
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~UMASK
+
+
 def atomic_write(path: Path | str, data: str | bytes) -> None:
-    """Writes ``data`` to a temporary file beside ``path``, then renames it over ``path``."""
+    """Writes ``data`` to a temporary file beside ``path``, then renames it over ``path``. The file
+    keeps the mode of the one it replaces; a new one gets the mode ``open`` would give it (0666
+    less the umask), not the temporary file's private 0600."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise _os_error("write", path, e) from None
     try:
+        os.chmod(tmp, _mode_for(path))
         with os.fdopen(fd, "wb") as f:
             f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
         os.replace(tmp, path)
