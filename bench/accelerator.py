@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.core.config import load_config
+from jaxllm.core.errors import UserError
 from jaxllm.model import flops
 from jaxllm.plan import hardware, memory_model
 from jaxllm.plan import planner as plan
@@ -192,7 +193,10 @@ def main() -> None:
     ap.add_argument("--out", help="append the case's JSON line to this file")
     ap.add_argument("--tiny", action="store_true", help="the case on a tiny model: checks it runs (on a CPU too)")
     args = ap.parse_args()
-    r = measure(args.case, args.steps, args.compile_only, args.tiny)
+    try:
+        r = measure(args.case, args.steps, args.compile_only, args.tiny)
+    except UserError as e:  # a case this machine cannot run (cuDNN attention on a CPU): one line, exit 2
+        raise SystemExit(f"{args.case}: {e}") from None
     if r is None:
         return
     print(HEADER)
