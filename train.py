@@ -51,11 +51,12 @@ def run_plan(cfg, target: str, search: bool, out: str | None) -> int:
     if parsed.platform != "gpu":  # compiled on this host's CPU backend (libtpu needs no TPU backend)
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from jaxllm.plan import planner as plan
+    from jaxllm.plan import report
 
     result = plan.run(cfg, parsed, search)
-    print(plan.search_table(result) if search else plan.table(result))
+    print(report.search_table(result) if search else report.table(result))
     if out:
-        plan.write(result, out)
+        report.write(result, out)
     return 0
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from jaxllm.core.config import load_config
 from jaxllm.core.errors import UserError
 from jaxllm.model import flops
-from jaxllm.plan import hardware, memory_model
+from jaxllm.plan import hardware, memory_model, report
 from jaxllm.plan import planner as plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def main() -> None:
         return
     print(HEADER)
     print(row(r))
-    print(plan.table(r["predicted"]))
+    print(report.table(r["predicted"]))
     line = json.dumps(r)
     print(line)
     if args.out:

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jaxllm.core.config import load_config
-from jaxllm.plan import hardware
+from jaxllm.plan import hardware, report
 from jaxllm.plan import planner as plan
 
 # (config, target, overrides): the shipped configs on the slices their comments name, then LLaMA 1B on
@@ -49,7 +49,7 @@ def main() -> None:
             continue
         cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"), list(overrides))
         result = plan.run(cfg, hardware.parse_target(target), do_search=False)
-        print(f"== configs/{name}.yaml on {target} {' '.join(overrides)}\n{plan.table(result)}\n", flush=True)
+        print(f"== configs/{name}.yaml on {target} {' '.join(overrides)}\n{report.table(result)}\n", flush=True)
         summary[label] = {
             "fits": result["fits"],
             "headroom": round(result["headroom"], 3),
