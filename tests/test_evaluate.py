@@ -107,7 +107,11 @@ def _bad_yaml(d: Path) -> str:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (lambda r, d: [r, "--tasks", "no_such_task_anywhere", "--include-path", TASKS_DIR], "unknown task"),
+        pytest.param(  # the registry's scan: seconds
+            lambda r, d: [r, "--tasks", "no_such_task_anywhere", "--include-path", TASKS_DIR],
+            "unknown task",
+            marks=pytest.mark.slow,
+        ),
         (lambda r, d: [r, "--tasks", "broken", "--include-path", _bad_yaml(d)], "does not parse"),
         (lambda r, d: [str(d), "--tasks", "jaxllm_tiny_mc", "--include-path", TASKS_DIR], "neither a jaxllm run"),
         (lambda r, d: [r, "--tasks", "jaxllm_tiny_mc", "--include-path", TASKS_DIR, "--limit", "0"], "--limit"),

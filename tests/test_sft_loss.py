@@ -32,7 +32,11 @@ def loss_and_grads(model: Transformer, params: dict, method: str, lora_scale: fl
 
 @pytest.mark.parametrize(
     "arch, method, tie",
-    [("gpt2", "full", True), ("llama", "full", False), ("llama", "lora", True)],
+    [
+        ("gpt2", "full", True),
+        pytest.param("llama", "full", False, marks=pytest.mark.slow),
+        pytest.param("llama", "lora", True, marks=pytest.mark.slow),
+    ],
 )
 def test_fused_sft_loss_equals_the_unfused_masked_loss_and_gradients(arch, method, tie):
     model, params = tiny(arch, tie_embeddings=tie)
