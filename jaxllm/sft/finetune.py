@@ -60,7 +60,7 @@ from jaxllm.train import checkpoint as ckpt
 from jaxllm.train import skeleton
 from jaxllm.train.metrics_log import plot_losses
 from jaxllm.train.optim import optimizer, schedule
-from jaxllm.train.run_dir import Changes, check_finetune_dir, lock
+from jaxllm.train.run_dir import Changes, check_checkpoints, check_finetune_dir, lock
 from jaxllm.train.train_step import TrainState, make_train_step
 
 PLACEHOLDER = api.PLACEHOLDER  # token id at prompt tuning's virtual positions; the model replaces its embedding
@@ -204,6 +204,7 @@ def prepare(cfg: SFTConfig, devices: list | None = None) -> Prepared:
     """Loads the base model (a Hugging Face one straight into its shardings on the run's mesh) and the
     data, and adds the method's parameters; raises on any bad input."""
     validate_sft(cfg)
+    check_checkpoints(Path(cfg.run.dir))  # before the base model and the data are read
     during_training.check(cfg.eval)
     init_compile_cache(cfg.run.compile_cache)  # before the base model compiles or touches a device
     init_cpu_devices(cfg.dist.cpu_devices)

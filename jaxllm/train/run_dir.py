@@ -125,7 +125,6 @@ def check_finetune_dir(run_dir: Path, init_from: Path, cfg: SFTConfig) -> Change
         )
     if not run_dir.is_dir() or not [p for p in run_dir.iterdir() if p.name != ".lock"]:
         return Changes()
-    check_checkpoints(run_dir)
     if not (run_dir / "sft.yaml").is_file():
         raise ConfigError(
             f"run.dir={str(run_dir)!r} holds files but no fine-tuning run (no sft.yaml); choose a new folder"

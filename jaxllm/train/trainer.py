@@ -166,11 +166,9 @@ def document_eod(cfg: Config, data: TrainData) -> int | None:
 
 
 def check_resume(cfg: Config) -> Changes:
-    """Refuses to resume a run directory whose checkpoints folder is not one
-    (:func:`jaxllm.train.run_dir.check_checkpoints`), whose newest readable checkpoint is another model,
-    or one of another trajectory unless ``run.allow_changes`` (:func:`jaxllm.train.run_dir.check_resume`)."""
+    """Refuses to resume a run directory whose newest readable checkpoint is another model, or one of
+    another trajectory unless ``run.allow_changes`` (:func:`jaxllm.train.run_dir.check_resume`)."""
     run_dir = Path(cfg.run.dir)
-    run_dir_lib.check_checkpoints(run_dir)
     meta = ckpt.newest_meta(run_dir, cfg.checkpoint.keep) or {}
     if meta:
         ckpt.check_same_model(meta.get("model", {}), cfg.model, (run_dir / "checkpoints").absolute())
@@ -184,6 +182,7 @@ def prepare_run(cfg: Config, devices: list | None = None) -> tuple[TrainData, Co
 
     ``devices``: the devices of the mesh (default: all visible ones)."""
     validate(cfg)
+    run_dir_lib.check_checkpoints(Path(cfg.run.dir))  # before the data is read
     init_process(cfg)
     data = _prepare_data(cfg)
     signals.check("preparing the data")
