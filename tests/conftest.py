@@ -16,12 +16,15 @@ from pathlib import Path
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "jaxllm-tests-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# No Python stack frames in the compiled programs' locations: XLA carries less metadata through its
+# passes, so it compiles faster, and nothing here reads them.
+os.environ.setdefault("JAX_TRACEBACK_IN_LOCATIONS_LIMIT", "0")
 # Compile fast rather than run fast: the suite's programs are tiny and run for a few steps, so LLVM's
-# optimisation passes and XLA CPU's fusion emitters cost far more than they save (a tiny train step:
-# ~10 -> ~2 CPU seconds to compile). Fast math stays off, so the equalities and the golden loss hold
-# at their tolerances. XLA:CPU splits a module's code generation over threads, which only adds work
-# when every core already runs a test worker (one split: 43 against 49-52 CPU s for test_model and
-# test_context_parallel, cold). Subprocesses inherit the flags (and share the cache, whose key includes them).
+# optimisation passes and XLA CPU's fusion emitters cost far more than they save. Fast math stays
+# off, so the equalities and the golden loss hold at their tolerances. XLA:CPU splits a module's code
+# generation over threads, which only adds work when every core already runs a test worker.
+# Subprocesses inherit the flags (and share the cache, whose key includes them). The measurements:
+# bench/results/test-suite_*.md.
 FAST_COMPILE = (
     "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
     "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"

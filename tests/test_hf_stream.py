@@ -95,7 +95,7 @@ MESHES = {
     # head size split: a block is part of every head, read as a bounding box and cut after the reshape
     "head_dim": MeshConfig(data=4, tensor=2, rules={"head_dim": "tensor", "heads": None, "kv_heads": None}),
 }
-FAST = "fsdp_tensor"  # the fast lane's mesh; the others (about 5 s each) are slow-lane
+FAST = "fsdp_tensor"  # the fast lane's mesh; the others are slow-lane
 
 
 def slow_unless_fast(names):

@@ -97,7 +97,7 @@ def three_steps(cfg: Config, setup: trainer.Setup, state: trainer.TrainState) ->
         for tokens in batches(cfg.train.grad_accum):
             state, metrics = setup.step(state, jax.device_put(tokens, setup.batch_sharding))
             if not out:
-                mu = optax.tree_utils.tree_get(state.opt_state, "mu")
+                mu = jax.device_get(optax.tree_utils.tree_get(state.opt_state, "mu"))  # on the host
                 out = {
                     "loss": float(metrics["loss"]),
                     "grads": jax.tree.map(lambda m: m / (1 - cfg.optim.b1), mu),

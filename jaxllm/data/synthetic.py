@@ -93,7 +93,7 @@ def sample_text(spec: MarkovSpec) -> str:
     n_ctx = P.shape[0]
     out = np.empty(spec.tokens, dtype=np.int64)
     ctx = 0
-    for i in range(spec.tokens):  # sequential by nature; ~1 s per million tokens
+    for i in range(spec.tokens):  # sequential by nature: one Python step per token
         sym = int(np.searchsorted(cdf[ctx], u[i], side="right"))
         sym = min(sym, spec.vocab - 1)
         out[i] = sym

@@ -137,8 +137,8 @@ class Found:
 
 
 # Orbax splits the writing of every replicated array among its replicas, compiling a slicing program
-# per array shape (the first save of the Shakespeare state on 2 CPU devices: 1.4-1.6 s of CPU, 0.2 s
-# without); below this many bytes per replica the compilation costs more than the split saves.
+# per array shape, which makes a small state's first save several times slower; below this many
+# bytes per replica the compilation costs more than the split saves.
 REPLICA_PARALLEL_MIN_BYTES = 16 << 20
 
 
