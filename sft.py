@@ -22,9 +22,7 @@ USAGE = "usage: python sft.py [CONFIG.yaml] [section.key=value ...]"
 def run_finetuning(cfg: SFTConfig) -> int:
     """Fine-tunes as ``cfg`` says; the exit status: 0, or 128 + the signal that stopped the run."""
     from jaxllm.sft.finetune import finetune  # imports JAX: once the config has parsed (finetune checks the rest)
-    from jaxllm.train import run_dir
 
-    run_dir.check_checkpoints(Path(cfg.run.dir))  # before the base model and the data are read
     signals.check("importing JAX")
 
     s = finetune(cfg)

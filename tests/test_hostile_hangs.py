@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from conftest import run_cli
-from hostile_kit import W, snapshot
+from hostile_kit import W, assert_one_line, snapshot
 from test_hostile_scaling import make_sweep
 
 from jaxllm.core.config import ModelConfig, resolve_model
@@ -21,12 +21,6 @@ from jaxllm.hf import convert as hf
 from jaxllm.model.transformer import Transformer
 
 NESTED_LOOPS = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
-
-
-def assert_one_line(out, message: str) -> None:
-    assert out.returncode == 2, out.stderr[-3000:]
-    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr[-3000:]
-    assert message in out.stderr, out.stderr
 
 
 def hf_base_with_template(directory, template: str):
@@ -46,7 +40,7 @@ def test_a_forecast_of_1e40_flops_refuses_at_once(tmp_path):
     make_sweep(tmp_path / "s")
     before = snapshot(tmp_path)
     out = run_cli("scaling.py", "forecast", "--fit", str(tmp_path / "s" / "fit.json"), "--compute", "1e40", timeout=60)
-    assert_one_line(out, "beyond train.steps' limit")
+    assert_one_line(out.returncode, out.stderr, "beyond train.steps' limit")
     assert snapshot(tmp_path) == before
 
 
@@ -57,6 +51,6 @@ def test_sft_on_a_base_whose_chat_template_loops_in_loops_ends_within_the_render
     before = snapshot(tmp_path)
     start = time.monotonic()
     out = run_cli("sft.py", *w.sft(), timeout=120)
-    assert_one_line(out, f"ran longer than {chat_template.RENDER_SECONDS:g} s")
+    assert_one_line(out.returncode, out.stderr, f"ran longer than {chat_template.RENDER_SECONDS:g} s")
     assert time.monotonic() - start < 60  # start-up and one conversation's budget, not the loops' 10^10 turns
     assert snapshot(tmp_path) == before

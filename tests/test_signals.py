@@ -89,9 +89,11 @@ def test_sigint_while_tokenizing_stops_before_any_shard_or_run_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_while_the_state_compiles_stops_with_143_and_writes_no_run_file(base, tmp_path):
+@pytest.mark.parametrize("script", ["train.py", "sft.py"])
+def test_sigterm_while_the_state_compiles_stops_with_143_and_writes_no_run_file(script, base, tmp_path):
     w = W(tmp_path, base)
-    status, err = signalled("train.py", w.train(), signal.SIGTERM, exists(w.run, "checkpoints"), tmp_path / "xla")
+    args = w.train() if script == "train.py" else w.sft()
+    status, err = signalled(script, args, signal.SIGTERM, exists(w.run, "checkpoints"), tmp_path / "xla")
     assert_stopped(status, err, signal.SIGTERM, "while initialising the state")
     assert unwritten(w.run)
 
@@ -104,14 +106,6 @@ def test_sigint_once_the_banner_is_out_stops_after_the_first_step_with_its_check
     status, err = signalled("train.py", w.train("train.steps=1000"), signal.SIGINT, banner, tmp_path / "xla")
     assert_stopped(status, err, signal.SIGINT, "at step 1; checkpoint saved")
     assert [p.name for p in (w.run / "checkpoints").iterdir() if p.name.isdigit()] == ["1"]
-
-
-@pytest.mark.slow
-def test_sigterm_while_sft_starts_stops_with_143_and_writes_no_run_file(base, tmp_path):
-    w = W(tmp_path, base)
-    status, err = signalled("sft.py", w.sft(), signal.SIGTERM, exists(w.run, "checkpoints"), tmp_path / "xla")
-    assert_stopped(status, err, signal.SIGTERM, "while initialising the state")
-    assert unwritten(w.run)
 
 
 @pytest.mark.slow
